@@ -1,0 +1,137 @@
+# mosft build. `make` builds build/mosft (with CUDA when nvcc is found), `make test` runs the CPU test
+# suite, `make test-gpu` the GPU tests (on a machine with a GPU), `make demo` the bundled demo run.
+#
+#   make MOSFT_CUDA=0        force a CPU-only build
+#   make NVCC=/path/to/nvcc  pick a CUDA toolkit
+#   make DEBUG=1             -O0, address and undefined-behavior sanitizers (CPU code)
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := all
+BUILD ?= build
+
+CC ?= gcc
+CFLAGS_BASE := -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wno-unused-parameter -I. -pthread -fPIC
+ifeq ($(DEBUG),1)
+  OPT := -O0 -g -fsanitize=address,undefined -fno-omit-frame-pointer
+else
+  OPT := -O2 -g -march=x86-64-v2
+endif
+DEP_CFLAGS := $(shell pkg-config --cflags libcjson libcurl zlib 2>/dev/null)
+DEP_LIBS := -lcjson -lcurl -lz -lm -pthread
+CFLAGS := $(CFLAGS_BASE) $(OPT) $(DEP_CFLAGS) $(EXTRA_CFLAGS)
+LDFLAGS := $(OPT) -Wl,-rpath,'$$ORIGIN/lib' -Wl,-rpath,'$$ORIGIN/../lib'
+
+# ---- CUDA detection ---------------------------------------------------------------------------
+MOSFT_CUDA ?= auto
+ifeq ($(MOSFT_CUDA),0)
+  NVCC :=
+else
+  NVCC ?= $(shell command -v nvcc 2>/dev/null || ( [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda/bin/nvcc ))
+endif
+ifneq ($(NVCC),)
+  CUDA_HOME := $(patsubst %/bin/nvcc,%,$(NVCC))
+  CUDA_SRCS := $(wildcard cuda/*.cu)
+  CUDA_CPP_SRCS := $(wildcard cuda/*.cpp)
+  GENCODE := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
+  NVCCFLAGS := -std=c++17 -O3 -g -lineinfo -I. -Xcompiler -fPIC,-Wall $(GENCODE) --expt-relaxed-constexpr \
+               $(DEP_CFLAGS) -DMOSFT_WITH_CUDA $(EXTRA_NVCCFLAGS)
+  CUDA_LIBS := -L$(CUDA_HOME)/lib64 -L$(CUDA_HOME)/targets/x86_64-linux/lib -lcublasLt -lcublas \
+               -lcudart_static -ldl -lrt -lstdc++
+  CFLAGS += -DMOSFT_WITH_CUDA -I$(CUDA_HOME)/include
+  BUILD_KIND := CUDA ($(NVCC))
+else
+  CUDA_SRCS :=
+  CUDA_CPP_SRCS :=
+  CUDA_LIBS :=
+  BUILD_KIND := CPU-only
+endif
+
+# ---- sources ----------------------------------------------------------------------------------
+LIB_SRCS := $(wildcard core/*.c) $(wildcard data/*.c)
+CLI_SRCS := $(wildcard cli/*.c)
+LIB_OBJS := $(LIB_SRCS:%.c=$(BUILD)/obj/%.o)
+CLI_OBJS := $(CLI_SRCS:%.c=$(BUILD)/obj/%.o)
+CUDA_OBJS := $(CUDA_SRCS:%.cu=$(BUILD)/obj/%.o) $(CUDA_CPP_SRCS:%.cpp=$(BUILD)/obj/%.o)
+TEST_SRCS := $(wildcard tests/test_*.c)
+TEST_BINS := $(TEST_SRCS:tests/%.c=$(BUILD)/tests/%)
+GPU_TEST_SRCS := $(wildcard tests/gpu/test_*.c) $(wildcard tests/gpu/test_*.cu)
+GPU_TEST_BINS := $(patsubst tests/gpu/%.cu,$(BUILD)/tests/gpu/%,$(patsubst tests/gpu/%.c,$(BUILD)/tests/gpu/%,$(GPU_TEST_SRCS)))
+CHECK_LIBS := $(shell pkg-config --static --libs check 2>/dev/null || echo -lcheck -lsubunit -lrt -lm)
+
+LIB := $(BUILD)/libmosft.a
+BIN := $(BUILD)/mosft
+DEPS_STAMP := $(BUILD)/.deps-ok
+
+.PHONY: all deps test test-gpu demo clean bench info-build
+all: $(BIN)
+
+# Debian packages: installed by our script when missing (as root), else it prints the command.
+$(DEPS_STAMP): scripts/install-deps.sh
+	@mkdir -p $(BUILD)
+	@bash scripts/install-deps.sh
+	@touch $@
+deps: $(DEPS_STAMP)
+
+$(BUILD)/obj/%.o: %.c | $(DEPS_STAMP)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -MMD -MP -c $< -o $@
+
+$(BUILD)/obj/cuda/%.o: cuda/%.cu | $(DEPS_STAMP)
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVCCFLAGS) -MMD -MP -c $< -o $@
+
+$(BUILD)/obj/cuda/%.o: cuda/%.cpp | $(DEPS_STAMP)
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVCCFLAGS) -x cu -MMD -MP -c $< -o $@
+
+$(LIB): $(LIB_OBJS) $(CUDA_OBJS)
+	@rm -f $@
+	ar rcs $@ $^
+
+# libcjson is not on every GPU machine: ship it beside the binary (rpath $ORIGIN/lib).
+$(BUILD)/lib/.stamp: | $(DEPS_STAMP)
+	@mkdir -p $(BUILD)/lib
+	@f=$$(ldconfig -p | awk '/libcjson\.so\.1 /{print $$NF; exit}'); if [ -n "$$f" ]; then cp -L "$$f" $(BUILD)/lib/; fi
+	@touch $@
+
+$(BIN): $(CLI_OBJS) $(LIB) $(BUILD)/lib/.stamp
+	$(CC) $(LDFLAGS) -o $@ $(CLI_OBJS) $(LIB) $(CUDA_LIBS) $(DEP_LIBS)
+	@echo "built $@ [$(BUILD_KIND)]"
+ifeq ($(NVCC),)
+	@echo "note: no CUDA toolkit found (nvcc); built a CPU-only mosft"
+endif
+
+$(BUILD)/tests/%: tests/%.c tests/test_util.h $(LIB) $(BUILD)/lib/.stamp
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $< $(LIB) $(CUDA_LIBS) $(DEP_LIBS) $(CHECK_LIBS)
+
+$(BUILD)/tests/gpu/%: tests/gpu/%.c tests/test_util.h $(LIB) $(BUILD)/lib/.stamp
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $< $(LIB) $(CUDA_LIBS) $(DEP_LIBS) $(CHECK_LIBS)
+
+$(BUILD)/tests/gpu/%: tests/gpu/%.cu tests/test_util.h $(LIB) $(BUILD)/lib/.stamp
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVCCFLAGS) -Xlinker -rpath,'$$ORIGIN/../lib' -o $@ $< $(LIB) $(CUDA_LIBS) $(DEP_LIBS) $(CHECK_LIBS)
+
+# The whole CPU suite. Every tests/test_*.c is one check program; all run, failures are summed.
+test: $(BIN) $(TEST_BINS)
+	@bash tests/run_tests.sh $(TEST_BINS)
+
+# GPU tests (need a CUDA build and a GPU).
+test-gpu: $(BIN) $(GPU_TEST_BINS)
+	@if [ -z "$(NVCC)" ]; then echo "test-gpu: this is a CPU-only build (no nvcc)"; exit 1; fi
+	@bash tests/run_tests.sh $(GPU_TEST_BINS)
+
+# Build every test binary without running (what the GPU machine gets carried).
+tests-build: $(BIN) $(TEST_BINS) $(GPU_TEST_BINS)
+
+demo: $(BIN)
+	@bash scripts/demo.sh
+
+info-build:
+	@echo "build: $(BUILD_KIND)"
+
+clean:
+	rm -rf $(BUILD)
+
+-include $(LIB_OBJS:.o=.d) $(CLI_OBJS:.o=.d) $(CUDA_OBJS:.o=.d)
