@@ -63,13 +63,13 @@ static const field k_schema[] = {
       "EOS text the chat template appends to answers (default: eos_token of tokenizer_config.json)"),
     F("adapter.method", T_ENUM, adapter.method, "mos", 0, 0, 0, "mos|lora|prolora|vera|tied_lora|sharelora|sira",
       "adapter type"),
-    F("adapter.r", T_INT, adapter.r, "8", R_LO, 1, 0, NULL,
+    F("adapter.r", T_INT, adapter.r, "32", R_LO, 1, 0, NULL,
       "rank of every layer's A (r x d_in) and B (d_out x r); the scaling is alpha / r"),
-    F("adapter.equiv_rank", T_INT, adapter.equiv_rank, "2", R_LO, 1, 0, NULL,
+    F("adapter.equiv_rank", T_INT, adapter.equiv_rank, "8", R_LO, 1, 0, NULL,
       "MoS R_v: the pools hold as many parameters as a LoRA of this rank"),
-    F("adapter.private_rank", T_INT, adapter.private_rank, "1", R_LO, 0, 0, NULL,
+    F("adapter.private_rank", T_INT, adapter.private_rank, "2", R_LO, 0, 0, NULL,
       "MoS R_p: private vector pairs per layer (0 <= R_p <= min(R_v, r))"),
-    F("adapter.shards", T_INT, adapter.shards, "2", R_LO, 1, 0, NULL,
+    F("adapter.shards", T_INT, adapter.shards, "4", R_LO, 1, 0, NULL,
       "MoS l: shards per vector (must divide every d_in and d_out)"),
     F("adapter.alpha", T_NUM, adapter.alpha, "16", R_LO_EX, 0, 0, NULL, "LoRA alpha; scaling alpha / r"),
     F("adapter.dropout", T_NUM, adapter.dropout, "0.1", R_LO | R_HI_EX, 0, 1, NULL, "dropout on the adapter input"),
@@ -390,11 +390,46 @@ static const char *last_part(const char *p) {
     return d ? d + 1 : p;
 }
 
+// Names users bring from HF transformers/PEFT and the MoS code, mapped to ours (suggested, not accepted).
+static const char *const k_aliases[][2] = {
+    {"rank", "adapter.r"},
+    {"lora_r", "adapter.r"},
+    {"lora_alpha", "adapter.alpha"},
+    {"lora_dropout", "adapter.dropout"},
+    {"target_modules", "adapter.targets"},
+    {"valid_param_lora_r", "adapter.equiv_rank"},
+    {"valid_param_private_r", "adapter.private_rank"},
+    {"num_chunk_per_vec", "adapter.shards"},
+    {"learning_rate", "train.lr"},
+    {"max_steps", "train.steps"},
+    {"num_train_epochs", "data.epochs"},
+    {"max_seq_length", "data.max_seq_len"},
+    {"gradient_checkpointing", "train.recompute"},
+    {"lr_scheduler_type", "train.schedule"},
+    {"adam_beta1", "train.beta1"},
+    {"adam_beta2", "train.beta2"},
+    {"adam_epsilon", "train.eps"},
+    {"max_grad_norm", "train.max_grad_norm"},
+    {"per_device_train_batch_size", "train.micro_batch_size"},
+    {"gradient_accumulation_steps", "train.batch_size"},
+    {"output_dir", "output.dir"},
+    {"save_steps", "output.save_every"},
+    {"save_total_limit", "output.keep_last"},
+    {"eval_steps", "train.eval_every"},
+    {"logging_steps", "train.log_every"},
+    {"load_in_4bit", "model.quantization"},
+    {"bnb_4bit_use_double_quant", "model.double_quant"},
+    {"model_name_or_path", "model.path"},
+};
+
 // Best suggestion for an unknown key `path` (full dotted path); NULL if nothing is close.
 static const char *suggest(const char *path, int in_source) {
     const char *best = NULL;
     int bd = 99;
     const char *leaf = last_part(path);
+    if (!in_source)
+        for (size_t i = 0; i < sizeof k_aliases / sizeof k_aliases[0]; i++)
+            if (!strcmp(leaf, k_aliases[i][0])) return k_aliases[i][1];
     int n = in_source ? N_SOURCE_SCHEMA : N_SCHEMA;
     const field *sc = in_source ? k_source_schema : k_schema;
     for (int i = 0; i < n; i++) {
