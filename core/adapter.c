@@ -67,35 +67,45 @@ void adapter_spec_from_config(adapter_spec *s, const mosft_config *c) {
     s->sira_expert_dropout = c->adapter.sira_expert_dropout;
 }
 
+// The common keys and the method's own (a knob of another method means nothing here, and is left
+// out so that a file shows only what shaped its adapter; a reader fills the rest with defaults).
 char *adapter_spec_to_json(const adapter_spec *s) {
+    const char *m = s->method;
     cJSON *o = cJSON_CreateObject();
-    cJSON_AddStringToObject(o, "method", s->method);
+    cJSON_AddStringToObject(o, "method", m);
     cJSON_AddNumberToObject(o, "r", s->r);
-    cJSON_AddNumberToObject(o, "equiv_rank", s->equiv_rank);
-    cJSON_AddNumberToObject(o, "private_rank", s->private_rank);
-    cJSON_AddNumberToObject(o, "shards", s->shards);
     cJSON_AddNumberToObject(o, "alpha", s->alpha);
     cJSON_AddNumberToObject(o, "dropout", s->dropout);
     cJSON *t = cJSON_AddArrayToObject(o, "targets");
-    for (int m = 0; m < MOD_COUNT; m++)
-        if (s->targets[m]) cJSON_AddItemToArray(t, cJSON_CreateString(k_module_names[m]));
+    for (int k = 0; k < MOD_COUNT; k++)
+        if (s->targets[k]) cJSON_AddItemToArray(t, cJSON_CreateString(k_module_names[k]));
     cJSON_AddNumberToObject(o, "seed", (double)s->seed);  // the config keeps seeds below 2^53
-    cJSON_AddBoolToObject(o, "pair_dissociation", s->pair_dissociation);
-    cJSON_AddBoolToObject(o, "pure_sharing", s->pure_sharing);
-    cJSON_AddBoolToObject(o, "subset_selection", s->subset_selection);
-    cJSON_AddNumberToObject(o, "scale_mean", s->scale_mean);
-    cJSON_AddNumberToObject(o, "scale_std", s->scale_std);
-    cJSON_AddNumberToObject(o, "prolora_unshared_r", s->prolora_unshared_r);
-    cJSON_AddNumberToObject(o, "prolora_reduce_a", s->prolora_reduce_a);
-    cJSON_AddNumberToObject(o, "prolora_reduce_b", s->prolora_reduce_b);
-    cJSON_AddNumberToObject(o, "vera_d_initial", s->vera_d_initial);
-    cJSON_AddNumberToObject(o, "vera_projection_seed", (double)s->vera_projection_seed);
-    cJSON_AddStringToObject(o, "tied_lora_trainable", s->tied_lora_trainable);
-    cJSON_AddStringToObject(o, "sharelora_share", s->sharelora_share);
-    cJSON_AddNumberToObject(o, "sira_experts", s->sira_experts);
-    cJSON_AddNumberToObject(o, "sira_top_k", s->sira_top_k);
-    cJSON_AddNumberToObject(o, "sira_capacity_factor", s->sira_capacity_factor);
-    cJSON_AddNumberToObject(o, "sira_expert_dropout", s->sira_expert_dropout);
+    if (!strcmp(m, "mos")) {
+        cJSON_AddNumberToObject(o, "equiv_rank", s->equiv_rank);
+        cJSON_AddNumberToObject(o, "private_rank", s->private_rank);
+        cJSON_AddNumberToObject(o, "shards", s->shards);
+        cJSON_AddBoolToObject(o, "pair_dissociation", s->pair_dissociation);
+        cJSON_AddBoolToObject(o, "pure_sharing", s->pure_sharing);
+        cJSON_AddBoolToObject(o, "subset_selection", s->subset_selection);
+        cJSON_AddNumberToObject(o, "scale_mean", s->scale_mean);
+        cJSON_AddNumberToObject(o, "scale_std", s->scale_std);
+    } else if (!strcmp(m, "prolora")) {
+        cJSON_AddNumberToObject(o, "prolora_unshared_r", s->prolora_unshared_r);
+        cJSON_AddNumberToObject(o, "prolora_reduce_a", s->prolora_reduce_a);
+        cJSON_AddNumberToObject(o, "prolora_reduce_b", s->prolora_reduce_b);
+    } else if (!strcmp(m, "vera")) {
+        cJSON_AddNumberToObject(o, "vera_d_initial", s->vera_d_initial);
+        cJSON_AddNumberToObject(o, "vera_projection_seed", (double)s->vera_projection_seed);
+    } else if (!strcmp(m, "tied_lora")) {
+        cJSON_AddStringToObject(o, "tied_lora_trainable", s->tied_lora_trainable);
+    } else if (!strcmp(m, "sharelora")) {
+        cJSON_AddStringToObject(o, "sharelora_share", s->sharelora_share);
+    } else if (!strcmp(m, "sira")) {
+        cJSON_AddNumberToObject(o, "sira_experts", s->sira_experts);
+        cJSON_AddNumberToObject(o, "sira_top_k", s->sira_top_k);
+        cJSON_AddNumberToObject(o, "sira_capacity_factor", s->sira_capacity_factor);
+        cJSON_AddNumberToObject(o, "sira_expert_dropout", s->sira_expert_dropout);
+    }
     char *json = cJSON_PrintUnformatted(o);
     cJSON_Delete(o);
     char *out = xstrdup(json);

@@ -133,7 +133,8 @@ int adapter_create(adapter **out, const adapter_spec *spec, const llama_config *
 int adapter_create_layout(adapter **out, const adapter_spec *spec, const llama_config *model);
 // Check a spec against a model without building it (unknown method, the method's constraints).
 int adapter_spec_check(const adapter_spec *spec, const llama_config *model);
-// The spec as a JSON object with the config's key names (the "adapter" section of a config; malloc'd).
+// The spec as a JSON object with the config's key names (the "adapter" section of a config), the
+// common keys and the method's own (malloc'd).
 char *adapter_spec_to_json(const adapter_spec *spec);
 // base_model_name_or_path recorded in adapter.mos and written by export.
 void adapter_set_base_model_name(adapter *a, const char *name);

@@ -277,7 +277,10 @@ int adapter_load(adapter **out, const char *path, const llama_config *model) {
     *out = NULL;
     st_file f;
     int rc = st_open(&f, path);
-    if (rc) return rc;
+    if (rc) {
+        st_close(&f);  // st_open leaves what it parsed so far for st_close
+        return rc;
+    }
     adapter *a = NULL;
     char *tensors_json = NULL;
     const char *fmt = st_meta(&f, "format");

@@ -211,6 +211,7 @@ int info_adapter(const char *path, FILE *out) {
     st_file f;
     const char *ver = NULL, *fver = NULL;
     int have_meta = st_open(&f, path) == MOSFT_OK;
+    if (!have_meta) st_close(&f);
     if (have_meta) {
         ver = st_meta(&f, "mosft_version");
         fver = st_meta(&f, "format_version");

@@ -691,7 +691,14 @@ START_TEST(test_info_config) {
     mosft_config c;
     config_defaults(&c);
     ck_assert_int_eq(config_set(&c, "model.path=tests/fixtures/configs/llama2-7b"), MOSFT_OK);
+    // Every knob explicit: the defaults may change.
+    ck_assert_int_eq(config_set(&c, "adapter.method=mos"), MOSFT_OK);
+    ck_assert_int_eq(config_set(&c, "adapter.r=8"), MOSFT_OK);
+    ck_assert_int_eq(config_set(&c, "adapter.equiv_rank=2"), MOSFT_OK);
+    ck_assert_int_eq(config_set(&c, "adapter.private_rank=1"), MOSFT_OK);
     ck_assert_int_eq(config_set(&c, "adapter.shards=4"), MOSFT_OK);
+    ck_assert_int_eq(config_set(&c, "adapter.pure_sharing=false"), MOSFT_OK);
+    ck_assert_int_eq(config_set(&c, "adapter.targets=all"), MOSFT_OK);
     char *text = NULL;
     size_t len = 0;
     FILE *f = open_memstream(&text, &len);
