@@ -280,6 +280,55 @@ adapter_buffer *adapter_find_buffer(const adapter *a, const char *name) {
     return NULL;
 }
 
+// ---- one adapted linear on CPU -------------------------------------------------------------------
+
+void adapter_forward_cpu(const adapter *a, int layer, int module, int64_t T, const float *x, const float *mask,
+                         float *y, int training, uint64_t key) {
+    int di, dout, r = a->rank;
+    llama_module_dims(&a->model, module, &di, &dout);
+    MOSFT_ASSERT(a->spec.targets[module] && layer >= 0 && layer < a->model.n_layers);
+    if (a->ops->routed) {
+        // The method computes its branch from the dropped-out input itself.
+        float *xd = xmalloc(sizeof(float) * (size_t)(T * di));  // [T][d_in]
+        for (int64_t e = 0; e < T * di; e++) xd[e] = mask ? x[e] * mask[e] : x[e];
+        a->ops->forward(a, layer, module, xd, T, y, training, key);
+        free(xd);
+        return;
+    }
+    float *A = xmalloc(sizeof(float) * (size_t)r * di);    // [r][d_in]
+    float *B = xmalloc(sizeof(float) * (size_t)dout * r);  // [d_out][r]
+    a->ops->build(a, layer, module, A, B);
+    adapter_lowrank_forward_cpu(T, di, dout, r, a->scaling, x, mask, A, B, y, NULL);
+    free(A);
+    free(B);
+}
+
+void adapter_backward_cpu(const adapter *a, int layer, int module, int64_t T, const float *x, const float *mask,
+                          const float *gy, float *gx, float *grad, int training, uint64_t key) {
+    int di, dout, r = a->rank;
+    llama_module_dims(&a->model, module, &di, &dout);
+    MOSFT_ASSERT(a->spec.targets[module] && layer >= 0 && layer < a->model.n_layers);
+    if (a->ops->routed) {
+        float *xd = xmalloc(sizeof(float) * (size_t)(T * di));              // [T][d_in]
+        float *gxd = xcalloc((size_t)(T * di), sizeof(float));              // [T][d_in]
+        for (int64_t e = 0; e < T * di; e++) xd[e] = mask ? x[e] * mask[e] : x[e];
+        a->ops->backward(a, layer, module, xd, gy, T, gxd, grad, training, key);
+        for (int64_t e = 0; e < T * di; e++) gx[e] += mask ? gxd[e] * mask[e] : gxd[e];
+        free(xd);
+        free(gxd);
+        return;
+    }
+    float *A = xmalloc(sizeof(float) * (size_t)r * di), *B = xmalloc(sizeof(float) * (size_t)dout * r);
+    float *gA = xmalloc(sizeof(float) * (size_t)r * di), *gB = xmalloc(sizeof(float) * (size_t)dout * r);
+    a->ops->build(a, layer, module, A, B);
+    adapter_lowrank_backward_cpu(T, di, dout, r, a->scaling, x, mask, A, B, gy, gx, gA, gB);
+    a->ops->scatter(a, layer, module, gA, gB, grad);
+    free(A);
+    free(B);
+    free(gA);
+    free(gB);
+}
+
 // ---- the engine's low-rank math on CPU ---------------------------------------------------------
 // Plain loops with double accumulators: this is the reference the CUDA kernels are held to.
 

@@ -164,6 +164,17 @@ int adapter_save(const adapter *a, const char *path);
 // model's dimensions come from the file's fingerprint (export, info).
 int adapter_load(adapter **out, const char *path, const llama_config *model);
 
+// ---- one adapted linear on CPU, any method (the fp32 reference the CUDA backend is held to) ----
+// x [T][d_in] (the linear's input), mask NULL or [T][d_in] dropout multipliers (adapter_dropout_mask),
+// y [T][d_out] holding the base output W0 x: y += adapter branch. `key` seeds a routed method's own
+// randomness (training only).
+void adapter_forward_cpu(const adapter *a, int layer, int module, int64_t T, const float *x, const float *mask,
+                         float *y, int training, uint64_t key);
+// gy [T][d_out] -> gx [T][d_in] += d branch / dx; grad [n_params] += the parameters' gradients (scattered
+// in a fixed order, so the result is deterministic).
+void adapter_backward_cpu(const adapter *a, int layer, int module, int64_t T, const float *x, const float *mask,
+                          const float *gy, float *gx, float *grad, int training, uint64_t key);
+
 // ---- the engine's low-rank math on CPU (fp32 reference) ----
 // x, y: [T][d_in], [T][d_out]; A [r][d_in], B [d_out][r]; mask: NULL (no dropout) or [T][d_in] of
 // 0 / (1/(1-p)) multipliers. h_out [T][r] (saved for backward, may be NULL).

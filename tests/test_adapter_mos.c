@@ -242,14 +242,13 @@ static double model_loss(const adapter *a, int T, float *const *x, float *const 
     for (int i = 0; i < m->n_layers; i++)
         for (int t = 0; t < MOD_COUNT; t++) {
             if (!a->spec.targets[t]) continue;
-            int di, dout;
+            int di, dout, k = i * MOD_COUNT + t;
             llama_module_dims(m, t, &di, &dout);
-            float *A = malloc(sizeof(float) * a->rank * di), *B = malloc(sizeof(float) * dout * a->rank);
-            a->ops->build(a, i, t, A, B);
-            int k = i * MOD_COUNT + t;
-            l += lowrank_loss(T, di, dout, a->rank, a->scaling, x[k], mask[k], A, B, gy[k]);
-            free(A);
-            free(B);
+            float *y = malloc(sizeof(float) * T * dout);
+            for (int e = 0; e < T * dout; e++) y[e] = 0.5f;  // stands for the base output W0 x
+            adapter_forward_cpu(a, i, t, T, x[k], mask[k], y, 1, 0);
+            for (int e = 0; e < T * dout; e++) l += (double)gy[k][e] * (y[e] - 0.5f);
+            free(y);
         }
     return l;
 }
@@ -260,7 +259,7 @@ static void check_pool_gradients(const adapter_spec *s, const llama_config *m) {
     fill_random(a->params, a->n_params);  // B != 0 so that A's gradient is tested too
     int T = 3, L = m->n_layers;
     float **x = calloc((size_t)L * MOD_COUNT, sizeof(float *)), **mask = calloc((size_t)L * MOD_COUNT, sizeof(float *)),
-          **gy = calloc((size_t)L * MOD_COUNT, sizeof(float *));
+          **gy = calloc((size_t)L * MOD_COUNT, sizeof(float *)), **gxs = calloc((size_t)L * MOD_COUNT, sizeof(float *));
     float *grad = calloc(a->n_params, sizeof(float));
     for (int i = 0; i < L; i++)
         for (int t = 0; t < MOD_COUNT; t++) {
@@ -273,14 +272,25 @@ static void check_pool_gradients(const adapter_spec *s, const llama_config *m) {
             fill_random(x[k], (size_t)T * di);
             fill_random(gy[k], (size_t)T * dout);
             adapter_dropout_mask(rng_key(RNG_DROPOUT, 9, 0, 0, (uint64_t)k), 0.25f, (size_t)T * di, mask[k]);
-            float *A = malloc(sizeof(float) * a->rank * di), *B = malloc(sizeof(float) * dout * a->rank),
-                  *gA = malloc(sizeof(float) * a->rank * di), *gB = malloc(sizeof(float) * dout * a->rank),
-                  *gx = calloc((size_t)T * di, sizeof(float));
-            a->ops->build(a, i, t, A, B);
-            adapter_lowrank_backward_cpu(T, di, dout, a->rank, a->scaling, x[k], mask[k], A, B, gy[k], gx, gA, gB);
-            a->ops->scatter(a, i, t, gA, gB, grad);
-            free(A), free(B), free(gA), free(gB), free(gx);
+            gxs[k] = calloc((size_t)T * di, sizeof(float));
+            adapter_backward_cpu(a, i, t, T, x[k], mask[k], gy[k], gxs[k], grad, 1, 0);
         }
+    // The input gradients of the last layer's linears, by central differences on x (linear in x too).
+    for (int t = 0; t < MOD_COUNT; t++) {
+        int k = (L - 1) * MOD_COUNT + t, di, dout;
+        if (!s->targets[t]) continue;
+        llama_module_dims(m, t, &di, &dout);
+        for (int e = 0; e < T * di; e++) {
+            float keep = x[k][e];
+            x[k][e] = keep + 1.0f;
+            double lp = model_loss(a, T, x, mask, gy);
+            x[k][e] = keep - 1.0f;
+            double lm = model_loss(a, T, x, mask, gy);
+            x[k][e] = keep;
+            ck_assert_msg(fabs((lp - lm) / 2 - gxs[k][e]) <= 1e-4 * (1 + fabs(gxs[k][e])), "%s gx[%d]: %g vs %g",
+                          k_module_names[t], e, gxs[k][e], (lp - lm) / 2);
+        }
+    }
     for (size_t p = 0; p < a->n_params; p++) {
         float keep = a->params[p];
         a->params[p] = keep + 1.0f;
@@ -293,8 +303,8 @@ static void check_pool_gradients(const adapter_spec *s, const llama_config *m) {
                       "%s r=%d R_v=%d R_p=%d l=%d: param %zu: scattered %.7g, finite difference %.7g", s->method, s->r,
                       s->equiv_rank, s->private_rank, s->shards, p, grad[p], fd);
     }
-    for (int k = 0; k < L * MOD_COUNT; k++) free(x[k]), free(mask[k]), free(gy[k]);
-    free(x), free(mask), free(gy), free(grad);
+    for (int k = 0; k < L * MOD_COUNT; k++) free(x[k]), free(mask[k]), free(gy[k]), free(gxs[k]);
+    free(x), free(mask), free(gy), free(gxs), free(grad);
     adapter_free(a);
 }
 
