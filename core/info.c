@@ -4,6 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "core/adapter.h"
 #include "core/common.h"
 #include "core/fileio.h"
 #include "core/model.h"
@@ -95,13 +96,177 @@ int info_model(const char *dir, FILE *out) {
     return MOSFT_OK;
 }
 
+// ---- adapters -----------------------------------------------------------------------------------
+
+static void print_model_line(FILE *out, const llama_config *m) {
+    fprintf(out, "%s: %d layers, hidden %d, intermediate %d, %d heads, %d kv heads, head_dim %d, vocab %d",
+            m->model_type[0] ? m->model_type : "llama", m->n_layers, m->hidden, m->intermediate, m->n_heads,
+            m->n_kv_heads, m->head_dim, m->vocab);
+}
+
+// The method's knobs, and the ablations in effect (MoS).
+static void print_spec(FILE *out, const adapter_spec *s, int rank, float scaling) {
+    if (!strcmp(s->method, "mos")) {
+        fprintf(out, "method           mos (Mixture of Shards)\n");
+        fprintf(out, "ranks            r %d, equivalent rank R_v %d, private rank R_p %d, shards per vector l %d\n", rank,
+                s->equiv_rank, s->private_rank, s->shards);
+        char abl[256] = "";
+        if (s->pure_sharing) strcat(abl, "pure sharing, ");
+        if (s->subset_selection) strcat(abl, "subset selection, ");
+        if (!s->pair_dissociation && !s->subset_selection && !s->pure_sharing) strcat(abl, "no pair dissociation (-pd), ");
+        if (s->shards == 1 && !s->pure_sharing && !s->subset_selection) strcat(abl, "no vector sharding (-vs), ");
+        if (s->private_rank == 0 && !s->pure_sharing && !s->subset_selection) strcat(abl, "no privatization (-sp), ");
+        if (s->scale_std > 0) {
+            char t[96];
+            snprintf(t, sizeof t, "random scaling (mean %g, std %g), ", s->scale_mean, s->scale_std);
+            strcat(abl, t);
+        }
+        size_t n = strlen(abl);
+        if (n) abl[n - 2] = 0;
+        fprintf(out, "ablations        %s\n", n ? abl : "none (the full method)");
+    } else {
+        fprintf(out, "method           %s\n", s->method);
+        fprintf(out, "rank             r %d\n", rank);
+    }
+    fprintf(out, "scaling          alpha / r = %g / %d = %g\n", s->alpha, rank, (double)scaling);
+    fprintf(out, "dropout          %g (on the adapter input)\n", s->dropout);
+    fprintf(out, "seed             %llu\n", (unsigned long long)s->seed);
+    char t[128];
+    adapter_targets_str(s, t, sizeof t);
+    fprintf(out, "targets          %s\n", t);
+}
+
+// One row per adapted type: widths and trainable parameters (all layers).
+static int64_t print_module_table(FILE *out, const adapter_spec *s, const llama_config *m) {
+    fprintf(out, "\n  %-10s %7s %7s %16s\n", "module", "d_in", "d_out", "trainable");
+    int64_t total = 0;
+    for (int t = 0; t < MOD_COUNT; t++) {
+        if (!s->targets[t]) continue;
+        adapter_spec one = *s;
+        memset(one.targets, 0, sizeof one.targets);
+        one.targets[t] = 1;
+        int64_t n = adapter_param_count(&one, m);
+        int di, dout;
+        llama_module_dims(m, t, &di, &dout);
+        char sn[32];
+        mosft_fmt_count(sn, sizeof sn, (double)n);
+        char name[32];
+        snprintf(name, sizeof name, "%s_proj", k_module_names[t]);
+        fprintf(out, "  %-10s %7d %7d %16s\n", name, di, dout, sn);
+        total += n;
+    }
+    char st[32];
+    mosft_fmt_count(st, sizeof st, (double)total);
+    fprintf(out, "  %-10s %7s %7s %16s\n\n", "total", "", "", st);
+    return total;
+}
+
+// Tensors and frozen buffers; a per-layer method (LoRA) is summarized by its first layer.
+static void print_layout(FILE *out, const adapter *a) {
+    int shown = 0;
+    for (int i = 0; i < a->n_tensors; i++) {
+        const adapter_tensor *t = &a->tensors[i];
+        if (a->n_tensors > 16 && strstr(t->name, "layers.") && !strstr(t->name, "layers.0.")) continue;
+        char sh[64];
+        st_shape_str(sh, sizeof sh, t->ndim, t->shape);
+        fprintf(out, "%-16s %-28s F32  %s\n", shown++ ? "" : "tensors", t->name, sh);
+    }
+    if (a->n_tensors > 16 && a->model.n_layers > 1)
+        fprintf(out, "%-16s ... the same for layers 1..%d (%d tensors in all)\n", "", a->model.n_layers - 1,
+                a->n_tensors);
+    shown = 0;
+    for (int i = 0; i < a->n_buffers; i++) {
+        const adapter_buffer *b = &a->buffers[i];
+        char sh[64];
+        st_shape_str(sh, sizeof sh, b->ndim, b->shape);
+        fprintf(out, "%-16s %-28s %-4s %s\n", shown++ ? "" : "frozen", b->name, dtype_name(b->dtype), sh);
+    }
+}
+
+// LoRA rank with the same trainable budget on this model and these targets.
+static void print_lora_comparison(FILE *out, const adapter_spec *s, const llama_config *m, int rank, int64_t total) {
+    adapter_spec lora = *s;
+    snprintf(lora.method, sizeof lora.method, "lora");
+    lora.r = 1;
+    int64_t unit = adapter_param_count(&lora, m);
+    if (unit <= 0) return;
+    char st[32];
+    if (total % unit == 0) {
+        mosft_fmt_count(st, sizeof st, (double)total);
+        fprintf(out, "same budget as   LoRA rank %lld (%s parameters)\n", (long long)(total / unit), st);
+    } else {
+        fprintf(out, "same budget as   LoRA rank %.2f\n", (double)total / (double)unit);
+    }
+    if (strcmp(s->method, "lora") != 0) {
+        mosft_fmt_count(st, sizeof st, (double)unit * rank);
+        fprintf(out, "LoRA at rank %-3d %s parameters (%.1fx this adapter); a PEFT export has this size\n", rank, st,
+                (double)unit * rank / (double)total);
+    }
+}
+
 int info_adapter(const char *path, FILE *out) {
-    (void)out;
-    return mosft_fail(MOSFT_ERR_RUNTIME, "%s: mosft info on an adapter: not implemented yet (issue 5)", path);
+    adapter *a = NULL;
+    int rc = adapter_load(&a, path, NULL);
+    if (rc) return rc;
+    st_file f;
+    const char *ver = NULL, *fver = NULL;
+    int have_meta = st_open(&f, path) == MOSFT_OK;
+    if (!have_meta) st_close(&f);
+    if (have_meta) {
+        ver = st_meta(&f, "mosft_version");
+        fver = st_meta(&f, "format_version");
+    }
+    char sz[32];
+    mosft_fmt_bytes(sz, sizeof sz, (double)file_size(path));
+    fprintf(out, "adapter          %s (%s; format mos %s, written by mosft %s)\n", path, sz, fver ? fver : "?",
+            ver ? ver : "?");
+    print_spec(out, &a->spec, a->rank, a->scaling);
+    fprintf(out, "step             %lld\n", (long long)a->step);
+    fprintf(out, "base model       %s\n", a->base_model_name[0] ? a->base_model_name : "(name not recorded)");
+    fprintf(out, "fingerprint      ");
+    print_model_line(out, &a->model);
+    fprintf(out, "\n");
+    int64_t total = print_module_table(out, &a->spec, &a->model);
+    MOSFT_ASSERT(total == (int64_t)a->n_params);
+    char st[32], sb[32];
+    mosft_fmt_count(st, sizeof st, (double)total);
+    mosft_fmt_bytes(sb, sizeof sb, 4.0 * (double)total);
+    fprintf(out, "trainable        %s parameters (F32, %s)\n", st, sb);
+    print_lora_comparison(out, &a->spec, &a->model, a->rank, total);
+    print_layout(out, a);
+    if (have_meta) st_close(&f);
+    adapter_free(a);
+    return MOSFT_OK;
 }
 
 int info_config(const mosft_config *cfg, FILE *out) {
-    (void)out;
-    return mosft_fail(MOSFT_ERR_RUNTIME, "%s: mosft info on a config: not implemented yet (issue 5)",
-                      cfg->source_path);
+    const char *src = cfg->source_path && cfg->source_path[0] ? cfg->source_path : "config";
+    if (!cfg->model.path || !cfg->model.path[0])
+        return mosft_fail(MOSFT_ERR_INPUT, "%s: model.path: expected the HF model folder (config.json), got \"\"", src);
+    llama_config m;
+    int rc = llama_config_load(&m, cfg->model.path);
+    if (rc) return rc;
+    adapter_spec s;
+    adapter_spec_from_config(&s, cfg);
+    if ((rc = adapter_spec_check(&s, &m))) return mosft_fail_prefix(rc, "%s", src);
+    // The layout (nothing drawn) shows the method's normalized spec, tensors and buffers.
+    adapter *a = NULL;
+    if ((rc = adapter_create_layout(&a, &s, &m))) return mosft_fail_prefix(rc, "%s", src);
+    fprintf(out, "config           %s\n", src);
+    fprintf(out, "model            %s (", cfg->model.path);
+    print_model_line(out, &m);
+    fprintf(out, ")\n");
+    print_spec(out, &a->spec, a->rank, a->scaling);
+    int64_t total = print_module_table(out, &a->spec, &m);
+    MOSFT_ASSERT(total == (int64_t)a->n_params);
+    char st[32], sb[32], sp[32];
+    mosft_fmt_count(st, sizeof st, (double)total);
+    mosft_fmt_bytes(sb, sizeof sb, 4.0 * (double)total);
+    mosft_fmt_count(sp, sizeof sp, (double)llama_param_count(&m));
+    fprintf(out, "trainable        %s parameters (%.4f%% of the model's %s; F32 %s, AdamW state 2x that)\n", st,
+            100.0 * (double)total / (double)llama_param_count(&m), sp, sb);
+    print_lora_comparison(out, &a->spec, &m, a->rank, total);
+    print_layout(out, a);
+    adapter_free(a);
+    return MOSFT_OK;
 }
