@@ -6,7 +6,7 @@
 //   - the 4-bit code is chosen by comparing with the fp32 midpoints of neighbouring code values,
 //     strictly: a value exactly on a midpoint gets the LOWER code;
 //   - the 8-bit code of (absmax - offset) follows bnb's binary search over the sorted 256-value map,
-//     whose tie rule depends on where the search ends (see quantize_dynamic);
+//     whose tie rule depends on where the search ends (see nf4_dynamic_code);
 //   - offset = fp32(sum of absmax) * fp32(1/n), as torch's CUDA mean (sum here in double: identical
 //     on every oracle; torch's own fp32 tree sum can differ in the last bit on very long vectors);
 //   - dequantization is code * absmax in fp32, and absmax = map[q] * nested_absmax + offset as two
@@ -101,8 +101,9 @@ static inline uint8_t quantize_nf4(float x, const float thr[15]) {
 // 8-bit code of x in the sorted 256-value `map`: bitsandbytes' dQuantize (non-stochastic). A binary
 // search with steps 64, 32, ..., 1 from index 127 ends on a pivot p in [0, 254]; then x goes to p or
 // to its neighbour on x's side, whichever midpoint test wins. A value exactly on the midpoint stays on
-// p, so ties go up or down depending on where the search ended; NaN descends to index 0.
-static uint8_t quantize_dynamic(const float map[256], float x) {
+// p, so ties go up or down depending on where the search ended (always an even index); NaN descends
+// to index 0.
+uint8_t nf4_dynamic_code(const float map[256], float x) {
     int pivot = 127, lo = 0, hi = 255;
     for (int step = 64; step > 0; step >>= 1) {
         if (x > map[pivot]) {
@@ -194,7 +195,7 @@ static void quant_nested(nf4_tensor *t, const float *absmax) {
         for (int64_t b = b0; b < b1; b++) amax = fmaxf(amax, fabsf(absmax[b] - t->offset));
         t->nested_absmax[j] = amax;
         float inv = 1.0f / amax;  // one block only: 0 -> NaN -> code 0, dequantizing to the offset
-        for (int64_t b = b0; b < b1; b++) t->absmax_q[b] = quantize_dynamic(t->nested_code, (absmax[b] - t->offset) * inv);
+        for (int64_t b = b0; b < b1; b++) t->absmax_q[b] = nf4_dynamic_code(t->nested_code, (absmax[b] - t->offset) * inv);
     }
 }
 

@@ -39,6 +39,19 @@ START_TEST(test_code_table) {
     ck_assert_float_eq_tol(map[1], -0.97890625f, 1e-6f);
     ck_assert_float_eq_tol(map[128], 0.55e-6f, 1e-12f);  // smallest positive: 1e-6 * (0.1 + 1) / 2
     for (int i = 0; i < 255; i++) ck_assert(map[i] < map[i + 1]);
+    // 8-bit codes: each map value is its own code; between two neighbours the nearer one; exactly on
+    // the fp32 midpoint, the even index (bnb's search with steps 64..1 from 127 ends on even pivots);
+    // beyond the ends, the ends.
+    for (int i = 0; i < 256; i++) ck_assert_uint_eq(nf4_dynamic_code(map, map[i]), i);
+    for (int i = 0; i < 255; i++) {
+        float mid = (map[i] + map[i + 1]) * 0.5f;
+        ck_assert_msg(nf4_dynamic_code(map, mid) == (i % 2 ? i + 1 : i), "midpoint of %d and %d", i, i + 1);
+        ck_assert_uint_eq(nf4_dynamic_code(map, nextafterf(mid, -2.0f)), i);
+        ck_assert_uint_eq(nf4_dynamic_code(map, nextafterf(mid, 2.0f)), i + 1);
+    }
+    ck_assert_uint_eq(nf4_dynamic_code(map, -1.0f), 0);
+    ck_assert_uint_eq(nf4_dynamic_code(map, 1.5f), 255);
+    ck_assert_uint_eq(nf4_dynamic_code(map, NAN), 0);
 }
 END_TEST
 
