@@ -21,7 +21,10 @@
 //    so a run is bit-for-bit reproducible across thread counts (tested with 1 and 2 threads). The
 //    matmuls sum over k in ascending order in fp32 without fused multiply-add, so their results are
 //    also identical to a naive triple loop and to any x86-64 machine.
-//  - Threads: OpenMP, ops_cpu_threads() of them (MOSFT_THREADS or the online cores by default).
+//  - Threads: OpenMP (the build adds -fopenmp), ops_cpu_threads() of them (MOSFT_THREADS or the
+//    online cores by default; OMP_NUM_THREADS is not consulted). libgomp does not survive fork():
+//    a process that forks WITHOUT exec after it ran a parallel op hangs in the child's next one. Fork
+//    (check's CK_FORK test mode, worker processes) before the first op, or exec.
 //  - Workspace: a few ops allocate scratch memory per call (said at each); nothing is kept between calls.
 //  - Sums that feed a statistic (rmsnorm's mean of squares, softmax denominators, log-sum-exp, losses,
 //    the global gradient norm) are accumulated in double, so the reference is as exact as fp32 storage
@@ -95,6 +98,8 @@ void rope_backward_cpu(float *g, const int32_t *pos, const float *inv_freq, int6
 // Causal grouped-query attention with a key padding mask, as HF LlamaAttention (sdpa) computes it:
 // query head h reads kv head h / (Hq/Hkv); query i attends to key j iff j <= i and mask[b][j] != 0;
 // p = softmax(q.k * 1/sqrt(D)) in fp32 (max-subtracted, the denominator summed in double); out = p v.
+// Keys scoring more than 46 below the row's maximum get p = 0 exactly (their weight is < 1e-20; this
+// keeps subnormal floats, ~50x slower on x86, out of the loops).
 // Rows of padding (mask 0) still attend causally to the real keys before them, which with right
 // padding is exactly what HF computes (their outputs are finite and the loss ignores them). A row with
 // no allowed key at all (left padding before the first real token) gets out = 0 and no gradient.
@@ -119,6 +124,8 @@ void attention_backward_cpu(float *gq, float *gk, float *gv, const float *gout, 
 // logits); *n_counted (may be NULL) receives their number.
 // gh[T][C] (+=, NULL = no backward, e.g. evaluation) receives scale * d(sum of losses)/dh, with
 // scale = 1 / (supervised tokens of the whole optimizer step), so the micro-batches sum to the mean.
+// (In dlogits = scale * (softmax - onehot), probabilities below 1e-20 are flushed to 0: they cannot
+// change dh in fp32, and the subnormal products they would make slow the matmul down ~50x.)
 // logits_out[T][V] (NULL normally; for tests) receives every row's logits, ignored rows included.
 // Workspace: up to 64 MiB of logits per chunk plus the chunk's rows of h and gh.
 double lmhead_ce_forward_backward_cpu(const float *h, const float *W, const int32_t *targets, int64_t T, int C,

@@ -1,6 +1,7 @@
 // bench_ops_cpu.c: speed of the CPU reference ops (not a test: `make build/tests/bench_ops_cpu`).
 //   build/tests/bench_ops_cpu [threads]     prints GFLOP/s of matmul_forward_cpu and its two backward
 // variants at a few LLaMA-like sizes, then the attention and the fused lm_head + cross-entropy.
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -34,6 +35,34 @@ static double bench_matmul(int which, int64_t T, int K, int N) {
     return flops / best * 1e-9;
 }
 
+// Causal attention: 4 flops per (query, allowed key, d) for q.k and p.v; the backward about 2.5x that.
+static void bench_attention(int B, int S, int Hq, int Hkv, int D) {
+    size_t nq = (size_t)B * S * Hq * D, nk = (size_t)B * S * Hkv * D;
+    float *q = rand_buf(nq, 4), *k = rand_buf(nk, 5), *v = rand_buf(nk, 6), *o = rand_buf(nq, 7);
+    float *gq = rand_buf(nq, 8), *gk = rand_buf(nk, 9), *gv = rand_buf(nk, 10);
+    double flops = 4.0 * B * Hq * ((double)S * (S + 1) / 2) * D;
+    double t0 = mosft_now();
+    attention_forward_cpu(o, q, k, v, NULL, B, S, Hq, Hkv, D);
+    double t1 = mosft_now();
+    attention_backward_cpu(gq, gk, gv, o, q, k, v, NULL, B, S, Hq, Hkv, D);
+    double t2 = mosft_now();
+    printf("attention B=%d S=%d Hq=%d Hkv=%d D=%d: forward %.3f s (%.2f GFLOP/s), backward %.3f s\n", B, S, Hq, Hkv, D,
+           t1 - t0, flops / (t1 - t0) * 1e-9, t2 - t1);
+    free(q), free(k), free(v), free(o), free(gq), free(gk), free(gv);
+}
+
+static void bench_ce(int64_t T, int C, int V) {
+    float *h = rand_buf((size_t)T * C, 11), *W = rand_buf((size_t)V * C, 12), *gh = rand_buf((size_t)T * C, 13);
+    int32_t *y = xmalloc((size_t)T * sizeof(int32_t));
+    for (int64_t t = 0; t < T; t++) y[t] = (int32_t)(t * 7919 % V);
+    double t0 = mosft_now();
+    lmhead_ce_forward_backward_cpu(h, W, y, T, C, V, 1.0f / (float)T, gh, NULL, NULL);
+    double dt = mosft_now() - t0, flops = 4.0 * (double)T * C * V;
+    printf("lm_head+CE T=%lld C=%d V=%d (forward+backward): %.3f s (%.2f GFLOP/s in its two matmuls)\n", (long long)T,
+           C, V, dt, flops / dt * 1e-9);
+    free(h), free(W), free(gh), free(y);
+}
+
 int main(int argc, char **argv) {
     if (argc > 1) ops_cpu_set_threads(atoi(argv[1]));
     printf("threads %d%s\n", ops_cpu_threads(), getenv("MOSFT_GEMM_SSE") ? " (SSE kernel forced)" : "");
@@ -48,5 +77,7 @@ int main(int argc, char **argv) {
                    bench_matmul(which, T, K, N));
             fflush(stdout);
         }
+    bench_attention(1, 512, 32, 8, 128);
+    bench_ce(256, 2048, 32000);
     return 0;
 }
