@@ -139,7 +139,8 @@ void rope_backward_cpu(float *g, const int32_t *pos, const float *inv_freq, int6
 //   param.addcdiv_(exp_avg, denom, value=-step_size)
 // Python scalars are doubles; torch rounds them to fp32 when it applies them to an fp32 tensor, and
 // evaluates addcmul as self + value * t1 * t2, addcdiv as self + value * t1 / t2, lerp (weight < 0.5) as
-// self + weight * (end - self).
+// self + weight * (end - self). (torch's SIMD lerp fuses that multiply-add, so its moments can differ
+// from these in the last bit; the parameters matched torch bit for bit in test_ops_cpu_torch.)
 void adamw_update_cpu(float *param, const float *grad, float *m, float *v, int64_t n, double lr, double beta1,
                       double beta2, double eps, double weight_decay, int64_t step) {
     MOSFT_ASSERT(step >= 1);
