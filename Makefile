@@ -10,14 +10,14 @@ SHELL := /bin/bash
 BUILD ?= build
 
 CC ?= gcc
-CFLAGS_BASE := -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wno-unused-parameter -I. -pthread -fPIC
+CFLAGS_BASE := -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wno-unused-parameter -I. -pthread -fPIC -fopenmp
 ifeq ($(DEBUG),1)
   OPT := -O0 -g -fsanitize=address,undefined -fno-omit-frame-pointer
 else
   OPT := -O2 -g -march=x86-64-v2
 endif
 DEP_CFLAGS := $(shell pkg-config --cflags libcjson libcurl zlib 2>/dev/null)
-DEP_LIBS := -lcjson -lcurl -lz -lm -pthread
+DEP_LIBS := -lcjson -lcurl -lz -lm -lgomp -pthread
 CFLAGS := $(CFLAGS_BASE) $(OPT) $(DEP_CFLAGS) $(EXTRA_CFLAGS)
 LDFLAGS := $(OPT) -Wl,-rpath,'$$ORIGIN/lib' -Wl,-rpath,'$$ORIGIN/../lib'
 
