@@ -1,4 +1,4 @@
-// data_glue.c: the configured data as the training loop's train_data (placeholder until the
+// train_data.c: the configured data as the training loop's train_data (placeholder until the
 // batcher lands, issue 4).
 #include "core/train.h"
 
