@@ -685,18 +685,24 @@ static int load_model(tokenizer *t, const cJSON *model, const cJSON *added) {
         t->match_off[id] = t->byte_level ? arena_add(t, m.data ? m.data : "", m.len) : off;
         t->match_len[id] = (uint32_t)m.len;
     }
+    t->name_off = xmalloc(N * sizeof *t->name_off);
+    t->name_len = xmalloc(N * sizeof *t->name_len);
+    memcpy(t->name_off, t->str_off, N * sizeof *t->name_off);
+    memcpy(t->name_len, t->str_len, N * sizeof *t->name_len);
     tok_strmap_init(&t->model_map, (size_t)n_vocab);
     tok_strmap_init(&t->token_map, N);
     for (int32_t id = 0; id < t->n_ids; id++) {
         if (t->match_off[id] != UINT32_MAX)
             tok_strmap_insert(&t->model_map, t, t->match_off, t->match_len, tok_arena(t, t->match_off[id]),
                               t->match_len[id], id);
-        if (t->str_off[id] != UINT32_MAX && t->added_of[id] >= 0)
-            tok_strmap_insert(&t->token_map, t, t->str_off, t->str_len, tok_arena(t, t->str_off[id]), t->str_len[id], id);
+        if (t->name_off[id] != UINT32_MAX && t->added_of[id] >= 0)  // added tokens first, as HF
+            tok_strmap_insert(&t->token_map, t, t->name_off, t->name_len, tok_arena(t, t->name_off[id]),
+                              t->name_len[id], id);
     }
     for (int32_t id = 0; id < t->n_ids; id++)
-        if (t->str_off[id] != UINT32_MAX && t->added_of[id] < 0)
-            tok_strmap_insert(&t->token_map, t, t->str_off, t->str_len, tok_arena(t, t->str_off[id]), t->str_len[id], id);
+        if (t->name_off[id] != UINT32_MAX && t->added_of[id] < 0)
+            tok_strmap_insert(&t->token_map, t, t->name_off, t->name_len, tok_arena(t, t->name_off[id]),
+                              t->name_len[id], id);
 
     // unk, byte fallback and the per-byte / per-ASCII initial symbols.
     const cJSON *unk = get(model, "unk_token");
@@ -755,6 +761,10 @@ static void finish_added(tokenizer *t) {
             tok_normalize(t, tok_arena(t, a->off), a->len, &t->norm_a);
             a->pat_len = (uint32_t)t->norm_a.len;
             a->pat_off = arena_add(t, t->norm_a.data, t->norm_a.len);
+            if (t->added_of[a->id] == i) {  // HF's id_to_token (and so decode) give the normalized form
+                t->str_off[a->id] = a->pat_off;
+                t->str_len[a->id] = a->pat_len;
+            }
         } else {
             a->pat_off = a->off;
             a->pat_len = a->len;
@@ -897,6 +907,8 @@ void tokenizer_free(tokenizer *t) {
     buf_free(&t->arena);
     free(t->str_off);
     free(t->str_len);
+    free(t->name_off);
+    free(t->name_len);
     free(t->match_off);
     free(t->match_len);
     free(t->added_of);
@@ -942,7 +954,7 @@ void tok_ids_free(tok_ids *v) {
 }
 
 int32_t tokenizer_token_to_id(const tokenizer *t, const char *token) {
-    return tok_strmap_get(&t->token_map, t, t->str_off, t->str_len, token, strlen(token));
+    return tok_strmap_get(&t->token_map, t, t->name_off, t->name_len, token, strlen(token));
 }
 
 const char *tokenizer_id_to_token(const tokenizer *t, int32_t id) {

@@ -115,11 +115,13 @@ struct tokenizer {
 
     // Ids 0..n_ids-1. str_off == UINT32_MAX: no token has this id.
     int32_t n_ids;
-    uint32_t *str_off, *str_len;      // the token as tokenizer.json writes it (added content first)
+    uint32_t *str_off, *str_len;      // id_to_token and decode: the added content (normalized when the
+                                      // token is `normalized`, as HF), else the model token
+    uint32_t *name_off, *name_len;    // token_to_id: the added content as written, else the model token
     uint32_t *match_off, *match_len;  // model tokens: what BPE matches (raw bytes in byte-level mode)
     int32_t *added_of;                // index into added[] or -1
     tok_strmap model_map;             // matching form -> model id
-    tok_strmap token_map;             // str -> id (token_to_id)
+    tok_strmap token_map;             // name -> id (token_to_id)
 
     // BPE model
     tok_merge_slot *merges;
