@@ -22,7 +22,7 @@ static const char *k_help =
     "  --jsonl           read JSON lines from stdin: {\"text\": ...} -> {\"ids\": [...]} on stdout, one per line\n"
     "                    (with --decode: {\"ids\": [...]} -> {\"text\": ...})\n"
     "  --decode          decode: the arguments are ids (\"1 15043 3186\", commas and brackets allowed)\n"
-    "  --skip-special    with --decode: leave out special tokens\n"
+    "  --skip-special    with --decode: leave out special tokens (what HF Python's decode does by default)\n"
     "  --bench FILE      time encoding the {\"text\": ...} lines of FILE, one thread, document by document,\n"
     "                    with special tokens unless --no-special: MB/s and tokens/s\n"
     "  --repeat N        with --bench: encode the file N times (default 1)\n"

@@ -8,7 +8,6 @@
 //   decoder     Sequence, Replace, ByteFallback, Fuse, Strip, ByteLevel, Metaspace
 //   added_tokens   special, single_word, lstrip, rstrip, normalized
 // "truncation" and "padding" are ignored: mosft truncates and pads its batches itself.
-#include <cjson/cJSON.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -16,473 +15,15 @@
 #include "data/tokenizer_internal.h"
 #include "data/unicode.h"
 
-#include <stdarg.h>
+// Ids above this are refused: the id arrays are dense (no vocabulary comes near it).
+enum { MAX_ID = 1 << 24 };
 
-// A JSON path for messages ("pre_tokenizer.pretokenizers[0].pattern"), truncated if it is very long.
-enum { JP = 600 };
-static const char *jpf(char *buf, const char *fmt, ...) MOSFT_PRINTF(2, 3);
-static const char *jpf(char *buf, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(buf, JP, fmt, ap);
-    va_end(ap);
-    return buf;
-}
-
-static const char k_llama3_regex[] =
-    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|"
-    "\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
-static const char k_gpt2_regex[] = "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+";
-
-// ---- error messages ---------------------------------------------------------------------------------
-
-// A short JSON rendering of what was found (for "got ...").
-static void render(const cJSON *v, char *out, size_t n) {
-    if (!v) {
-        snprintf(out, n, "nothing (missing)");
-        return;
-    }
-    char *s = cJSON_PrintUnformatted(v);
-    if (!s) {
-        snprintf(out, n, "?");
-        return;
-    }
-    if (strlen(s) > 60) memcpy(s + 57, "...", 4);
-    snprintf(out, n, "%s", s);
-    cJSON_free(s);
-}
-
-static int bad(const char *file, const char *jp, const char *expected, const cJSON *got) {
-    char g[JP];
-    render(got, g, sizeof g);
-    return mosft_fail(MOSFT_ERR_INPUT, "%s: %s: expected %s, got %s", file, jp, expected, g);
-}
-
-static int unsupported(const char *file, const char *jp, const char *what, const char *name, const char *supported) {
-    return mosft_fail_hint(MOSFT_ERR_INPUT, supported, "%s: %s: unsupported %s \"%s\"", file, jp, what, name);
-}
-
-// ---- small JSON helpers -------------------------------------------------------------------------------
-
-static const cJSON *get(const cJSON *o, const char *k) { return cJSON_GetObjectItemCaseSensitive(o, k); }
-
-static int is_null(const cJSON *v) { return !v || cJSON_IsNull(v); }
-
-// A bool field: absent/null = dflt.
-static int get_bool(const char *file, const cJSON *o, const char *k, const char *jp, int dflt, int *out) {
-    const cJSON *v = get(o, k);
-    if (is_null(v)) {
-        *out = dflt;
-        return MOSFT_OK;
-    }
-    if (!cJSON_IsBool(v)) {
-        char p[JP];
-        jpf(p, "%s.%s", jp, k);
-        return bad(file, p, "true or false", v);
-    }
-    *out = cJSON_IsTrue(v);
-    return MOSFT_OK;
-}
-
-// A required string field.
-static int get_str(const char *file, const cJSON *o, const char *k, const char *jp, const char **out) {
-    const cJSON *v = get(o, k);
-    if (!cJSON_IsString(v)) {
-        char p[JP];
-        jpf(p, "%s.%s", jp, k);
-        return bad(file, p, "a string", v);
-    }
-    *out = v->valuestring;
-    return MOSFT_OK;
-}
-
-static int get_int(const char *file, const cJSON *o, const char *k, const char *jp, int lo, int hi, int dflt, int *out) {
-    const cJSON *v = get(o, k);
-    if (is_null(v)) {
-        *out = dflt;
-        return MOSFT_OK;
-    }
-    if (!cJSON_IsNumber(v) || v->valuedouble != (double)(long long)v->valuedouble || v->valuedouble < lo ||
-        v->valuedouble > hi) {
-        char p[512], e[64];
-        jpf(p, "%s.%s", jp, k);
-        jpf(e, "an integer in [%d, %d]", lo, hi);
-        return bad(file, p, e, v);
-    }
-    *out = (int)v->valuedouble;
-    return MOSFT_OK;
-}
-
-// The "type" of a component object.
-static int get_type(const char *file, const cJSON *o, const char *jp, const char **out) {
-    if (!cJSON_IsObject(o)) return bad(file, jp, "an object or null", o);
-    return get_str(file, o, "type", jp, out);
-}
-
-// A {"String": s} / {"Regex": r} pattern.
-static int get_pattern(const char *file, const cJSON *o, const char *jp, const char **str, const char **regex) {
-    char p[JP];
-    jpf(p, "%s.pattern", jp);
-    const cJSON *v = get(o, "pattern");
-    *str = *regex = NULL;
-    if (cJSON_IsObject(v)) {
-        const cJSON *s = get(v, "String"), *r = get(v, "Regex");
-        if (cJSON_IsString(s)) *str = s->valuestring;
-        else if (cJSON_IsString(r)) *regex = r->valuestring;
-    }
-    if (!*str && !*regex) return bad(file, p, "{\"String\": ...} or {\"Regex\": ...}", v);
-    return MOSFT_OK;
-}
-
+// Copy a string into the arena; returns its offset.
 static uint32_t arena_add(tokenizer *t, const void *p, size_t n) {
     uint32_t off = (uint32_t)t->arena.len;
     buf_append(&t->arena, p, n);
     buf_append(&t->arena, "", 1);  // every string NUL-terminated for id_to_token
     return off;
-}
-
-// The single character of a string field (Metaspace replacement, Strip content).
-static int get_char(const char *file, const cJSON *o, const char *k, const char *jp, uint32_t dflt, uint32_t *out) {
-    const cJSON *v = get(o, k);
-    if (is_null(v)) {
-        *out = dflt;
-        return MOSFT_OK;
-    }
-    size_t l;
-    if (!cJSON_IsString(v) || !v->valuestring[0] ||
-        utf8_valid_prefix((const uint8_t *)v->valuestring, strlen(v->valuestring)) != strlen(v->valuestring) ||
-        utf8_len((uint8_t)v->valuestring[0]) != strlen(v->valuestring)) {
-        char p[JP];
-        jpf(p, "%s.%s", jp, k);
-        return bad(file, p, "a string of one character", v);
-    }
-    *out = utf8_decode_valid((const uint8_t *)v->valuestring, &l);
-    return MOSFT_OK;
-}
-
-static int get_prepend_scheme(const char *file, const cJSON *o, const char *jp, int *out) {
-    const cJSON *v = get(o, "prepend_scheme");
-    if (is_null(v)) {  // before tokenizers 0.19: add_prefix_space
-        int aps;
-        int rc = get_bool(file, o, "add_prefix_space", jp, 1, &aps);
-        *out = aps ? PREPEND_ALWAYS : PREPEND_NEVER;
-        return rc;
-    }
-    if (cJSON_IsString(v)) {
-        if (!strcmp(v->valuestring, "always")) *out = PREPEND_ALWAYS;
-        else if (!strcmp(v->valuestring, "never")) *out = PREPEND_NEVER;
-        else if (!strcmp(v->valuestring, "first")) *out = PREPEND_FIRST;
-        else v = NULL;
-        if (v) return MOSFT_OK;
-    }
-    char p[JP];
-    jpf(p, "%s.prepend_scheme", jp);
-    return bad(file, p, "\"always\", \"never\" or \"first\"", get(o, "prepend_scheme"));
-}
-
-// ---- normalizer ----------------------------------------------------------------------------------------
-
-static int load_normalizer(tokenizer *t, const cJSON *o, const char *jp) {
-    const char *file = t->path, *type;
-    if (is_null(o)) return MOSFT_OK;
-    int rc = get_type(file, o, jp, &type);
-    if (rc) return rc;
-    if (!strcmp(type, "Sequence")) {
-        const cJSON *arr = get(o, "normalizers");
-        char p[JP];
-        jpf(p, "%s.normalizers", jp);
-        if (!cJSON_IsArray(arr)) return bad(file, p, "an array", arr);
-        int i = 0;
-        for (const cJSON *e = arr->child; e; e = e->next, i++) {
-            char q[JP];
-            jpf(q, "%s[%d]", p, i);
-            if ((rc = load_normalizer(t, e, q))) return rc;
-        }
-        return MOSFT_OK;
-    }
-    tok_norm_op op = {0};
-    if (!strcmp(type, "Prepend")) {
-        const char *s;
-        if ((rc = get_str(file, o, "prepend", jp, &s))) return rc;
-        op.kind = NORM_PREPEND;
-        op.a = xstrdup(s);
-        op.a_len = strlen(s);
-    } else if (!strcmp(type, "Replace")) {
-        const char *str, *regex, *content;
-        if ((rc = get_pattern(file, o, jp, &str, &regex))) return rc;
-        if (regex) {
-            char p[JP];
-            jpf(p, "%s.pattern.Regex", jp);
-            return unsupported(file, p, "Replace pattern", regex, "mosft supports Replace with a {\"String\": ...} pattern");
-        }
-        if ((rc = get_str(file, o, "content", jp, &content))) return rc;
-        if (!*str) {
-            char p[JP];
-            jpf(p, "%s.pattern.String", jp);
-            return bad(file, p, "a non-empty string", get(get(o, "pattern"), "String"));
-        }
-        op.kind = NORM_REPLACE;
-        op.a = xstrdup(str);
-        op.a_len = strlen(str);
-        op.b = xstrdup(content);
-        op.b_len = strlen(content);
-    } else if (!strcmp(type, "Strip")) {
-        op.kind = NORM_STRIP;
-        if ((rc = get_bool(file, o, "strip_left", jp, 1, &op.left)) || (rc = get_bool(file, o, "strip_right", jp, 1, &op.right)))
-            return rc;
-    } else {
-        char p[JP];
-        jpf(p, "%s.type", jp);
-        return unsupported(file, p, "normalizer", type, "mosft supports the normalizers Sequence, Prepend, Replace and Strip");
-    }
-    t->norm = xrealloc(t->norm, (size_t)(t->n_norm + 1) * sizeof *t->norm);
-    t->norm[t->n_norm++] = op;
-    return MOSFT_OK;
-}
-
-// ---- pre-tokenizer -------------------------------------------------------------------------------------
-
-static int split_behavior(const char *file, const cJSON *o, const char *jp, int *out) {
-    static const char *names[] = {"Removed", "Isolated", "MergedWithPrevious", "MergedWithNext", "Contiguous"};
-    const cJSON *v = get(o, "behavior");
-    if (cJSON_IsString(v))
-        for (int i = 0; i < 5; i++)
-            if (!strcmp(v->valuestring, names[i])) {
-                *out = i;
-                return MOSFT_OK;
-            }
-    char p[JP];
-    jpf(p, "%s.behavior", jp);
-    return bad(file, p, "one of Removed, Isolated, MergedWithPrevious, MergedWithNext, Contiguous", v);
-}
-
-static int load_pretok(tokenizer *t, const cJSON *o, const char *jp) {
-    const char *file = t->path, *type;
-    if (is_null(o)) return MOSFT_OK;
-    int rc = get_type(file, o, jp, &type);
-    if (rc) return rc;
-    if (!strcmp(type, "Sequence")) {
-        const cJSON *arr = get(o, "pretokenizers");
-        char p[JP];
-        jpf(p, "%s.pretokenizers", jp);
-        if (!cJSON_IsArray(arr)) return bad(file, p, "an array", arr);
-        int i = 0;
-        for (const cJSON *e = arr->child; e; e = e->next, i++) {
-            char q[JP];
-            jpf(q, "%s[%d]", p, i);
-            if ((rc = load_pretok(t, e, q))) return rc;
-        }
-        return MOSFT_OK;
-    }
-    if (t->byte_level) {
-        char p[JP];
-        jpf(p, "%s.type", jp);
-        return unsupported(file, p, "pre-tokenizer after ByteLevel", type, "mosft supports ByteLevel as the last pre-tokenizer");
-    }
-    tok_pretok st = {0};
-    st.behavior = SPLIT_ISOLATED;
-    if (!strcmp(type, "Split")) {
-        const char *str, *regex;
-        if ((rc = get_pattern(file, o, jp, &str, &regex)) || (rc = split_behavior(file, o, jp, &st.behavior)) ||
-            (rc = get_bool(file, o, "invert", jp, 0, &st.invert)))
-            return rc;
-        if (regex) {
-            if (!strcmp(regex, k_llama3_regex)) st.kind = PRE_SPLIT_LLAMA3;
-            else if (!strcmp(regex, k_gpt2_regex)) st.kind = PRE_SPLIT_GPT2;
-            else {
-                char p[JP];
-                jpf(p, "%s.pattern.Regex", jp);
-                return unsupported(file, p, "Split regex", regex,
-                                   "mosft implements the Llama 3 and the GPT-2 pre-tokenizer regexes exactly, no other");
-            }
-        } else {
-            if (!*str) {
-                char p[JP];
-                jpf(p, "%s.pattern.String", jp);
-                return bad(file, p, "a non-empty string", get(get(o, "pattern"), "String"));
-            }
-            st.kind = PRE_SPLIT_STRING;
-            st.pattern = xstrdup(str);
-            st.pattern_len = strlen(str);
-        }
-    } else if (!strcmp(type, "ByteLevel")) {
-        st.kind = PRE_BYTELEVEL;
-        if ((rc = get_bool(file, o, "add_prefix_space", jp, 1, &st.add_prefix_space)) ||
-            (rc = get_bool(file, o, "use_regex", jp, 1, &st.use_regex)))
-            return rc;
-        t->byte_level = 1;
-    } else if (!strcmp(type, "Metaspace")) {
-        st.kind = PRE_METASPACE;
-        uint32_t c;
-        if ((rc = get_char(file, o, "replacement", jp, 0x2581, &c)) || (rc = get_prepend_scheme(file, o, jp, &st.prepend_scheme)) ||
-            (rc = get_bool(file, o, "split", jp, 1, &st.split)))
-            return rc;
-        st.repl_len = utf8_encode(c, st.repl);
-    } else {
-        char p[JP];
-        jpf(p, "%s.type", jp);
-        return unsupported(file, p, "pre-tokenizer", type,
-                           "mosft supports the pre-tokenizers Sequence, Split, ByteLevel and Metaspace");
-    }
-    t->pre = xrealloc(t->pre, (size_t)(t->n_pre + 1) * sizeof *t->pre);
-    t->pre[t->n_pre++] = st;
-    return MOSFT_OK;
-}
-
-// ---- decoder -------------------------------------------------------------------------------------------
-
-static int load_decoder(tokenizer *t, const cJSON *o, const char *jp) {
-    const char *file = t->path, *type;
-    if (is_null(o)) return MOSFT_OK;
-    int rc = get_type(file, o, jp, &type);
-    if (rc) return rc;
-    t->has_decoder = 1;
-    if (!strcmp(type, "Sequence")) {
-        const cJSON *arr = get(o, "decoders");
-        char p[JP];
-        jpf(p, "%s.decoders", jp);
-        if (!cJSON_IsArray(arr)) return bad(file, p, "an array", arr);
-        int i = 0;
-        for (const cJSON *e = arr->child; e; e = e->next, i++) {
-            char q[JP];
-            jpf(q, "%s[%d]", p, i);
-            if ((rc = load_decoder(t, e, q))) return rc;
-        }
-        return MOSFT_OK;
-    }
-    tok_decoder d = {0};
-    if (!strcmp(type, "Replace")) {
-        const char *str, *regex, *content;
-        if ((rc = get_pattern(file, o, jp, &str, &regex))) return rc;
-        if (regex) {
-            char p[JP];
-            jpf(p, "%s.pattern.Regex", jp);
-            return unsupported(file, p, "Replace pattern", regex, "mosft supports Replace with a {\"String\": ...} pattern");
-        }
-        if ((rc = get_str(file, o, "content", jp, &content))) return rc;
-        d.kind = DEC_REPLACE;
-        d.a = xstrdup(str);
-        d.a_len = strlen(str);
-        d.b = xstrdup(content);
-        d.b_len = strlen(content);
-    } else if (!strcmp(type, "ByteFallback")) {
-        d.kind = DEC_BYTEFALLBACK;
-    } else if (!strcmp(type, "Fuse")) {
-        d.kind = DEC_FUSE;
-    } else if (!strcmp(type, "Strip")) {
-        d.kind = DEC_STRIP;
-        if ((rc = get_char(file, o, "content", jp, ' ', &d.strip_char)) ||
-            (rc = get_int(file, o, "start", jp, 0, 1 << 20, 0, &d.start)) ||
-            (rc = get_int(file, o, "stop", jp, 0, 1 << 20, 0, &d.stop)))
-            return rc;
-    } else if (!strcmp(type, "ByteLevel")) {
-        d.kind = DEC_BYTELEVEL;
-    } else if (!strcmp(type, "Metaspace")) {
-        d.kind = DEC_METASPACE;
-        if ((rc = get_char(file, o, "replacement", jp, 0x2581, &d.strip_char)) ||
-            (rc = get_prepend_scheme(file, o, jp, &d.prepend_scheme)))
-            return rc;
-    } else {
-        char p[JP];
-        jpf(p, "%s.type", jp);
-        return unsupported(file, p, "decoder", type,
-                           "mosft supports the decoders Sequence, Replace, ByteFallback, Fuse, Strip, ByteLevel and Metaspace");
-    }
-    t->dec = xrealloc(t->dec, (size_t)(t->n_dec + 1) * sizeof *t->dec);
-    t->dec[t->n_dec++] = d;
-    return MOSFT_OK;
-}
-
-// ---- post-processor ------------------------------------------------------------------------------------
-
-static void ids_append(int32_t **v, int *n, const int32_t *src, int k) {
-    *v = xrealloc(*v, (size_t)(*n + k + 1) * sizeof **v);
-    memcpy(*v + *n, src, (size_t)k * sizeof *src);
-    *n += k;
-}
-
-static int load_template(tokenizer *t, const cJSON *o, const char *jp) {
-    const char *file = t->path;
-    const cJSON *single = get(o, "single"), *specials = get(o, "special_tokens");
-    char p[JP];
-    jpf(p, "%s.single", jp);
-    if (!cJSON_IsArray(single)) return bad(file, p, "an array of {\"SpecialToken\": ...} / {\"Sequence\": ...}", single);
-    int32_t *pre = NULL, *suf = NULL;
-    int npre = 0, nsuf = 0, seen_seq = 0, i = 0, rc = MOSFT_OK;
-    for (const cJSON *e = single->child; e; e = e->next, i++) {
-        char q[JP];
-        jpf(q, "%s[%d]", p, i);
-        const cJSON *st = get(e, "SpecialToken"), *sq = get(e, "Sequence");
-        if (cJSON_IsObject(sq)) {
-            seen_seq = 1;
-            continue;
-        }
-        const cJSON *name = cJSON_IsObject(st) ? get(st, "id") : NULL;
-        if (!cJSON_IsString(name)) {
-            rc = bad(file, q, "{\"SpecialToken\": {\"id\": ...}} or {\"Sequence\": ...}", e);
-            break;
-        }
-        const cJSON *ent = cJSON_IsObject(specials) ? get(specials, name->valuestring) : NULL;
-        const cJSON *ids = ent ? get(ent, "ids") : NULL;
-        if (!cJSON_IsArray(ids)) {
-            char r[JP];
-            jpf(r, "%s.special_tokens[\"%s\"].ids", jp, name->valuestring);
-            rc = bad(file, r, "an array of ids", ids);
-            break;
-        }
-        for (const cJSON *x = ids->child; x; x = x->next) {
-            if (!cJSON_IsNumber(x) || x->valuedouble < 0 || x->valuedouble >= t->n_ids) {
-                char r[JP];
-                jpf(r, "%s.special_tokens[\"%s\"].ids", jp, name->valuestring);
-                rc = bad(file, r, "ids of the vocabulary", x);
-                break;
-            }
-            int32_t id = (int32_t)x->valuedouble;
-            if (seen_seq) ids_append(&suf, &nsuf, &id, 1);
-            else ids_append(&pre, &npre, &id, 1);
-        }
-        if (rc) break;
-    }
-    if (!rc) {
-        // A later processor wraps the result of an earlier one.
-        int32_t *np = NULL;
-        int nn = 0;
-        if (npre) ids_append(&np, &nn, pre, npre);
-        if (t->n_post_prefix) ids_append(&np, &nn, t->post_prefix, t->n_post_prefix);
-        free(t->post_prefix);
-        t->post_prefix = np;
-        t->n_post_prefix = nn;
-        if (nsuf) ids_append(&t->post_suffix, &t->n_post_suffix, suf, nsuf);
-    }
-    free(pre);
-    free(suf);
-    return rc;
-}
-
-static int load_post(tokenizer *t, const cJSON *o, const char *jp) {
-    const char *file = t->path, *type;
-    if (is_null(o)) return MOSFT_OK;
-    int rc = get_type(file, o, jp, &type);
-    if (rc) return rc;
-    if (!strcmp(type, "Sequence")) {
-        const cJSON *arr = get(o, "processors");
-        char p[JP];
-        jpf(p, "%s.processors", jp);
-        if (!cJSON_IsArray(arr)) return bad(file, p, "an array", arr);
-        int i = 0;
-        for (const cJSON *e = arr->child; e; e = e->next, i++) {
-            char q[JP];
-            jpf(q, "%s[%d]", p, i);
-            if ((rc = load_post(t, e, q))) return rc;
-        }
-        return MOSFT_OK;
-    }
-    if (!strcmp(type, "ByteLevel")) return MOSFT_OK;  // only trims offsets
-    if (!strcmp(type, "TemplateProcessing")) return load_template(t, o, jp);
-    char p[JP];
-    jpf(p, "%s.type", jp);
-    return unsupported(file, p, "post-processor", type,
-                       "mosft supports the post-processors TemplateProcessing, ByteLevel and Sequence");
 }
 
 // ---- model and vocabulary ------------------------------------------------------------------------------
@@ -519,7 +60,7 @@ static int starts_meta(const tokenizer *t, int32_t id) {
 
 static int load_merges(tokenizer *t, const cJSON *merges) {
     const char *file = t->path;
-    if (!cJSON_IsArray(merges)) return bad(file, "model.merges", "an array", merges);
+    if (!cJSON_IsArray(merges)) return tokj_bad(file, "model.merges", "an array", merges);
     int n = cJSON_GetArraySize(merges);
     tok_merges_init(t, (size_t)n);
     mosft_buf a = {0}, b = {0}, ab = {0};
@@ -546,7 +87,7 @@ static int load_merges(tokenizer *t, const cJSON *merges) {
             lb = strlen(sb);
         }
         if (!sa) {
-            rc = bad(file, jp, "\"a b\" (one space) or [\"a\", \"b\"]", e);
+            rc = tokj_bad(file, jp, "\"a b\" (one space) or [\"a\", \"b\"]", e);
             break;
         }
         int ok = match_form(t, sa, la, &a) && match_form(t, sb, lb, &b);
@@ -560,7 +101,7 @@ static int load_merges(tokenizer *t, const cJSON *merges) {
             const char *which = ia < 0 ? "the first token" : ib < 0 ? "the second token" : "the merged token";
             char what[96];
             snprintf(what, sizeof what, "tokens of model.vocab (%s is not)", which);
-            rc = bad(file, jp, what, e);
+            rc = tokj_bad(file, jp, what, e);
             break;
         }
         tok_merges_put(t, ia, ib, (uint32_t)i, iab);
@@ -574,57 +115,57 @@ static int load_merges(tokenizer *t, const cJSON *merges) {
 
 static int load_model(tokenizer *t, const cJSON *model, const cJSON *added) {
     const char *file = t->path, *type = NULL;
-    if (!cJSON_IsObject(model)) return bad(file, "model", "an object", model);
-    const cJSON *tv = get(model, "type");
+    if (!cJSON_IsObject(model)) return tokj_bad(file, "model", "an object", model);
+    const cJSON *tv = tokj_get(model, "type");
     if (cJSON_IsString(tv)) type = tv->valuestring;
-    else if (is_null(tv) && get(model, "merges")) type = "BPE";  // older files omit it
-    if (!type) return bad(file, "model.type", "\"BPE\"", tv);
+    else if (tokj_null(tv) && tokj_get(model, "merges")) type = "BPE";  // older files omit it
+    if (!type) return tokj_bad(file, "model.type", "\"BPE\"", tv);
     if (strcmp(type, "BPE"))
-        return unsupported(file, "model.type", "model", type,
+        return tokj_unsupported(file, "model.type", "model", type,
                            "mosft supports BPE tokenizers (Llama 2, Llama 3); WordPiece, Unigram and WordLevel are not");
-    const cJSON *dropout = get(model, "dropout");
-    if (!is_null(dropout) && (!cJSON_IsNumber(dropout) || dropout->valuedouble != 0))
-        return unsupported(file, "model.dropout", "BPE option", "dropout", "BPE dropout is a training-time option; set it to null");
+    const cJSON *dropout = tokj_get(model, "dropout");
+    if (!tokj_null(dropout) && (!cJSON_IsNumber(dropout) || dropout->valuedouble != 0))
+        return tokj_unsupported(file, "model.dropout", "BPE option", "dropout", "BPE dropout is a training-time option; set it to null");
     const char *affixes[] = {"continuing_subword_prefix", "end_of_word_suffix"};
     for (int k = 0; k < 2; k++) {
-        const cJSON *v = get(model, affixes[k]);
-        if (!is_null(v) && !(cJSON_IsString(v) && !v->valuestring[0])) {
+        const cJSON *v = tokj_get(model, affixes[k]);
+        if (!tokj_null(v) && !(cJSON_IsString(v) && !v->valuestring[0])) {
             char p[JP];
-            jpf(p, "model.%s", affixes[k]);
-            return unsupported(file, p, "BPE option", affixes[k], "mosft supports BPE without subword prefixes/suffixes");
+            tokj_path(p, "model.%s", affixes[k]);
+            return tokj_unsupported(file, p, "BPE option", affixes[k], "mosft supports BPE without subword prefixes/suffixes");
         }
     }
     int rc;
-    if ((rc = get_bool(file, model, "byte_fallback", "model", 0, &t->byte_fallback)) ||
-        (rc = get_bool(file, model, "fuse_unk", "model", 0, &t->fuse_unk)) ||
-        (rc = get_bool(file, model, "ignore_merges", "model", 0, &t->ignore_merges)))
+    if ((rc = tokj_bool(file, model, "byte_fallback", "model", 0, &t->byte_fallback)) ||
+        (rc = tokj_bool(file, model, "fuse_unk", "model", 0, &t->fuse_unk)) ||
+        (rc = tokj_bool(file, model, "ignore_merges", "model", 0, &t->ignore_merges)))
         return rc;
 
     // Ids: the vocabulary and the added tokens.
-    const cJSON *vocab = get(model, "vocab");
-    if (!cJSON_IsObject(vocab)) return bad(file, "model.vocab", "an object {token: id}", vocab);
+    const cJSON *vocab = tokj_get(model, "vocab");
+    if (!cJSON_IsObject(vocab)) return tokj_bad(file, "model.vocab", "an object {token: id}", vocab);
     int64_t max_id = -1;
     int n_vocab = 0;
     for (const cJSON *e = vocab->child; e; e = e->next, n_vocab++) {
-        if (!cJSON_IsNumber(e) || e->valuedouble < 0 || e->valuedouble > 1e9 ||
+        if (!cJSON_IsNumber(e) || e->valuedouble < 0 || e->valuedouble >= MAX_ID ||
             e->valuedouble != (double)(int64_t)e->valuedouble) {
             char p[JP];
-            jpf(p, "model.vocab[\"%.500s\"]", e->string);
-            return bad(file, p, "an integer id >= 0", e);
+            tokj_path(p, "model.vocab[\"%.500s\"]", e->string);
+            return tokj_bad(file, p, "an integer id in [0, 16777215]", e);
         }
         if ((int64_t)e->valuedouble > max_id) max_id = (int64_t)e->valuedouble;
     }
-    if (!is_null(added) && !cJSON_IsArray(added)) return bad(file, "added_tokens", "an array", added);
+    if (!tokj_null(added) && !cJSON_IsArray(added)) return tokj_bad(file, "added_tokens", "an array", added);
     int n_added = cJSON_GetArraySize(added), i = 0;
     for (const cJSON *e = added ? added->child : NULL; e; e = e->next, i++) {
         char p[JP];
-        jpf(p, "added_tokens[%d]", i);
+        tokj_path(p, "added_tokens[%d]", i);
         const char *content;
         int id;
-        if (!cJSON_IsObject(e)) return bad(file, p, "an object", e);
-        if ((rc = get_int(file, e, "id", p, 0, 1000000000, -1, &id)) || (rc = get_str(file, e, "content", p, &content)))
+        if (!cJSON_IsObject(e)) return tokj_bad(file, p, "an object", e);
+        if ((rc = tokj_int(file, e, "id", p, 0, MAX_ID - 1, -1, &id)) || (rc = tokj_str(file, e, "content", p, &content)))
             return rc;
-        if (id < 0) return bad(file, p, "an \"id\"", e);
+        if (id < 0) return tokj_bad(file, p, "an \"id\"", e);
         if (id > max_id) max_id = id;
     }
     t->n_ids = (int32_t)(max_id + 1);
@@ -644,15 +185,15 @@ static int load_model(tokenizer *t, const cJSON *model, const cJSON *added) {
     i = 0;
     for (const cJSON *e = added ? added->child : NULL; e; e = e->next, i++) {
         char p[JP];
-        jpf(p, "added_tokens[%d]", i);
+        tokj_path(p, "added_tokens[%d]", i);
         tok_added *a = &t->added[t->n_added];
         int id, sw, ls, rs, nz, sp;
         const char *content;
-        get_int(file, e, "id", p, 0, 1000000000, -1, &id);
-        get_str(file, e, "content", p, &content);
-        if ((rc = get_bool(file, e, "single_word", p, 0, &sw)) || (rc = get_bool(file, e, "lstrip", p, 0, &ls)) ||
-            (rc = get_bool(file, e, "rstrip", p, 0, &rs)) || (rc = get_bool(file, e, "normalized", p, 1, &nz)) ||
-            (rc = get_bool(file, e, "special", p, 0, &sp)))
+        tokj_int(file, e, "id", p, 0, MAX_ID - 1, -1, &id);
+        tokj_str(file, e, "content", p, &content);
+        if ((rc = tokj_bool(file, e, "single_word", p, 0, &sw)) || (rc = tokj_bool(file, e, "lstrip", p, 0, &ls)) ||
+            (rc = tokj_bool(file, e, "rstrip", p, 0, &rs)) || (rc = tokj_bool(file, e, "normalized", p, 1, &nz)) ||
+            (rc = tokj_bool(file, e, "special", p, 0, &sp)))
             return rc;
         a->id = id;
         a->len = (uint32_t)strlen(content);
@@ -705,17 +246,17 @@ static int load_model(tokenizer *t, const cJSON *model, const cJSON *added) {
                               t->name_len[id], id);
 
     // unk, byte fallback and the per-byte / per-ASCII initial symbols.
-    const cJSON *unk = get(model, "unk_token");
+    const cJSON *unk = tokj_get(model, "unk_token");
     t->unk_id = -1;
-    if (!is_null(unk)) {
+    if (!tokj_null(unk)) {
         if (!cJSON_IsString(unk)) {
             buf_free(&m);
-            return bad(file, "model.unk_token", "a string or null", unk);
+            return tokj_bad(file, "model.unk_token", "a string or null", unk);
         }
         t->unk_id = model_id(t, unk->valuestring, &m);
         if (t->unk_id < 0) {
             buf_free(&m);
-            return bad(file, "model.unk_token", "a token of model.vocab", unk);
+            return tokj_bad(file, "model.unk_token", "a token of model.vocab", unk);
         }
     }
     for (int b = 0; b < 256; b++) {
@@ -750,7 +291,7 @@ static int load_model(tokenizer *t, const cJSON *model, const cJSON *added) {
         }
     }
     buf_free(&m);
-    return load_merges(t, get(model, "merges"));
+    return load_merges(t, tokj_get(model, "merges"));
 }
 
 // Patterns of the added tokens (normalized ones are matched in their normalized form) and the tries.
@@ -785,9 +326,9 @@ static char *config_path(const char *tokenizer_path) {
 
 // A config token field: a string or {"content": ...}; NULL if absent.
 static const char *config_token(const cJSON *cfg, const char *k) {
-    const cJSON *v = get(cfg, k);
+    const cJSON *v = tokj_get(cfg, k);
     if (cJSON_IsString(v)) return v->valuestring;
-    if (cJSON_IsObject(v) && cJSON_IsString(get(v, "content"))) return get(v, "content")->valuestring;
+    if (cJSON_IsObject(v) && cJSON_IsString(tokj_get(v, "content"))) return tokj_get(v, "content")->valuestring;
     return NULL;
 }
 
@@ -880,13 +421,13 @@ int tokenizer_load(tokenizer **out, const char *path) {
     t->path = file;
     t->split_special = 1;
     buf_append(&t->arena, "", 1);  // offset 0: the empty string
-    if (!cJSON_IsObject(root)) rc = bad(file, "(top level)", "an object", root);
+    if (!cJSON_IsObject(root)) rc = tokj_bad(file, "(top level)", "an object", root);
     // The pre-tokenizer first: it decides whether the vocabulary is byte-level.
-    if (!rc) rc = load_pretok(t, get(root, "pre_tokenizer"), "pre_tokenizer");
-    if (!rc) rc = load_normalizer(t, get(root, "normalizer"), "normalizer");
-    if (!rc) rc = load_model(t, get(root, "model"), get(root, "added_tokens"));
-    if (!rc) rc = load_post(t, get(root, "post_processor"), "post_processor");
-    if (!rc) rc = load_decoder(t, get(root, "decoder"), "decoder");
+    if (!rc) rc = tok_load_pretok(t, tokj_get(root, "pre_tokenizer"), "pre_tokenizer");
+    if (!rc) rc = tok_load_normalizer(t, tokj_get(root, "normalizer"), "normalizer");
+    if (!rc) rc = load_model(t, tokj_get(root, "model"), tokj_get(root, "added_tokens"));
+    if (!rc) rc = tok_load_post(t, tokj_get(root, "post_processor"), "post_processor");
+    if (!rc) rc = tok_load_decoder(t, tokj_get(root, "decoder"), "decoder");
     cJSON_Delete(root);
     if (!rc) {
         finish_added(t);

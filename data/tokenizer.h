@@ -1,7 +1,11 @@
-// tokenizer.h: Hugging Face tokenizer.json (BPE) in C, exact for Llama 2 (SentencePiece-style BPE
-// with byte fallback) and Llama 3 (byte-level BPE with the regex pre-tokenizer).
+// tokenizer.h: Hugging Face tokenizer.json (BPE) in C, giving exactly the ids of HF tokenizers for Llama 2
+// (SentencePiece-style BPE with byte fallback) and Llama 3 (byte-level BPE with the regex pre-tokenizer),
+// and for the other components listed in data/tokenizer.c. A tokenizer.json with anything else (WordPiece,
+// Unigram, an unknown normalizer, another regex) is refused at load with the JSON path of the part.
+// Unicode classes follow the Unicode version of HF's regex engine (data/unicode_tables.c).
 //
-// One tokenizer object may be used by one thread at a time (encode keeps a cache of pre-tokens).
+// One tokenizer object may be used by one thread at a time (encode keeps a cache of pre-tokens and
+// reuses its working memory); decode and the lookups are read-only.
 #ifndef MOSFT_TOKENIZER_H
 #define MOSFT_TOKENIZER_H
 

@@ -1,5 +1,6 @@
 // tokenizer_internal.h: the tokenizer's data structures, shared by the files of data/tokenizer*.c
-//   tokenizer.c         loading tokenizer.json (cJSON) into these structures, the simple accessors
+//   tokenizer.c         loading tokenizer.json: the model, vocabulary, merges, added tokens; accessors
+//   tokenizer_json.c    loading the pipeline components; JSON helpers naming the path of what is wrong
 //   tokenizer_bpe.c     string and merge hash tables, the BPE merge loop, the pre-token cache
 //   tokenizer_encode.c  added tokens, normalizers, pre-tokenizers (the regex scanners), post-processor
 //   tokenizer_decode.c  decoders
@@ -9,6 +10,8 @@
 
 #include <stddef.h>
 #include <stdint.h>
+
+#include <cjson/cJSON.h>
 
 #include "core/common.h"
 #include "data/tokenizer.h"
@@ -200,6 +203,25 @@ void tok_trie_build(tokenizer *t, tok_trie *tr, int want_normalized);
 void tok_trie_free(tok_trie *tr);
 // Apply the normalizer to s[0..n) into *out (cleared first).
 void tok_normalize(tokenizer *t, const char *s, size_t n, mosft_buf *out);
+
+// tokenizer_json.c
+// Messages: "<file>: <json path>: expected <what>, got <found>" / "...: unsupported <what> \"<name>\"".
+enum { JP = 600 };  // room for a JSON path
+const char *tokj_path(char *buf, const char *fmt, ...) MOSFT_PRINTF(2, 3);  // buf has JP bytes
+int tokj_bad(const char *file, const char *jp, const char *expected, const cJSON *got);
+int tokj_unsupported(const char *file, const char *jp, const char *what, const char *name, const char *supported);
+static inline const cJSON *tokj_get(const cJSON *o, const char *k) { return cJSON_GetObjectItemCaseSensitive(o, k); }
+static inline int tokj_null(const cJSON *v) { return !v || cJSON_IsNull(v); }
+// Fields of object o (at JSON path jp): absent or null gives dflt (tokj_str: required).
+int tokj_bool(const char *file, const cJSON *o, const char *k, const char *jp, int dflt, int *out);
+int tokj_str(const char *file, const cJSON *o, const char *k, const char *jp, const char **out);
+int tokj_int(const char *file, const cJSON *o, const char *k, const char *jp, int lo, int hi, int dflt, int *out);
+// The components (null = none). The pre-tokenizer goes first: it decides whether the vocabulary is
+// byte-level; the post-processor after the model: it checks ids against the vocabulary size.
+int tok_load_normalizer(tokenizer *t, const cJSON *o, const char *jp);
+int tok_load_pretok(tokenizer *t, const cJSON *o, const char *jp);
+int tok_load_post(tokenizer *t, const cJSON *o, const char *jp);
+int tok_load_decoder(tokenizer *t, const cJSON *o, const char *jp);
 
 // tokenizer_decode.c
 // The GPT-2 byte <-> character table of ByteLevel.

@@ -7,6 +7,7 @@
 //     use (added-token options, Metaspace, Split behaviors, unk, partial byte fallback, GPT-2 ByteLevel);
 //   - malformed and unsupported tokenizer.json files: clear errors naming the JSON path, exit code 2.
 #include <cjson/cJSON.h>
+#include <stdarg.h>
 
 #include "core/fileio.h"
 #include "data/tokenizer.h"
@@ -388,53 +389,67 @@ END_TEST
 
 // ---- the command line -----------------------------------------------------------------------------------
 
+// Run a shell command line in which "MOSFT" stands for the mosft binary of this build (BUILD/mosft, found
+// beside BUILD/tests/); captures stdout+stderr, returns the exit status.
+static int mosft_run(char **out, const char *fmt, ...) {
+    char self[1024], line[2048], cmd[3800];
+    ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
+    self[n > 0 ? n : 0] = 0;
+    char *slash = strrchr(self, '/');
+    if (slash) *slash = 0;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(line, sizeof line, fmt, ap);
+    va_end(ap);
+    char *m = strstr(line, "MOSFT");
+    ck_assert_ptr_nonnull(m);
+    *m = 0;
+    snprintf(cmd, sizeof cmd, "%s%s/../mosft%s", line, n > 0 ? self : "build/tests", m + 5);
+    return run_capture(cmd, out);
+}
+
 START_TEST(test_cli) {
     REQUIRE_SHARED();
-    char *out, cmd[2048];
-    ck_assert_int_eq(run_capture("./build/mosft tokenize --help", &out), 0);
+    char *out;
+    ck_assert_int_eq(mosft_run(&out, "MOSFT tokenize --help"), 0);
     ck_assert_ptr_nonnull(strstr(out, "--jsonl"));
     free(out);
-    ck_assert_int_eq(run_capture("./build/mosft tokenize --bogus", &out), 2);
+    ck_assert_int_eq(mosft_run(&out, "MOSFT tokenize --bogus"), 2);
     free(out);
-    ck_assert_int_eq(run_capture("./build/mosft tokenize \"x\"", &out), 2);  // no --tokenizer
+    ck_assert_int_eq(mosft_run(&out, "MOSFT tokenize x"), 2);  // no --tokenizer
     free(out);
-    ck_assert_int_eq(run_capture("./build/mosft tokenize --tokenizer " FIX "unsupported_wordpiece.json x", &out), 2);
+    ck_assert_int_eq(mosft_run(&out, "MOSFT tokenize --tokenizer " FIX "unsupported_wordpiece.json x"), 2);
     ck_assert_ptr_nonnull(strstr(out, "error: "));
     ck_assert_ptr_nonnull(strstr(out, "WordPiece"));
     free(out);
-    ck_assert_int_eq(run_capture("./build/mosft tokenize --tokenizer " FIX "no_such_file.json x", &out), 2);
+    ck_assert_int_eq(mosft_run(&out, "MOSFT tokenize --tokenizer " FIX "no_such_file.json x"), 2);
     free(out);
 
-    const char *l2 = shared_path("tokenizers/llama2");
-    snprintf(cmd, sizeof cmd, "./build/mosft tokenize --tokenizer %s 'Hello world'", l2);
-    ck_assert_int_eq(run_capture(cmd, &out), 0);
+    const char *l2 = shared_path("tokenizers/llama2"), *l3 = shared_path("tokenizers/llama3");
+    ck_assert_int_eq(mosft_run(&out, "MOSFT tokenize --tokenizer %s 'Hello world'", l2), 0);
     ck_assert_ptr_nonnull(strstr(out, "[1,15043,3186]"));
     ck_assert_ptr_nonnull(strstr(out, "\"\xE2\x96\x81world\""));
     free(out);
-    snprintf(cmd, sizeof cmd,
-             "printf '{\"text\": \"Hello world\"}\\n{\"text\": \"a</s>\\\\nb\"}\\n' | ./build/mosft tokenize "
-             "--tokenizer %s --jsonl --no-special",
-             l2);
-    ck_assert_int_eq(run_capture(cmd, &out), 0);
+    ck_assert_int_eq(mosft_run(&out,
+                               "printf '{\"text\": \"Hello world\"}\\n{\"text\": \"a</s>\\\\nb\"}\\n' | "
+                               "MOSFT tokenize --tokenizer %s --jsonl --no-special",
+                               l2),
+                     0);
     // "a</s>\nb": ▁a, </s>, then the next segment "\nb" gets its own ▁: ▁, <0x0A>, b.
     ck_assert_str_eq(out, "{\"ids\": [15043,3186]}\n{\"ids\": [263,2,29871,13,29890]}\n");
     free(out);
-    snprintf(cmd, sizeof cmd, "printf '{\"text\": 3}\\n' | ./build/mosft tokenize --tokenizer %s --jsonl", l2);
-    ck_assert_int_eq(run_capture(cmd, &out), 2);
+    ck_assert_int_eq(mosft_run(&out, "printf '{\"text\": 3}\\n' | MOSFT tokenize --tokenizer %s --jsonl", l2), 2);
     ck_assert_ptr_nonnull(strstr(out, "line 1"));
     free(out);
-    snprintf(cmd, sizeof cmd, "./build/mosft tokenize --tokenizer %s --decode 1 15043,3186", l2);
-    ck_assert_int_eq(run_capture(cmd, &out), 0);
+    ck_assert_int_eq(mosft_run(&out, "MOSFT tokenize --tokenizer %s --decode 1 15043,3186", l2), 0);
     ck_assert_str_eq(out, "<s> Hello world\n");
     free(out);
-    snprintf(cmd, sizeof cmd, "./build/mosft tokenize --tokenizer %s --decode --skip-special '[1, 15043, 3186]'", l2);
-    ck_assert_int_eq(run_capture(cmd, &out), 0);
+    ck_assert_int_eq(mosft_run(&out, "MOSFT tokenize --tokenizer %s --decode --skip-special '[1, 15043, 3186]'", l2), 0);
     ck_assert_str_eq(out, "Hello world\n");
     free(out);
-    snprintf(cmd, sizeof cmd,
-             "printf '{\"ids\": [128000, 9906, 1917]}\\n' | ./build/mosft tokenize --tokenizer %s --jsonl --decode",
-             shared_path("tokenizers/llama3"));
-    ck_assert_int_eq(run_capture(cmd, &out), 0);
+    ck_assert_int_eq(
+        mosft_run(&out, "printf '{\"ids\": [128000, 9906, 1917]}\\n' | MOSFT tokenize --tokenizer %s --jsonl --decode", l3),
+        0);
     ck_assert_str_eq(out, "{\"text\": \"<|begin_of_text|>Hello world\"}\n");
     free(out);
 }
