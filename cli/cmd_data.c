@@ -172,6 +172,9 @@ static void print_masked(const show_ctx *c, const chat_tokens *t) {
 static int show_cb(void *ctx, int source, const dataset_item *item, const chat_tokens *t) {
     show_ctx *c = ctx;
     if (c->per_source_quota[source] <= 0) return 0;
+    if (c->shown == 0)
+        printf("=== %d examples (%s) ===\n\n", c->n_show,
+               c->color ? "dim: masked, no loss; green: trained" : "[[...]]: masked, no loss; the rest is trained");
     c->per_source_quota[source]--;
     c->shown++;
     printf("--- example %d: source %d (%s), %s:%lld", c->shown, source, c->o->sources[source].format, item->file,
@@ -285,9 +288,6 @@ int cmd_data(int argc, char **argv) {
     data_stats *per = xcalloc((size_t)n_src, sizeof *per), all;
     for (int s = 0; s < n_src; s++) data_stats_init(&per[s], ds.opts.max_seq_len);
     data_stats_init(&all, ds.opts.max_seq_len);
-    if (show > 0)
-        printf("=== %lld examples (%s) ===\n\n", show,
-               sc.color ? "dim: masked, no loss; green: trained" : "[[...]]: masked, no loss; the rest is trained");
     rc = data_scan(&ds.opts, ds.tok, max_ex, show_cb, &sc, per);
     if (rc == MOSFT_OK) {
         for (int s = 0; s < n_src; s++) data_stats_merge(&all, &per[s]);

@@ -95,7 +95,7 @@ static int next_jsonl(record_reader *r, cJSON **out, int64_t *line) {
         size_t scan = r->pos;
         unsigned char *nl = NULL;
         for (;;) {
-            nl = memchr(r->buf + scan, '\n', r->len - scan);
+            nl = r->len > scan ? memchr(r->buf + scan, '\n', r->len - scan) : NULL;
             if (nl || r->eof) break;
             size_t rel = r->len - r->pos;
             if (reader_fill(r) < 0) return mosft_error_code();
