@@ -43,6 +43,12 @@ static void write_fixtures(void) {
                      "abcdefghijklmnopqrstuvwxyzabcdefghijklmnopqrstuvwxyzabcdefghijklmnopqrstuvwxyzabcdefghij");
         gzclose(g);
     }
+    // The chat vectors as a gzip'd messages file, for the CLI test.
+    if (shared_available()) {
+        char cmd[1024];
+        snprintf(cmd, sizeof cmd, "gzip -c %s > %s/chat.jsonl.gz", shared_path("tokenizers/llama2/chat_vectors.jsonl"), g_root);
+        ck_assert_int_eq(run_cmd(cmd), 0);
+    }
 }
 
 static void server_start(void) {
@@ -237,6 +243,24 @@ START_TEST(test_http_gives_up) {
 }
 END_TEST
 
+// The binary: a 404 source fails before anything is trained or written, exit 2, one line.
+START_TEST(test_http_cli_404) {
+    REQUIRE_SHARED();
+    char cmd[1024], *out;
+    snprintf(cmd, sizeof cmd, "build/mosft data encode --tokenizer %s --format messages %s",
+             shared_path("tokenizers/llama2/tokenizer.json"), url("ok/missing.jsonl"));
+    ck_assert_int_eq(run_capture(cmd, &out), 2);
+    ck_assert_msg(!strncmp(out, "error: ", 7) && strstr(out, "404") && strchr(out, '\n') == out + strlen(out) - 1, "%s", out);
+    free(out);
+    // And a good URL streams (gzip over HTTP, with a dropped connection on the way).
+    snprintf(cmd, sizeof cmd, "build/mosft data encode --tokenizer %s --format messages %s > /dev/null",
+             shared_path("tokenizers/llama2/tokenizer.json"), url("f/drop=1/t14/chat.jsonl.gz"));
+    ck_assert_int_eq(run_capture(cmd, &out), 0);
+    ck_assert_msg(strstr(out, "encode: 5 examples written"), "%s", out);
+    free(out);
+}
+END_TEST
+
 static Suite *http_suite(void) {
     Suite *s = suite_create("http");
     TCase *tc = tcase_create("faults");
@@ -253,6 +277,7 @@ static Suite *http_suite(void) {
     tcase_add_test(tc, test_http_open_at_offset);
     tcase_add_test(tc, test_http_404);
     tcase_add_test(tc, test_http_gives_up);
+    tcase_add_test(tc, test_http_cli_404);
     suite_add_tcase(s, tc);
     return s;
 }
