@@ -7,8 +7,11 @@
 //   group_size micro-batches' worth sorted by length, cut, the batches in random order] -->
 //   micro-batches of micro_batch_size rows padded to the longest row --> prefetch queue --> trainer.
 //
+// Mixture: a draw picks a source with probability weight / (sum of the weights still in play); that
+// source is read until it yields a kept example, so weights are shares of *training* examples
+// whatever each source loses to eval, bad records or empty targets.
 // Epochs: with epochs = N every source is read N times; a source whose pass ended leaves the draw
-// until all have ended (the weights set the interleaving; every record is used once per epoch).
+// until all have ended (the weights set the interleaving; every example is used once per epoch).
 // With epochs = 0 (endless) each source restarts on its own when its pass ends, so the weights are
 // the long-run mixture proportions. The last micro-batch of a finite stream may have B < micro.
 //

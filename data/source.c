@@ -280,8 +280,7 @@ static int http_after_attempt(http_stream *h, CURLcode res, uint64_t got_before)
     h->streak++;
     if (h->streak > h->opt.max_retries) {
         int code = h->ever_ok ? MOSFT_ERR_RUNTIME : MOSFT_ERR_INPUT;
-        mosft_fail_hint(code, "check the URL and the network; data.http_retries and data.http_read_timeout set the patience",
-                        "%s: GET: failed after %d retries: %s", h->url, h->opt.max_retries, why);
+        mosft_fail(code, "%s: GET: failed after %d retries (data.http_retries): %s", h->url, h->opt.max_retries, why);
         return -1;
     }
     double retry_after = 0;
@@ -339,9 +338,8 @@ static int http_fill(http_stream *h) {
             h->streak++;
             if (h->streak > h->opt.max_retries) {
                 int code = h->ever_ok ? MOSFT_ERR_RUNTIME : MOSFT_ERR_INPUT;
-                mosft_fail_hint(code, "data.http_read_timeout sets the patience",
-                                "%s: GET: failed after %d retries: no data for %.1f s", h->url, h->opt.max_retries,
-                                h->opt.stall_timeout_s);
+                mosft_fail(code, "%s: GET: failed after %d retries (data.http_retries): no data for %.1f s "
+                           "(data.http_read_timeout)", h->url, h->opt.max_retries, h->opt.stall_timeout_s);
                 return -1;
             }
             h->retries++;
@@ -640,9 +638,9 @@ int source_probe(const char *path, const source_http_opts *http) {
             if (res == CURLE_HTTP_RETURNED_ERROR)
                 rc = mosft_fail(MOSFT_ERR_INPUT, "%s: HEAD: expected HTTP 200, got %ld %s", path, status, http_reason(status));
             else
-                rc = mosft_fail_hint(MOSFT_ERR_INPUT, "check the URL and the network",
-                                     "%s: HEAD: %s%s", path, errbuf[0] ? errbuf : curl_easy_strerror(res),
-                                     curl_retryable(res, status) ? " (after retries)" : "");
+                rc = mosft_fail(MOSFT_ERR_INPUT, "%s: HEAD: expected an answer, got \"%s\"%s", path,
+                                errbuf[0] ? errbuf : curl_easy_strerror(res),
+                                curl_retryable(res, status) ? " after retries (data.http_retries)" : "");
             break;
         }
         curl_off_t ra = 0;

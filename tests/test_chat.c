@@ -105,7 +105,7 @@ static void check_cli_vectors(const char *name) {
     char vec_path[512];
     snprintf(vec_path, sizeof vec_path, "%s", shared_path(rel));
     snprintf(rel, sizeof rel, "tokenizers/%s/tokenizer.json", name);
-    snprintf(cmd, sizeof cmd, MOSFT_BIN " data encode --tokenizer %s --format messages %s 2>/dev/null", shared_path(rel),
+    snprintf(cmd, sizeof cmd, "(" MOSFT_BIN " data encode --tokenizer %s --format messages %s 2>/dev/null)", shared_path(rel),
              vec_path);
     ck_assert_int_eq(run_capture(cmd, &out), 0);
     vectors vs = load_vectors(name);
@@ -183,7 +183,10 @@ START_TEST(test_cli_show_and_errors) {
     write_text(cfg, cmd);
     snprintf(cmd, sizeof cmd, MOSFT_BIN " data %s --show 2", cfg);
     ck_assert_int_eq(run_capture(cmd, &out), 0);
-    ck_assert_msg(strstr(out, "[[<s><|user|>\n") && strstr(out, "<|assistant|>\n]]"), "%s", out);  // the mask, visible
+    // The mask, visible: BOS, tags and prompt inside [[...]], the answer outside.
+    ck_assert_msg(strstr(out, "[[<s>") && strstr(out, "<|user|>\nWhat are the distinct values") &&
+                      strstr(out, "<|assistant|>\n]]The distinct values from the given list are 3, 5, 7 and 9.</s>\n"),
+                  "%s", out);
     ck_assert_msg(strstr(out, "records            141") && strstr(out, "tokens/example     mean") &&
                       strstr(out, "supervised         ") && strstr(out, "truncated          "), "%s", out);
     free(out);
