@@ -314,6 +314,15 @@ int train_run(mosft_config *cfg, const train_args *args) {
     int64_t tok_log = 0, start_step = meta.step, steps_here = 0;
     double fpt = flops_per_token(&mc, cfg->data.max_seq_len);
     be->ops->zero_grad(be);
+    if (!resume_ckpt && cfg->train.eval_every > 0 && data->n_eval(data) > 0) {  // the starting point
+        double el_loss;
+        int64_t el_n;
+        if ((rc = run_eval(be, data, 0, &el_loss, &el_n))) goto out_loop;
+        fprintf(stderr, "eval  step 0 | loss %.4f | ppl %.3f | %lld tokens\n", el_loss, exp(el_loss), (long long)el_n);
+        fprintf(metrics, "{\"step\": 0, \"eval_loss\": %.6f, \"eval_ppl\": %.4f, \"eval_tokens\": %lld}\n", el_loss,
+                exp(el_loss), (long long)el_n);
+        fflush(metrics);
+    }
     int exhausted = 0;
     for (int64_t step = meta.step; step < cfg->train.steps; step++) {
         // Gather the step's micro-batches (all of them: the loss is a mean over the whole step).
@@ -451,6 +460,7 @@ int train_run(mosft_config *cfg, const train_args *args) {
         fprintf(stderr, "done: %lld steps in %s; adapter: %s/adapter.mos (export: mosft export %s/adapter.mos -o DIR)\n",
                 (long long)meta.step, el, run_dir, run_dir);
     }
+out_loop:
     for (int i = 0; i < n_micro; i++) free(step_mbs[i].buf);
     free(step_mbs);
     fclose(metrics);
