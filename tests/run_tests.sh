@@ -15,6 +15,8 @@ for t in "$@"; do
   fi
   secs=$(awk -v a="$start" -v b="$EPOCHREALTIME" 'BEGIN{print b-a}')
   summary=$(printf '%s\n' "$out" | grep -E '^[0-9]+%: Checks' | tail -1)
+  skipped=$(printf '%s\n' "$out" | grep -c '^SKIPPED' || true)
+  [ "$skipped" -gt 0 ] && summary="$summary [$skipped SKIPPED: $(printf '%s\n' "$out" | grep -m1 '^SKIPPED' | sed 's/^SKIPPED [^:]*: //')]"
   printf '%-4s %-40s %s (%.1fs)\n' "$status" "$(basename "$t")" "$summary" "$secs"
   if [ "$status" = FAIL ] || [ -n "${VERBOSE:-}" ]; then printf '%s\n' "$out" | sed 's/^/    /' | tail -60; fi
 done
