@@ -12,6 +12,7 @@
 #include "core/adapter.h"
 #include "core/checkpoint.h"
 #include "core/fileio.h"
+#include "core/info.h"
 #include "core/model.h"
 #include "core/rng.h"
 #include "core/version.h"
@@ -276,6 +277,7 @@ int train_run(mosft_config *cfg, const train_args *args) {
     fprintf(info, "schedule: %d steps, %s lr %.3g, %lld warmup steps; %d micro-batch%s of %d per step\n", cfg->train.steps,
             cfg->train.schedule, cfg->train.lr, (long long)warm, accum, accum == 1 ? "" : "es",
             cfg->train.micro_batch_size);
+    if (args->dry_run) info_config(cfg, info);  // parameters per module type
     if (info != stderr) fclose(info);
     if (args->dry_run) {
         mosft_log("dry run: stopping before step 1\n");
