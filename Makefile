@@ -10,14 +10,14 @@ SHELL := /bin/bash
 BUILD ?= build
 
 CC ?= gcc
-CFLAGS_BASE := -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wno-unused-parameter -I. -pthread -fPIC
+CFLAGS_BASE := -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wno-unused-parameter -I. -pthread -fPIC -fopenmp
 ifeq ($(DEBUG),1)
   OPT := -O0 -g -fsanitize=address,undefined -fno-omit-frame-pointer
 else
   OPT := -O2 -g -march=x86-64-v2
 endif
 DEP_CFLAGS := $(shell pkg-config --cflags libcjson libcurl zlib 2>/dev/null)
-DEP_LIBS := -lcjson -lcurl -lz -lm -pthread
+DEP_LIBS := -lcjson -lcurl -lz -lm -lgomp -pthread
 CFLAGS := $(CFLAGS_BASE) $(OPT) $(DEP_CFLAGS) $(EXTRA_CFLAGS)
 LDFLAGS := $(OPT) -Wl,-rpath,'$$ORIGIN/lib' -Wl,-rpath,'$$ORIGIN/../lib'
 
@@ -56,7 +56,8 @@ TEST_SRCS := $(wildcard tests/test_*.c)
 TEST_BINS := $(TEST_SRCS:tests/%.c=$(BUILD)/tests/%)
 GPU_TEST_SRCS := $(wildcard tests/gpu/test_*.c) $(wildcard tests/gpu/test_*.cu)
 GPU_TEST_BINS := $(patsubst tests/gpu/%.cu,$(BUILD)/tests/gpu/%,$(patsubst tests/gpu/%.c,$(BUILD)/tests/gpu/%,$(GPU_TEST_SRCS)))
-CHECK_LIBS := $(shell pkg-config --static --libs check 2>/dev/null || echo -lcheck -lsubunit -lrt -lm)
+# check and subunit are linked statically so test binaries also run on machines without them (the GPU box).
+CHECK_LIBS := -Wl,-Bstatic -lcheck_pic -lsubunit -Wl,-Bdynamic -lrt -lm
 
 LIB := $(BUILD)/libmosft.a
 BIN := $(BUILD)/mosft
@@ -88,10 +89,11 @@ $(LIB): $(LIB_OBJS) $(CUDA_OBJS)
 	@rm -f $@
 	ar rcs $@ $^
 
-# libcjson is not on every GPU machine: ship it beside the binary (rpath $ORIGIN/lib).
+# libcjson (and libgomp) are not on every GPU machine: ship them beside the binary (rpath $ORIGIN/lib).
 $(BUILD)/lib/.stamp: | $(DEPS_STAMP)
 	@mkdir -p $(BUILD)/lib
-	@f=$$(ldconfig -p | awk '/libcjson\.so\.1 /{print $$NF; exit}'); if [ -n "$$f" ]; then cp -L "$$f" $(BUILD)/lib/; fi
+	@for l in libcjson.so.1 libgomp.so.1; do f=$$(ldconfig -p | awk -v n="$$l" '$$1==n{print $$NF; exit}'); \
+	  if [ -n "$$f" ]; then cp -L "$$f" $(BUILD)/lib/; fi; done
 	@touch $@
 
 $(BIN): $(CLI_OBJS) $(LIB) $(BUILD)/lib/.stamp

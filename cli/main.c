@@ -2,6 +2,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "cli/cli.h"
 #include "core/common.h"
@@ -71,6 +72,12 @@ static const command k_commands[] = {
 };
 
 int main(int argc, char **argv) {
+    // OpenMP threads that spin between parallel regions steal the cores from the work when the machine
+    // is shared; libgomp reads its policy once at load time, so set it and start over (once).
+    if (!getenv("OMP_WAIT_POLICY")) {
+        setenv("OMP_WAIT_POLICY", "PASSIVE", 1);
+        execv("/proc/self/exe", argv);  // on failure, carry on with the default policy
+    }
     if (argc < 2) {
         fputs(k_usage, stderr);
         return 2;

@@ -58,24 +58,33 @@ uint16_t f32_to_f16(float f) {
     return sign | (uint16_t)h;
 }
 
+// `src` may be unaligned (a tensor after an odd-sized U8 tensor in a safetensors file): elements are
+// read with memcpy, which compiles to plain loads.
 void dtype_to_f32(mosft_dtype t, const void *src, float *dst, size_t n) {
+    const unsigned char *s = src;
     switch (t) {
     case MOSFT_F32: memcpy(dst, src, n * 4); break;
-    case MOSFT_BF16: {
-        const uint16_t *s = src;
-        for (size_t i = 0; i < n; i++) dst[i] = bf16_to_f32(s[i]);
+    case MOSFT_BF16:
+        for (size_t i = 0; i < n; i++) {
+            uint16_t h;
+            memcpy(&h, s + 2 * i, 2);
+            dst[i] = bf16_to_f32(h);
+        }
         break;
-    }
-    case MOSFT_F16: {
-        const uint16_t *s = src;
-        for (size_t i = 0; i < n; i++) dst[i] = f16_to_f32(s[i]);
+    case MOSFT_F16:
+        for (size_t i = 0; i < n; i++) {
+            uint16_t h;
+            memcpy(&h, s + 2 * i, 2);
+            dst[i] = f16_to_f32(h);
+        }
         break;
-    }
-    case MOSFT_F64: {
-        const double *s = src;
-        for (size_t i = 0; i < n; i++) dst[i] = (float)s[i];
+    case MOSFT_F64:
+        for (size_t i = 0; i < n; i++) {
+            double d;
+            memcpy(&d, s + 8 * i, 8);
+            dst[i] = (float)d;
+        }
         break;
-    }
     default: MOSFT_ASSERT(!"dtype_to_f32: not a float type");
     }
 }

@@ -23,17 +23,20 @@ int info_model(const char *dir, FILE *out) {
     int64_t stored = 0, stored_bytes = 0;
     int n_tensors = 0, prequant = 0;
     if (have_weights) {
-        for (int f = 0; f < set.n_files; f++)
+        for (int f = 0; f < set.n_files; f++) {
+            stored_bytes += (int64_t)set.files[f].map_len;  // the file, header included
             for (int i = 0; i < set.files[f].n_tensors; i++) {
                 const st_tensor *t = &set.files[f].tensors[i];
                 n_tensors++;
-                stored_bytes += (int64_t)t->nbytes;
                 if (strstr(t->name, ".quant_state.") || strstr(t->name, ".absmax") || strstr(t->name, "quant_map")) {
                     prequant = 1;
                     continue;
                 }
+                // Tied embeddings: a stored lm_head is a copy HF ignores, not a parameter of its own.
+                if (c.tie_embeddings && !strcmp(t->name, "lm_head.weight")) continue;
                 stored += t->numel;
             }
+        }
     } else {
         mosft_error_clear();
     }

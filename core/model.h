@@ -75,10 +75,14 @@ typedef struct {
 // Load a HF model folder for the CPU backend. quantization "nf4": every linear is rounded to bf16 (as
 // HF loads with torch_dtype=bf16) and quantized exactly as bitsandbytes; embeddings, norms and lm_head
 // are fp32 copies of the bf16-rounded values (prepare_model_for_kbit_training). "none": fp32 copies
-// of the stored values. Pre-quantized bnb-4bit checkpoints are read as they are.
+// of the stored values. Pre-quantized bnb-4bit linears are read as they are (their stored double
+// quantization wins over `double_quant`; with "none" they are kept as their bf16 dequantization).
+// Every tensor's shape is checked against config.json: a mismatch is MOSFT_ERR_INPUT naming the file,
+// the tensor, the expected and the found shape. Sharded checkpoints (model.safetensors.index.json) work.
 int llama_model_load(llama_model *m, const char *dir, const char *quantization, int double_quant);
 void llama_model_free(llama_model *m);
-// W (fp32 [d_out][d_in]) of a base linear, dequantized when needed, into `out`.
+// W (fp32 [d_out][d_in]) of a base linear into `out`. An NF4 weight is dequantized and rounded to bf16,
+// as bitsandbytes dequantizes to the bf16 compute dtype for QLoRA's matmuls.
 void base_linear_weight(const base_linear *l, float *out);
 
 #ifdef __cplusplus

@@ -97,7 +97,16 @@ int llama_config_load(llama_config *c, const char *path_in) {
         goto done;
     }
     if ((rc = get_num(root, path, "rms_norm_eps", 1e-6, &c->rms_eps))) goto done;
-    if ((rc = get_num(root, path, "rope_theta", 10000.0, &c->rope_theta))) goto done;
+    // transformers >= 5 writes rope_parameters {rope_theta, rope_type, factor, ...} instead of
+    // rope_theta + rope_scaling; accept both.
+    const cJSON *rp = cJSON_GetObjectItemCaseSensitive(root, "rope_parameters");
+    if (rp && !cJSON_IsNull(rp) && !cJSON_IsObject(rp)) {
+        rc = mosft_fail(MOSFT_ERR_INPUT, "%s: rope_parameters: expected an object", path);
+        goto done;
+    }
+    if ((rc = get_num(cJSON_IsObject(rp) && cJSON_GetObjectItemCaseSensitive(rp, "rope_theta") ? rp : root, path,
+                      "rope_theta", 10000.0, &c->rope_theta)))
+        goto done;
     const cJSON *tie = cJSON_GetObjectItemCaseSensitive(root, "tie_word_embeddings");
     c->tie_embeddings = cJSON_IsBool(tie) ? cJSON_IsTrue(tie) : 0;  // HF LlamaConfig default: false
     const cJSON *act = cJSON_GetObjectItemCaseSensitive(root, "hidden_act");
@@ -113,6 +122,7 @@ int llama_config_load(llama_config *c, const char *path_in) {
         goto done;
     }
     const cJSON *rs = cJSON_GetObjectItemCaseSensitive(root, "rope_scaling");
+    if ((!rs || cJSON_IsNull(rs)) && cJSON_IsObject(rp)) rs = rp;
     if (rs && !cJSON_IsNull(rs)) {
         const cJSON *ty = cJSON_GetObjectItemCaseSensitive(rs, "rope_type");
         if (!ty) ty = cJSON_GetObjectItemCaseSensitive(rs, "type");

@@ -27,6 +27,9 @@ extern const float k_nf4_code[16];
 
 // bitsandbytes' signed dynamic 8-bit map (create_dynamic_map(signed=True)), 256 values.
 void nf4_dynamic_map(float map[256]);
+// The 8-bit code of x in the sorted map, as bnb's dQuantize: the nearest value; a value exactly on the
+// fp32 midpoint of two neighbours goes to the EVEN index (where bnb's binary search ends); NaN -> 0.
+uint8_t nf4_dynamic_code(const float map[256], float x);
 
 typedef struct {
     int64_t numel;         // elements of the original tensor

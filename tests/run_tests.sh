@@ -3,6 +3,8 @@
 set -u
 fail=0; total=0; failed=()
 export CK_DEFAULT_TIMEOUT=${CK_DEFAULT_TIMEOUT:-600}
+# OpenMP threads must not spin between regions: tests share the cores with each other and the build.
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 for t in "$@"; do
   total=$((total+1))
   start=$EPOCHREALTIME
