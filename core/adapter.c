@@ -2,6 +2,7 @@
 // the trainable tensor views and frozen buffers, the base-model fingerprint, and the engine's
 // low-rank math on CPU (the fp32 reference every backend is compared with).
 #include "core/adapter.h"
+#include "core/ops_cpu.h"
 
 #include <cjson/cJSON.h>
 #include <math.h>
@@ -337,79 +338,52 @@ void adapter_backward_cpu(const adapter *a, int layer, int module, int64_t T, co
 }
 
 // ---- the engine's low-rank math on CPU ---------------------------------------------------------
-// Plain loops with double accumulators: this is the reference the CUDA kernels are held to.
+// Products through gemm_cpu (fp32, each output summed in ascending order, deterministic for any
+// thread count): this is the reference the CUDA kernels are held to.
+
+// xd = x * mask into buf (or x itself without dropout).
+static const float *masked_input(const float *x, const float *mask, int64_t n, float **buf) {
+    if (!mask) return x;
+    *buf = xmalloc(sizeof(float) * (size_t)n);
+    for (int64_t i = 0; i < n; i++) (*buf)[i] = x[i] * mask[i];
+    return *buf;
+}
 
 void adapter_lowrank_forward_cpu(int64_t T, int d_in, int d_out, int r, float s, const float *x, const float *mask,
                                  const float *A, const float *B, float *y, float *h_out) {
-    double *h = xmalloc(sizeof(double) * (size_t)r);  // [r]: one token's xd A^T
-    for (int64_t t = 0; t < T; t++) {
-        const float *xt = x + t * d_in;                      // [d_in]
-        const float *mt = mask ? mask + t * d_in : NULL;     // [d_in]
-        for (int k = 0; k < r; k++) {
-            const float *ak = A + (size_t)k * d_in;  // [d_in]
-            double acc = 0;
-            if (mt)
-                for (int c = 0; c < d_in; c++) acc += (double)(xt[c] * mt[c]) * ak[c];
-            else
-                for (int c = 0; c < d_in; c++) acc += (double)xt[c] * ak[c];
-            h[k] = acc;
-            if (h_out) h_out[t * r + k] = (float)acc;
-        }
-        float *yt = y + t * d_out;  // [d_out]
-        for (int o = 0; o < d_out; o++) {
-            const float *bo = B + (size_t)o * r;  // [r]
-            double acc = 0;
-            for (int k = 0; k < r; k++) acc += (double)(float)h[k] * bo[k];
-            yt[o] += (float)((double)s * acc);
-        }
-    }
+    float *xbuf = NULL;
+    const float *xd = masked_input(x, mask, T * d_in, &xbuf);     // [T][d_in]
+    float *h = xmalloc(sizeof(float) * (size_t)(T * r));          // [T][r]
+    gemm_cpu(0, 1, T, r, d_in, xd, d_in, A, d_in, h, r, 0);      // h = xd A^T
+    if (h_out) memcpy(h_out, h, sizeof(float) * (size_t)(T * r));
+    for (int64_t i = 0; i < T * r; i++) h[i] *= s;
+    gemm_cpu(0, 1, T, d_out, r, h, r, B, r, y, d_out, 1);        // y += (s h) B^T
     free(h);
+    free(xbuf);
 }
 
 void adapter_lowrank_backward_cpu(int64_t T, int d_in, int d_out, int r, float s, const float *x, const float *mask,
                                   const float *A, const float *B, const float *gy, float *gx, float *gA, float *gB) {
-    float *h = xmalloc(sizeof(float) * (size_t)(T * r));    // [T][r] recomputed xd A^T
-    float *gh = xmalloc(sizeof(float) * (size_t)(T * r));   // [T][r] s * gy B
-    for (int64_t t = 0; t < T; t++) {
-        const float *xt = x + t * d_in, *mt = mask ? mask + t * d_in : NULL;
-        const float *gyt = gy + t * d_out;
-        for (int k = 0; k < r; k++) {
-            const float *ak = A + (size_t)k * d_in;
-            double acc = 0;
-            for (int c = 0; c < d_in; c++) acc += (double)(mt ? xt[c] * mt[c] : xt[c]) * ak[c];
-            h[t * r + k] = (float)acc;
-            double g = 0;
-            for (int o = 0; o < d_out; o++) g += (double)gyt[o] * B[(size_t)o * r + k];
-            gh[t * r + k] = (float)((double)s * g);
-        }
+    float *xbuf = NULL;
+    const float *xd = masked_input(x, mask, T * d_in, &xbuf);     // [T][d_in]
+    float *h = xmalloc(sizeof(float) * (size_t)(T * r));          // [T][r] recomputed s * xd A^T
+    float *gh = xmalloc(sizeof(float) * (size_t)(T * r));         // [T][r] s * gy B
+    gemm_cpu(0, 1, T, r, d_in, xd, d_in, A, d_in, h, r, 0);
+    for (int64_t i = 0; i < T * r; i++) h[i] *= s;
+    gemm_cpu(1, 0, d_out, r, T, gy, d_out, h, r, gB, r, 0);      // gB = gy^T (s h)
+    gemm_cpu(0, 0, T, r, d_out, gy, d_out, B, r, gh, r, 0);      // gh = gy B
+    for (int64_t i = 0; i < T * r; i++) gh[i] *= s;
+    gemm_cpu(1, 0, r, d_in, T, gh, r, xd, d_in, gA, d_in, 0);    // gA = gh^T xd
+    if (mask) {  // gx += (gh A) * mask: dropout's multiplier applies on the way back too
+        float *g = xbuf;  // reuse: xd is no longer needed
+        gemm_cpu(0, 0, T, d_in, r, gh, r, A, d_in, g, d_in, 0);
+        for (int64_t i = 0; i < T * d_in; i++) gx[i] += g[i] * mask[i];
+    } else {
+        gemm_cpu(0, 0, T, d_in, r, gh, r, A, d_in, gx, d_in, 1);
     }
-    // gB[o][k] = s * sum_t gy[t][o] h[t][k]
-    for (int o = 0; o < d_out; o++)
-        for (int k = 0; k < r; k++) {
-            double acc = 0;
-            for (int64_t t = 0; t < T; t++) acc += (double)gy[t * d_out + o] * h[t * r + k];
-            gB[(size_t)o * r + k] = (float)((double)s * acc);
-        }
-    // gA[k][c] = sum_t gh[t][k] xd[t][c]
-    for (int k = 0; k < r; k++)
-        for (int c = 0; c < d_in; c++) {
-            double acc = 0;
-            for (int64_t t = 0; t < T; t++) {
-                float xd = mask ? x[t * d_in + c] * mask[t * d_in + c] : x[t * d_in + c];
-                acc += (double)gh[t * r + k] * xd;
-            }
-            gA[(size_t)k * d_in + c] = (float)acc;
-        }
-    // gx[t][c] += (gh A)[t][c] * mask[t][c]: dropout's multiplier applies on the way back too
-    for (int64_t t = 0; t < T; t++)
-        for (int c = 0; c < d_in; c++) {
-            double acc = 0;
-            for (int k = 0; k < r; k++) acc += (double)gh[t * r + k] * A[(size_t)k * d_in + c];
-            float g = (float)acc;
-            gx[t * d_in + c] += mask ? g * mask[t * d_in + c] : g;
-        }
     free(h);
     free(gh);
+    free(xbuf);
 }
 
 void adapter_dropout_mask(uint64_t key, float p, size_t n, float *mask) {
@@ -419,5 +393,12 @@ void adapter_dropout_mask(uint64_t key, float p, size_t n, float *mask) {
     }
     uint32_t thr = rng_dropout_threshold(p);
     float keep = 1.0f / (1.0f - p);
-    for (size_t i = 0; i < n; i++) mask[i] = rng_keep(key, i, thr) ? keep : 0.0f;
+    // Element i is lane i % 4 of Philox block i / 4 (rng_u32): one block gives four elements.
+    size_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        uint32_t o[4];
+        rng_philox4(key, i >> 2, o);
+        for (int l = 0; l < 4; l++) mask[i + l] = o[l] >= thr ? keep : 0.0f;
+    }
+    for (; i < n; i++) mask[i] = rng_keep(key, i, thr) ? keep : 0.0f;
 }

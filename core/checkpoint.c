@@ -3,6 +3,7 @@
 
 #include <dirent.h>
 #include <errno.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -10,6 +11,20 @@
 #include "core/fileio.h"
 #include "core/safetensors.h"
 #include "core/version.h"
+
+// Fault injection for the crash tests: MOSFT_TEST_KILL_AT=<point>:<step> kills the process with
+// SIGKILL at that point of checkpoint <step> (points: "state" after adapter.mos is written into the
+// temporary folder, "rename" just before the folder is renamed, "latest" before RUN_DIR/adapter.mos).
+static void maybe_die(const char *point, int64_t step) {
+    const char *e = getenv("MOSFT_TEST_KILL_AT");
+    if (!e) return;
+    char want[64];
+    snprintf(want, sizeof want, "%s:%lld", point, (long long)step);
+    if (!strcmp(e, want)) {
+        fflush(NULL);
+        raise(SIGKILL);
+    }
+}
 
 static int parse_ckpt_name(const char *name, int64_t *step) {
     long long s;
@@ -93,8 +108,10 @@ int checkpoint_save(const char *run_dir, const adapter *ad, const float *m, cons
     int rc = mkdir_p(tmp);
     char *ap = path_join(tmp, "adapter.mos"), *sp = path_join(tmp, "trainer_state.safetensors");
     if (!rc) rc = adapter_save(ad, ap);
+    if (!rc) maybe_die("state", meta->step);
     if (!rc) rc = write_state(sp, ad->n_params, m, v, cursor, cursor_len, meta);
     if (!rc) rc = fsync_dir(tmp);
+    if (!rc) maybe_die("rename", meta->step);
     if (!rc) {
         rm_rf(fin);  // a checkpoint of the same step from an earlier attempt
         if (rename(tmp, fin) != 0)
@@ -103,6 +120,7 @@ int checkpoint_save(const char *run_dir, const adapter *ad, const float *m, cons
     if (!rc) rc = fsync_dir(run_dir);
     // The run's latest adapter, for `mosft export RUN_DIR/adapter.mos`.
     if (!rc) {
+        maybe_die("latest", meta->step);
         char *latest = path_join(run_dir, "adapter.mos");
         rc = adapter_save(ad, latest);
         free(latest);

@@ -82,6 +82,8 @@ typedef struct mosft_config {
         char *on_bad_record;   // skip | fail
         uint64_t template_seed;  // prompt-template draws (open-instruct uses 42)
         int prefetch;          // batches prepared ahead by the loader thread
+        double http_connect_timeout, http_read_timeout;  // seconds
+        int http_retries;
     } data;
     struct {
         int steps;

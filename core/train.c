@@ -260,23 +260,25 @@ int train_run(mosft_config *cfg, const train_args *args) {
     if ((rc = train_backend_open(cfg, ad, &be, &model))) goto out_adapter;
 
     // The plan: configuration, parameters, memory.
+    FILE *info = mosft_verbosity >= 1 ? stderr : fopen("/dev/null", "w");
     char *table = config_table(cfg);
-    fputs(table, stderr);
+    fputs(table, info);
     free(table);
     char pc[32];
     mosft_fmt_count(pc, sizeof pc, (double)ad->n_params);
-    fprintf(stderr, "adapter %s: %s trainable parameters (rank %d, scaling %g), backend %s (%s)\n", ad->spec.method, pc,
+    fprintf(info, "adapter %s: %s trainable parameters (rank %d, scaling %g), backend %s (%s)\n", ad->spec.method, pc,
             ad->rank, ad->scaling, be->ops->name, be->device_name);
     mem_plan plan;
     be->ops->memory_plan(be, cfg->train.micro_batch_size, cfg->data.max_seq_len, &plan);
-    print_plan(stderr, &plan);
+    print_plan(info, &plan);
     int64_t warm = train_warmup_steps(cfg);
     int accum = cfg->train.batch_size / cfg->train.micro_batch_size;
-    fprintf(stderr, "schedule: %d steps, %s lr %.3g, %lld warmup steps; %d micro-batch%s of %d per step\n", cfg->train.steps,
+    fprintf(info, "schedule: %d steps, %s lr %.3g, %lld warmup steps; %d micro-batch%s of %d per step\n", cfg->train.steps,
             cfg->train.schedule, cfg->train.lr, (long long)warm, accum, accum == 1 ? "" : "es",
             cfg->train.micro_batch_size);
+    if (info != stderr) fclose(info);
     if (args->dry_run) {
-        fprintf(stderr, "dry run: stopping before step 1\n");
+        mosft_log("dry run: stopping before step 1\n");
         goto out_backend;
     }
 
@@ -297,7 +299,7 @@ int train_run(mosft_config *cfg, const train_args *args) {
         if (rc) goto out_state;
         be->ops->set_state(be, ad->params, mom1, mom2);
         metrics_truncate(metrics_path, meta.step);
-        fprintf(stderr, "resumed %s at step %lld\n", resume_ckpt, (long long)meta.step);
+        mosft_log("resumed %s at step %lld\n", resume_ckpt, (long long)meta.step);
     } else {
         atomic_write_file(metrics_path, "", 0);
     }
@@ -314,6 +316,15 @@ int train_run(mosft_config *cfg, const train_args *args) {
     int64_t tok_log = 0, start_step = meta.step, steps_here = 0;
     double fpt = flops_per_token(&mc, cfg->data.max_seq_len);
     be->ops->zero_grad(be);
+    if (!resume_ckpt && cfg->train.eval_every > 0 && data->n_eval(data) > 0) {  // the starting point
+        double el_loss;
+        int64_t el_n;
+        if ((rc = run_eval(be, data, 0, &el_loss, &el_n))) goto out_loop;
+        mosft_log("eval  step 0 | loss %.4f | ppl %.3f | %lld tokens\n", el_loss, exp(el_loss), (long long)el_n);
+        fprintf(metrics, "{\"step\": 0, \"eval_loss\": %.6f, \"eval_ppl\": %.4f, \"eval_tokens\": %lld}\n", el_loss,
+                exp(el_loss), (long long)el_n);
+        fflush(metrics);
+    }
     int exhausted = 0;
     for (int64_t step = meta.step; step < cfg->train.steps; step++) {
         // Gather the step's micro-batches (all of them: the loss is a mean over the whole step).
@@ -333,7 +344,7 @@ int train_run(mosft_config *cfg, const train_args *args) {
         if (rc) break;
         if (got < n_micro) {
             exhausted = 1;
-            fprintf(stderr, "data exhausted after %d epoch%s at step %lld\n", cfg->data.epochs, cfg->data.epochs == 1 ? "" : "s",
+            mosft_log("data exhausted after %d epoch%s at step %lld\n", cfg->data.epochs, cfg->data.epochs == 1 ? "" : "s",
                     (long long)step);
             break;
         }
@@ -400,7 +411,7 @@ int train_run(mosft_config *cfg, const train_args *args) {
             else snprintf(tk, sizeof tk, "%.0f", tps);
             char mfu[32] = "";
             if (be->flops_peak > 0) snprintf(mfu, sizeof mfu, " | MFU %4.1f%%", 100.0 * tps * fpt / be->flops_peak);
-            fprintf(stderr, "step %lld/%d | loss %.4f | norm %.3f | lr %.2e | %4.0f ms | %s tok/s%s | mem %s | %s | ETA %s\n",
+            mosft_log("step %lld/%d | loss %.4f | norm %.3f | lr %.2e | %4.0f ms | %s tok/s%s | mem %s | %s | ETA %s\n",
                     (long long)meta.step, cfg->train.steps, loss, norm, lr, dt * 1000.0, tk, mfu, mem, el, eta);
             t_log = now;
             tok_log = 0;
@@ -409,7 +420,7 @@ int train_run(mosft_config *cfg, const train_args *args) {
             double el_loss;
             int64_t el_n;
             if ((rc = run_eval(be, data, 0, &el_loss, &el_n))) break;
-            fprintf(stderr, "eval  step %lld | loss %.4f | ppl %.3f | %lld tokens\n", (long long)meta.step, el_loss,
+            mosft_log("eval  step %lld | loss %.4f | ppl %.3f | %lld tokens\n", (long long)meta.step, el_loss,
                     exp(el_loss), (long long)el_n);
             fprintf(metrics, "{\"step\": %lld, \"eval_loss\": %.6f, \"eval_ppl\": %.4f, \"eval_tokens\": %lld}\n",
                     (long long)meta.step, el_loss, exp(el_loss), (long long)el_n);
@@ -448,9 +459,10 @@ int train_run(mosft_config *cfg, const train_args *args) {
     if (!rc && meta.step == cfg->train.steps) {
         char el[32];
         mosft_fmt_duration(el, sizeof el, meta.elapsed_s);
-        fprintf(stderr, "done: %lld steps in %s; adapter: %s/adapter.mos (export: mosft export %s/adapter.mos -o DIR)\n",
+        mosft_log("done: %lld steps in %s; adapter: %s/adapter.mos (export: mosft export %s/adapter.mos -o DIR)\n",
                 (long long)meta.step, el, run_dir, run_dir);
     }
+out_loop:
     for (int i = 0; i < n_micro; i++) free(step_mbs[i].buf);
     free(step_mbs);
     fclose(metrics);

@@ -94,9 +94,10 @@ static inline int run_cmd(const char *cmd) {
 
 // Run a command and capture stdout+stderr into a malloc'd string; returns exit status.
 static inline int run_capture(const char *cmd, char **out) {
-    char full[4096];
-    snprintf(full, sizeof full, "%s 2>&1", cmd);
+    char *full = NULL;
+    if (asprintf(&full, "%s 2>&1", cmd) < 0) return -1;
     FILE *p = popen(full, "r");
+    free(full);
     if (!p) return -1;
     size_t cap = 4096, len = 0;
     char *buf = malloc(cap);
