@@ -697,7 +697,8 @@ START_TEST(test_sira_expert_dropout) {
 END_TEST
 
 // E = k = 1, cf >= 1, no expert dropout: the gate is the constant 1 and SiRA is LoRA (the same A at
-// init; with the same A and B the same output and gradients, and no gradient for the gate).
+// init; with the same A and B the same output and gradients up to float summation order, and no
+// gradient for the gate).
 START_TEST(test_sira_one_expert_is_lora) {
     llama_config m = small_model();
     adapter_spec ss = peer_spec("sira", 2), sl = peer_spec("lora", 2);
@@ -732,10 +733,10 @@ START_TEST(test_sira_one_expert_is_lora) {
             adapter_dropout_mask(rng_key(RNG_DROPOUT, 4, 0, (uint64_t)i, (uint64_t)t), 0.25f, (size_t)T * di, mask);
             adapter_forward_cpu(a, i, t, T, x, mask, ya, 1, 77);
             adapter_forward_cpu(l, i, t, T, x, mask, yl, 1, 77);
-            ck_assert(max_tol_ratio(ya, yl, (size_t)T * dout, 1e-6, 1e-5, NULL) <= 1);
+            ck_assert(max_tol_ratio(ya, yl, (size_t)T * dout, 1e-4, 1e-4, NULL) <= 1);
             adapter_backward_cpu(a, i, t, T, x, mask, gy, gxa, ga, 1, 77);
             adapter_backward_cpu(l, i, t, T, x, mask, gy, gxl, gl, 1, 77);
-            ck_assert(max_tol_ratio(gxa, gxl, (size_t)T * di, 1e-6, 1e-5, NULL) <= 1);
+            ck_assert(max_tol_ratio(gxa, gxl, (size_t)T * di, 1e-4, 1e-4, NULL) <= 1);
         }
     for (int i = 0; i < m.n_layers; i++)
         for (int t = 0; t < MOD_COUNT; t++) {
@@ -746,7 +747,7 @@ START_TEST(test_sira_one_expert_is_lora) {
                 const adapter_tensor *tl = adapter_find_tensor(l, n);
                 snprintf(n, sizeof n, "sira.layers.%d.%s.%s", i, k_module_names[t], w[k]);
                 const adapter_tensor *ts = adapter_find_tensor(a, n);
-                ck_assert(max_tol_ratio(ga + ts->offset, gl + tl->offset, tl->numel, 1e-6, 1e-5, NULL) <= 1);
+                ck_assert(max_tol_ratio(ga + ts->offset, gl + tl->offset, tl->numel, 1e-4, 1e-4, NULL) <= 1);
             }
             snprintf(n, sizeof n, "sira.layers.%d.%s.gate", i, k_module_names[t]);
             const adapter_tensor *tg = adapter_find_tensor(a, n);
