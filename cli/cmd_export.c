@@ -91,7 +91,7 @@ int cmd_export(int argc, char **argv) {
         char targets[128];
         adapter_targets_str(&a->spec, targets, sizeof targets);
         fprintf(stdout, "wrote %s: PEFT LoRA, r %d, lora_alpha %g, %d layers x %d modules (%s), %s, from %s (%s, step %lld)\n",
-                out, a->rank, a->spec.alpha, a->model.n_layers, n_mod, targets, eo.dtype == MOSFT_BF16 ? "bf16" : "f32",
+                out, a->rank, export_peft_lora_alpha(a), a->model.n_layers, n_mod, targets, eo.dtype == MOSFT_BF16 ? "bf16" : "f32",
                 path, a->spec.method, (long long)a->step);
     }
     adapter_free(a);

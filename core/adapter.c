@@ -16,10 +16,17 @@
 
 extern const adapter_ops adapter_ops_mos;
 extern const adapter_ops adapter_ops_lora;
+extern const adapter_ops adapter_ops_prolora;
+extern const adapter_ops adapter_ops_vera;
+extern const adapter_ops adapter_ops_tied_lora;
+extern const adapter_ops adapter_ops_sharelora;
+extern const adapter_ops adapter_ops_sira;
 
 // One line per method. A static library only links the objects something references, so the
 // methods are named here rather than self-registering from constructors.
-static const adapter_ops *const k_methods[] = {&adapter_ops_mos, &adapter_ops_lora};
+static const adapter_ops *const k_methods[] = {&adapter_ops_mos,       &adapter_ops_lora,      &adapter_ops_prolora,
+                                               &adapter_ops_vera,      &adapter_ops_tied_lora, &adapter_ops_sharelora,
+                                               &adapter_ops_sira};
 
 const adapter_ops *adapter_ops_find(const char *method) {
     for (size_t i = 0; i < sizeof k_methods / sizeof k_methods[0]; i++)

@@ -27,9 +27,10 @@ static int dir_entries(const char *dir) {
     return n;
 }
 
-// lora_alpha such that PEFT's lora_alpha / r is the adapter's scaling (alpha itself for MoS and LoRA;
-// a method with another scaling, VeRA's 1, gets scaling * r).
-static double export_lora_alpha(const adapter *a) {
+// lora_alpha such that PEFT's lora_alpha / r is the adapter's scaling (alpha itself for MoS, LoRA and
+// the peers that scale by alpha / r; VeRA, whose scaling is 1, gets r): the scale is folded into
+// lora_alpha, never into the factors, so lora_A / lora_B stay the trained floats.
+double export_peft_lora_alpha(const adapter *a) {
     double want = (double)a->scaling, from_alpha = a->spec.alpha / a->rank;
     if (fabs(from_alpha - want) <= 1e-6 * fabs(want)) return a->spec.alpha;
     return want * a->rank;
@@ -45,7 +46,7 @@ static char *peft_config_json(const adapter *a, const export_options *o) {
     else
         cJSON_AddNullToObject(c, "base_model_name_or_path");
     cJSON_AddNumberToObject(c, "r", a->rank);
-    cJSON_AddNumberToObject(c, "lora_alpha", export_lora_alpha(a));
+    cJSON_AddNumberToObject(c, "lora_alpha", export_peft_lora_alpha(a));
     cJSON_AddNumberToObject(c, "lora_dropout", a->spec.dropout);
     cJSON_AddStringToObject(c, "bias", "none");
     cJSON_AddBoolToObject(c, "fan_in_fan_out", 0);
@@ -76,7 +77,8 @@ int export_peft(const adapter *a, const char *dir, const export_options *opts) {
     export_options o = opts ? *opts : (export_options){MOSFT_F32, 0, NULL};
     if (a->ops->routed || !a->ops->build)
         return mosft_fail(MOSFT_ERR_INPUT,
-                          "export: a %s adapter routes tokens between experts; it has no plain LoRA form to export",
+                          "export: a %s adapter routes each token to its own experts, so it has no per-layer Delta W "
+                          "and no PEFT LoRA form; nothing was written (the adapter.mos stays usable by mosft eval)",
                           a->spec.method);
     if (o.dtype != MOSFT_F32 && o.dtype != MOSFT_BF16)
         return mosft_fail(MOSFT_ERR_INPUT, "export: --dtype: expected f32 or bf16, got %s", dtype_name(o.dtype));

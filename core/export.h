@@ -29,6 +29,10 @@ typedef struct {
 // methods (no plain LoRA form) and bad options.
 int export_peft(const adapter *a, const char *dir, const export_options *opts);
 
+// The lora_alpha export writes: PEFT's lora_alpha / r is then the adapter's own scaling (alpha for the
+// methods that scale by alpha / r, r for VeRA's 1).
+double export_peft_lora_alpha(const adapter *a);
+
 // PEFT's tensor name of a linear's factor: which = 'A' or 'B'.
 void export_peft_tensor_name(char *out, size_t n, int layer, int module, char which);
 

@@ -1,6 +1,7 @@
 // info.c: `mosft info` summaries (see info.h).
 #include "core/info.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -127,11 +128,34 @@ static void print_spec(FILE *out, const adapter_spec *s, int rank, float scaling
         size_t n = strlen(abl);
         if (n) abl[n - 2] = 0;
         fprintf(out, "ablations        %s\n", n ? abl : "none (the full method)");
+    } else if (!strcmp(s->method, "prolora")) {
+        int rs = rank - s->prolora_unshared_r, sa = rs / s->prolora_reduce_a, sb = rs / s->prolora_reduce_b;
+        fprintf(out, "method           prolora (partially rotation-enhanced LoRA)\n");
+        fprintf(out, "ranks            r %d, unshared u %d, broadcast reductions m %d (A) n %d (B), rotation strides %d %d\n",
+                rank, s->prolora_unshared_r, s->prolora_reduce_a, s->prolora_reduce_b, sa > 1 ? sa : 1, sb > 1 ? sb : 1);
+    } else if (!strcmp(s->method, "vera")) {
+        fprintf(out, "method           vera (frozen shared random A and B, trained vectors b and d)\n");
+        fprintf(out, "rank             r %d, d initial %g, projection seed %llu\n", rank, s->vera_d_initial,
+                (unsigned long long)s->vera_projection_seed);
+    } else if (!strcmp(s->method, "tied_lora")) {
+        fprintf(out, "method           tied_lora (A, B tied across layers, per-layer u, v)\n");
+        fprintf(out, "rank             r %d, trainable %s (of vBuA)\n", rank, s->tied_lora_trainable);
+    } else if (!strcmp(s->method, "sharelora")) {
+        fprintf(out, "method           sharelora (%s shared across layers)\n",
+                !strcmp(s->sharelora_share, "qkv") ? "A, one for q, k and v," : s->sharelora_share);
+        fprintf(out, "rank             r %d\n", rank);
+    } else if (!strcmp(s->method, "sira")) {
+        fprintf(out, "method           sira (token-routed mixture of LoRA experts; not exportable as LoRA)\n");
+        fprintf(out, "experts          E %d of rank r %d, top-k %d, capacity factor %g, expert dropout %g\n",
+                s->sira_experts, rank, s->sira_top_k, s->sira_capacity_factor, s->sira_expert_dropout);
     } else {
         fprintf(out, "method           %s\n", s->method);
         fprintf(out, "rank             r %d\n", rank);
     }
-    fprintf(out, "scaling          alpha / r = %g / %d = %g\n", s->alpha, rank, (double)scaling);
+    if (fabs((double)scaling - s->alpha / rank) > 1e-6 * fabs((double)scaling))
+        fprintf(out, "scaling          %g (no alpha / r)\n", (double)scaling);
+    else
+        fprintf(out, "scaling          alpha / r = %g / %d = %g\n", s->alpha, rank, (double)scaling);
     fprintf(out, "dropout          %g (on the adapter input)\n", s->dropout);
     fprintf(out, "seed             %llu\n", (unsigned long long)s->seed);
     char t[128];
@@ -158,7 +182,14 @@ static int64_t print_module_table(FILE *out, const adapter_spec *s, const llama_
         fprintf(out, "  %-10s %7d %7d %16s\n", name, di, dout, sn);
         total += n;
     }
+    // A tensor shared by several types (ShareLoRA's qkv A) is in each type's own count once.
+    int64_t all = adapter_param_count(s, m);
     char st[32];
+    if (all != total) {
+        mosft_fmt_count(st, sizeof st, (double)(all - total));
+        fprintf(out, "  %-10s %7s %7s %16s\n", "shared", "", "", st);
+        total = all;
+    }
     mosft_fmt_count(st, sizeof st, (double)total);
     fprintf(out, "  %-10s %7s %7s %16s\n\n", "total", "", "", st);
     return total;
@@ -200,7 +231,7 @@ static void print_lora_comparison(FILE *out, const adapter_spec *s, const llama_
     } else {
         fprintf(out, "same budget as   LoRA rank %.2f\n", (double)total / (double)unit);
     }
-    if (strcmp(s->method, "lora") != 0) {
+    if (strcmp(s->method, "lora") != 0 && strcmp(s->method, "sira") != 0) {
         mosft_fmt_count(st, sizeof st, (double)unit * rank);
         fprintf(out, "LoRA at rank %-3d %s parameters (%.1fx this adapter); a PEFT export has this size\n", rank, st,
                 (double)unit * rank / (double)total);
