@@ -11,6 +11,14 @@ __attribute__((weak)) int backend_cuda_available(char *name, size_t n) {
     return 0;
 }
 
+__attribute__((weak)) int backend_cuda_create_random(backend **out, const llama_config *cfg, const char *quantization,
+                                                     int double_quant, uint64_t seed, adapter *ad,
+                                                     const backend_opts *opt) {
+    (void)cfg;
+    (void)seed;
+    return backend_cuda_create(out, "", quantization, double_quant, ad, opt);
+}
+
 __attribute__((weak)) int backend_cuda_create(backend **out, const char *model_dir, const char *quantization,
                                               int double_quant, adapter *ad, const backend_opts *opt) {
     (void)model_dir;

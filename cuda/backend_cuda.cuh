@@ -1,0 +1,117 @@
+// backend_cuda.cuh: the CUDA backend's internal state, shared by its files:
+//   cuda/model_cuda.cu    the frozen base on the device (loaded from safetensors, or random weights)
+//   cuda/step_cuda.cu     forward and backward of one micro-batch (the CPU reference's math)
+//   cuda/backend_cuda.cu  creation, memory plan, optimizer, the op table of core/backend.h
+#ifndef MOSFT_BACKEND_CUDA_CUH
+#define MOSFT_BACKEND_CUDA_CUH
+
+#include "core/adapter.h"
+#include "core/backend.h"
+#include "core/model.h"
+#include "cuda/cuda_util.cuh"
+
+// Fused weight groups of a layer: one GEMM each.
+enum { GRP_QKV = 0, GRP_O, GRP_GU, GRP_DOWN, GRP_COUNT };
+
+typedef struct {
+    float *attn_norm, *mlp_norm;   // [C] fp32
+    nf4_cuda_tensor q[MOD_COUNT];  // NF4 base: one tensor per HF weight (as bitsandbytes quantizes them)
+    bf16 *w[GRP_COUNT];            // bf16 base: [Q+2KV][C], [C][Q], [2I][C], [C][I] (rows of q|k|v, gate|up)
+} cuda_layer;
+
+typedef struct {
+    llama_config cfg;
+    int nf4;                 // NF4 base (else bf16)
+    bf16 *embed;             // [V][C]
+    bf16 *lm_head;           // [V][C] (== embed when tied)
+    float *final_norm;       // [C]
+    cuda_layer *layers;      // [L]
+} cuda_model;
+
+// Bytes of the frozen base on the device (model_cuda.cu). `dq_of` may be NULL (every linear uses
+// double_quant), else dq_of[l*MOD_COUNT + m] says how that linear is stored.
+size_t cuda_model_bytes(const llama_config *cfg, int nf4, int double_quant, const int *dq_of);
+// Load a HF folder onto the device (weights carved from `ar`). MOSFT_ERR_INPUT on bad files.
+int cuda_model_load(cuda_ctx *ctx, cuda_model *m, const char *dir, int nf4, int double_quant, cuda_arena *ar);
+// Random weights at the config's shapes, generated on the device (benchmarks).
+int cuda_model_random(cuda_ctx *ctx, cuda_model *m, const llama_config *cfg, int nf4, int double_quant, uint64_t seed,
+                      cuda_arena *ar);
+// Which stored linears of `dir` are pre-quantized with double quantization (for the plan).
+int cuda_model_scan(const char *dir, const llama_config *cfg, int double_quant, int *dq_of);
+
+// Activations of one layer; with recompute, several layers share buffers (see step_cuda.cu).
+typedef struct {
+    bf16 *x_in;    // [T][C] layer input (residual stream), always saved
+    bf16 *h1;      // [T][C] input_layernorm(x_in)
+    float *rstd1;  // [T]
+    bf16 *q;       // [B][Hq][S][D] after rope
+    bf16 *k;       // [B][Hkv][S][D] after rope
+    bf16 *v;       // [B][Hkv][S][D]
+    bf16 *att;     // [T][Hq*D] attention output (input of o_proj)
+    float *lse;    // [B][Hq][S]
+    bf16 *x_mid;   // [T][C] x_in + o(att)
+    bf16 *h2;      // [T][C] post_attention_layernorm(x_mid)
+    float *rstd2;  // [T]
+    bf16 *gu;      // [T][2I] gate | up
+    bf16 *a;       // [T][I] silu(gate) * up
+} cuda_acts;
+
+enum { RECOMPUTE_NONE = 0, RECOMPUTE_PARTIAL, RECOMPUTE_FULL };
+
+typedef struct {
+    int on;
+    int d_in, d_out;
+    lowrank_map *map;  // [L] (device pointers inside)
+    bf16 **A, **B;     // [L]: A [r][d_in], B [d_out][r] bf16 factors
+} cuda_adapter_module;
+
+typedef struct {
+    cuda_ctx *ctx;
+    cuda_model model;
+    int recompute;
+    cuda_arena persist;  // weights, adapter state, factors, maps
+    cuda_arena acts_ar;  // activations and scratch for micro-batches up to B_cap x S_cap
+    int B_cap, S_cap;
+    double bytes_weights, bytes_adapter;
+    // trainable state: one contiguous fp32 buffer each
+    float *params, *grad, *m, *v;  // [n_params]
+    cuda_adapter_module mods[MOD_COUNT];
+    int built;                     // factors match params
+    int rank;
+    float scaling;
+    // activations and scratch (acts_ar)
+    cuda_acts *acts;               // [L]
+    bf16 *x_final, *xf;            // [T][C]
+    float *rstd_f;                 // [T]
+    bf16 *qkv;                     // [T][Q+2KV] projection output, also gqkv in backward
+    bf16 *o_tmp;                   // [B][Hq][S][D] attention output head-major, also dO head-major
+    float *gx;                     // [T][C] dL/d residual stream
+    bf16 *gxb;                     // [T][C] bf16 copy of gx (GEMM operand)
+    float *gh;                     // [T][C] dL/d norm output (also dL/dxf after the loss)
+    bf16 *gbig;                    // [T][max(I, Q)] dL/da or dL/datt
+    float *gq, *gk, *gv;           // head-major attention input gradients
+    float *delta;                  // [B][Hq][S]
+    void *big;                     // attention scores or logits chunk
+    size_t big_bytes;
+    int64_t ce_rows;
+    float *row_loss;               // [T]
+    int32_t *ids, *targets, *mask; // [T]
+    float *cs;                     // [S_cap][D/2][2] rope table
+    bf16 *wbuf;                    // dequantized weight group (NF4 base)
+    bf16 *ad_xd;                   // [T][max d_in] dropout-masked adapter input
+    bf16 *ad_h, *ad_gh;            // [T][r]
+    float *ad_gxd;                 // [T][max d_in] (dropout backward)
+    float *ad_gA, *ad_gB;          // [r][max d_in], [max d_out][r]
+    void *red;                     // reduction partials
+    int32_t *h_targets;            // host [T_cap]
+} cuda_impl;
+
+// step_cuda.cu
+int cuda_step_run(backend *be, const micro_batch *mb, float loss_scale, const dropout_ctx *dc, int backward,
+                  double *loss_sum, int64_t *n_tokens, float *logits_host);
+// Lay out (or, with a counting arena of base NULL, measure) the activation arena for B x S.
+void cuda_acts_layout(backend *be, cuda_arena *ar, int B, int S, mem_plan *plan);
+// Gather every layer's factors from params (after an optimizer step or set_state).
+void cuda_build_factors(backend *be);
+
+#endif
