@@ -220,11 +220,11 @@ static double device_peak(const char *name) {
 // ---- creation -----------------------------------------------------------------------------------
 
 static int check_dims(const llama_config *c) {
-    if (c->hidden % 8 || c->intermediate % 8 || c->head_dim % 8 || c->n_kv_heads <= 0 || c->n_heads % c->n_kv_heads)
+    if (c->hidden % 8 || c->head_dim % 8 || c->n_kv_heads <= 0 || c->n_heads % c->n_kv_heads)
         return mosft_fail_hint(MOSFT_ERR_INPUT, "use device \"cpu\" for this model",
-                               "model: the CUDA backend needs hidden, intermediate and head_dim multiples of 8 and "
-                               "heads a multiple of kv heads, got %d, %d, %d, %d/%d",
-                               c->hidden, c->intermediate, c->head_dim, c->n_heads, c->n_kv_heads);
+                               "model: the CUDA backend needs hidden_size and head_dim multiples of 8 and heads a "
+                               "multiple of kv heads, got %d, %d, %d/%d",
+                               c->hidden, c->head_dim, c->n_heads, c->n_kv_heads);
     return MOSFT_OK;
 }
 

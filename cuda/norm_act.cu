@@ -3,7 +3,8 @@
 //
 // The residual add of a LLaMA block is not a separate kernel here: the o_proj and down_proj GEMMs
 // write x + y directly (cuBLASLt's C input with beta = 1), so RMSNorm reads the finished residual.
-// Rows are bf16 and 16-byte aligned in groups of 8 (C % 8 == 0, asserted), one block per row.
+// Rows are bf16 and 16-byte aligned in groups of 8 (C % 8 == 0, asserted), one block per row; SwiGLU
+// also takes any intermediate size (an element per thread).
 #include "cuda/cuda_util.cuh"
 
 // ---- CUDA kernels ----------------------------------------------------------------------------------
@@ -111,6 +112,27 @@ __global__ void swiglu_backward_kernel(bf16 *gu, const bf16 *__restrict__ gout, 
     store8(gu + t * 2 * I + I + c, du);
 }
 
+// Any I (stories260K's 172 is not a multiple of 8): one element per thread.
+__global__ void swiglu_forward1_kernel(bf16 *out, const bf16 *__restrict__ gu, int64_t T, int I) {
+    int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= T * I) return;
+    int64_t t = e / I;
+    int c = (int)(e % I);
+    float g = __bfloat162float(gu[t * 2 * I + c]), u = __bfloat162float(gu[t * 2 * I + I + c]);
+    out[e] = __float2bfloat16_rn(silu_f(g) * u);
+}
+
+__global__ void swiglu_backward1_kernel(bf16 *gu, const bf16 *__restrict__ gout, int64_t T, int I) {
+    int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= T * I) return;
+    int64_t t = e / I;
+    int c = (int)(e % I);
+    float g = __bfloat162float(gu[t * 2 * I + c]), u = __bfloat162float(gu[t * 2 * I + I + c]);
+    float go = __bfloat162float(gout[e]), s = 1.0f / (1.0f + expf(-g));
+    gu[t * 2 * I + c] = __float2bfloat16_rn(go * u * (s * (1.0f + g * (1.0f - s))));
+    gu[t * 2 * I + I + c] = __float2bfloat16_rn(go * (g / (1.0f + expf(-g))));
+}
+
 __global__ void embedding_kernel(bf16 *out, const int32_t *__restrict__ ids, const bf16 *__restrict__ table, int64_t T,
                                  int C) {
     int64_t v = (int64_t)blockIdx.x * blockDim.x + threadIdx.x, per_row = C / 8;
@@ -144,18 +166,24 @@ extern "C" void rmsnorm_backward_cuda(cuda_ctx *ctx, float *ginp, bf16 *ginp_bf1
 }
 
 extern "C" void swiglu_forward_cuda(cuda_ctx *ctx, bf16 *out, const bf16 *gu, int64_t T, int I) {
-    MOSFT_ASSERT(I % 8 == 0);
-    int64_t n = T * (I / 8);
-    if (n == 0) return;
-    swiglu_forward_kernel<<<ceil_div_i(n, 256), 256, 0, ctx->stream>>>(out, gu, T, I);
+    if (T == 0) return;
+    if (I % 8) {
+        swiglu_forward1_kernel<<<ceil_div_i(T * I, 256), 256, 0, ctx->stream>>>(out, gu, T, I);
+    } else {
+        int64_t n = T * (I / 8);
+        swiglu_forward_kernel<<<ceil_div_i(n, 256), 256, 0, ctx->stream>>>(out, gu, T, I);
+    }
     CUDA_LAUNCH_CHECK();
 }
 
 extern "C" void swiglu_backward_cuda(cuda_ctx *ctx, bf16 *gu, const bf16 *gout, int64_t T, int I) {
-    MOSFT_ASSERT(I % 8 == 0);
-    int64_t n = T * (I / 8);
-    if (n == 0) return;
-    swiglu_backward_kernel<<<ceil_div_i(n, 256), 256, 0, ctx->stream>>>(gu, gout, T, I);
+    if (T == 0) return;
+    if (I % 8) {
+        swiglu_backward1_kernel<<<ceil_div_i(T * I, 256), 256, 0, ctx->stream>>>(gu, gout, T, I);
+    } else {
+        int64_t n = T * (I / 8);
+        swiglu_backward_kernel<<<ceil_div_i(n, 256), 256, 0, ctx->stream>>>(gu, gout, T, I);
+    }
     CUDA_LAUNCH_CHECK();
 }
 

@@ -20,6 +20,7 @@ static inline void *dev_alloc(size_t bytes) {
     void *p = NULL;
     CK_CUDA(cudaMalloc(&p, bytes ? bytes : 1));
     CK_CUDA(cudaMemset(p, 0xff, bytes ? bytes : 1));  // poison: every output element must be written
+    CK_CUDA(cudaDeviceSynchronize());  // the kernels run on a non-blocking stream: no implicit order
     return p;
 }
 static inline void *dev_up(const void *h, size_t bytes) {

@@ -146,9 +146,10 @@ START_TEST(test_step_vs_cpu) {
     const char *recs[] = {"none", "partial", "full"};
     float scale = 1.0f / (float)n_supervised(&g_mb);
     dropout_ctx dc = {7, 3, 1};
-    for (int mos = 0; mos < 2; mos++)
-        for (int qi = 0; qi < 2; qi++)
-            for (int dr = 0; dr < 2; dr++) {
+    int quick = getenv("MOSFT_TEST_QUICK") != NULL;  // under compute-sanitizer: one combination
+    for (int mos = quick; mos < 2; mos++)
+        for (int qi = quick; qi < 2; qi++)
+            for (int dr = quick; dr < 2; dr++) {
                 double p = dr ? 0.1 : 0.0;
                 engine cpu;
                 engine_open(&cpu, 0, quants[qi], "none", mos, p);
@@ -283,7 +284,7 @@ START_TEST(test_training_curve) {
     ref_open();
     batches b;
     batches_make(&b);
-    int N = 200;
+    int N = getenv("MOSFT_TEST_QUICK") ? 6 : 200;
     double *lg = xmalloc(sizeof(double) * N), *lc = xmalloc(sizeof(double) * N);
     engine gpu, cpu;
     engine_open(&gpu, 1, "nf4", "full", 0, 0.05);
@@ -292,7 +293,7 @@ START_TEST(test_training_curve) {
     train(&gpu, &b, 0, N, lg);
     double t1 = mosft_now();
     train(&cpu, &b, 0, N, lc);
-    fprintf(stderr, "200 steps: GPU %.1f s, CPU %.1f s\n", t1 - t0, mosft_now() - t1);
+    fprintf(stderr, "%d steps: GPU %.1f s, CPU %.1f s\n", N, t1 - t0, mosft_now() - t1);
     double worst = 0;
     for (int s = 0; s < N; s++) {
         double d = fabs(lg[s] - lc[s]) / lc[s];
@@ -301,7 +302,7 @@ START_TEST(test_training_curve) {
     }
     fprintf(stderr, "loss curve: worst relative difference %.3g over %d steps\n", worst, N);
     ck_assert_msg(worst <= 3e-2, "the GPU loss curve leaves the CPU's: %g", worst);
-    ck_assert_msg(lg[N - 1] < 0.7 * lg[0], "training did not lower the loss (%g -> %g)", lg[0], lg[N - 1]);
+    ck_assert_msg(N < 100 || lg[N - 1] < 0.7 * lg[0], "training did not lower the loss (%g -> %g)", lg[0], lg[N - 1]);
     engine_close(&gpu);
     engine_close(&cpu);
     free(lg), free(lc), free(b.buf);
@@ -355,6 +356,7 @@ END_TEST
 
 // A micro-batch far beyond the device: an error with the plan and a hint, not a crash.
 START_TEST(test_out_of_memory) {
+    if (getenv("MOSFT_TEST_QUICK")) return;  // a refused cudaMalloc is an API error to compute-sanitizer
     engine gpu;
     engine_open(&gpu, 1, "nf4", "none", 1, 0.0);
     int S = 1 << 22;
