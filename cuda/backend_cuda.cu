@@ -174,6 +174,12 @@ static void cuda_destroy(backend *be) {
     cuda_impl *c = impl_of(be);
     if (c) {
         if (c->ctx) cudaStreamSynchronize(c->ctx->stream);
+        prof_print(c);
+        if (c->ev) {
+            for (int i = 0; i < PROF_MAX; i++) cudaEventDestroy(c->ev[i]);
+            free(c->ev);
+            free(c->ev_cat);
+        }
         cuda_arena_free(&c->acts_ar);
         cuda_arena_free(&c->persist);
         for (int m = 0; m < MOD_COUNT; m++) {
@@ -276,6 +282,13 @@ static int create_common(backend **out, const llama_config *cfg, const char *mod
     be->flops_peak = device_peak(prop.name);
     c->ctx = ctx;
     c->recompute = level;
+    const char *pe = getenv("MOSFT_PROFILE");
+    if (pe && *pe && strcmp(pe, "0")) {
+        c->prof = 1;
+        c->ev = (cudaEvent_t *)xmalloc(sizeof(cudaEvent_t) * PROF_MAX);
+        c->ev_cat = (int *)xmalloc(sizeof(int) * PROF_MAX);
+        for (int i = 0; i < PROF_MAX; i++) CUDA_CHECK(cudaEventCreate(&c->ev[i]));
+    }
     c->rank = ad->rank;
     c->scaling = ad->scaling;
     c->model.cfg = *cfg;

@@ -65,9 +65,18 @@ typedef struct {
     bf16 **A, **B;     // [L]: A [r][d_in], B [d_out][r] bf16 factors
 } cuda_adapter_module;
 
+// Per-phase timing with CUDA events (MOSFT_PROFILE=1): a mark says "from here, time goes to this
+// phase"; the backend prints the mean per micro-batch when it is destroyed.
+enum { PROF_DEQUANT = 0, PROF_GEMM, PROF_ATTN, PROF_ADAPTER, PROF_ELEM, PROF_LOSS, PROF_OTHER, PROF_COUNT };
+#define PROF_MAX 16384
+
 typedef struct {
     cuda_ctx *ctx;
     cuda_model model;
+    int prof;                      // MOSFT_PROFILE set
+    cudaEvent_t *ev;               // [PROF_MAX]
+    int *ev_cat, n_ev, prof_steps;
+    double prof_ms[PROF_COUNT];
     int recompute;
     cuda_arena persist;  // weights, adapter state, factors, maps
     cuda_arena acts_ar;  // activations and scratch for micro-batches up to B_cap x S_cap
@@ -105,6 +114,15 @@ typedef struct {
     void *red;                     // reduction partials
     int32_t *h_targets;            // host [T_cap]
 } cuda_impl;
+
+static inline void prof_mark(cuda_impl *c, int cat) {
+    if (!c->prof || c->n_ev >= PROF_MAX) return;
+    cudaEventRecord(c->ev[c->n_ev], c->ctx->stream);
+    c->ev_cat[c->n_ev++] = cat;
+}
+// After a synchronization: add the marked intervals to prof_ms.
+void prof_collect(cuda_impl *c);
+void prof_print(cuda_impl *c);
 
 // step_cuda.cu
 int cuda_step_run(backend *be, const micro_batch *mb, float loss_scale, const dropout_ctx *dc, int backward,

@@ -181,6 +181,7 @@ void cuda_acts_layout(backend *be, cuda_arena *ar, int B, int S, mem_plan *plan)
 static const bf16 *group_weight(cuda_impl *c, const dims *d, int l, int grp) {
     const cuda_layer *L = &c->model.layers[l];
     if (!c->model.nf4) return L->w[grp];
+    prof_mark(c, PROF_DEQUANT);
     switch (grp) {
     case GRP_QKV:
         nf4_dequantize_cuda(c->ctx, &L->q[MOD_Q], c->wbuf);
@@ -293,17 +294,24 @@ static void attn_block_forward(backend *be, const dims *d, int l, const dropout_
     const cuda_layer *L = &c->model.layers[l];
     cuda_ctx *ctx = c->ctx;
     float eps = (float)be->cfg.rms_eps;
+    prof_mark(c, PROF_ELEM);
     rmsnorm_forward_cuda(ctx, a->h1, a->rstd1, a->x_in, L->attn_norm, d->T, d->C, eps);
     const bf16 *w = group_weight(c, d, l, GRP_QKV);
+    prof_mark(c, PROF_GEMM);
     gemm_cuda(ctx, 0, 1, d->T, d->W, d->C, 1.0f, a->h1, d->C, w, d->C, 0.0f, NULL, c->qkv, d->W, GEMM_BF16);
+    prof_mark(c, PROF_ADAPTER);
     adapter_forward(be, d, l, MOD_Q, a->h1, d->C, c->qkv, d->W, dc);
     adapter_forward(be, d, l, MOD_K, a->h1, d->C, c->qkv + d->Q, d->W, dc);
     adapter_forward(be, d, l, MOD_V, a->h1, d->C, c->qkv + d->Q + d->KV, d->W, dc);
+    prof_mark(c, PROF_ELEM);
     rope_split_cuda(ctx, a->q, a->k, a->v, c->qkv, c->cs, d->B, d->S, d->Hq, d->Hkv, d->D);
+    prof_mark(c, PROF_ATTN);
     attention_forward_cuda(ctx, a->att, a->lse, a->q, a->k, a->v, c->mask, d->B, d->S, d->Hq, d->Hkv, d->D, c->big,
                            att_chunk(c, d), c->o_tmp);
     w = group_weight(c, d, l, GRP_O);
+    prof_mark(c, PROF_GEMM);
     gemm_cuda(ctx, 0, 1, d->T, d->C, d->Q, 1.0f, a->att, d->Q, w, d->Q, 1.0f, a->x_in, a->x_mid, d->C, GEMM_BF16);
+    prof_mark(c, PROF_ADAPTER);
     adapter_forward(be, d, l, MOD_O, a->att, d->Q, a->x_mid, d->C, dc);
 }
 
@@ -314,16 +322,22 @@ static void mlp_block_forward(backend *be, const dims *d, int l, bf16 *x_out, co
     const cuda_layer *L = &c->model.layers[l];
     cuda_ctx *ctx = c->ctx;
     float eps = (float)be->cfg.rms_eps;
+    prof_mark(c, PROF_ELEM);
     rmsnorm_forward_cuda(ctx, a->h2, a->rstd2, a->x_mid, L->mlp_norm, d->T, d->C, eps);
     const bf16 *w = group_weight(c, d, l, GRP_GU);
+    prof_mark(c, PROF_GEMM);
     gemm_cuda(ctx, 0, 1, d->T, 2 * (int64_t)d->I, d->C, 1.0f, a->h2, d->C, w, d->C, 0.0f, NULL, a->gu, 2 * (int64_t)d->I,
               GEMM_BF16);
+    prof_mark(c, PROF_ADAPTER);
     adapter_forward(be, d, l, MOD_GATE, a->h2, d->C, a->gu, 2 * (int64_t)d->I, dc);
     adapter_forward(be, d, l, MOD_UP, a->h2, d->C, a->gu + d->I, 2 * (int64_t)d->I, dc);
+    prof_mark(c, PROF_ELEM);
     swiglu_forward_cuda(ctx, a->a, a->gu, d->T, d->I);
     if (!x_out) return;
     w = group_weight(c, d, l, GRP_DOWN);
+    prof_mark(c, PROF_GEMM);
     gemm_cuda(ctx, 0, 1, d->T, d->C, d->I, 1.0f, a->a, d->I, w, d->I, 1.0f, a->x_mid, x_out, d->C, GEMM_BF16);
+    prof_mark(c, PROF_ADAPTER);
     adapter_forward(be, d, l, MOD_DOWN, a->a, d->I, x_out, d->C, dc);
 }
 
@@ -337,28 +351,41 @@ static void layer_backward(backend *be, const dims *d, int l, const dropout_ctx 
     // MLP: x_out = x_mid + down(silu(gate(h2)) * up(h2))
     const bf16 *w = group_weight(c, d, l, GRP_DOWN);
     bf16 *ga = c->gbig;  // [T][I]
+    prof_mark(c, PROF_GEMM);
     gemm_cuda(ctx, 0, 0, d->T, d->I, d->C, 1.0f, c->gxb, d->C, w, d->I, 0.0f, NULL, ga, d->I, GEMM_BF16);
+    prof_mark(c, PROF_ADAPTER);
     adapter_backward(be, d, l, MOD_DOWN, a->a, d->I, c->gxb, d->C, ga, 0, d->I, dc);
+    prof_mark(c, PROF_ELEM);
     swiglu_backward_cuda(ctx, a->gu, ga, d->T, d->I);  // a->gu now holds dL/dgate | dL/dup
     w = group_weight(c, d, l, GRP_GU);
+    prof_mark(c, PROF_GEMM);
     gemm_cuda(ctx, 0, 0, d->T, d->C, I2, 1.0f, a->gu, I2, w, d->C, 0.0f, NULL, c->gh, d->C, GEMM_F32);
+    prof_mark(c, PROF_ADAPTER);
     adapter_backward(be, d, l, MOD_GATE, a->h2, d->C, a->gu, I2, c->gh, 1, d->C, dc);
     adapter_backward(be, d, l, MOD_UP, a->h2, d->C, a->gu + d->I, I2, c->gh, 1, d->C, dc);
+    prof_mark(c, PROF_ELEM);
     rmsnorm_backward_cuda(ctx, c->gx, c->gxb, c->gh, a->x_mid, L->mlp_norm, a->rstd2, d->T, d->C);
     // attention: x_mid = x_in + o(attention(rope(q(h1)), rope(k(h1)), v(h1)))
     w = group_weight(c, d, l, GRP_O);
     bf16 *gatt = c->gbig;  // [T][Q]
+    prof_mark(c, PROF_GEMM);
     gemm_cuda(ctx, 0, 0, d->T, d->Q, d->C, 1.0f, c->gxb, d->C, w, d->Q, 0.0f, NULL, gatt, d->Q, GEMM_BF16);
+    prof_mark(c, PROF_ADAPTER);
     adapter_backward(be, d, l, MOD_O, a->att, d->Q, c->gxb, d->C, gatt, 0, d->Q, dc);
+    prof_mark(c, PROF_ATTN);
     attention_backward_cuda(ctx, c->gq, c->gk, c->gv, gatt, a->att, a->lse, a->q, a->k, a->v, c->mask, d->B, d->S, d->Hq,
                             d->Hkv, d->D, c->big, att_chunk(c, d), c->o_tmp, c->delta);
     bf16 *gqkv = c->qkv;
+    prof_mark(c, PROF_ELEM);
     rope_merge_backward_cuda(ctx, gqkv, c->gq, c->gk, c->gv, c->cs, d->B, d->S, d->Hq, d->Hkv, d->D);
     w = group_weight(c, d, l, GRP_QKV);
+    prof_mark(c, PROF_GEMM);
     gemm_cuda(ctx, 0, 0, d->T, d->C, d->W, 1.0f, gqkv, d->W, w, d->C, 0.0f, NULL, c->gh, d->C, GEMM_F32);
+    prof_mark(c, PROF_ADAPTER);
     adapter_backward(be, d, l, MOD_Q, a->h1, d->C, gqkv, d->W, c->gh, 1, d->C, dc);
     adapter_backward(be, d, l, MOD_K, a->h1, d->C, gqkv + d->Q, d->W, c->gh, 1, d->C, dc);
     adapter_backward(be, d, l, MOD_V, a->h1, d->C, gqkv + d->Q + d->KV, d->W, c->gh, 1, d->C, dc);
+    prof_mark(c, PROF_ELEM);
     rmsnorm_backward_cuda(ctx, c->gx, c->gxb, c->gh, a->x_in, L->attn_norm, a->rstd1, d->T, d->C);
 }
 
@@ -430,6 +457,7 @@ int cuda_step_run(backend *be, const micro_batch *mb, float loss_scale, const dr
     if ((rc = ensure_acts(be, mb->B, mb->S))) return rc;
     dims d = dims_of(&be->cfg, mb->B, mb->S);
     cuda_ctx *ctx = c->ctx;
+    prof_mark(c, PROF_OTHER);
     // batch: ids, padding mask, targets shifted by one (label t+1 is the target of row t)
     int64_t cnt = 0;
     for (int b = 0; b < mb->B; b++)
@@ -442,24 +470,31 @@ int cuda_step_run(backend *be, const micro_batch *mb, float loss_scale, const dr
     CUDA_CHECK(cudaMemcpyAsync(c->ids, mb->input_ids, nb, cudaMemcpyHostToDevice, ctx->stream));
     CUDA_CHECK(cudaMemcpyAsync(c->targets, c->h_targets, nb, cudaMemcpyHostToDevice, ctx->stream));
     CUDA_CHECK(cudaMemcpyAsync(c->mask, mb->attn_mask, nb, cudaMemcpyHostToDevice, ctx->stream));
+    prof_mark(c, PROF_ADAPTER);
     cuda_build_factors(be);
     // forward
+    prof_mark(c, PROF_ELEM);
     embedding_forward_cuda(ctx, c->acts[0].x_in, c->ids, c->model.embed, d.T, d.C);
     for (int l = 0; l < d.L; l++) {
         bf16 *x_out = l + 1 < d.L ? c->acts[l + 1].x_in : c->x_final;
         attn_block_forward(be, &d, l, dc);
         mlp_block_forward(be, &d, l, x_out, dc);
     }
+    prof_mark(c, PROF_ELEM);
     rmsnorm_forward_cuda(ctx, c->xf, c->rstd_f, c->x_final, c->model.final_norm, d.T, d.C, (float)be->cfg.rms_eps);
     float *gxf = backward ? c->gh : NULL;
+    prof_mark(c, PROF_LOSS);
     lmhead_ce_cuda(ctx, c->xf, c->model.lm_head, c->targets, d.T, d.C, d.V, loss_scale, gxf, c->row_loss, logits_host,
                    c->big, c->ce_rows);
     *n_tokens = cnt;
     if (!backward) {
         *loss_sum = sum_f32_cuda(ctx, c->row_loss, d.T, c->red);
+        prof_mark(c, PROF_OTHER);
+        prof_collect(c);
         return MOSFT_OK;
     }
     // backward
+    prof_mark(c, PROF_ELEM);
     CUDA_CHECK(cudaMemsetAsync(c->gx, 0, sizeof(float) * (size_t)(d.T * d.C), ctx->stream));
     rmsnorm_backward_cuda(ctx, c->gx, c->gxb, gxf, c->x_final, c->model.final_norm, c->rstd_f, d.T, d.C);
     for (int l = d.L - 1; l >= 0; l--) {
@@ -469,11 +504,41 @@ int cuda_step_run(backend *be, const micro_batch *mb, float loss_scale, const dr
         } else if (c->recompute == RECOMPUTE_PARTIAL) {
             cuda_acts *a = &c->acts[l];
             const cuda_layer *L = &c->model.layers[l];
+            prof_mark(c, PROF_ELEM);
             rmsnorm_forward_cuda(ctx, a->h1, a->rstd1, a->x_in, L->attn_norm, d.T, d.C, (float)be->cfg.rms_eps);
             mlp_block_forward(be, &d, l, NULL, dc);
         }
         layer_backward(be, &d, l, dc);
     }
+    prof_mark(c, PROF_LOSS);
     *loss_sum = sum_f32_cuda(ctx, c->row_loss, d.T, c->red);  // synchronizes: the step is done
+    prof_mark(c, PROF_OTHER);
+    prof_collect(c);
     return MOSFT_OK;
+}
+
+// ---- profile --------------------------------------------------------------------------------------
+
+void prof_collect(cuda_impl *c) {
+    if (!c->prof) return;
+    CUDA_CHECK(cudaStreamSynchronize(c->ctx->stream));
+    for (int i = 0; i + 1 < c->n_ev; i++) {
+        float ms = 0;
+        CUDA_CHECK(cudaEventElapsedTime(&ms, c->ev[i], c->ev[i + 1]));
+        c->prof_ms[c->ev_cat[i]] += ms;
+    }
+    c->n_ev = 0;
+    c->prof_steps++;
+}
+
+void prof_print(cuda_impl *c) {
+    if (!c->prof || !c->prof_steps) return;
+    static const char *names[PROF_COUNT] = {"NF4 dequant", "base GEMMs", "attention", "adapter", "norms/rope/swiglu",
+                                            "lm_head+CE", "other"};
+    double tot = 0;
+    for (int i = 0; i < PROF_COUNT; i++) tot += c->prof_ms[i];
+    fprintf(stderr, "profile: ms per micro-batch (forward + backward), mean of %d\n", c->prof_steps);
+    for (int i = 0; i < PROF_COUNT; i++)
+        fprintf(stderr, "  %-20s %8.2f  %5.1f%%\n", names[i], c->prof_ms[i] / c->prof_steps, 100 * c->prof_ms[i] / tot);
+    fprintf(stderr, "  %-20s %8.2f\n", "total", tot / c->prof_steps);
 }

@@ -24,7 +24,7 @@ if want tests; then
   run test_step 400 build/tests/gpu/test_step
 fi
 if want hf; then
-  run ref_gpu_step 180 python3 scripts/ref_gpu_step.py hfref --device cuda
+  run ref_gpu_step 180 python3 scripts/ref_gpu_step.py hfref --device cuda --stories tests/fixtures/stories260K --stories-ref shared/reference/stories260K_lora_ref.safetensors
   MOSFT_HF_REF=hfref run test_hf_ref 120 build/tests/gpu/test_hf_ref
 fi
 if want sanitize; then
@@ -37,6 +37,11 @@ if want bench; then
   run bench_7b_mos_full 180 "${B[@]}" --model llama2-7b --adapter mos --recompute full
   run bench_3b_mos_none 180 "${B[@]}" --model llama3.2-3b --adapter mos --recompute none
 fi
+if want profile; then
+  for m in llama2-7b llama3.2-3b; do for r in none full; do
+    MOSFT_PROFILE=1 run "prof_${m}_mos_${r}" 240 "${B[@]}" --model $m --adapter mos --recompute $r
+  done; done
+fi
 if want benchall; then
   for m in llama2-7b llama3.2-3b llama2-13b; do for a in mos lora; do for r in none full; do
     run "bench_${m}_${a}_${r}" 240 "${B[@]}" --model $m --adapter $a --recompute $r
@@ -45,5 +50,7 @@ fi
 if want peer; then run peer_7b 300 python3 scripts/bench_peer_hf.py --models llama2-7b --ckpt 1 --steps 3 --warmup 1; fi
 if want peerall; then run peer_all 900 python3 scripts/bench_peer_hf.py --steps 4 --warmup 1; fi
 echo; echo "==== summary"; printf '%s\n' "${summary[@]}"
+for f in "$OUT"/prof_*.log; do [ -f "$f" ] && { echo "-- $f"; grep -A9 "^profile" "$f"; }; done
+tar -C "$OUT" -czf "$OUT/logs.tgz" --exclude logs.tgz . 2>/dev/null
 grep -h '"bench"' "$OUT"/bench_*.log "$OUT"/peer*.log 2>/dev/null | tee "$OUT/bench.jsonl" | sed 's/, "device.*//' | cut -c1-400
 grep -hE "^bench |^llama|^model " "$OUT"/bench_*.log "$OUT"/peer*.log 2>/dev/null

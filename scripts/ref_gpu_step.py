@@ -47,17 +47,29 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--stories", default="tests/fixtures/stories260K",
+                    help="also the real pretrained stories260K (HF folder), rounded to bf16: style 'stories'")
+    ap.add_argument("--stories-ref", default="",
+                    help="stories260K_lora_ref.safetensors: take the stories batch and LoRA r=4 values from it")
     a = ap.parse_args()
     from transformers import LlamaConfig, LlamaForCausalLM
     os.makedirs(a.out, exist_ok=True)
-    for style, c in STYLES.items():
+    styles = dict(STYLES)
+    if a.stories and os.path.isdir(a.stories):
+        styles["stories"] = None
+    for style, c in styles.items():
         torch.manual_seed(1234)
-        cfg = LlamaConfig(**c, bos_token_id=1, eos_token_id=2)
-        base = LlamaForCausalLM(cfg).to(torch.bfloat16)
-        for n, p in base.named_parameters():  # norms away from 1 so that they matter
-            if "norm" in n:
-                with torch.no_grad():
-                    p.copy_(1.0 + 0.2 * torch.randn_like(p.float()))
+        if c is None:  # a real trained model: its own config and weights
+            base = LlamaForCausalLM.from_pretrained(a.stories, dtype=torch.bfloat16)
+            cfg = base.config
+            c = dict(vocab_size=cfg.vocab_size, rope_theta=float(getattr(cfg, "rope_theta", None) or 10000.0))
+        else:
+            cfg = LlamaConfig(**c, bos_token_id=1, eos_token_id=2)
+            base = LlamaForCausalLM(cfg).to(torch.bfloat16)
+            for n, p in base.named_parameters():  # norms away from 1 so that they matter
+                if "norm" in n:
+                    with torch.no_grad():
+                        p.copy_(1.0 + 0.2 * torch.randn_like(p.float()))
         d = os.path.join(a.out, style)
         base.save_pretrained(d)
         with open(os.path.join(d, "config.json")) as f:
@@ -80,6 +92,12 @@ def main():
         # LoRA values
         r, alpha = 8, 16
         vals = {}
+        if style == "stories" and a.stories_ref:  # the CPU engine's oracle batch and LoRA values (real text)
+            from safetensors.torch import load_file
+            ref = load_file(a.stories_ref)
+            ids, mask, labels = ref["input_ids"].long(), ref["attention_mask"].long(), ref["labels"].long()
+            r, alpha = 4, 16
+            vals = {k[len("param/"):]: v.float() for k, v in ref.items() if k.startswith("param/")}
         results = {}
         for prec in ["bf16", "fp32"]:
             m = LlamaForCausalLM(cfg)

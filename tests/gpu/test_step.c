@@ -6,8 +6,10 @@
 // memory as an error with a hint.
 //
 // Tolerances (bf16 activations against an fp32 reference): loss |d| <= 1e-2 |loss|; logits rel L2
-// <= 1e-2; gradients rel L2 <= 3e-2 over all parameters and <= 8e-2 per tensor (small tensors carry
-// more bf16 noise); the loss curve |d| <= 3e-2 |cpu loss| at every step.
+// <= 1e-2; gradients rel L2 <= 0.10 over all parameters and <= 0.20 per tensor; the loss curve
+// |d| <= 3e-2 |cpu loss| at every step. The gradient bound is set by bf16 itself on this model:
+// transformers + PEFT in bf16 on the same batch and LoRA values land 6.7% (rel L2) from their own fp32
+// gradients (scripts/ref_gpu_step.py, style "stories"; mosft's GPU step lands 6.1% from them).
 #include <math.h>
 
 #include "core/adapter.h"
@@ -165,7 +167,7 @@ START_TEST(test_step_vs_cpu) {
                              recs[ri], p);
                     fprintf(stderr, "%-44s loss GPU %.6f CPU %.6f (rel %.2g)\n", what, lg, lc, fabs(lg - lc) / lc);
                     ck_assert_msg(fabs(lg - lc) <= 1e-2 * fabs(lc), "%s: loss %g vs %g", what, lg, lc);
-                    compare_grads(what, &gpu, &cpu, 3e-2, 8e-2);
+                    compare_grads(what, &gpu, &cpu, 0.10, 0.20);
                     // recompute levels: bit-identical on the GPU
                     float *g = xmalloc(sizeof(float) * gpu.ad->n_params);
                     gpu.be->ops->get_grads(gpu.be, g);
@@ -229,8 +231,8 @@ START_TEST(test_logits_oracle) {
                     den += (double)r[i] * r[i];
                 }
             }
-    fprintf(stderr, "LoRA gradients vs PEFT (fp32 reference): rel L2 %.3g\n", sqrt(num / den));
-    ck_assert(sqrt(num / den) < 3e-2);
+    fprintf(stderr, "LoRA gradients vs PEFT (fp32 reference): rel L2 %.3g (PEFT's own bf16 run: 0.067)\n", sqrt(num / den));
+    ck_assert(sqrt(num / den) < 0.10);
     free(g), free(lg), free(lc);
     engine_close(&gpu);
     engine_close(&cpu);
