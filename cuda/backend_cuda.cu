@@ -17,16 +17,36 @@ static cuda_impl *impl_of(backend *be) { return (cuda_impl *)be->impl; }
 
 // ---- adapter state on the device ----------------------------------------------------------------
 
+// The modules of a fused weight group, their output rows, the group's input and output widths.
+static int group_shape(const llama_config *c, int g, int mods[3], int rows[3], int *d_in, int *d_out) {
+    int Q = c->n_heads * c->head_dim, KV = c->n_kv_heads * c->head_dim, C = c->hidden, I = c->intermediate;
+    switch (g) {
+    case GRP_QKV:
+        mods[0] = MOD_Q, mods[1] = MOD_K, mods[2] = MOD_V;
+        rows[0] = 0, rows[1] = Q, rows[2] = Q + KV;
+        *d_in = C, *d_out = Q + 2 * KV;
+        return 3;
+    case GRP_O: mods[0] = MOD_O, rows[0] = 0, *d_in = Q, *d_out = C; return 1;
+    case GRP_GU:
+        mods[0] = MOD_GATE, mods[1] = MOD_UP;
+        rows[0] = 0, rows[1] = I;
+        *d_in = C, *d_out = 2 * I;
+        return 2;
+    default: mods[0] = MOD_DOWN, rows[0] = 0, *d_in = I, *d_out = C; return 1;
+    }
+}
+
 static size_t adapter_bytes(const adapter *ad) {
     size_t b = 4 * cuda_align(sizeof(float) * ad->n_params) + reduce_scratch_bytes(0);
-    int r = ad->rank, l = lowrank_map_shards(ad);
-    for (int m = 0; m < MOD_COUNT; m++) {
-        if (!adapter_targets(ad, m)) continue;
-        int di, dout;
-        llama_module_dims(&ad->model, m, &di, &dout);
-        size_t per = 2 * cuda_align(sizeof(int64_t) * (size_t)r * l) + cuda_align(sizeof(float) * (size_t)r) +
-                     cuda_align((size_t)r * di * 2) + cuda_align((size_t)dout * r * 2);
-        b += per * (size_t)ad->model.n_layers;
+    int r = ad->rank, l = lowrank_map_shards(ad), L = ad->model.n_layers;
+    for (int g = 0; g < GRP_COUNT; g++) {
+        int mods[3], rows[3], di, dout, n = 0;
+        int k = group_shape(&ad->model, g, mods, rows, &di, &dout);
+        for (int i = 0; i < k; i++) n += adapter_targets(ad, mods[i]) != 0;
+        if (!n) continue;
+        size_t per = cuda_align((size_t)n * r * di * 2) + cuda_align((size_t)dout * n * r * 2) +
+                     (size_t)n * (2 * cuda_align(sizeof(int64_t) * (size_t)r * l) + cuda_align(sizeof(float) * (size_t)r));
+        b += per * (size_t)L;
     }
     return b;
 }
@@ -37,7 +57,7 @@ static int adapter_supported(const adapter *ad) {
                            "adapter.method: the CUDA backend trains \"mos\" and \"lora\", got \"%s\"", ad->spec.method);
 }
 
-// The gather maps of every (layer, module) from the adapter's tensors and index tables.
+// The groups' factor buffers and the gather maps of every (layer, module).
 static int adapter_setup(backend *be) {
     cuda_impl *c = impl_of(be);
     adapter *ad = be->ad;
@@ -45,35 +65,56 @@ static int adapter_setup(backend *be) {
     int64_t *offA = (int64_t *)xmalloc(sizeof(int64_t) * (size_t)r * l), *offB = (int64_t *)xmalloc(sizeof(int64_t) * (size_t)r * l);
     float *scale = (float *)xmalloc(sizeof(float) * (size_t)r);
     int rc = MOSFT_OK;
-    for (int m = 0; m < MOD_COUNT && !rc; m++) {
-        cuda_adapter_module *am = &c->mods[m];
-        if (!adapter_targets(ad, m)) continue;
-        am->on = 1;
-        llama_module_dims(&be->cfg, m, &am->d_in, &am->d_out);
-        am->map = (lowrank_map *)xcalloc((size_t)L, sizeof(lowrank_map));
-        am->A = (bf16 **)xcalloc((size_t)L, sizeof(bf16 *));
-        am->B = (bf16 **)xcalloc((size_t)L, sizeof(bf16 *));
+    c->R_tot = c->R_max = c->dout_max = 0;
+    for (int g = 0; g < GRP_COUNT && !rc; g++) {
+        cuda_adapter_group *ag = &c->grp[g];
+        int mods[3], rows[3], di, dout;
+        int k = group_shape(&be->cfg, g, mods, rows, &di, &dout);
+        ag->n = 0;
+        for (int i = 0; i < k; i++) {
+            if (!adapter_targets(ad, mods[i])) continue;
+            int mdi, mdo;
+            llama_module_dims(&be->cfg, mods[i], &mdi, &mdo);
+            ag->mod[ag->n] = mods[i];
+            ag->row_off[ag->n] = rows[i];
+            ag->d_out_m[ag->n] = mdo;
+            ag->n++;
+        }
+        if (!ag->n) continue;
+        ag->R = ag->n * r;
+        ag->d_in = di;
+        ag->d_out = dout;
+        ag->h_off = c->R_tot;
+        c->R_tot += ag->R;
+        if (ag->R > c->R_max) c->R_max = ag->R;
+        if (dout > c->dout_max) c->dout_max = dout;
+        ag->A = (bf16 **)xcalloc((size_t)L, sizeof(bf16 *));
+        ag->B = (bf16 **)xcalloc((size_t)L, sizeof(bf16 *));
+        ag->map = (lowrank_map *)xcalloc((size_t)L * 3, sizeof(lowrank_map));
         for (int li = 0; li < L && !rc; li++) {
-            lowrank_map *mp = &am->map[li];
-            int has_scale = 0, lo = 1, sB = 1;
-            if ((rc = lowrank_map_host(ad, li, m, offA, offB, scale, &has_scale, &lo, &sB))) break;
-            MOSFT_ASSERT(lo == l);
-            mp->r = r;
-            mp->l = l;
-            mp->d_in = am->d_in;
-            mp->d_out = am->d_out;
-            mp->strideB = sB;
-            int64_t *dA = (int64_t *)cuda_arena_alloc(&c->persist, sizeof(int64_t) * (size_t)r * l);
-            int64_t *dB = (int64_t *)cuda_arena_alloc(&c->persist, sizeof(int64_t) * (size_t)r * l);
-            float *dS = (float *)cuda_arena_alloc(&c->persist, sizeof(float) * (size_t)r);
-            CUDA_CHECK(cudaMemcpy(dA, offA, sizeof(int64_t) * (size_t)r * l, cudaMemcpyHostToDevice));
-            CUDA_CHECK(cudaMemcpy(dB, offB, sizeof(int64_t) * (size_t)r * l, cudaMemcpyHostToDevice));
-            if (has_scale) CUDA_CHECK(cudaMemcpy(dS, scale, sizeof(float) * (size_t)r, cudaMemcpyHostToDevice));
-            mp->offA = dA;
-            mp->offB = dB;
-            mp->scaleA = has_scale ? dS : NULL;
-            am->A[li] = (bf16 *)cuda_arena_alloc(&c->persist, (size_t)r * am->d_in * 2);
-            am->B[li] = (bf16 *)cuda_arena_alloc(&c->persist, (size_t)am->d_out * r * 2);
+            ag->A[li] = (bf16 *)cuda_arena_alloc(&c->persist, (size_t)ag->R * di * 2);
+            ag->B[li] = (bf16 *)cuda_arena_alloc(&c->persist, (size_t)dout * ag->R * 2);
+            CUDA_CHECK(cudaMemset(ag->B[li], 0, (size_t)dout * ag->R * 2));  // off-diagonal blocks stay 0
+            for (int i = 0; i < ag->n && !rc; i++) {
+                lowrank_map *mp = &ag->map[li * 3 + i];
+                int has_scale = 0, lo = 1, sB = 1;
+                if ((rc = lowrank_map_host(ad, li, ag->mod[i], offA, offB, scale, &has_scale, &lo, &sB))) break;
+                MOSFT_ASSERT(lo == l);
+                mp->r = r;
+                mp->l = l;
+                llama_module_dims(&be->cfg, ag->mod[i], &mp->d_in, &mp->d_out);
+                mp->strideB = sB;
+                mp->ldB = ag->R;
+                int64_t *dA = (int64_t *)cuda_arena_alloc(&c->persist, sizeof(int64_t) * (size_t)r * l);
+                int64_t *dB = (int64_t *)cuda_arena_alloc(&c->persist, sizeof(int64_t) * (size_t)r * l);
+                float *dS = (float *)cuda_arena_alloc(&c->persist, sizeof(float) * (size_t)r);
+                CUDA_CHECK(cudaMemcpy(dA, offA, sizeof(int64_t) * (size_t)r * l, cudaMemcpyHostToDevice));
+                CUDA_CHECK(cudaMemcpy(dB, offB, sizeof(int64_t) * (size_t)r * l, cudaMemcpyHostToDevice));
+                if (has_scale) CUDA_CHECK(cudaMemcpy(dS, scale, sizeof(float) * (size_t)r, cudaMemcpyHostToDevice));
+                mp->offA = dA;
+                mp->offB = dB;
+                mp->scaleA = has_scale ? dS : NULL;
+            }
         }
     }
     free(offA);
@@ -91,11 +132,13 @@ static void cuda_memory_plan(backend *be, int B, int S, mem_plan *p) {
     p->adapter = c->bytes_adapter;
     cuda_impl tmp = *c;  // measure with a counting arena, leaving the live layout alone
     tmp.acts = (cuda_acts *)xcalloc((size_t)be->cfg.n_layers, sizeof(cuda_acts));
+    tmp.ad_h = (bf16 **)xcalloc((size_t)be->cfg.n_layers, sizeof(bf16 *));
     backend b2 = *be;
     b2.impl = &tmp;
     cuda_arena count = {NULL, (size_t)-1, 0, 0};
     cuda_acts_layout(&b2, &count, B, S, p);
     free(tmp.acts);
+    free(tmp.ad_h);
     p->workspace += (double)cuda_ctx_workspace_bytes();
     p->total = p->weights + p->adapter + p->activations + p->workspace;
     size_t fr = 0, tot = 0;
@@ -182,11 +225,12 @@ static void cuda_destroy(backend *be) {
         }
         cuda_arena_free(&c->acts_ar);
         cuda_arena_free(&c->persist);
-        for (int m = 0; m < MOD_COUNT; m++) {
-            free(c->mods[m].map);
-            free(c->mods[m].A);
-            free(c->mods[m].B);
+        for (int g = 0; g < GRP_COUNT; g++) {
+            free(c->grp[g].map);
+            free(c->grp[g].A);
+            free(c->grp[g].B);
         }
+        free(c->ad_h);
         free(c->model.layers);
         free(c->acts);
         free(c->h_targets);

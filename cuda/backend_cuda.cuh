@@ -58,12 +58,23 @@ typedef struct {
 
 enum { RECOMPUTE_NONE = 0, RECOMPUTE_PARTIAL, RECOMPUTE_FULL };
 
+// The adapted modules of one fused weight group (q|k|v, o, gate|up, down) share their input, so their
+// low-rank factors are stacked: A_g = [A_m1; A_m2; ...] ([R][d_in], R = r x modules) and B_g is
+// block-diagonal ([d_out][R], module m's B in its output rows and rank columns, zeros elsewhere).
+// Without dropout the group's adapter is then two GEMMs forward (h = x A_g^T, y += s h B_g^T) and four
+// backward, whatever the number of modules; with dropout (a mask per module) it runs per module on
+// the blocks.
 typedef struct {
-    int on;
-    int d_in, d_out;
-    lowrank_map *map;  // [L] (device pointers inside)
-    bf16 **A, **B;     // [L]: A [r][d_in], B [d_out][r] bf16 factors
-} cuda_adapter_module;
+    int n;             // adapted modules in the group (0: none)
+    int mod[3];        // their module ids, in order
+    int row_off[3];    // first output row of each in the group's output
+    int d_out_m[3];    // output width of each
+    int R;             // n * r
+    int d_in, d_out;   // the group's input width and whole output width
+    int h_off;         // first column of this group's h in a layer's saved h
+    bf16 **A, **B;     // [L]: A [R][d_in], B [d_out][R]
+    lowrank_map *map;  // [L * 3]: module i of layer l at [l * 3 + i] (device pointers inside, ldB = R)
+} cuda_adapter_group;
 
 // Per-phase timing with CUDA events (MOSFT_PROFILE=1): a mark says "from here, time goes to this
 // phase"; the backend prints the mean per micro-batch when it is destroyed.
@@ -84,7 +95,8 @@ typedef struct {
     double bytes_weights, bytes_adapter;
     // trainable state: one contiguous fp32 buffer each
     float *params, *grad, *m, *v;  // [n_params]
-    cuda_adapter_module mods[MOD_COUNT];
+    cuda_adapter_group grp[GRP_COUNT];
+    int R_tot, R_max, dout_max;    // sum and max of the groups' R; widest group output
     int built;                     // factors match params
     int rank;
     float scaling;
@@ -108,9 +120,10 @@ typedef struct {
     float *cs;                     // [S_cap][D/2][2] rope table
     bf16 *wbuf;                    // dequantized weight group (NF4 base)
     bf16 *ad_xd;                   // [T][max d_in] dropout-masked adapter input
-    bf16 *ad_h, *ad_gh;            // [T][r]
+    bf16 **ad_h;                   // [L] -> [T][R_tot]: every group's h = xd A_g^T, saved for backward
+    bf16 *ad_gh;                   // [T][R_max]
     float *ad_gxd;                 // [T][max d_in] (dropout backward)
-    float *ad_gA, *ad_gB;          // [r][max d_in], [max d_out][r]
+    float *ad_gA, *ad_gB;          // [R_max][max d_in], [dout_max][R_max]
     void *red;                     // reduction partials
     int32_t *h_targets;            // host [T_cap]
 } cuda_impl;

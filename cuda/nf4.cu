@@ -161,32 +161,41 @@ extern "C" void nf4_upload_cuda(cuda_ctx *ctx, nf4_cuda_tensor *t, const nf4_ten
 // ---- dequantization -----------------------------------------------------------------------------
 
 __device__ __forceinline__ float nf4_block_scale(const nf4_cuda_tensor &t, int64_t b) {
-    if (!t.double_quant) return t.absmax[b];
-    return __fadd_rn(__fmul_rn(t.nested_code[t.absmax_q[b]], t.nested_absmax[b / NF4_NESTED_BLOCK]), t.offset);
+    if (!t.double_quant) return __ldg(t.absmax + b);
+    return __fadd_rn(__fmul_rn(__ldg(t.nested_code + __ldg(t.absmax_q + b)), __ldg(t.nested_absmax + b / NF4_NESTED_BLOCK)),
+                     t.offset);
 }
 
 // 8 elements (4 packed bytes, one 16-byte store) per thread; numel % 8 == 0 and `out` 16-byte aligned.
+// The code table sits in shared memory: the 16 entries are read at thread-dependent indices, which
+// __constant__ memory would serialize (it broadcasts one address per warp), costing ~5x.
 __global__ void nf4_dequant8_kernel(nf4_cuda_tensor t, bf16 *__restrict__ out) {
+    __shared__ float code[16];
+    if (threadIdx.x < 16) code[threadIdx.x] = c_nf4_code[threadIdx.x];
+    __syncthreads();
     int64_t g = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (g * 8 >= t.numel) return;
     float s = nf4_block_scale(t, g * 8 / NF4_BLOCK);
-    uint32_t word = *(const uint32_t *)(t.packed + g * 4);
+    uint32_t word = __ldg((const unsigned int *)(t.packed + g * 4));
     __align__(16) bf16 v[8];
 #pragma unroll
     for (int k = 0; k < 4; k++) {
         uint32_t byte = (word >> (8 * k)) & 0xff;
-        v[2 * k] = __float2bfloat16_rn(__fmul_rn(c_nf4_code[byte >> 4], s));
-        v[2 * k + 1] = __float2bfloat16_rn(__fmul_rn(c_nf4_code[byte & 15], s));
+        v[2 * k] = __float2bfloat16_rn(__fmul_rn(code[byte >> 4], s));
+        v[2 * k + 1] = __float2bfloat16_rn(__fmul_rn(code[byte & 15], s));
     }
     *(uint4 *)(out + g * 8) = *(const uint4 *)v;
 }
 
 __global__ void nf4_dequant1_kernel(nf4_cuda_tensor t, bf16 *__restrict__ out) {
+    __shared__ float code[16];
+    if (threadIdx.x < 16) code[threadIdx.x] = c_nf4_code[threadIdx.x];
+    __syncthreads();
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= t.numel) return;
     uint8_t byte = t.packed[i >> 1];
     unsigned q = (i & 1) ? (byte & 15) : (byte >> 4);
-    out[i] = __float2bfloat16_rn(__fmul_rn(c_nf4_code[q], nf4_block_scale(t, i / NF4_BLOCK)));
+    out[i] = __float2bfloat16_rn(__fmul_rn(code[q], nf4_block_scale(t, i / NF4_BLOCK)));
 }
 
 extern "C" void nf4_dequantize_cuda(cuda_ctx *ctx, const nf4_cuda_tensor *t, bf16 *out) {

@@ -161,6 +161,7 @@ void scale_f32_cuda(cuda_ctx *ctx, float *x, int64_t n, float s);
 // the methods whose factors are gathered shards (MoS, LoRA):
 //   A[k][j*sa + c] = scale[k] * params[offA[k*l + j] + c]                 A: r x d_in,  sa = d_in / l
 //   B[j*sb + c][k] =            params[offB[k*l + j] + c * strideB]        B: d_out x r, sb = d_out / l
+// (B, and dL/dB, with row stride ldB >= r: a block of a wider block-diagonal matrix.)
 // and the gradients go back with the transposed map (scatter: += into grad at the same places).
 // Within one (layer, module) every target address is distinct (MoS tables never repeat an index in a
 // layer), so the scatter kernels need no atomics, and launches in stream order keep it deterministic.
@@ -168,6 +169,7 @@ typedef struct {
     int r, l, d_in, d_out, strideB;
     const int64_t *offA, *offB;  // [r*l] device
     const float *scaleA;         // [r] device, NULL = 1
+    int ldB;                     // row stride of B and gB (r when standalone)
 } lowrank_map;
 // The host arrays of one (layer, module)'s map from an adapter's tensors and index tables: offA, offB
 // [r*l], scale [r] (filled when *has_scale), *l, *strideB. MOSFT_ERR_INPUT for methods that are not
@@ -176,9 +178,9 @@ int lowrank_map_host(const adapter *ad, int layer, int module, int64_t *offA, in
                      int *has_scale, int *l, int *strideB);
 // Shards per vector of the adapter's maps (1 for LoRA).
 int lowrank_map_shards(const adapter *ad);
-// A[r][d_in], B[d_out][r] bf16 from params.
+// A[r][d_in], B[d_out][ldB] bf16 from params.
 void lowrank_gather_cuda(cuda_ctx *ctx, const lowrank_map *mp, const float *params, bf16 *A, bf16 *B);
-// grad += the maps of gA[r][d_in] and gB[d_out][r] (fp32).
+// grad += the maps of gA[r][d_in] and gB[d_out][ldB] (fp32).
 void lowrank_scatter_cuda(cuda_ctx *ctx, const lowrank_map *mp, const float *gA, const float *gB, float *grad);
 // Dropout on the adapter input: xd[T][d_in] = x * mask (mask from rng_keep(key, t*d_in + c, thr) with
 // the multiplier `keep` = 1/(1-p)); x has row stride ldx.

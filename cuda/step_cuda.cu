@@ -53,15 +53,8 @@ static dims dims_of(const llama_config *c, int B, int S) {
 static int max_din(const backend *be) {
     const cuda_impl *c = (const cuda_impl *)be->impl;
     int m = 0;
-    for (int t = 0; t < MOD_COUNT; t++)
-        if (c->mods[t].on && c->mods[t].d_in > m) m = c->mods[t].d_in;
-    return m;
-}
-static int max_dout(const backend *be) {
-    const cuda_impl *c = (const cuda_impl *)be->impl;
-    int m = 0;
-    for (int t = 0; t < MOD_COUNT; t++)
-        if (c->mods[t].on && c->mods[t].d_out > m) m = c->mods[t].d_out;
+    for (int g = 0; g < GRP_COUNT; g++)
+        if (c->grp[g].n && c->grp[g].d_in > m) m = c->grp[g].d_in;
     return m;
 }
 
@@ -160,16 +153,19 @@ void cuda_acts_layout(backend *be, cuda_arena *ar, int B, int S, mem_plan *plan)
         for (int i = 0; i < 4; i++) mx = g[i] > mx ? g[i] : mx;
         c->wbuf = BF(mx);
     }
-    int din = max_din(be), dout = max_dout(be), r = c->rank;
+    int din = max_din(be);
     if (din > 0) {
-        c->ad_h = BF(T * r);
-        c->ad_gh = BF(T * r);
-        c->ad_gA = F32((int64_t)r * din);
-        c->ad_gB = F32((int64_t)dout * r);
+        c->ad_gh = BF(T * c->R_max);
+        c->ad_gA = F32((int64_t)c->R_max * din);
+        c->ad_gB = F32((int64_t)c->dout_max * c->R_max);
         if (be->dropout > 0) {
             c->ad_xd = BF(T * din);
             c->ad_gxd = F32(T * din);
         }
+#undef BF
+#define BF(n) (bf16 *)take(ar, (size_t)(n) * 2, plan, CAT_ACTS)
+        if (!c->ad_h) c->ad_h = (bf16 **)xcalloc((size_t)d.L, sizeof(bf16 *));
+        for (int l = 0; l < d.L; l++) c->ad_h[l] = BF(T * c->R_tot);  // small: R_tot <= 7r columns
     }
 #undef BF
 #undef F32
@@ -201,10 +197,12 @@ static const bf16 *group_weight(cuda_impl *c, const dims *d, int l, int grp) {
 void cuda_build_factors(backend *be) {
     cuda_impl *c = (cuda_impl *)be->impl;
     if (c->built) return;
-    for (int m = 0; m < MOD_COUNT; m++) {
-        cuda_adapter_module *am = &c->mods[m];
-        if (!am->on) continue;
-        for (int l = 0; l < be->cfg.n_layers; l++) lowrank_gather_cuda(c->ctx, &am->map[l], c->params, am->A[l], am->B[l]);
+    for (int g = 0; g < GRP_COUNT; g++) {
+        cuda_adapter_group *ag = &c->grp[g];
+        for (int l = 0; l < be->cfg.n_layers && ag->n; l++)
+            for (int i = 0; i < ag->n; i++)
+                lowrank_gather_cuda(c->ctx, &ag->map[l * 3 + i], c->params, ag->A[l] + (int64_t)i * c->rank * ag->d_in,
+                                    ag->B[l] + (int64_t)ag->row_off[i] * ag->R + i * c->rank);
     }
     c->built = 1;
 }
@@ -226,56 +224,66 @@ static drop_spec drop_of(const backend *be, const dropout_ctx *dc, int l, int m)
     return s;
 }
 
-// y[T][d_out] (row stride ldy) += s * (xd A^T) B^T, xd = dropout(x), x [T][d_in] with row stride ldx.
-static void adapter_forward(backend *be, const dims *d, int l, int m, const bf16 *x, int64_t ldx, bf16 *y, int64_t ldy,
+static int dropout_on(const backend *be, const dropout_ctx *dc) { return dc && be->dropout > 0.0f; }
+
+// y[T][d_out] (the group's fused output, row stride ldy) += s * (xd A^T) B^T for every adapted module
+// of group g; x [T][d_in] with row stride ldx. h is saved in c->ad_h[l].
+static void adapter_forward(backend *be, const dims *d, int l, int g, const bf16 *x, int64_t ldx, bf16 *y, int64_t ldy,
                             const dropout_ctx *dc) {
     cuda_impl *c = (cuda_impl *)be->impl;
-    cuda_adapter_module *am = &c->mods[m];
-    if (!am->on) return;
-    int r = c->rank;
-    drop_spec ds = drop_of(be, dc, l, m);
-    const bf16 *xs = x;
-    int64_t lds = ldx;
-    if (ds.on) {
-        dropout_apply_cuda(c->ctx, c->ad_xd, x, ldx, d->T, am->d_in, ds.key, ds.thr, ds.keep);
-        xs = c->ad_xd;
-        lds = am->d_in;
+    cuda_adapter_group *ag = &c->grp[g];
+    if (!ag->n) return;
+    int r = c->rank, R = ag->R;
+    bf16 *h = c->ad_h[l] + ag->h_off;  // [T][R] with row stride R_tot
+    if (!dropout_on(be, dc)) {
+        gemm_cuda(c->ctx, 0, 1, d->T, R, ag->d_in, 1.0f, x, ldx, ag->A[l], ag->d_in, 0.0f, NULL, h, c->R_tot, GEMM_BF16);
+        gemm_cuda(c->ctx, 0, 1, d->T, ag->d_out, R, c->scaling, h, c->R_tot, ag->B[l], R, 1.0f, y, y, ldy, GEMM_BF16);
+        return;
     }
-    gemm_cuda(c->ctx, 0, 1, d->T, r, am->d_in, 1.0f, xs, lds, am->A[l], am->d_in, 0.0f, NULL, c->ad_h, r, GEMM_BF16);
-    gemm_cuda(c->ctx, 0, 1, d->T, am->d_out, r, c->scaling, c->ad_h, r, am->B[l], r, 1.0f, y, y, ldy, GEMM_BF16);
+    for (int i = 0; i < ag->n; i++) {  // a mask per module: per module on the blocks
+        drop_spec ds = drop_of(be, dc, l, ag->mod[i]);
+        dropout_apply_cuda(c->ctx, c->ad_xd, x, ldx, d->T, ag->d_in, ds.key, ds.thr, ds.keep);
+        gemm_cuda(c->ctx, 0, 1, d->T, r, ag->d_in, 1.0f, c->ad_xd, ag->d_in, ag->A[l] + (int64_t)i * r * ag->d_in,
+                  ag->d_in, 0.0f, NULL, h + i * r, c->R_tot, GEMM_BF16);
+        bf16 *yi = y + ag->row_off[i];
+        gemm_cuda(c->ctx, 0, 1, d->T, ag->d_out_m[i], r, c->scaling, h + i * r, c->R_tot,
+                  ag->B[l] + (int64_t)ag->row_off[i] * R + i * r, R, 1.0f, yi, yi, ldy, GEMM_BF16);
+    }
 }
 
-// Backward of the adapter branch: gx (fp32 or bf16, row stride ldgx) += d/dx; dL/dA, dL/dB scattered
-// into c->grad. gy [T][d_out] with row stride ldgy.
-static void adapter_backward(backend *be, const dims *d, int l, int m, const bf16 *x, int64_t ldx, const bf16 *gy,
+// Backward of group g's adapters: gx (fp32 or bf16, row stride ldgx) += d/dx; dL/dA, dL/dB scattered
+// into c->grad. gy [T][d_out] (the group's fused output gradient) with row stride ldgy.
+static void adapter_backward(backend *be, const dims *d, int l, int g, const bf16 *x, int64_t ldx, const bf16 *gy,
                              int64_t ldgy, void *gx, int gx_f32, int64_t ldgx, const dropout_ctx *dc) {
     cuda_impl *c = (cuda_impl *)be->impl;
-    cuda_adapter_module *am = &c->mods[m];
-    if (!am->on) return;
-    int r = c->rank;
+    cuda_adapter_group *ag = &c->grp[g];
+    if (!ag->n) return;
+    int r = c->rank, R = ag->R;
     float s = c->scaling;
-    drop_spec ds = drop_of(be, dc, l, m);
-    const bf16 *xs = x;
-    int64_t lds = ldx;
-    if (ds.on) {
-        dropout_apply_cuda(c->ctx, c->ad_xd, x, ldx, d->T, am->d_in, ds.key, ds.thr, ds.keep);
-        xs = c->ad_xd;
-        lds = am->d_in;
-    }
-    gemm_cuda(c->ctx, 0, 1, d->T, r, am->d_in, 1.0f, xs, lds, am->A[l], am->d_in, 0.0f, NULL, c->ad_h, r, GEMM_BF16);
-    // gh = s gy B;  gB = s gy^T h;  gA = gh^T xd
-    gemm_cuda(c->ctx, 0, 0, d->T, r, am->d_out, s, gy, ldgy, am->B[l], r, 0.0f, NULL, c->ad_gh, r, GEMM_BF16);
-    gemm_cuda(c->ctx, 1, 0, am->d_out, r, d->T, s, gy, ldgy, c->ad_h, r, 0.0f, NULL, c->ad_gB, r, GEMM_F32);
-    gemm_cuda(c->ctx, 1, 0, r, am->d_in, d->T, 1.0f, c->ad_gh, r, xs, lds, 0.0f, NULL, c->ad_gA, am->d_in, GEMM_F32);
-    lowrank_scatter_cuda(c->ctx, &am->map[l], c->ad_gA, c->ad_gB, c->grad);
-    // gx += (gh A) * mask
+    const bf16 *h = c->ad_h[l] + ag->h_off;
     gemm_dtype gt = gx_f32 ? GEMM_F32 : GEMM_BF16;
-    if (!ds.on) {
-        gemm_cuda(c->ctx, 0, 0, d->T, am->d_in, r, 1.0f, c->ad_gh, r, am->A[l], am->d_in, 1.0f, gx, gx, ldgx, gt);
-    } else {
-        gemm_cuda(c->ctx, 0, 0, d->T, am->d_in, r, 1.0f, c->ad_gh, r, am->A[l], am->d_in, 0.0f, NULL, c->ad_gxd, am->d_in,
-                  GEMM_F32);
-        dropout_backward_add_cuda(c->ctx, gx, gx_f32, ldgx, c->ad_gxd, d->T, am->d_in, ds.key, ds.thr, ds.keep);
+    // gh = s gy B;  gB = s gy^T h (only the diagonal blocks are used);  gA = gh^T xd
+    gemm_cuda(c->ctx, 0, 0, d->T, R, ag->d_out, s, gy, ldgy, ag->B[l], R, 0.0f, NULL, c->ad_gh, R, GEMM_BF16);
+    gemm_cuda(c->ctx, 1, 0, ag->d_out, R, d->T, s, gy, ldgy, h, c->R_tot, 0.0f, NULL, c->ad_gB, R, GEMM_F32);
+    if (!dropout_on(be, dc)) {
+        gemm_cuda(c->ctx, 1, 0, R, ag->d_in, d->T, 1.0f, c->ad_gh, R, x, ldx, 0.0f, NULL, c->ad_gA, ag->d_in, GEMM_F32);
+        for (int i = 0; i < ag->n; i++)
+            lowrank_scatter_cuda(c->ctx, &ag->map[l * 3 + i], c->ad_gA + (int64_t)i * r * ag->d_in,
+                                 c->ad_gB + (int64_t)ag->row_off[i] * R + i * r, c->grad);
+        gemm_cuda(c->ctx, 0, 0, d->T, ag->d_in, R, 1.0f, c->ad_gh, R, ag->A[l], ag->d_in, 1.0f, gx, gx, ldgx, gt);
+        return;
+    }
+    for (int i = 0; i < ag->n; i++) {
+        drop_spec ds = drop_of(be, dc, l, ag->mod[i]);
+        const bf16 *Ai = ag->A[l] + (int64_t)i * r * ag->d_in;
+        dropout_apply_cuda(c->ctx, c->ad_xd, x, ldx, d->T, ag->d_in, ds.key, ds.thr, ds.keep);
+        gemm_cuda(c->ctx, 1, 0, r, ag->d_in, d->T, 1.0f, c->ad_gh + i * r, R, c->ad_xd, ag->d_in, 0.0f, NULL, c->ad_gA,
+                  ag->d_in, GEMM_F32);
+        lowrank_scatter_cuda(c->ctx, &ag->map[l * 3 + i], c->ad_gA, c->ad_gB + (int64_t)ag->row_off[i] * R + i * r,
+                             c->grad);
+        gemm_cuda(c->ctx, 0, 0, d->T, ag->d_in, r, 1.0f, c->ad_gh + i * r, R, Ai, ag->d_in, 0.0f, NULL, c->ad_gxd,
+                  ag->d_in, GEMM_F32);
+        dropout_backward_add_cuda(c->ctx, gx, gx_f32, ldgx, c->ad_gxd, d->T, ag->d_in, ds.key, ds.thr, ds.keep);
     }
 }
 
@@ -300,9 +308,7 @@ static void attn_block_forward(backend *be, const dims *d, int l, const dropout_
     prof_mark(c, PROF_GEMM);
     gemm_cuda(ctx, 0, 1, d->T, d->W, d->C, 1.0f, a->h1, d->C, w, d->C, 0.0f, NULL, c->qkv, d->W, GEMM_BF16);
     prof_mark(c, PROF_ADAPTER);
-    adapter_forward(be, d, l, MOD_Q, a->h1, d->C, c->qkv, d->W, dc);
-    adapter_forward(be, d, l, MOD_K, a->h1, d->C, c->qkv + d->Q, d->W, dc);
-    adapter_forward(be, d, l, MOD_V, a->h1, d->C, c->qkv + d->Q + d->KV, d->W, dc);
+    adapter_forward(be, d, l, GRP_QKV, a->h1, d->C, c->qkv, d->W, dc);
     prof_mark(c, PROF_ELEM);
     rope_split_cuda(ctx, a->q, a->k, a->v, c->qkv, c->cs, d->B, d->S, d->Hq, d->Hkv, d->D);
     prof_mark(c, PROF_ATTN);
@@ -312,7 +318,7 @@ static void attn_block_forward(backend *be, const dims *d, int l, const dropout_
     prof_mark(c, PROF_GEMM);
     gemm_cuda(ctx, 0, 1, d->T, d->C, d->Q, 1.0f, a->att, d->Q, w, d->Q, 1.0f, a->x_in, a->x_mid, d->C, GEMM_BF16);
     prof_mark(c, PROF_ADAPTER);
-    adapter_forward(be, d, l, MOD_O, a->att, d->Q, a->x_mid, d->C, dc);
+    adapter_forward(be, d, l, GRP_O, a->att, d->Q, a->x_mid, d->C, dc);
 }
 
 // h2, gu, a of layer l from its x_mid; with x_out, also x_out = x_mid + down(a).
@@ -329,8 +335,7 @@ static void mlp_block_forward(backend *be, const dims *d, int l, bf16 *x_out, co
     gemm_cuda(ctx, 0, 1, d->T, 2 * (int64_t)d->I, d->C, 1.0f, a->h2, d->C, w, d->C, 0.0f, NULL, a->gu, 2 * (int64_t)d->I,
               GEMM_BF16);
     prof_mark(c, PROF_ADAPTER);
-    adapter_forward(be, d, l, MOD_GATE, a->h2, d->C, a->gu, 2 * (int64_t)d->I, dc);
-    adapter_forward(be, d, l, MOD_UP, a->h2, d->C, a->gu + d->I, 2 * (int64_t)d->I, dc);
+    adapter_forward(be, d, l, GRP_GU, a->h2, d->C, a->gu, 2 * (int64_t)d->I, dc);
     prof_mark(c, PROF_ELEM);
     swiglu_forward_cuda(ctx, a->a, a->gu, d->T, d->I);
     if (!x_out) return;
@@ -338,7 +343,7 @@ static void mlp_block_forward(backend *be, const dims *d, int l, bf16 *x_out, co
     prof_mark(c, PROF_GEMM);
     gemm_cuda(ctx, 0, 1, d->T, d->C, d->I, 1.0f, a->a, d->I, w, d->I, 1.0f, a->x_mid, x_out, d->C, GEMM_BF16);
     prof_mark(c, PROF_ADAPTER);
-    adapter_forward(be, d, l, MOD_DOWN, a->a, d->I, x_out, d->C, dc);
+    adapter_forward(be, d, l, GRP_DOWN, a->a, d->I, x_out, d->C, dc);
 }
 
 // c->gx holds dL/dx_out (and c->gxb its bf16 copy) on entry, dL/dx_in on exit.
@@ -354,15 +359,14 @@ static void layer_backward(backend *be, const dims *d, int l, const dropout_ctx 
     prof_mark(c, PROF_GEMM);
     gemm_cuda(ctx, 0, 0, d->T, d->I, d->C, 1.0f, c->gxb, d->C, w, d->I, 0.0f, NULL, ga, d->I, GEMM_BF16);
     prof_mark(c, PROF_ADAPTER);
-    adapter_backward(be, d, l, MOD_DOWN, a->a, d->I, c->gxb, d->C, ga, 0, d->I, dc);
+    adapter_backward(be, d, l, GRP_DOWN, a->a, d->I, c->gxb, d->C, ga, 0, d->I, dc);
     prof_mark(c, PROF_ELEM);
     swiglu_backward_cuda(ctx, a->gu, ga, d->T, d->I);  // a->gu now holds dL/dgate | dL/dup
     w = group_weight(c, d, l, GRP_GU);
     prof_mark(c, PROF_GEMM);
     gemm_cuda(ctx, 0, 0, d->T, d->C, I2, 1.0f, a->gu, I2, w, d->C, 0.0f, NULL, c->gh, d->C, GEMM_F32);
     prof_mark(c, PROF_ADAPTER);
-    adapter_backward(be, d, l, MOD_GATE, a->h2, d->C, a->gu, I2, c->gh, 1, d->C, dc);
-    adapter_backward(be, d, l, MOD_UP, a->h2, d->C, a->gu + d->I, I2, c->gh, 1, d->C, dc);
+    adapter_backward(be, d, l, GRP_GU, a->h2, d->C, a->gu, I2, c->gh, 1, d->C, dc);
     prof_mark(c, PROF_ELEM);
     rmsnorm_backward_cuda(ctx, c->gx, c->gxb, c->gh, a->x_mid, L->mlp_norm, a->rstd2, d->T, d->C);
     // attention: x_mid = x_in + o(attention(rope(q(h1)), rope(k(h1)), v(h1)))
@@ -371,7 +375,7 @@ static void layer_backward(backend *be, const dims *d, int l, const dropout_ctx 
     prof_mark(c, PROF_GEMM);
     gemm_cuda(ctx, 0, 0, d->T, d->Q, d->C, 1.0f, c->gxb, d->C, w, d->Q, 0.0f, NULL, gatt, d->Q, GEMM_BF16);
     prof_mark(c, PROF_ADAPTER);
-    adapter_backward(be, d, l, MOD_O, a->att, d->Q, c->gxb, d->C, gatt, 0, d->Q, dc);
+    adapter_backward(be, d, l, GRP_O, a->att, d->Q, c->gxb, d->C, gatt, 0, d->Q, dc);
     prof_mark(c, PROF_ATTN);
     attention_backward_cuda(ctx, c->gq, c->gk, c->gv, gatt, a->att, a->lse, a->q, a->k, a->v, c->mask, d->B, d->S, d->Hq,
                             d->Hkv, d->D, c->big, att_chunk(c, d), c->o_tmp, c->delta);
@@ -382,9 +386,7 @@ static void layer_backward(backend *be, const dims *d, int l, const dropout_ctx 
     prof_mark(c, PROF_GEMM);
     gemm_cuda(ctx, 0, 0, d->T, d->C, d->W, 1.0f, gqkv, d->W, w, d->C, 0.0f, NULL, c->gh, d->C, GEMM_F32);
     prof_mark(c, PROF_ADAPTER);
-    adapter_backward(be, d, l, MOD_Q, a->h1, d->C, gqkv, d->W, c->gh, 1, d->C, dc);
-    adapter_backward(be, d, l, MOD_K, a->h1, d->C, gqkv + d->Q, d->W, c->gh, 1, d->C, dc);
-    adapter_backward(be, d, l, MOD_V, a->h1, d->C, gqkv + d->Q + d->KV, d->W, c->gh, 1, d->C, dc);
+    adapter_backward(be, d, l, GRP_QKV, a->h1, d->C, gqkv, d->W, c->gh, 1, d->C, dc);
     prof_mark(c, PROF_ELEM);
     rmsnorm_backward_cuda(ctx, c->gx, c->gxb, c->gh, a->x_in, L->attn_norm, a->rstd1, d->T, d->C);
 }

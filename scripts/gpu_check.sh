@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # gpu_check.sh: the CUDA backend's checks and benchmarks on a GPU machine, in one go (the device time
 # is scarce). Run from a folder holding build/ (built elsewhere), tests/fixtures/stories260K, scripts/
-# and shared/ (copies of ../shared/data/nf4 and reference). Logs go to $OUT (or ./gpu_logs).
+# and shared/ (copies of ../shared/data/nf4 and reference).
 #   scripts/gpu_check.sh [tests] [sanitize] [hf] [bench] [peer] [benchall] [peerall]
 set -u
-OUT=${OUT:-gpu_logs}; mkdir -p "$OUT"
+# Logs go to a scratch folder; $OUT receives only logs.tgz, bench.jsonl and summary.txt (a device
+# call returns at most 8 files).
+FINAL=${OUT:-gpu_logs}; OUT=$(mktemp -d); mkdir -p "$FINAL"
 export LD_LIBRARY_PATH=$PWD/build/lib:${LD_LIBRARY_PATH:-}
 export MOSFT_SHARED_DATA=${MOSFT_SHARED_DATA:-$PWD/shared} OMP_WAIT_POLICY=PASSIVE PYTHONUNBUFFERED=1
 want() { for w in "${SEL[@]}"; do [ "$w" = "$1" ] && return 0; done; return 1; }
@@ -27,6 +29,9 @@ if want hf; then
   run ref_gpu_step 180 python3 scripts/ref_gpu_step.py hfref --device cuda --stories tests/fixtures/stories260K --stories-ref shared/reference/stories260K_lora_ref.safetensors
   MOSFT_HF_REF=hfref run test_hf_ref 120 build/tests/gpu/test_hf_ref
 fi
+if want sanitize_step; then
+  CK_FORK=no MOSFT_TEST_QUICK=1 run memcheck_step 400 compute-sanitizer --tool memcheck --leak-check no --error-exitcode 3 build/tests/gpu/test_step
+fi
 if want sanitize; then
   CK_FORK=no run memcheck_kernels 300 compute-sanitizer --tool memcheck --leak-check no --error-exitcode 3 build/tests/gpu/test_kernels
   CK_FORK=no MOSFT_TEST_QUICK=1 run memcheck_step 400 compute-sanitizer --tool memcheck --leak-check no --error-exitcode 3 build/tests/gpu/test_step
@@ -38,7 +43,7 @@ if want bench; then
   run bench_3b_mos_none 180 "${B[@]}" --model llama3.2-3b --adapter mos --recompute none
 fi
 if want profile; then
-  for m in llama2-7b llama3.2-3b; do for r in none full; do
+  for m in ${PROF_MODELS:-llama2-7b llama3.2-3b}; do for r in none full; do
     MOSFT_PROFILE=1 run "prof_${m}_mos_${r}" 240 "${B[@]}" --model $m --adapter mos --recompute $r
   done; done
 fi
@@ -51,6 +56,8 @@ if want peer; then run peer_7b 300 python3 scripts/bench_peer_hf.py --models lla
 if want peerall; then run peer_all 900 python3 scripts/bench_peer_hf.py --steps 4 --warmup 1; fi
 echo; echo "==== summary"; printf '%s\n' "${summary[@]}"
 for f in "$OUT"/prof_*.log; do [ -f "$f" ] && { echo "-- $f"; grep -A9 "^profile" "$f"; }; done
-tar -C "$OUT" -czf "$OUT/logs.tgz" --exclude logs.tgz . 2>/dev/null
 grep -h '"bench"' "$OUT"/bench_*.log "$OUT"/peer*.log 2>/dev/null | tee "$OUT/bench.jsonl" | sed 's/, "device.*//' | cut -c1-400
 grep -hE "^bench |^llama|^model " "$OUT"/bench_*.log "$OUT"/peer*.log 2>/dev/null
+printf '%s\n' "${summary[@]}" > "$FINAL/summary.txt"
+cp "$OUT/bench.jsonl" "$FINAL/" 2>/dev/null
+tar -C "$OUT" -czf "$FINAL/logs.tgz" . 2>/dev/null

@@ -610,7 +610,7 @@ static void gather_scatter_check(cuda_ctx *ctx, adapter *ad, const char *what) {
                               sB,
                               dev_up(offA, 8 * (size_t)rk * lo),
                               dev_up(offB, 8 * (size_t)rk * lo),
-                              hs ? dev_up(scale, 4 * (size_t)rk) : NULL};
+                              hs ? dev_up(scale, 4 * (size_t)rk) : NULL, rk};
             float *A = xmalloc(sizeof(float) * (size_t)rk * di), *B = xmalloc(sizeof(float) * (size_t)dout * rk);
             ad->ops->build(ad, li, m, A, B);
             void *dA = dev_alloc(2 * (size_t)rk * di), *dB = dev_alloc(2 * (size_t)dout * rk);
