@@ -12,6 +12,8 @@
 // dK = scale dS^T Q, dV = P^T dO (dK, dV summed over a kv head's query heads by GEMM accumulation).
 // The full S x S products are computed; the masked half is zero.
 #include <math.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "cuda/cuda_util.cuh"
 
@@ -249,10 +251,26 @@ static void warp_rows_launch_dims(int64_t rows, unsigned *grid, unsigned *block)
     *grid = (unsigned)((rows + 7) / 8);
 }
 
+static int g_use_flash = -1;  // -1: from MOSFT_ATTENTION (default on)
+
+extern "C" void attention_use_flash(int on) { g_use_flash = on ? 1 : 0; }
+
+static int use_flash(int D) {
+    if (g_use_flash < 0) {
+        const char *e = getenv("MOSFT_ATTENTION");
+        g_use_flash = !(e && !strcmp(e, "gemm"));
+    }
+    return g_use_flash && flash_attention_supported(D);
+}
+
 extern "C" void attention_forward_cuda(cuda_ctx *ctx, bf16 *out, float *lse, const bf16 *q, const bf16 *k, const bf16 *v,
                                        const int32_t *mask, int B, int S, int Hq, int Hkv, int D, void *scratch, int bc,
                                        bf16 *o_tmp) {
     MOSFT_ASSERT(Hkv > 0 && Hq % Hkv == 0 && bc >= 1);
+    if (use_flash(D)) {
+        flash_attention_forward_cuda(ctx, out, lse, q, k, v, mask, B, S, Hq, Hkv, D);
+        return;
+    }
     int group = Hq / Hkv;
     float scale = (float)(1.0 / sqrt((double)D));
     int64_t SD = (int64_t)S * D, SS = (int64_t)S * S;
@@ -287,6 +305,10 @@ extern "C" void attention_backward_cuda(cuda_ctx *ctx, float *gq, float *gk, flo
         int64_t w = (int64_t)B * S * Hq;
         attn_delta_kernel<<<ceil_div_i(w, 8), 256, 0, ctx->stream>>>(delta, gout, out, B, S, Hq, D);
         CUDA_LAUNCH_CHECK();
+    }
+    if (use_flash(D)) {
+        flash_attention_backward_cuda(ctx, gq, gk, gv, do_tmp, lse, delta, q, k, v, mask, B, S, Hq, Hkv, D);
+        return;
     }
     for (int b0 = 0; b0 < B; b0 += bc) {
         int n = B - b0 < bc ? B - b0 : bc;

@@ -131,6 +131,18 @@ void attention_backward_cuda(cuda_ctx *ctx, float *gq, float *gk, float *gv, con
                              const float *lse, const bf16 *q, const bf16 *k, const bf16 *v, const int32_t *mask, int B,
                              int S, int Hq, int Hkv, int D, void *scratch, int bc, bf16 *do_tmp, float *delta);
 
+// FlashAttention-style kernels (cuda/flash_attention.cu) serve head sizes 16, 32, 64 and 128: the two
+// functions above use them (no scratch needed) unless attention_use_flash(0) or MOSFT_ATTENTION=gemm
+// selects the batched-GEMM path.
+int flash_attention_supported(int D);
+void attention_use_flash(int on);
+void flash_attention_forward_cuda(cuda_ctx *ctx, bf16 *out, float *lse, const bf16 *q, const bf16 *k, const bf16 *v,
+                                  const int32_t *mask, int B, int S, int Hq, int Hkv, int D);
+// dO_heads[B][Hq][S][D] (head-major), delta[B][Hq][S] = rowsum(dO * O); gq, gk, gv fp32 overwritten.
+void flash_attention_backward_cuda(cuda_ctx *ctx, float *gq, float *gk, float *gv, const bf16 *dO_heads,
+                                   const float *lse, const float *delta, const bf16 *q, const bf16 *k, const bf16 *v,
+                                   const int32_t *mask, int B, int S, int Hq, int Hkv, int D);
+
 // ---- lm_head + cross-entropy (cuda/loss.cu) ----
 // Rows per chunk so that the chunk's logits (fp32) and dlogits (bf16) take at most `budget` bytes.
 int64_t lmhead_ce_chunk_rows(size_t budget, int V);

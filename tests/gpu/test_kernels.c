@@ -424,11 +424,12 @@ START_TEST(test_rope) {
 }
 END_TEST
 
-START_TEST(test_attention) {
-    cuda_ctx *ctx = ctx_new();
+// One shape, one implementation (flash: the FlashAttention-style kernels; else the batched GEMMs).
+static void attention_case(cuda_ctx *ctx, int flash, int B, int S, int Hq, int Hkv, int D, uint64_t seed) {
+    attention_use_flash(flash);
+    fprintf(stderr, "attention %s B=%d S=%d Hq=%d Hkv=%d D=%d\n", flash ? "flash" : "gemm", B, S, Hq, Hkv, D);
     rng_state r;
-    rng_seed(&r, 606);
-    int B = 3, S = 37, Hq = 8, Hkv = 2, D = 16;
+    rng_seed(&r, seed);
     int64_t T = (int64_t)B * S, nq = T * Hq * D, nk = T * Hkv * D;
     int32_t *mask = xmalloc(sizeof(int32_t) * (size_t)T);
     for (int b = 0; b < B; b++)
@@ -484,6 +485,16 @@ START_TEST(test_attention) {
     cudaFree(dq), cudaFree(dk), cudaFree(dv), cudaFree(dm), cudaFree(scratch), cudaFree(dout), cudaFree(otmp),
         cudaFree(lse);
     cudaFree(dgo), cudaFree(dgq), cudaFree(dgk), cudaFree(dgv), cudaFree(delta), cudaFree(dotmp);
+}
+
+START_TEST(test_attention) {
+    cuda_ctx *ctx = ctx_new();
+    for (int flash = 0; flash < 2; flash++) {
+        attention_case(ctx, flash, 3, 37, 8, 2, 16, 606);  // GQA, padding, S not a tile multiple
+        attention_case(ctx, flash, 2, 130, 4, 4, 128, 607);  // MHA at a real head size, 3 tiles
+        attention_case(ctx, flash, 2, 70, 4, 1, 64, 608);
+    }
+    attention_use_flash(1);
     cuda_ctx_free(ctx);
 }
 END_TEST
