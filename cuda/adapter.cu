@@ -26,7 +26,7 @@ __global__ void gather_b_kernel(lowrank_map mp, const float *__restrict__ params
     if (e >= (int64_t)mp.d_out * mp.r) return;
     int d = (int)(e / mp.r), k = (int)(e % mp.r), sb = mp.d_out / mp.l;
     int j = d / sb, c = d % sb;
-    B[(int64_t)d * mp.ldB + k] = __float2bfloat16_rn(params[mp.offB[k * mp.l + j] + (int64_t)c * mp.strideB]);
+    B[(int64_t)d * mp.ldB + k] = __float2bfloat16_rn(__fmul_rn(mp.scaleB, params[mp.offB[k * mp.l + j] + (int64_t)c * mp.strideB]));
 }
 
 // Every target is written by exactly one thread (distinct indices within a layer): no atomics.

@@ -20,8 +20,8 @@
 // ---- CUDA kernels ----------------------------------------------------------------------------------
 
 // One thread per rotated pair (q and k heads) or per copied pair (v heads).
-__global__ void rope_split_kernel(bf16 *q, bf16 *k, bf16 *v, const bf16 *__restrict__ qkv, const float2 *__restrict__ cs,
-                                  int B, int S, int Hq, int Hkv, int D) {
+__global__ void rope_split_kernel(bf16 *q, bf16 *k, bf16 *v, const bf16 *__restrict__ qkv, int64_t ldqkv,
+                                  const float2 *__restrict__ cs, int B, int S, int Hq, int Hkv, int D) {
     int half = D / 2, NH = Hq + 2 * Hkv;
     int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x, total = (int64_t)B * S * NH * half;
     if (e >= total) return;
@@ -30,7 +30,7 @@ __global__ void rope_split_kernel(bf16 *q, bf16 *k, bf16 *v, const bf16 *__restr
     int hh = (int)(r % NH);
     int64_t t = r / NH;
     int b = (int)(t / S), s = (int)(t % S);
-    const bf16 *src = qkv + t * (int64_t)NH * D + (int64_t)hh * D;
+    const bf16 *src = qkv + t * ldqkv + (int64_t)hh * D;
     float x1 = __bfloat162float(src[i]), x2 = __bfloat162float(src[i + half]);
     bf16 *dst;
     if (hh < Hq) {
@@ -48,7 +48,7 @@ __global__ void rope_split_kernel(bf16 *q, bf16 *k, bf16 *v, const bf16 *__restr
     dst[i + half] = __float2bfloat16_rn(x2 * c.x + x1 * c.y);
 }
 
-__global__ void rope_merge_backward_kernel(bf16 *gqkv, const float *__restrict__ gq, const float *__restrict__ gk,
+__global__ void rope_merge_backward_kernel(bf16 *gqkv, int64_t ldg, const float *__restrict__ gq, const float *__restrict__ gk,
                                            const float *__restrict__ gv, const float2 *__restrict__ cs, int B, int S,
                                            int Hq, int Hkv, int D) {
     int half = D / 2, NH = Hq + 2 * Hkv;
@@ -59,7 +59,7 @@ __global__ void rope_merge_backward_kernel(bf16 *gqkv, const float *__restrict__
     int hh = (int)(r % NH);
     int64_t t = r / NH;
     int b = (int)(t / S), s = (int)(t % S);
-    bf16 *dst = gqkv + t * (int64_t)NH * D + (int64_t)hh * D;
+    bf16 *dst = gqkv + t * ldg + (int64_t)hh * D;
     const float *src;
     if (hh < Hq) {
         src = gq + (((int64_t)b * Hq + hh) * S + s) * D;
@@ -78,7 +78,7 @@ __global__ void rope_merge_backward_kernel(bf16 *gqkv, const float *__restrict__
 }
 
 // head-major [B][H][S][D] <-> token-major [B*S][H*D], 8 elements per thread (D % 8 == 0).
-__global__ void heads_tokens_kernel(bf16 *tok, bf16 *heads, int B, int S, int H, int D, int to_tokens) {
+__global__ void heads_tokens_kernel(bf16 *tok, int64_t ldt, bf16 *heads, int B, int S, int H, int D, int to_tokens) {
     int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x, per = D / 8, total = (int64_t)B * S * H * per;
     if (e >= total) return;
     int d = (int)(e % per) * 8;
@@ -86,7 +86,7 @@ __global__ void heads_tokens_kernel(bf16 *tok, bf16 *heads, int B, int S, int H,
     int h = (int)(r % H);
     int64_t t = r / H;
     int b = (int)(t / S), s = (int)(t % S);
-    uint4 *pt = (uint4 *)(tok + t * (int64_t)H * D + (int64_t)h * D + d);
+    uint4 *pt = (uint4 *)(tok + t * ldt + (int64_t)h * D + d);
     uint4 *ph = (uint4 *)(heads + (((int64_t)b * H + h) * S + s) * D + d);
     if (to_tokens)
         *pt = *ph;
@@ -173,15 +173,15 @@ __global__ void attn_dscores_kernel(bf16 *P, const float *__restrict__ dP, const
 }
 
 // delta[b][h][s] = sum_d gout[t][h*D + d] * out[t][h*D + d]: one warp per (t, h).
-__global__ void attn_delta_kernel(float *delta, const bf16 *__restrict__ gout, const bf16 *__restrict__ out, int B, int S,
-                                  int Hq, int D) {
+__global__ void attn_delta_kernel(float *delta, const bf16 *__restrict__ gout, const bf16 *__restrict__ out, int64_t ldo,
+                                  int B, int S, int Hq, int D) {
     int64_t w = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     int lane = threadIdx.x & 31;
     if (w >= (int64_t)B * S * Hq) return;
     int h = (int)(w % Hq);
     int64_t t = w / Hq;
     int b = (int)(t / S), s = (int)(t % S);
-    const bf16 *g = gout + t * (int64_t)Hq * D + (int64_t)h * D, *o = out + t * (int64_t)Hq * D + (int64_t)h * D;
+    const bf16 *g = gout + t * (int64_t)Hq * D + (int64_t)h * D, *o = out + t * ldo + (int64_t)h * D;
     float acc = 0.0f;
     for (int d = lane; d < D; d += 32) acc += __bfloat162float(g[d]) * __bfloat162float(o[d]);
     acc = warp_sum(acc);
@@ -200,28 +200,29 @@ extern "C" void rope_table_host(float *cs, const float *inv_freq, int S, int D) 
         }
 }
 
-extern "C" void rope_split_cuda(cuda_ctx *ctx, bf16 *q, bf16 *k, bf16 *v, const bf16 *qkv, const float *cs, int B, int S,
-                                int Hq, int Hkv, int D) {
+extern "C" void rope_split_cuda(cuda_ctx *ctx, bf16 *q, bf16 *k, bf16 *v, const bf16 *qkv, int64_t ldqkv, const float *cs,
+                                int B, int S, int Hq, int Hkv, int D) {
     int64_t total = (int64_t)B * S * (Hq + 2 * Hkv) * (D / 2);
     if (total == 0) return;
-    rope_split_kernel<<<ceil_div_i(total, 256), 256, 0, ctx->stream>>>(q, k, v, qkv, (const float2 *)cs, B, S, Hq, Hkv, D);
+    rope_split_kernel<<<ceil_div_i(total, 256), 256, 0, ctx->stream>>>(q, k, v, qkv, ldqkv, (const float2 *)cs, B, S, Hq,
+                                                                                Hkv, D);
     CUDA_LAUNCH_CHECK();
 }
 
-extern "C" void rope_merge_backward_cuda(cuda_ctx *ctx, bf16 *gqkv, const float *gq, const float *gk, const float *gv,
-                                         const float *cs, int B, int S, int Hq, int Hkv, int D) {
+extern "C" void rope_merge_backward_cuda(cuda_ctx *ctx, bf16 *gqkv, int64_t ldg, const float *gq, const float *gk,
+                                         const float *gv, const float *cs, int B, int S, int Hq, int Hkv, int D) {
     int64_t total = (int64_t)B * S * (Hq + 2 * Hkv) * (D / 2);
     if (total == 0) return;
-    rope_merge_backward_kernel<<<ceil_div_i(total, 256), 256, 0, ctx->stream>>>(gqkv, gq, gk, gv, (const float2 *)cs, B,
+    rope_merge_backward_kernel<<<ceil_div_i(total, 256), 256, 0, ctx->stream>>>(gqkv, ldg, gq, gk, gv, (const float2 *)cs, B,
                                                                                 S, Hq, Hkv, D);
     CUDA_LAUNCH_CHECK();
 }
 
-static void heads_tokens(cuda_ctx *ctx, bf16 *tok, bf16 *heads, int B, int S, int H, int D, int to_tokens) {
-    MOSFT_ASSERT(D % 8 == 0);
+static void heads_tokens(cuda_ctx *ctx, bf16 *tok, int64_t ldt, bf16 *heads, int B, int S, int H, int D, int to_tokens) {
+    MOSFT_ASSERT(D % 8 == 0 && ldt % 8 == 0);
     int64_t total = (int64_t)B * S * H * (D / 8);
     if (total == 0) return;
-    heads_tokens_kernel<<<ceil_div_i(total, 256), 256, 0, ctx->stream>>>(tok, heads, B, S, H, D, to_tokens);
+    heads_tokens_kernel<<<ceil_div_i(total, 256), 256, 0, ctx->stream>>>(tok, ldt, heads, B, S, H, D, to_tokens);
     CUDA_LAUNCH_CHECK();
 }
 
@@ -263,12 +264,13 @@ static int use_flash(int D) {
     return g_use_flash && flash_attention_supported(D);
 }
 
-extern "C" void attention_forward_cuda(cuda_ctx *ctx, bf16 *out, float *lse, const bf16 *q, const bf16 *k, const bf16 *v,
+extern "C" void attention_forward_cuda(cuda_ctx *ctx, bf16 *out, int64_t ldo, float *lse, const bf16 *q, const bf16 *k,
+                                       const bf16 *v,
                                        const int32_t *mask, int B, int S, int Hq, int Hkv, int D, void *scratch, int bc,
                                        bf16 *o_tmp) {
     MOSFT_ASSERT(Hkv > 0 && Hq % Hkv == 0 && bc >= 1);
     if (use_flash(D)) {
-        flash_attention_forward_cuda(ctx, out, lse, q, k, v, mask, B, S, Hq, Hkv, D);
+        flash_attention_forward_cuda(ctx, out, ldo, lse, q, k, v, mask, B, S, Hq, Hkv, D);
         return;
     }
     int group = Hq / Hkv;
@@ -287,11 +289,11 @@ extern "C" void attention_forward_cuda(cuda_ctx *ctx, bf16 *out, float *lse, con
             gemm_batched_cuda(ctx, 0, 0, S, D, S, 1.0f, P + g * SS, S, group * SS, v + (int64_t)b0 * Hkv * SD, D, SD, 0.0f,
                               o_tmp + ((int64_t)b0 * Hq + g) * SD, D, group * SD, GEMM_BF16, n * Hkv);
     }
-    heads_tokens(ctx, out, o_tmp, B, S, Hq, D, 1);
+    heads_tokens(ctx, out, ldo, o_tmp, B, S, Hq, D, 1);
 }
 
 extern "C" void attention_backward_cuda(cuda_ctx *ctx, float *gq, float *gk, float *gv, const bf16 *gout, const bf16 *out,
-                                        const float *lse, const bf16 *q, const bf16 *k, const bf16 *v, const int32_t *mask,
+                                        int64_t ldo, const float *lse, const bf16 *q, const bf16 *k, const bf16 *v, const int32_t *mask,
                                         int B, int S, int Hq, int Hkv, int D, void *scratch, int bc, bf16 *do_tmp,
                                         float *delta) {
     MOSFT_ASSERT(Hkv > 0 && Hq % Hkv == 0 && bc >= 1);
@@ -300,10 +302,10 @@ extern "C" void attention_backward_cuda(cuda_ctx *ctx, float *gq, float *gk, flo
     int64_t SD = (int64_t)S * D, SS = (int64_t)S * S;
     float *Sc = (float *)scratch;
     bf16 *P = (bf16 *)((char *)scratch + cuda_align((size_t)bc * Hq * SS * 4));
-    heads_tokens(ctx, (bf16 *)gout, do_tmp, B, S, Hq, D, 0);
+    heads_tokens(ctx, (bf16 *)gout, (int64_t)Hq * D, do_tmp, B, S, Hq, D, 0);
     {
         int64_t w = (int64_t)B * S * Hq;
-        attn_delta_kernel<<<ceil_div_i(w, 8), 256, 0, ctx->stream>>>(delta, gout, out, B, S, Hq, D);
+        attn_delta_kernel<<<ceil_div_i(w, 8), 256, 0, ctx->stream>>>(delta, gout, out, ldo, B, S, Hq, D);
         CUDA_LAUNCH_CHECK();
     }
     if (use_flash(D)) {

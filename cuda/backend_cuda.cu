@@ -104,6 +104,7 @@ static int adapter_setup(backend *be) {
                 mp->l = l;
                 llama_module_dims(&be->cfg, ag->mod[i], &mp->d_in, &mp->d_out);
                 mp->strideB = sB;
+                mp->scaleB = ad->scaling;  // B is kept as s * B: the fused GEMM multiplies [x | h] by [W | sB]
                 mp->ldB = ag->R;
                 int64_t *dA = (int64_t *)cuda_arena_alloc(&c->persist, sizeof(int64_t) * (size_t)r * l);
                 int64_t *dB = (int64_t *)cuda_arena_alloc(&c->persist, sizeof(int64_t) * (size_t)r * l);
@@ -132,13 +133,11 @@ static void cuda_memory_plan(backend *be, int B, int S, mem_plan *p) {
     p->adapter = c->bytes_adapter;
     cuda_impl tmp = *c;  // measure with a counting arena, leaving the live layout alone
     tmp.acts = (cuda_acts *)xcalloc((size_t)be->cfg.n_layers, sizeof(cuda_acts));
-    tmp.ad_h = (bf16 **)xcalloc((size_t)be->cfg.n_layers, sizeof(bf16 *));
     backend b2 = *be;
     b2.impl = &tmp;
     cuda_arena count = {NULL, (size_t)-1, 0, 0};
     cuda_acts_layout(&b2, &count, B, S, p);
     free(tmp.acts);
-    free(tmp.ad_h);
     p->workspace += (double)cuda_ctx_workspace_bytes();
     p->total = p->weights + p->adapter + p->activations + p->workspace;
     size_t fr = 0, tot = 0;
@@ -230,7 +229,6 @@ static void cuda_destroy(backend *be) {
             free(c->grp[g].A);
             free(c->grp[g].B);
         }
-        free(c->ad_h);
         free(c->model.layers);
         free(c->acts);
         free(c->h_targets);
@@ -345,7 +343,13 @@ static int create_common(backend **out, const llama_config *cfg, const char *mod
             return rc;
         }
     }
-    c->bytes_weights = (double)cuda_model_bytes(cfg, nf4, double_quant, dq_of);
+    for (int g = 0; g < GRP_COUNT; g++) {  // adapter columns per group, padded to 8 (16-byte rows)
+        int mods[3], rows[3], di, dout, n = 0;
+        int k = group_shape(cfg, g, mods, rows, &di, &dout);
+        for (int i = 0; i < k; i++) n += adapter_targets(ad, mods[i]) != 0;
+        c->model.Rp[g] = (n * ad->rank + 7) / 8 * 8;
+    }
+    c->bytes_weights = (double)cuda_model_bytes(&c->model, nf4, double_quant, dq_of);
     free(dq_of);
     c->bytes_adapter = (double)adapter_bytes(ad);
     if ((rc = cuda_arena_init(&c->persist, (size_t)(c->bytes_weights + c->bytes_adapter)))) {

@@ -16,11 +16,13 @@ enum { GRP_QKV = 0, GRP_O, GRP_GU, GRP_DOWN, GRP_COUNT };
 typedef struct {
     float *attn_norm, *mlp_norm;   // [C] fp32
     nf4_cuda_tensor q[MOD_COUNT];  // NF4 base: one tensor per HF weight (as bitsandbytes quantizes them)
-    bf16 *w[GRP_COUNT];            // bf16 base: [Q+2KV][C], [C][Q], [2I][C], [C][I] (rows of q|k|v, gate|up)
+    bf16 *w[GRP_COUNT];            // bf16 base: [d_out + Rp][d_in + Rp] per group (cuda_group_dims), rows of
+                                   // q|k|v and gate|up stacked; the extra row/column blocks take the adapter
 } cuda_layer;
 
 typedef struct {
     llama_config cfg;
+    int Rp[GRP_COUNT];       // adapter columns riding with each group (0: none); see step_cuda.cu
     int nf4;                 // NF4 base (else bf16)
     bf16 *embed;             // [V][C]
     bf16 *lm_head;           // [V][C] (== embed when tied)
@@ -28,9 +30,20 @@ typedef struct {
     cuda_layer *layers;      // [L]
 } cuda_model;
 
-// Bytes of the frozen base on the device (model_cuda.cu). `dq_of` may be NULL (every linear uses
+// A fused group's input and output widths: q|k|v: C -> Q+2KV, o: Q -> C, gate|up: C -> 2I, down: I -> C.
+static inline void cuda_group_dims(const llama_config *c, int g, int *d_in, int *d_out) {
+    int Q = c->n_heads * c->head_dim, KV = c->n_kv_heads * c->head_dim;
+    switch (g) {
+    case GRP_QKV: *d_in = c->hidden, *d_out = Q + 2 * KV; break;
+    case GRP_O: *d_in = Q, *d_out = c->hidden; break;
+    case GRP_GU: *d_in = c->hidden, *d_out = 2 * c->intermediate; break;
+    default: *d_in = c->intermediate, *d_out = c->hidden; break;
+    }
+}
+
+// Bytes of the frozen base on the device (model_cuda.cu); m->Rp must be set. `dq_of` may be NULL (every linear uses
 // double_quant), else dq_of[l*MOD_COUNT + m] says how that linear is stored.
-size_t cuda_model_bytes(const llama_config *cfg, int nf4, int double_quant, const int *dq_of);
+size_t cuda_model_bytes(const cuda_model *m, int nf4, int double_quant, const int *dq_of);
 // Load a HF folder onto the device (weights carved from `ar`). MOSFT_ERR_INPUT on bad files.
 int cuda_model_load(cuda_ctx *ctx, cuda_model *m, const char *dir, int nf4, int double_quant, cuda_arena *ar);
 // Random weights at the config's shapes, generated on the device (benchmarks).
@@ -78,7 +91,19 @@ typedef struct {
 
 // Per-phase timing with CUDA events (MOSFT_PROFILE=1): a mark says "from here, time goes to this
 // phase"; the backend prints the mean per micro-batch when it is destroyed.
-enum { PROF_DEQUANT = 0, PROF_GEMM, PROF_ATTN, PROF_ADAPTER, PROF_ELEM, PROF_LOSS, PROF_OTHER, PROF_COUNT };
+enum {
+    PROF_DEQUANT = 0,
+    PROF_GEMM,
+    PROF_GEMM_BWD,
+    PROF_ATTN,
+    PROF_ATTN_BWD,
+    PROF_ADAPTER,
+    PROF_ADAPTER_BWD,
+    PROF_ELEM,
+    PROF_LOSS,
+    PROF_OTHER,
+    PROF_COUNT
+};
 #define PROF_MAX 16384
 
 typedef struct {
@@ -120,8 +145,6 @@ typedef struct {
     float *cs;                     // [S_cap][D/2][2] rope table
     bf16 *wbuf;                    // dequantized weight group (NF4 base)
     bf16 *ad_xd;                   // [T][max d_in] dropout-masked adapter input
-    bf16 **ad_h;                   // [L] -> [T][R_tot]: every group's h = xd A_g^T, saved for backward
-    bf16 *ad_gh;                   // [T][R_max]
     float *ad_gxd;                 // [T][max d_in] (dropout backward)
     float *ad_gA, *ad_gB;          // [R_max][max d_in], [dout_max][R_max]
     void *red;                     // reduction partials

@@ -35,13 +35,38 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
     return *(uint32_t *)&v;
 }
-__device__ __forceinline__ uint32_t pack2(bf16 lo, bf16 hi) {
-    __nv_bfloat162 v;
-    v.x = lo;
-    v.y = hi;
-    return *(uint32_t *)&v;
-}
 __device__ __forceinline__ uint32_t ld32(const bf16 *p) { return *(const uint32_t *)p; }
+
+// ldmatrix x4 from shared memory: lane L gives the address of row L % 8 of matrix L / 8 (8 contiguous
+// bf16, 16-byte aligned). Plain: r[i] = (M_i[g][2t], M_i[g][2t+1]); .trans: r[i] = (M_i[2t][g], M_i[2t+1][g]).
+__device__ __forceinline__ void ldsm4(uint32_t *r, const bf16 *p) {
+    unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+__device__ __forceinline__ void ldsm4t(uint32_t *r, const bf16 *p) {
+    unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+
+// B fragments of X^T for two adjacent n-tiles (rows n0 .. n0+15 of a shared [rows][D+8] tile X, the
+// k-chunk of 16 columns at c0): b[0], b[1] for rows n0..n0+7 and b[2], b[3] for rows n0+8..n0+15.
+// (B[k][n] = X[n][k]: scores Q K^T take K this way.)
+template <int D>
+__device__ __forceinline__ void frag_bt(uint32_t *b, const bf16 *X, int n0, int c0) {
+    int L = threadIdx.x & 31, i = L >> 3;
+    ldsm4(b, X + (n0 + (i >> 1) * 8 + (L & 7)) * (D + 8) + c0 + (i & 1) * 8);
+}
+// B fragments of X for two adjacent n-tiles (columns d0 .. d0+15) over the k-chunk of 16 rows at k0:
+// b[0], b[1] for columns d0..d0+7, b[2], b[3] for d0+8..d0+15. (B[k][n] = X[k][n]: P V takes V this way.)
+template <int D>
+__device__ __forceinline__ void frag_b(uint32_t *b, const bf16 *X, int k0, int d0) {
+    int L = threadIdx.x & 31, i = L >> 3;
+    ldsm4t(b, X + (k0 + (i & 1) * 8 + (L & 7)) * (D + 8) + d0 + (i >> 1) * 8);
+}
 
 // rows [r0, r0 + n) of a [S][D] matrix into shared [n][D + 8], zeros past S; all threads take part.
 template <int D>
@@ -59,7 +84,7 @@ __device__ __forceinline__ void tile_load(bf16 *sh, const bf16 *src, int r0, int
 
 // grid (ceil(S/64), B*Hq), 128 threads: warp w owns queries q0 + 16w .. +16.
 template <int D>
-__global__ void __launch_bounds__(128) flash_fwd_kernel(bf16 *out, float *lse, const bf16 *__restrict__ q,
+__global__ void __launch_bounds__(128) flash_fwd_kernel(bf16 *out, int64_t ld, float *lse, const bf16 *__restrict__ q,
                                                         const bf16 *__restrict__ k, const bf16 *__restrict__ v,
                                                         const int32_t *__restrict__ mask, int S, int Hq, int Hkv,
                                                         float scale) {
@@ -94,14 +119,16 @@ __global__ void __launch_bounds__(128) flash_fwd_kernel(bf16 *out, float *lse, c
         __syncthreads();
         float s[FA_INNER / 8][4];
 #pragma unroll
-        for (int n = 0; n < FA_INNER / 8; n++) {
-            s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+        for (int n = 0; n < FA_INNER / 8; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+        for (int n = 0; n < FA_INNER / 8; n += 2)
 #pragma unroll
             for (int kk = 0; kk < D / 16; kk++) {
-                const bf16 *kr = Ks + (n * 8 + g) * (D + 8) + kk * 16 + 2 * t;
-                mma16816(s[n], qa[kk], ld32(kr), ld32(kr + 8));
+                uint32_t bb[4];
+                frag_bt<D>(bb, Ks, n * 8, kk * 16);
+                mma16816(s[n], qa[kk], bb[0], bb[1]);
+                mma16816(s[n + 1], qa[kk], bb[2], bb[3]);
             }
-        }
         // scale into the log2 domain, mask, and the online softmax update
         float mx_lo = -INFINITY, mx_hi = -INFINITY;
 #pragma unroll
@@ -149,12 +176,12 @@ __global__ void __launch_bounds__(128) flash_fwd_kernel(bf16 *out, float *lse, c
         for (int kc = 0; kc < FA_INNER / 16; kc++) {
             uint32_t pa[4] = {pack_bf16(s[2 * kc][0], s[2 * kc][1]), pack_bf16(s[2 * kc][2], s[2 * kc][3]),
                               pack_bf16(s[2 * kc + 1][0], s[2 * kc + 1][1]), pack_bf16(s[2 * kc + 1][2], s[2 * kc + 1][3])};
-            const bf16 *vr = Vs + (kc * 16 + 2 * t) * (D + 8) + g;
 #pragma unroll
-            for (int dn = 0; dn < D / 8; dn++) {
-                const bf16 *p = vr + dn * 8;
-                uint32_t b0 = pack2(p[0], p[D + 8]), b1 = pack2(p[8 * (D + 8)], p[9 * (D + 8)]);
-                mma16816(o[dn], pa, b0, b1);
+            for (int dn = 0; dn < D / 8; dn += 2) {
+                uint32_t bb[4];
+                frag_b<D>(bb, Vs, kc * 16, dn * 8);
+                mma16816(o[dn], pa, bb[0], bb[1]);
+                mma16816(o[dn + 1], pa, bb[2], bb[3]);
             }
         }
     }
@@ -163,7 +190,6 @@ __global__ void __launch_bounds__(128) flash_fwd_kernel(bf16 *out, float *lse, c
     l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 1);
     l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
     float inv_lo = l_lo > 0.0f ? 1.0f / l_lo : 0.0f, inv_hi = l_hi > 0.0f ? 1.0f / l_hi : 0.0f;
-    int64_t ld = (int64_t)Hq * D;
 #pragma unroll
     for (int dn = 0; dn < D / 8; dn++) {
         int c = h * D + dn * 8 + 2 * t;
@@ -232,10 +258,14 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv_kernel(float *gk, float *g
                 uint32_t va[4] = {ld32(Vw + g * (D + 8) + c), ld32(Vw + (g + 8) * (D + 8) + c), ld32(Vw + g * (D + 8) + c + 8),
                                   ld32(Vw + (g + 8) * (D + 8) + c + 8)};
 #pragma unroll
-                for (int n = 0; n < FA_INNER / 8; n++) {
-                    const bf16 *qr = Qs + (n * 8 + g) * (D + 8) + c, *dr = Ds + (n * 8 + g) * (D + 8) + c;
-                    mma16816(st[n], ka, ld32(qr), ld32(qr + 8));
-                    mma16816(dpt[n], va, ld32(dr), ld32(dr + 8));
+                for (int n = 0; n < FA_INNER / 8; n += 2) {
+                    uint32_t bq[4], bd[4];
+                    frag_bt<D>(bq, Qs, n * 8, kk * 16);
+                    frag_bt<D>(bd, Ds, n * 8, kk * 16);
+                    mma16816(st[n], ka, bq[0], bq[1]);
+                    mma16816(st[n + 1], ka, bq[2], bq[3]);
+                    mma16816(dpt[n], va, bd[0], bd[1]);
+                    mma16816(dpt[n + 1], va, bd[2], bd[3]);
                 }
             }
             // P^T = exp(S^T scale - lse), dS^T = P^T (dP^T - delta)
@@ -258,12 +288,15 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv_kernel(float *gk, float *g
                 uint32_t sa[4] = {pack_bf16(dpt[2 * kc][0], dpt[2 * kc][1]), pack_bf16(dpt[2 * kc][2], dpt[2 * kc][3]),
                                   pack_bf16(dpt[2 * kc + 1][0], dpt[2 * kc + 1][1]),
                                   pack_bf16(dpt[2 * kc + 1][2], dpt[2 * kc + 1][3])};
-                const bf16 *dr = Ds + (kc * 16 + 2 * t) * (D + 8) + g, *qr = Qs + (kc * 16 + 2 * t) * (D + 8) + g;
 #pragma unroll
-                for (int dn = 0; dn < D / 8; dn++) {
-                    const bf16 *p1 = dr + dn * 8, *p2 = qr + dn * 8;
-                    mma16816(dv[dn], pa, pack2(p1[0], p1[D + 8]), pack2(p1[8 * (D + 8)], p1[9 * (D + 8)]));
-                    mma16816(dk[dn], sa, pack2(p2[0], p2[D + 8]), pack2(p2[8 * (D + 8)], p2[9 * (D + 8)]));
+                for (int dn = 0; dn < D / 8; dn += 2) {
+                    uint32_t bd[4], bq[4];
+                    frag_b<D>(bd, Ds, kc * 16, dn * 8);
+                    frag_b<D>(bq, Qs, kc * 16, dn * 8);
+                    mma16816(dv[dn], pa, bd[0], bd[1]);
+                    mma16816(dv[dn + 1], pa, bd[2], bd[3]);
+                    mma16816(dk[dn], sa, bq[0], bq[1]);
+                    mma16816(dk[dn + 1], sa, bq[2], bq[3]);
                 }
             }
         }
@@ -333,13 +366,19 @@ __global__ void __launch_bounds__(128) flash_bwd_dq_kernel(float *gq, const bf16
         for (int n = 0; n < FA_INNER / 8; n++) {
             s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
             dp[n][0] = dp[n][1] = dp[n][2] = dp[n][3] = 0.0f;
+        }
+#pragma unroll
+        for (int n = 0; n < FA_INNER / 8; n += 2)
 #pragma unroll
             for (int kk = 0; kk < D / 16; kk++) {
-                const bf16 *kr = Ks + (n * 8 + g) * (D + 8) + kk * 16 + 2 * t, *vr = Vs + (n * 8 + g) * (D + 8) + kk * 16 + 2 * t;
-                mma16816(s[n], qa[kk], ld32(kr), ld32(kr + 8));
-                mma16816(dp[n], oa[kk], ld32(vr), ld32(vr + 8));
+                uint32_t bk[4], bv[4];
+                frag_bt<D>(bk, Ks, n * 8, kk * 16);
+                frag_bt<D>(bv, Vs, n * 8, kk * 16);
+                mma16816(s[n], qa[kk], bk[0], bk[1]);
+                mma16816(s[n + 1], qa[kk], bk[2], bk[3]);
+                mma16816(dp[n], oa[kk], bv[0], bv[1]);
+                mma16816(dp[n + 1], oa[kk], bv[2], bv[3]);
             }
-        }
 #pragma unroll
         for (int n = 0; n < FA_INNER / 8; n++)
 #pragma unroll
@@ -354,11 +393,12 @@ __global__ void __launch_bounds__(128) flash_bwd_dq_kernel(float *gq, const bf16
         for (int kc = 0; kc < FA_INNER / 16; kc++) {
             uint32_t sa[4] = {pack_bf16(s[2 * kc][0], s[2 * kc][1]), pack_bf16(s[2 * kc][2], s[2 * kc][3]),
                               pack_bf16(s[2 * kc + 1][0], s[2 * kc + 1][1]), pack_bf16(s[2 * kc + 1][2], s[2 * kc + 1][3])};
-            const bf16 *kr = Ks + (kc * 16 + 2 * t) * (D + 8) + g;
 #pragma unroll
-            for (int dn = 0; dn < D / 8; dn++) {
-                const bf16 *p = kr + dn * 8;
-                mma16816(dq[dn], sa, pack2(p[0], p[D + 8]), pack2(p[8 * (D + 8)], p[9 * (D + 8)]));
+            for (int dn = 0; dn < D / 8; dn += 2) {
+                uint32_t bk[4];
+                frag_b<D>(bk, Ks, kc * 16, dn * 8);
+                mma16816(dq[dn], sa, bk[0], bk[1]);
+                mma16816(dq[dn + 1], sa, bk[2], bk[3]);
             }
         }
     }
@@ -376,10 +416,10 @@ __global__ void __launch_bounds__(128) flash_bwd_dq_kernel(float *gq, const bf16
 extern "C" int flash_attention_supported(int D) { return D == 16 || D == 32 || D == 64 || D == 128; }
 
 template <int D>
-static void fwd_launch(cuda_ctx *ctx, bf16 *out, float *lse, const bf16 *q, const bf16 *k, const bf16 *v,
+static void fwd_launch(cuda_ctx *ctx, bf16 *out, int64_t ldo, float *lse, const bf16 *q, const bf16 *k, const bf16 *v,
                        const int32_t *mask, int B, int S, int Hq, int Hkv, float scale) {
     dim3 grid((unsigned)((S + FA_TILE - 1) / FA_TILE), (unsigned)(B * Hq));
-    flash_fwd_kernel<D><<<grid, 128, 0, ctx->stream>>>(out, lse, q, k, v, mask, S, Hq, Hkv, scale);
+    flash_fwd_kernel<D><<<grid, 128, 0, ctx->stream>>>(out, ldo, lse, q, k, v, mask, S, Hq, Hkv, scale);
     CUDA_LAUNCH_CHECK();
 }
 
@@ -401,15 +441,15 @@ static void bwd_launch(cuda_ctx *ctx, float *gq, float *gk, float *gv, const bf1
     CUDA_LAUNCH_CHECK();
 }
 
-extern "C" void flash_attention_forward_cuda(cuda_ctx *ctx, bf16 *out, float *lse, const bf16 *q, const bf16 *k,
+extern "C" void flash_attention_forward_cuda(cuda_ctx *ctx, bf16 *out, int64_t ldo, float *lse, const bf16 *q, const bf16 *k,
                                              const bf16 *v, const int32_t *mask, int B, int S, int Hq, int Hkv, int D) {
     MOSFT_ASSERT(Hkv > 0 && Hq % Hkv == 0 && flash_attention_supported(D));
     float scale = (float)(1.0 / sqrt((double)D));
     switch (D) {
-    case 16: fwd_launch<16>(ctx, out, lse, q, k, v, mask, B, S, Hq, Hkv, scale); break;
-    case 32: fwd_launch<32>(ctx, out, lse, q, k, v, mask, B, S, Hq, Hkv, scale); break;
-    case 64: fwd_launch<64>(ctx, out, lse, q, k, v, mask, B, S, Hq, Hkv, scale); break;
-    default: fwd_launch<128>(ctx, out, lse, q, k, v, mask, B, S, Hq, Hkv, scale); break;
+    case 16: fwd_launch<16>(ctx, out, ldo, lse, q, k, v, mask, B, S, Hq, Hkv, scale); break;
+    case 32: fwd_launch<32>(ctx, out, ldo, lse, q, k, v, mask, B, S, Hq, Hkv, scale); break;
+    case 64: fwd_launch<64>(ctx, out, ldo, lse, q, k, v, mask, B, S, Hq, Hkv, scale); break;
+    default: fwd_launch<128>(ctx, out, ldo, lse, q, k, v, mask, B, S, Hq, Hkv, scale); break;
     }
 }
 

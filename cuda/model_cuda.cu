@@ -28,18 +28,20 @@ static void module_slot(const llama_config *c, int mod, int *grp, int64_t *row0)
     }
 }
 
-static int64_t group_numel(const llama_config *c, int grp) {
-    int64_t C = c->hidden, Q = (int64_t)c->n_heads * c->head_dim, KV = (int64_t)c->n_kv_heads * c->head_dim,
-            I = c->intermediate;
-    switch (grp) {
-    case GRP_QKV: return (Q + 2 * KV) * C;
-    case GRP_O: return C * Q;
-    case GRP_GU: return 2 * I * C;
-    default: return C * I;
-    }
+// Elements of a bf16 group buffer: [d_out + Rp][d_in + Rp] (the adapter's blocks beside the weight).
+static int64_t group_numel(const cuda_model *m, int grp) {
+    int di, dout;
+    cuda_group_dims(&m->cfg, grp, &di, &dout);
+    return (int64_t)(dout + m->Rp[grp]) * (di + m->Rp[grp]);
+}
+static int64_t group_ld(const cuda_model *m, int grp) {
+    int di, dout;
+    cuda_group_dims(&m->cfg, grp, &di, &dout);
+    return di + m->Rp[grp];
 }
 
-size_t cuda_model_bytes(const llama_config *c, int nf4, int double_quant, const int *dq_of) {
+size_t cuda_model_bytes(const cuda_model *m, int nf4, int double_quant, const int *dq_of) {
+    const llama_config *c = &m->cfg;
     size_t b = cuda_align((size_t)c->vocab * c->hidden * 2);
     if (!c->tie_embeddings) b += cuda_align((size_t)c->vocab * c->hidden * 2);
     b += (size_t)(2 * c->n_layers + 1) * cuda_align(sizeof(float) * (size_t)c->hidden);
@@ -51,7 +53,7 @@ size_t cuda_model_bytes(const llama_config *c, int nf4, int double_quant, const 
                 b += nf4_cuda_bytes((int64_t)di * dout, dq_of ? dq_of[l * MOD_COUNT + m] : double_quant);
             }
         } else {
-            for (int g = 0; g < GRP_COUNT; g++) b += cuda_align((size_t)group_numel(c, g) * 2);
+            for (int g = 0; g < GRP_COUNT; g++) b += cuda_align((size_t)group_numel(m, g) * 2);
         }
     }
     return b;
@@ -77,7 +79,7 @@ static void alloc_model(cuda_model *m, int nf4, int double_quant, const int *dq_
                 nf4_cuda_layout(&L->q[mod], dout, di, dq, mem);
             }
         } else {
-            for (int g = 0; g < GRP_COUNT; g++) L->w[g] = (bf16 *)cuda_arena_alloc(ar, (size_t)group_numel(c, g) * 2);
+            for (int g = 0; g < GRP_COUNT; g++) L->w[g] = (bf16 *)cuda_arena_alloc(ar, (size_t)group_numel(m, g) * 2);
         }
     }
 }
@@ -112,6 +114,14 @@ static void staging_free(staging *st) {
     cudaFree(st->raw);
     cudaFree(st->f32);
     cudaFree(st->absmax);
+}
+
+// st->f32 [rows][cols] -> bf16 rows [row0, row0 + rows) of a group buffer (row stride d_in + Rp).
+static void place_bf16(cuda_ctx *ctx, staging *st, cuda_model *m, cuda_layer *L, int grp, int64_t row0, int rows, int cols) {
+    int64_t ld = group_ld(m, grp);
+    f32_to_bf16_cuda(ctx, st->f32, (bf16 *)st->raw, (int64_t)rows * cols);
+    CUDA_CHECK(cudaMemcpy2DAsync(L->w[grp] + row0 * ld, (size_t)ld * 2, st->raw, (size_t)cols * 2, (size_t)cols * 2,
+                                 (size_t)rows, cudaMemcpyDeviceToDevice, ctx->stream));
 }
 
 // ---- loading a HF folder ------------------------------------------------------------------------
@@ -221,7 +231,7 @@ static int load_linear(cuda_ctx *ctx, cuda_model *m, staging *st, const st_set *
             nf4_cuda_tensor dt;
             nf4_cuda_layout(&dt, dout, di, ht.double_quant, tmp);
             nf4_upload_cuda(ctx, &dt, &ht);
-            nf4_dequantize_cuda(ctx, &dt, L->w[grp] + row0 * di);
+            nf4_dequantize_cuda(ctx, &dt, L->w[grp] + row0 * group_ld(m, grp), group_ld(m, grp));
             CUDA_CHECK(cudaStreamSynchronize(ctx->stream));
             cudaFree(tmp);
         }
@@ -235,7 +245,7 @@ static int load_linear(cuda_ctx *ctx, cuda_model *m, staging *st, const st_set *
     if (m->nf4)
         nf4_quantize_cuda(ctx, &L->q[mod], st->f32, st->absmax);
     else
-        f32_to_bf16_cuda(ctx, st->f32, L->w[grp] + row0 * di, t->numel);
+        place_bf16(ctx, st, m, L, grp, row0, dout, di);
     return MOSFT_OK;
 }
 
@@ -334,7 +344,7 @@ int cuda_model_random(cuda_ctx *ctx, cuda_model *m, const llama_config *cfg, int
                 convert_to_f32_cuda(ctx, st.f32, MOSFT_F32, n, st.f32, 1);
                 nf4_quantize_cuda(ctx, &L->q[mod], st.f32, st.absmax);
             } else {
-                f32_to_bf16_cuda(ctx, st.f32, L->w[grp] + row0 * di, n);
+                place_bf16(ctx, &st, m, L, grp, row0, dout, di);
             }
         }
     }

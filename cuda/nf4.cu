@@ -169,7 +169,7 @@ __device__ __forceinline__ float nf4_block_scale(const nf4_cuda_tensor &t, int64
 // 8 elements (4 packed bytes, one 16-byte store) per thread; numel % 8 == 0 and `out` 16-byte aligned.
 // The code table sits in shared memory: the 16 entries are read at thread-dependent indices, which
 // __constant__ memory would serialize (it broadcasts one address per warp), costing ~5x.
-__global__ void nf4_dequant8_kernel(nf4_cuda_tensor t, bf16 *__restrict__ out) {
+__global__ void nf4_dequant8_kernel(nf4_cuda_tensor t, bf16 *__restrict__ out, int64_t ldo) {
     __shared__ float code[16];
     if (threadIdx.x < 16) code[threadIdx.x] = c_nf4_code[threadIdx.x];
     __syncthreads();
@@ -184,10 +184,11 @@ __global__ void nf4_dequant8_kernel(nf4_cuda_tensor t, bf16 *__restrict__ out) {
         v[2 * k] = __float2bfloat16_rn(__fmul_rn(code[byte >> 4], s));
         v[2 * k + 1] = __float2bfloat16_rn(__fmul_rn(code[byte & 15], s));
     }
-    *(uint4 *)(out + g * 8) = *(const uint4 *)v;
+    int64_t i = g * 8, row = i / t.cols, col = i % t.cols;
+    *(uint4 *)(out + row * ldo + col) = *(const uint4 *)v;
 }
 
-__global__ void nf4_dequant1_kernel(nf4_cuda_tensor t, bf16 *__restrict__ out) {
+__global__ void nf4_dequant1_kernel(nf4_cuda_tensor t, bf16 *__restrict__ out, int64_t ldo) {
     __shared__ float code[16];
     if (threadIdx.x < 16) code[threadIdx.x] = c_nf4_code[threadIdx.x];
     __syncthreads();
@@ -195,16 +196,17 @@ __global__ void nf4_dequant1_kernel(nf4_cuda_tensor t, bf16 *__restrict__ out) {
     if (i >= t.numel) return;
     uint8_t byte = t.packed[i >> 1];
     unsigned q = (i & 1) ? (byte & 15) : (byte >> 4);
-    out[i] = __float2bfloat16_rn(__fmul_rn(code[q], nf4_block_scale(t, i / NF4_BLOCK)));
+    out[(i / t.cols) * ldo + i % t.cols] = __float2bfloat16_rn(__fmul_rn(code[q], nf4_block_scale(t, i / NF4_BLOCK)));
 }
 
-extern "C" void nf4_dequantize_cuda(cuda_ctx *ctx, const nf4_cuda_tensor *t, bf16 *out) {
+extern "C" void nf4_dequantize_cuda(cuda_ctx *ctx, const nf4_cuda_tensor *t, bf16 *out, int64_t ldo) {
     nf4_consts_init();
-    if (t->numel % 8 == 0 && ((uintptr_t)out % 16) == 0 && ((uintptr_t)t->packed % 4) == 0) {
+    if (ldo <= 0) ldo = t->cols;
+    if (t->cols % 8 == 0 && ldo % 8 == 0 && ((uintptr_t)out % 16) == 0 && ((uintptr_t)t->packed % 4) == 0) {
         int64_t n = t->numel / 8;
-        nf4_dequant8_kernel<<<ceil_div_i(n, 256), 256, 0, ctx->stream>>>(*t, out);
+        nf4_dequant8_kernel<<<ceil_div_i(n, 256), 256, 0, ctx->stream>>>(*t, out, ldo);
     } else {
-        nf4_dequant1_kernel<<<ceil_div_i(t->numel, 256), 256, 0, ctx->stream>>>(*t, out);
+        nf4_dequant1_kernel<<<ceil_div_i(t->numel, 256), 256, 0, ctx->stream>>>(*t, out, ldo);
     }
     CUDA_LAUNCH_CHECK();
 }

@@ -22,8 +22,8 @@ __device__ __forceinline__ void store8(bf16 *p, const float *f) {
     *(uint4 *)p = *(const uint4 *)h;
 }
 
-__global__ void rmsnorm_forward_kernel(bf16 *out, float *rstd, const bf16 *__restrict__ inp, const float *__restrict__ w,
-                                       int C, float eps) {
+__global__ void rmsnorm_forward_kernel(bf16 *out, int64_t ldo, float *rstd, const bf16 *__restrict__ inp,
+                                       const float *__restrict__ w, int C, float eps) {
     int64_t t = blockIdx.x;
     const bf16 *x = inp + t * C;
     float ss = 0.0f;
@@ -36,7 +36,7 @@ __global__ void rmsnorm_forward_kernel(bf16 *out, float *rstd, const bf16 *__res
     ss = block_sum(ss);
     float r = 1.0f / sqrtf(ss / (float)C + eps);
     if (rstd && threadIdx.x == 0) rstd[t] = r;
-    bf16 *y = out + t * C;
+    bf16 *y = out + t * ldo;
     for (int c = threadIdx.x * 8; c < C; c += blockDim.x * 8) {
         float f[8];
         load8(x + c, f);
@@ -47,7 +47,7 @@ __global__ void rmsnorm_forward_kernel(bf16 *out, float *rstd, const bf16 *__res
 }
 
 // dL/dx_j = r w_j g_j - (r^3 / C) x_j sum_i g_i w_i x_i
-__global__ void rmsnorm_backward_kernel(float *ginp, bf16 *ginp_bf16, const float *__restrict__ gout,
+__global__ void rmsnorm_backward_kernel(float *ginp, bf16 *ginp_bf16, int64_t ldb, const float *__restrict__ gout,
                                         const bf16 *__restrict__ inp, const float *__restrict__ w,
                                         const float *__restrict__ rstd, int C) {
     int64_t t = blockIdx.x;
@@ -72,35 +72,35 @@ __global__ void rmsnorm_backward_kernel(float *ginp, bf16 *ginp_bf16, const floa
             o[k] = gx[c + k] + (r * (w[c + k] * g[c + k]) - coef * f[k]);
             gx[c + k] = o[k];
         }
-        if (ginp_bf16) store8(ginp_bf16 + t * C + c, o);
+        if (ginp_bf16) store8(ginp_bf16 + t * ldb + c, o);
     }
 }
 
 __device__ __forceinline__ float silu_f(float g) { return g / (1.0f + expf(-g)); }
 
 // 8 consecutive elements of one row per thread (I % 8 == 0).
-__global__ void swiglu_forward_kernel(bf16 *out, const bf16 *__restrict__ gu, int64_t T, int I) {
+__global__ void swiglu_forward_kernel(bf16 *out, int64_t ldo, const bf16 *__restrict__ gu, int64_t ldgu, int64_t T, int I) {
     int64_t v = (int64_t)blockIdx.x * blockDim.x + threadIdx.x, per_row = I / 8;
     if (v >= T * per_row) return;
     int64_t t = v / per_row;
     int c = (int)(v % per_row) * 8;
     float g[8], u[8];
-    load8(gu + t * 2 * I + c, g);
-    load8(gu + t * 2 * I + I + c, u);
+    load8(gu + t * ldgu + c, g);
+    load8(gu + t * ldgu + I + c, u);
 #pragma unroll
     for (int k = 0; k < 8; k++) g[k] = silu_f(g[k]) * u[k];
-    store8(out + t * I + c, g);
+    store8(out + t * ldo + c, g);
 }
 
 // silu'(g) = s (1 + g (1 - s)), s = sigmoid(g); in place over gu.
-__global__ void swiglu_backward_kernel(bf16 *gu, const bf16 *__restrict__ gout, int64_t T, int I) {
+__global__ void swiglu_backward_kernel(bf16 *gu, int64_t ldgu, const bf16 *__restrict__ gout, int64_t T, int I) {
     int64_t v = (int64_t)blockIdx.x * blockDim.x + threadIdx.x, per_row = I / 8;
     if (v >= T * per_row) return;
     int64_t t = v / per_row;
     int c = (int)(v % per_row) * 8;
     float g[8], u[8], go[8], dg[8], du[8];
-    load8(gu + t * 2 * I + c, g);
-    load8(gu + t * 2 * I + I + c, u);
+    load8(gu + t * ldgu + c, g);
+    load8(gu + t * ldgu + I + c, u);
     load8(gout + t * I + c, go);
 #pragma unroll
     for (int k = 0; k < 8; k++) {
@@ -108,29 +108,30 @@ __global__ void swiglu_backward_kernel(bf16 *gu, const bf16 *__restrict__ gout, 
         dg[k] = go[k] * u[k] * (s * (1.0f + g[k] * (1.0f - s)));
         du[k] = go[k] * (g[k] / (1.0f + expf(-g[k])));
     }
-    store8(gu + t * 2 * I + c, dg);
-    store8(gu + t * 2 * I + I + c, du);
+    store8(gu + t * ldgu + c, dg);
+    store8(gu + t * ldgu + I + c, du);
 }
 
 // Any I (stories260K's 172 is not a multiple of 8): one element per thread.
-__global__ void swiglu_forward1_kernel(bf16 *out, const bf16 *__restrict__ gu, int64_t T, int I) {
+__global__ void swiglu_forward1_kernel(bf16 *out, int64_t ldo, const bf16 *__restrict__ gu, int64_t ldgu, int64_t T,
+                                       int I) {
     int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (e >= T * I) return;
     int64_t t = e / I;
     int c = (int)(e % I);
-    float g = __bfloat162float(gu[t * 2 * I + c]), u = __bfloat162float(gu[t * 2 * I + I + c]);
-    out[e] = __float2bfloat16_rn(silu_f(g) * u);
+    float g = __bfloat162float(gu[t * ldgu + c]), u = __bfloat162float(gu[t * ldgu + I + c]);
+    out[t * ldo + c] = __float2bfloat16_rn(silu_f(g) * u);
 }
 
-__global__ void swiglu_backward1_kernel(bf16 *gu, const bf16 *__restrict__ gout, int64_t T, int I) {
+__global__ void swiglu_backward1_kernel(bf16 *gu, int64_t ldgu, const bf16 *__restrict__ gout, int64_t T, int I) {
     int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (e >= T * I) return;
     int64_t t = e / I;
     int c = (int)(e % I);
-    float g = __bfloat162float(gu[t * 2 * I + c]), u = __bfloat162float(gu[t * 2 * I + I + c]);
+    float g = __bfloat162float(gu[t * ldgu + c]), u = __bfloat162float(gu[t * ldgu + I + c]);
     float go = __bfloat162float(gout[e]), s = 1.0f / (1.0f + expf(-g));
-    gu[t * 2 * I + c] = __float2bfloat16_rn(go * u * (s * (1.0f + g * (1.0f - s))));
-    gu[t * 2 * I + I + c] = __float2bfloat16_rn(go * (g / (1.0f + expf(-g))));
+    gu[t * ldgu + c] = __float2bfloat16_rn(go * u * (s * (1.0f + g * (1.0f - s))));
+    gu[t * ldgu + I + c] = __float2bfloat16_rn(go * (g / (1.0f + expf(-g))));
 }
 
 __global__ void embedding_kernel(bf16 *out, const int32_t *__restrict__ ids, const bf16 *__restrict__ table, int64_t T,
@@ -149,40 +150,41 @@ static int row_threads(int C) {
     return n <= 32 ? 32 : (n + 31) / 32 * 32;
 }
 
-extern "C" void rmsnorm_forward_cuda(cuda_ctx *ctx, bf16 *out, float *rstd, const bf16 *inp, const float *weight,
-                                     int64_t T, int C, float eps) {
-    MOSFT_ASSERT(C % 8 == 0);
+extern "C" void rmsnorm_forward_cuda(cuda_ctx *ctx, bf16 *out, int64_t ldo, float *rstd, const bf16 *inp,
+                                     const float *weight, int64_t T, int C, float eps) {
+    MOSFT_ASSERT(C % 8 == 0 && ldo % 8 == 0);
     if (T == 0) return;
-    rmsnorm_forward_kernel<<<(unsigned)T, row_threads(C), 0, ctx->stream>>>(out, rstd, inp, weight, C, eps);
+    rmsnorm_forward_kernel<<<(unsigned)T, row_threads(C), 0, ctx->stream>>>(out, ldo, rstd, inp, weight, C, eps);
     CUDA_LAUNCH_CHECK();
 }
 
-extern "C" void rmsnorm_backward_cuda(cuda_ctx *ctx, float *ginp, bf16 *ginp_bf16, const float *gout, const bf16 *inp,
-                                      const float *weight, const float *rstd, int64_t T, int C) {
-    MOSFT_ASSERT(C % 8 == 0);
+extern "C" void rmsnorm_backward_cuda(cuda_ctx *ctx, float *ginp, bf16 *ginp_bf16, int64_t ldb, const float *gout,
+                                      const bf16 *inp, const float *weight, const float *rstd, int64_t T, int C) {
+    MOSFT_ASSERT(C % 8 == 0 && ldb % 8 == 0);
     if (T == 0) return;
-    rmsnorm_backward_kernel<<<(unsigned)T, row_threads(C), 0, ctx->stream>>>(ginp, ginp_bf16, gout, inp, weight, rstd, C);
+    rmsnorm_backward_kernel<<<(unsigned)T, row_threads(C), 0, ctx->stream>>>(ginp, ginp_bf16, ldb, gout, inp, weight, rstd,
+                                                                             C);
     CUDA_LAUNCH_CHECK();
 }
 
-extern "C" void swiglu_forward_cuda(cuda_ctx *ctx, bf16 *out, const bf16 *gu, int64_t T, int I) {
+extern "C" void swiglu_forward_cuda(cuda_ctx *ctx, bf16 *out, int64_t ldo, const bf16 *gu, int64_t ldgu, int64_t T, int I) {
     if (T == 0) return;
-    if (I % 8) {
-        swiglu_forward1_kernel<<<ceil_div_i(T * I, 256), 256, 0, ctx->stream>>>(out, gu, T, I);
+    if (I % 8 || ldo % 8 || ldgu % 8) {
+        swiglu_forward1_kernel<<<ceil_div_i(T * I, 256), 256, 0, ctx->stream>>>(out, ldo, gu, ldgu, T, I);
     } else {
         int64_t n = T * (I / 8);
-        swiglu_forward_kernel<<<ceil_div_i(n, 256), 256, 0, ctx->stream>>>(out, gu, T, I);
+        swiglu_forward_kernel<<<ceil_div_i(n, 256), 256, 0, ctx->stream>>>(out, ldo, gu, ldgu, T, I);
     }
     CUDA_LAUNCH_CHECK();
 }
 
-extern "C" void swiglu_backward_cuda(cuda_ctx *ctx, bf16 *gu, const bf16 *gout, int64_t T, int I) {
+extern "C" void swiglu_backward_cuda(cuda_ctx *ctx, bf16 *gu, int64_t ldgu, const bf16 *gout, int64_t T, int I) {
     if (T == 0) return;
-    if (I % 8) {
-        swiglu_backward1_kernel<<<ceil_div_i(T * I, 256), 256, 0, ctx->stream>>>(gu, gout, T, I);
+    if (I % 8 || ldgu % 8) {
+        swiglu_backward1_kernel<<<ceil_div_i(T * I, 256), 256, 0, ctx->stream>>>(gu, ldgu, gout, T, I);
     } else {
         int64_t n = T * (I / 8);
-        swiglu_backward_kernel<<<ceil_div_i(n, 256), 256, 0, ctx->stream>>>(gu, gout, T, I);
+        swiglu_backward_kernel<<<ceil_div_i(n, 256), 256, 0, ctx->stream>>>(gu, ldgu, gout, T, I);
     }
     CUDA_LAUNCH_CHECK();
 }

@@ -73,8 +73,9 @@ void nf4_cuda_layout(nf4_cuda_tensor *t, int64_t rows, int64_t cols, int double_
 // Quantize w[rows*cols] (device fp32, already rounded to bf16 when it came from bf16 weights).
 // absmax_tmp [n_blocks] device scratch. Synchronizes (the offset is summed on the host as core/nf4.c).
 void nf4_quantize_cuda(cuda_ctx *ctx, nf4_cuda_tensor *t, const float *w, float *absmax_tmp);
-// out[numel] = bf16(code * absmax) (core/model.c base_linear_weight, bit for bit).
-void nf4_dequantize_cuda(cuda_ctx *ctx, const nf4_cuda_tensor *t, bf16 *out);
+// out[rows][cols] (row stride ldo, 0 = cols) = bf16(code * absmax) (core/model.c base_linear_weight, bit
+// for bit).
+void nf4_dequantize_cuda(cuda_ctx *ctx, const nf4_cuda_tensor *t, bf16 *out, int64_t ldo);
 // Upload a host nf4_tensor (pre-quantized bnb-4bit, or quantized by core/nf4.c) into a laid-out tensor.
 void nf4_upload_cuda(cuda_ctx *ctx, nf4_cuda_tensor *t, const nf4_tensor *host);
 
@@ -87,18 +88,21 @@ void bf16_to_f32_cuda(cuda_ctx *ctx, const bf16 *src, float *dst, int64_t n);
 void fill_normal_f32_cuda(cuda_ctx *ctx, float *dst, int64_t n, uint64_t key, float std);
 
 // ---- normalization, activation, embedding (cuda/norm_act.cu) ----
-// out[T][C] = bf16(weight * (x * rstd)), rstd[T] (may be NULL) = 1/sqrt(mean(x^2) + eps); inp[T][C].
-void rmsnorm_forward_cuda(cuda_ctx *ctx, bf16 *out, float *rstd, const bf16 *inp, const float *weight, int64_t T, int C,
-                          float eps);
+// Row strides: ld* arguments give the row stride of a [T][...] buffer that has more columns than the
+// op writes or reads (the adapter's h rides in extra columns of a linear's input); multiples of 8.
+// out[T][C] (row stride ldo) = bf16(weight * (x * rstd)), rstd[T] (may be NULL) = 1/sqrt(mean(x^2) + eps);
+// inp[T][C].
+void rmsnorm_forward_cuda(cuda_ctx *ctx, bf16 *out, int64_t ldo, float *rstd, const bf16 *inp, const float *weight,
+                          int64_t T, int C, float eps);
 // ginp[T][C] (fp32) += d/dinp of sum(gout * out); gout[T][C] fp32; ginp_bf16 (NULL or [T][C]) receives a
 // bf16 copy of the updated ginp (the next GEMM's operand).
-void rmsnorm_backward_cuda(cuda_ctx *ctx, float *ginp, bf16 *ginp_bf16, const float *gout, const bf16 *inp,
+void rmsnorm_backward_cuda(cuda_ctx *ctx, float *ginp, bf16 *ginp_bf16, int64_t ldb, const float *gout, const bf16 *inp,
                            const float *weight, const float *rstd, int64_t T, int C);
 // SwiGLU on the fused gate|up output gu[T][2I] (gate in columns [0, I), up in [I, 2I)):
-// out[T][I] = silu(gate) * up.
-void swiglu_forward_cuda(cuda_ctx *ctx, bf16 *out, const bf16 *gu, int64_t T, int I);
+// out[T][I] (row stride ldo) = silu(gate) * up; gu with row stride ldgu.
+void swiglu_forward_cuda(cuda_ctx *ctx, bf16 *out, int64_t ldo, const bf16 *gu, int64_t ldgu, int64_t T, int I);
 // In place: gu[T][2I] becomes (dL/dgate | dL/dup) from gout[T][I] (overwrites, no accumulation).
-void swiglu_backward_cuda(cuda_ctx *ctx, bf16 *gu, const bf16 *gout, int64_t T, int I);
+void swiglu_backward_cuda(cuda_ctx *ctx, bf16 *gu, int64_t ldgu, const bf16 *gout, int64_t T, int I);
 // out[T][C] = table[ids[t]]; ids[T] device, in [0, V) (checked on the host).
 void embedding_forward_cuda(cuda_ctx *ctx, bf16 *out, const int32_t *ids, const bf16 *table, int64_t T, int C);
 
@@ -108,11 +112,11 @@ void embedding_forward_cuda(cuda_ctx *ctx, bf16 *out, const int32_t *ids, const 
 void rope_table_host(float *cs, const float *inv_freq, int S, int D);
 // Split the fused projection qkv[B*S][Hq*D + 2*Hkv*D] into head-major q[B][Hq][S][D], k[B][Hkv][S][D],
 // v[B][Hkv][S][D], rotating q and k (position = index within the sequence). cs[S][D/2][2].
-void rope_split_cuda(cuda_ctx *ctx, bf16 *q, bf16 *k, bf16 *v, const bf16 *qkv, const float *cs, int B, int S, int Hq,
-                     int Hkv, int D);
+void rope_split_cuda(cuda_ctx *ctx, bf16 *q, bf16 *k, bf16 *v, const bf16 *qkv, int64_t ldqkv, const float *cs, int B,
+                     int S, int Hq, int Hkv, int D);
 // Backward: gqkv[B*S][Hq*D + 2*Hkv*D] (bf16, overwritten) from head-major fp32 gq, gk, gv, with the
 // inverse rotation on q and k.
-void rope_merge_backward_cuda(cuda_ctx *ctx, bf16 *gqkv, const float *gq, const float *gk, const float *gv,
+void rope_merge_backward_cuda(cuda_ctx *ctx, bf16 *gqkv, int64_t ldg, const float *gq, const float *gk, const float *gv,
                               const float *cs, int B, int S, int Hq, int Hkv, int D);
 // Attention scratch bytes for chunks of `bc` sequences (scores fp32 + probabilities bf16).
 size_t attention_scratch_bytes(int bc, int S, int Hq);
@@ -122,13 +126,13 @@ int attention_chunk(size_t budget, int B, int S, int Hq);
 // lse[B][Hq][S] (log-sum-exp of each row's scaled scores, +inf for a row with no key) from head-major
 // q, k, v. mask[B][S] device (1 = token). scratch: attention_scratch_bytes(bc, S, Hq) bytes;
 // o_tmp[B][Hq][S][D] bf16 scratch.
-void attention_forward_cuda(cuda_ctx *ctx, bf16 *out, float *lse, const bf16 *q, const bf16 *k, const bf16 *v,
+void attention_forward_cuda(cuda_ctx *ctx, bf16 *out, int64_t ldo, float *lse, const bf16 *q, const bf16 *k, const bf16 *v,
                             const int32_t *mask, int B, int S, int Hq, int Hkv, int D, void *scratch, int bc,
                             bf16 *o_tmp);
 // Backward: gq[B][Hq][S][D], gk, gv[B][Hkv][S][D] fp32 (overwritten) from gout[B*S][Hq*D] and the
-// forward's out and lse. do_tmp[B][Hq][S][D] bf16 scratch, delta[B][Hq][S] fp32 scratch.
+// forward's out (row stride ldo) and lse. do_tmp[B][Hq][S][D] bf16 scratch, delta[B][Hq][S] fp32 scratch.
 void attention_backward_cuda(cuda_ctx *ctx, float *gq, float *gk, float *gv, const bf16 *gout, const bf16 *out,
-                             const float *lse, const bf16 *q, const bf16 *k, const bf16 *v, const int32_t *mask, int B,
+                             int64_t ldo, const float *lse, const bf16 *q, const bf16 *k, const bf16 *v, const int32_t *mask, int B,
                              int S, int Hq, int Hkv, int D, void *scratch, int bc, bf16 *do_tmp, float *delta);
 
 // FlashAttention-style kernels (cuda/flash_attention.cu) serve head sizes 16, 32, 64 and 128: the two
@@ -136,7 +140,7 @@ void attention_backward_cuda(cuda_ctx *ctx, float *gq, float *gk, float *gv, con
 // selects the batched-GEMM path.
 int flash_attention_supported(int D);
 void attention_use_flash(int on);
-void flash_attention_forward_cuda(cuda_ctx *ctx, bf16 *out, float *lse, const bf16 *q, const bf16 *k, const bf16 *v,
+void flash_attention_forward_cuda(cuda_ctx *ctx, bf16 *out, int64_t ldo, float *lse, const bf16 *q, const bf16 *k, const bf16 *v,
                                   const int32_t *mask, int B, int S, int Hq, int Hkv, int D);
 // dO_heads[B][Hq][S][D] (head-major), delta[B][Hq][S] = rowsum(dO * O); gq, gk, gv fp32 overwritten.
 void flash_attention_backward_cuda(cuda_ctx *ctx, float *gq, float *gk, float *gv, const bf16 *dO_heads,
@@ -179,6 +183,7 @@ void scale_f32_cuda(cuda_ctx *ctx, float *x, int64_t n, float s);
 // layer), so the scatter kernels need no atomics, and launches in stream order keep it deterministic.
 typedef struct {
     int r, l, d_in, d_out, strideB;
+    float scaleB;                // B is gathered as scaleB * B (the adapter's alpha / r folded in)
     const int64_t *offA, *offB;  // [r*l] device
     const float *scaleA;         // [r] device, NULL = 1
     int ldB;                     // row stride of B and gB (r when standalone)

@@ -60,6 +60,27 @@ static int max_din(const backend *be) {
 
 // ---- memory layout --------------------------------------------------------------------------------
 
+// The adapter's columns beside a group's input (and beside its output gradient in backward): R rounded
+// up to 8 so that rows stay 16-byte aligned.
+static int rp(const cuda_impl *c, int g) { return c->model.Rp[g]; }
+
+// Row strides of the buffers that carry an adapter's h (forward) or gh (backward) in extra columns.
+typedef struct {
+    int64_t h1, att, h2, a, gu, qkv, gxb;
+} lds;
+
+static lds lds_of(const cuda_impl *c, const dims *d) {
+    lds x;
+    x.h1 = d->C + rp(c, GRP_QKV);
+    x.att = d->Q + rp(c, GRP_O);
+    x.h2 = d->C + rp(c, GRP_GU);
+    x.a = d->I + rp(c, GRP_DOWN);
+    x.gu = 2 * (int64_t)d->I + rp(c, GRP_GU);
+    x.qkv = d->W + rp(c, GRP_QKV);
+    x.gxb = d->C + (rp(c, GRP_O) > rp(c, GRP_DOWN) ? rp(c, GRP_O) : rp(c, GRP_DOWN));
+    return x;
+}
+
 enum { CAT_ACTS = 0, CAT_WORK };
 
 static void *take(cuda_arena *ar, size_t bytes, mem_plan *plan, int cat) {
@@ -75,6 +96,7 @@ static void *take(cuda_arena *ar, size_t bytes, mem_plan *plan, int cat) {
 void cuda_acts_layout(backend *be, cuda_arena *ar, int B, int S, mem_plan *plan) {
     cuda_impl *c = (cuda_impl *)be->impl;
     dims d = dims_of(&be->cfg, B, S);
+    lds ld = lds_of(c, &d);
     int64_t T = d.T;
     int lev = c->recompute;
     if (!c->acts) c->acts = (cuda_acts *)xcalloc((size_t)d.L, sizeof(cuda_acts));
@@ -83,17 +105,17 @@ void cuda_acts_layout(backend *be, cuda_arena *ar, int B, int S, mem_plan *plan)
 #define BF(n) (bf16 *)take(ar, (size_t)(n) * 2, plan, CAT_ACTS)
 #define F32(n) (float *)take(ar, (size_t)(n) * 4, plan, CAT_ACTS)
     if (lev != RECOMPUTE_NONE) {
-        sh.h1 = BF(T * d.C);
+        sh.h1 = BF(T * ld.h1);
         sh.rstd1 = F32(T);
-        sh.h2 = BF(T * d.C);
+        sh.h2 = BF(T * ld.h2);
         sh.rstd2 = F32(T);
-        sh.gu = BF(T * 2 * d.I);
-        sh.a = BF(T * d.I);
+        sh.gu = BF(T * ld.gu);
+        sh.a = BF(T * ld.a);
         if (lev == RECOMPUTE_FULL) {
             sh.q = BF(T * d.Q);
             sh.k = BF(T * d.KV);
             sh.v = BF(T * d.KV);
-            sh.att = BF(T * d.Q);
+            sh.att = BF(T * ld.att);
             sh.lse = F32(T * d.Hq);
             sh.x_mid = BF(T * d.C);
         }
@@ -103,18 +125,18 @@ void cuda_acts_layout(backend *be, cuda_arena *ar, int B, int S, mem_plan *plan)
         *a = sh;
         a->x_in = BF(T * d.C);
         if (lev == RECOMPUTE_NONE) {
-            a->h1 = BF(T * d.C);
+            a->h1 = BF(T * ld.h1);
             a->rstd1 = F32(T);
-            a->h2 = BF(T * d.C);
+            a->h2 = BF(T * ld.h2);
             a->rstd2 = F32(T);
-            a->gu = BF(T * 2 * d.I);
-            a->a = BF(T * d.I);
+            a->gu = BF(T * ld.gu);
+            a->a = BF(T * ld.a);
         }
         if (lev != RECOMPUTE_FULL) {
             a->q = BF(T * d.Q);
             a->k = BF(T * d.KV);
             a->v = BF(T * d.KV);
-            a->att = BF(T * d.Q);
+            a->att = BF(T * ld.att);
             a->lse = F32(T * d.Hq);
             a->x_mid = BF(T * d.C);
         }
@@ -126,10 +148,10 @@ void cuda_acts_layout(backend *be, cuda_arena *ar, int B, int S, mem_plan *plan)
 #define F32(n) (float *)take(ar, (size_t)(n) * 4, plan, CAT_WORK)
     c->xf = BF(T * d.C);
     c->rstd_f = F32(T);
-    c->qkv = BF(T * d.W);
+    c->qkv = BF(T * ld.qkv);
     c->o_tmp = BF(T * d.Q);
     c->gx = F32(T * d.C);
-    c->gxb = BF(T * d.C);
+    c->gxb = BF(T * ld.gxb);
     c->gh = F32(T * d.C);
     c->gbig = BF(T * (d.I > d.Q ? d.I : d.Q));
     c->gq = F32(T * d.Q);
@@ -139,7 +161,8 @@ void cuda_acts_layout(backend *be, cuda_arena *ar, int B, int S, mem_plan *plan)
     int bc = attention_chunk(ATT_BUDGET, B, S, d.Hq);
     c->ce_rows = lmhead_ce_chunk_rows(CE_BUDGET, d.V);
     if (c->ce_rows > T) c->ce_rows = T;
-    size_t att = attention_scratch_bytes(bc, S, d.Hq), ce = lmhead_ce_scratch_bytes(c->ce_rows, d.V);
+    size_t att = flash_attention_supported(d.D) ? 0 : attention_scratch_bytes(bc, S, d.Hq);
+    size_t ce = lmhead_ce_scratch_bytes(c->ce_rows, d.V);
     c->big_bytes = att > ce ? att : ce;
     c->big = take(ar, c->big_bytes, plan, CAT_WORK);
     c->row_loss = F32(T);
@@ -147,49 +170,65 @@ void cuda_acts_layout(backend *be, cuda_arena *ar, int B, int S, mem_plan *plan)
     c->targets = (int32_t *)take(ar, (size_t)T * 4, plan, CAT_WORK);
     c->mask = (int32_t *)take(ar, (size_t)T * 4, plan, CAT_WORK);
     c->cs = F32((int64_t)S * d.D);
-    if (c->model.nf4) {
+    if (c->model.nf4) {  // the largest group with its adapter blocks: [d_out + Rp][d_in + Rp]
         int64_t mx = 0;
-        int64_t g[4] = {(int64_t)d.W * d.C, (int64_t)d.C * d.Q, (int64_t)2 * d.I * d.C, (int64_t)d.C * d.I};
-        for (int i = 0; i < 4; i++) mx = g[i] > mx ? g[i] : mx;
+        for (int g = 0; g < GRP_COUNT; g++) {
+            int di, dout;
+            cuda_group_dims(&be->cfg, g, &di, &dout);
+            int64_t n = (int64_t)(dout + rp(c, g)) * (di + rp(c, g));
+            mx = n > mx ? n : mx;
+        }
         c->wbuf = BF(mx);
     }
     int din = max_din(be);
     if (din > 0) {
-        c->ad_gh = BF(T * c->R_max);
         c->ad_gA = F32((int64_t)c->R_max * din);
         c->ad_gB = F32((int64_t)c->dout_max * c->R_max);
         if (be->dropout > 0) {
             c->ad_xd = BF(T * din);
             c->ad_gxd = F32(T * din);
         }
-#undef BF
-#define BF(n) (bf16 *)take(ar, (size_t)(n) * 2, plan, CAT_ACTS)
-        if (!c->ad_h) c->ad_h = (bf16 **)xcalloc((size_t)d.L, sizeof(bf16 *));
-        for (int l = 0; l < d.L; l++) c->ad_h[l] = BF(T * c->R_tot);  // small: R_tot <= 7r columns
     }
 #undef BF
 #undef F32
 }
 
 // ---- frozen weights and adapters ------------------------------------------------------------------
+//
+// A group's GEMMs take the adapter along by widening the contraction (K-augmentation):
+//   forward   y  = [x | h] [W | sB]^T    h = xd A^T in the input's extra columns, sB beside W's rows
+//   backward  gx = [gy | gh] [W ; A]      gh = gy (sB) in the output gradient's extra columns, A below W
+// so the adapter never makes its own pass over y or gx. The weight buffer holds both blocks:
+// [d_out + Rp][d_in + Rp] with W top-left, sB top-right, A bottom-left. With dropout (a mask per
+// module) the backward term (gh A) * mask cannot ride along and is added per module.
 
-// The bf16 weight of a fused group (dequantized into c->wbuf for an NF4 base).
+// The bf16 weight of group `grp` with its adapter blocks (row stride d_in + Rp).
 static const bf16 *group_weight(cuda_impl *c, const dims *d, int l, int grp) {
     const cuda_layer *L = &c->model.layers[l];
     if (!c->model.nf4) return L->w[grp];
     prof_mark(c, PROF_DEQUANT);
+    int di, dout;
+    cuda_group_dims(&c->model.cfg, grp, &di, &dout);
+    int64_t ld = di + rp(c, grp);
     switch (grp) {
     case GRP_QKV:
-        nf4_dequantize_cuda(c->ctx, &L->q[MOD_Q], c->wbuf);
-        nf4_dequantize_cuda(c->ctx, &L->q[MOD_K], c->wbuf + (int64_t)d->Q * d->C);
-        nf4_dequantize_cuda(c->ctx, &L->q[MOD_V], c->wbuf + (int64_t)(d->Q + d->KV) * d->C);
+        nf4_dequantize_cuda(c->ctx, &L->q[MOD_Q], c->wbuf, ld);
+        nf4_dequantize_cuda(c->ctx, &L->q[MOD_K], c->wbuf + (int64_t)d->Q * ld, ld);
+        nf4_dequantize_cuda(c->ctx, &L->q[MOD_V], c->wbuf + (int64_t)(d->Q + d->KV) * ld, ld);
         break;
-    case GRP_O: nf4_dequantize_cuda(c->ctx, &L->q[MOD_O], c->wbuf); break;
+    case GRP_O: nf4_dequantize_cuda(c->ctx, &L->q[MOD_O], c->wbuf, ld); break;
     case GRP_GU:
-        nf4_dequantize_cuda(c->ctx, &L->q[MOD_GATE], c->wbuf);
-        nf4_dequantize_cuda(c->ctx, &L->q[MOD_UP], c->wbuf + (int64_t)d->I * d->C);
+        nf4_dequantize_cuda(c->ctx, &L->q[MOD_GATE], c->wbuf, ld);
+        nf4_dequantize_cuda(c->ctx, &L->q[MOD_UP], c->wbuf + (int64_t)d->I * ld, ld);
         break;
-    default: nf4_dequantize_cuda(c->ctx, &L->q[MOD_DOWN], c->wbuf); break;
+    default: nf4_dequantize_cuda(c->ctx, &L->q[MOD_DOWN], c->wbuf, ld); break;
+    }
+    const cuda_adapter_group *ag = &c->grp[grp];
+    if (ag->n) {
+        CUDA_CHECK(cudaMemcpy2DAsync(c->wbuf + di, (size_t)ld * 2, ag->B[l], (size_t)ag->R * 2, (size_t)ag->R * 2,
+                                     (size_t)dout, cudaMemcpyDeviceToDevice, c->ctx->stream));
+        CUDA_CHECK(cudaMemcpy2DAsync(c->wbuf + (int64_t)dout * ld, (size_t)ld * 2, ag->A[l], (size_t)di * 2, (size_t)di * 2,
+                                     (size_t)ag->R, cudaMemcpyDeviceToDevice, c->ctx->stream));
     }
     return c->wbuf;
 }
@@ -199,10 +238,19 @@ void cuda_build_factors(backend *be) {
     if (c->built) return;
     for (int g = 0; g < GRP_COUNT; g++) {
         cuda_adapter_group *ag = &c->grp[g];
-        for (int l = 0; l < be->cfg.n_layers && ag->n; l++)
+        for (int l = 0; l < be->cfg.n_layers && ag->n; l++) {
             for (int i = 0; i < ag->n; i++)
                 lowrank_gather_cuda(c->ctx, &ag->map[l * 3 + i], c->params, ag->A[l] + (int64_t)i * c->rank * ag->d_in,
                                     ag->B[l] + (int64_t)ag->row_off[i] * ag->R + i * c->rank);
+            if (!c->model.nf4) {  // a bf16 base keeps the blocks beside its weights
+                int64_t ld = ag->d_in + rp(c, g);
+                bf16 *w = c->model.layers[l].w[g];
+                CUDA_CHECK(cudaMemcpy2DAsync(w + ag->d_in, (size_t)ld * 2, ag->B[l], (size_t)ag->R * 2, (size_t)ag->R * 2,
+                                             (size_t)ag->d_out, cudaMemcpyDeviceToDevice, c->ctx->stream));
+                CUDA_CHECK(cudaMemcpy2DAsync(w + (int64_t)ag->d_out * ld, (size_t)ld * 2, ag->A[l], (size_t)ag->d_in * 2,
+                                             (size_t)ag->d_in * 2, (size_t)ag->R, cudaMemcpyDeviceToDevice, c->ctx->stream));
+            }
+        }
     }
     c->built = 1;
 }
@@ -226,64 +274,76 @@ static drop_spec drop_of(const backend *be, const dropout_ctx *dc, int l, int m)
 
 static int dropout_on(const backend *be, const dropout_ctx *dc) { return dc && be->dropout > 0.0f; }
 
-// y[T][d_out] (the group's fused output, row stride ldy) += s * (xd A^T) B^T for every adapted module
-// of group g; x [T][d_in] with row stride ldx. h is saved in c->ad_h[l].
-static void adapter_forward(backend *be, const dims *d, int l, int g, const bf16 *x, int64_t ldx, bf16 *y, int64_t ldy,
-                            const dropout_ctx *dc) {
+// h = dropout(x) A^T of every adapted module of group g, into x's extra columns (x [T][d_in + Rp] with
+// row stride ldx): the left operand of the group's K-augmented GEMM.
+static void adapter_h(backend *be, const dims *d, int l, int g, bf16 *x, int64_t ldx, const dropout_ctx *dc) {
     cuda_impl *c = (cuda_impl *)be->impl;
     cuda_adapter_group *ag = &c->grp[g];
     if (!ag->n) return;
-    int r = c->rank, R = ag->R;
-    bf16 *h = c->ad_h[l] + ag->h_off;  // [T][R] with row stride R_tot
+    int r = c->rank;
+    bf16 *h = x + ag->d_in;
     if (!dropout_on(be, dc)) {
-        gemm_cuda(c->ctx, 0, 1, d->T, R, ag->d_in, 1.0f, x, ldx, ag->A[l], ag->d_in, 0.0f, NULL, h, c->R_tot, GEMM_BF16);
-        gemm_cuda(c->ctx, 0, 1, d->T, ag->d_out, R, c->scaling, h, c->R_tot, ag->B[l], R, 1.0f, y, y, ldy, GEMM_BF16);
+        gemm_cuda(c->ctx, 0, 1, d->T, ag->R, ag->d_in, 1.0f, x, ldx, ag->A[l], ag->d_in, 0.0f, NULL, h, ldx, GEMM_BF16);
         return;
     }
-    for (int i = 0; i < ag->n; i++) {  // a mask per module: per module on the blocks
+    for (int i = 0; i < ag->n; i++) {  // a mask per module
         drop_spec ds = drop_of(be, dc, l, ag->mod[i]);
         dropout_apply_cuda(c->ctx, c->ad_xd, x, ldx, d->T, ag->d_in, ds.key, ds.thr, ds.keep);
         gemm_cuda(c->ctx, 0, 1, d->T, r, ag->d_in, 1.0f, c->ad_xd, ag->d_in, ag->A[l] + (int64_t)i * r * ag->d_in,
-                  ag->d_in, 0.0f, NULL, h + i * r, c->R_tot, GEMM_BF16);
-        bf16 *yi = y + ag->row_off[i];
-        gemm_cuda(c->ctx, 0, 1, d->T, ag->d_out_m[i], r, c->scaling, h + i * r, c->R_tot,
-                  ag->B[l] + (int64_t)ag->row_off[i] * R + i * r, R, 1.0f, yi, yi, ldy, GEMM_BF16);
+                  ag->d_in, 0.0f, NULL, h + i * r, ldx, GEMM_BF16);
     }
 }
 
-// Backward of group g's adapters: gx (fp32 or bf16, row stride ldgx) += d/dx; dL/dA, dL/dB scattered
-// into c->grad. gy [T][d_out] (the group's fused output gradient) with row stride ldgy.
-static void adapter_backward(backend *be, const dims *d, int l, int g, const bf16 *x, int64_t ldx, const bf16 *gy,
-                             int64_t ldgy, void *gx, int gx_f32, int64_t ldgx, const dropout_ctx *dc) {
+// K of group g's forward GEMM: the input width plus the adapter's columns.
+static int64_t k_fwd(const cuda_impl *c, int g, int64_t d_in) { return d_in + c->grp[g].R; }
+
+// Backward of group g's adapters, before its input-gradient GEMM: gh = gy (sB) into gy's extra columns
+// (gy [T][d_out + Rp], row stride ldgy), dL/dB = s gy^T h, dL/dA = gh^T xd, both scattered into
+// c->grad. Returns the K of the input-gradient GEMM: d_out + R when gh A rides along (no dropout),
+// else d_out (adapter_dx_dropout adds the masked term after it).
+static int64_t adapter_grads(backend *be, const dims *d, int l, int g, const bf16 *x, int64_t ldx, bf16 *gy, int64_t ldgy,
+                             const dropout_ctx *dc) {
     cuda_impl *c = (cuda_impl *)be->impl;
     cuda_adapter_group *ag = &c->grp[g];
-    if (!ag->n) return;
+    int di, dout;
+    cuda_group_dims(&be->cfg, g, &di, &dout);
+    if (!ag->n) return dout;
     int r = c->rank, R = ag->R;
-    float s = c->scaling;
-    const bf16 *h = c->ad_h[l] + ag->h_off;
-    gemm_dtype gt = gx_f32 ? GEMM_F32 : GEMM_BF16;
-    // gh = s gy B;  gB = s gy^T h (only the diagonal blocks are used);  gA = gh^T xd
-    gemm_cuda(c->ctx, 0, 0, d->T, R, ag->d_out, s, gy, ldgy, ag->B[l], R, 0.0f, NULL, c->ad_gh, R, GEMM_BF16);
-    gemm_cuda(c->ctx, 1, 0, ag->d_out, R, d->T, s, gy, ldgy, h, c->R_tot, 0.0f, NULL, c->ad_gB, R, GEMM_F32);
+    bf16 *gh = gy + dout;
+    const bf16 *h = x + di;
+    gemm_cuda(c->ctx, 0, 0, d->T, R, dout, 1.0f, gy, ldgy, ag->B[l], R, 0.0f, NULL, gh, ldgy, GEMM_BF16);
+    gemm_cuda(c->ctx, 1, 0, dout, R, d->T, c->scaling, gy, ldgy, h, ldx, 0.0f, NULL, c->ad_gB, R, GEMM_F32);
     if (!dropout_on(be, dc)) {
-        gemm_cuda(c->ctx, 1, 0, R, ag->d_in, d->T, 1.0f, c->ad_gh, R, x, ldx, 0.0f, NULL, c->ad_gA, ag->d_in, GEMM_F32);
+        gemm_cuda(c->ctx, 1, 0, R, di, d->T, 1.0f, gh, ldgy, x, ldx, 0.0f, NULL, c->ad_gA, di, GEMM_F32);
         for (int i = 0; i < ag->n; i++)
-            lowrank_scatter_cuda(c->ctx, &ag->map[l * 3 + i], c->ad_gA + (int64_t)i * r * ag->d_in,
+            lowrank_scatter_cuda(c->ctx, &ag->map[l * 3 + i], c->ad_gA + (int64_t)i * r * di,
                                  c->ad_gB + (int64_t)ag->row_off[i] * R + i * r, c->grad);
-        gemm_cuda(c->ctx, 0, 0, d->T, ag->d_in, R, 1.0f, c->ad_gh, R, ag->A[l], ag->d_in, 1.0f, gx, gx, ldgx, gt);
-        return;
+        return dout + R;
     }
     for (int i = 0; i < ag->n; i++) {
         drop_spec ds = drop_of(be, dc, l, ag->mod[i]);
-        const bf16 *Ai = ag->A[l] + (int64_t)i * r * ag->d_in;
-        dropout_apply_cuda(c->ctx, c->ad_xd, x, ldx, d->T, ag->d_in, ds.key, ds.thr, ds.keep);
-        gemm_cuda(c->ctx, 1, 0, r, ag->d_in, d->T, 1.0f, c->ad_gh + i * r, R, c->ad_xd, ag->d_in, 0.0f, NULL, c->ad_gA,
-                  ag->d_in, GEMM_F32);
+        dropout_apply_cuda(c->ctx, c->ad_xd, x, ldx, d->T, di, ds.key, ds.thr, ds.keep);
+        gemm_cuda(c->ctx, 1, 0, r, di, d->T, 1.0f, gh + i * r, ldgy, c->ad_xd, di, 0.0f, NULL, c->ad_gA, di, GEMM_F32);
         lowrank_scatter_cuda(c->ctx, &ag->map[l * 3 + i], c->ad_gA, c->ad_gB + (int64_t)ag->row_off[i] * R + i * r,
                              c->grad);
-        gemm_cuda(c->ctx, 0, 0, d->T, ag->d_in, r, 1.0f, c->ad_gh + i * r, R, Ai, ag->d_in, 0.0f, NULL, c->ad_gxd,
-                  ag->d_in, GEMM_F32);
-        dropout_backward_add_cuda(c->ctx, gx, gx_f32, ldgx, c->ad_gxd, d->T, ag->d_in, ds.key, ds.thr, ds.keep);
+    }
+    return dout;
+}
+
+// With dropout: gx (fp32 or bf16, row stride ldgx) += (gh_m A_m) * mask_m for each module of group g.
+static void adapter_dx_dropout(backend *be, const dims *d, int l, int g, const bf16 *gy, int64_t ldgy, void *gx,
+                               int gx_f32, int64_t ldgx, const dropout_ctx *dc) {
+    cuda_impl *c = (cuda_impl *)be->impl;
+    cuda_adapter_group *ag = &c->grp[g];
+    if (!ag->n || !dropout_on(be, dc)) return;
+    int r = c->rank, di, dout;
+    cuda_group_dims(&be->cfg, g, &di, &dout);
+    const bf16 *gh = gy + dout;
+    for (int i = 0; i < ag->n; i++) {
+        drop_spec ds = drop_of(be, dc, l, ag->mod[i]);
+        gemm_cuda(c->ctx, 0, 0, d->T, di, r, 1.0f, gh + i * r, ldgy, ag->A[l] + (int64_t)i * r * di, di, 0.0f, NULL,
+                  c->ad_gxd, di, GEMM_F32);
+        dropout_backward_add_cuda(c->ctx, gx, gx_f32, ldgx, c->ad_gxd, d->T, di, ds.key, ds.thr, ds.keep);
     }
 }
 
@@ -295,55 +355,65 @@ static int att_chunk(const cuda_impl *c, const dims *d) {
     return bc;
 }
 
-// h1, q, k, v, att, lse, x_mid of layer l from its x_in.
+// h1 (+ the q|k|v adapter's h) of layer l from its x_in.
+static void norm1_forward(backend *be, const dims *d, int l, const dropout_ctx *dc) {
+    cuda_impl *c = (cuda_impl *)be->impl;
+    cuda_acts *a = &c->acts[l];
+    lds ld = lds_of(c, d);
+    prof_mark(c, PROF_ELEM);
+    rmsnorm_forward_cuda(c->ctx, a->h1, ld.h1, a->rstd1, a->x_in, c->model.layers[l].attn_norm, d->T, d->C,
+                         (float)be->cfg.rms_eps);
+    prof_mark(c, PROF_ADAPTER);
+    adapter_h(be, d, l, GRP_QKV, a->h1, ld.h1, dc);
+}
+
+// q, k, v, att, lse, x_mid of layer l from its h1.
 static void attn_block_forward(backend *be, const dims *d, int l, const dropout_ctx *dc) {
     cuda_impl *c = (cuda_impl *)be->impl;
     cuda_acts *a = &c->acts[l];
-    const cuda_layer *L = &c->model.layers[l];
     cuda_ctx *ctx = c->ctx;
-    float eps = (float)be->cfg.rms_eps;
-    prof_mark(c, PROF_ELEM);
-    rmsnorm_forward_cuda(ctx, a->h1, a->rstd1, a->x_in, L->attn_norm, d->T, d->C, eps);
+    lds ld = lds_of(c, d);
     const bf16 *w = group_weight(c, d, l, GRP_QKV);
     prof_mark(c, PROF_GEMM);
-    gemm_cuda(ctx, 0, 1, d->T, d->W, d->C, 1.0f, a->h1, d->C, w, d->C, 0.0f, NULL, c->qkv, d->W, GEMM_BF16);
-    prof_mark(c, PROF_ADAPTER);
-    adapter_forward(be, d, l, GRP_QKV, a->h1, d->C, c->qkv, d->W, dc);
+    gemm_cuda(ctx, 0, 1, d->T, d->W, k_fwd(c, GRP_QKV, d->C), 1.0f, a->h1, ld.h1, w, d->C + rp(c, GRP_QKV), 0.0f, NULL,
+              c->qkv, ld.qkv, GEMM_BF16);
     prof_mark(c, PROF_ELEM);
-    rope_split_cuda(ctx, a->q, a->k, a->v, c->qkv, c->cs, d->B, d->S, d->Hq, d->Hkv, d->D);
+    rope_split_cuda(ctx, a->q, a->k, a->v, c->qkv, ld.qkv, c->cs, d->B, d->S, d->Hq, d->Hkv, d->D);
     prof_mark(c, PROF_ATTN);
-    attention_forward_cuda(ctx, a->att, a->lse, a->q, a->k, a->v, c->mask, d->B, d->S, d->Hq, d->Hkv, d->D, c->big,
+    attention_forward_cuda(ctx, a->att, ld.att, a->lse, a->q, a->k, a->v, c->mask, d->B, d->S, d->Hq, d->Hkv, d->D, c->big,
                            att_chunk(c, d), c->o_tmp);
+    prof_mark(c, PROF_ADAPTER);
+    adapter_h(be, d, l, GRP_O, a->att, ld.att, dc);
     w = group_weight(c, d, l, GRP_O);
     prof_mark(c, PROF_GEMM);
-    gemm_cuda(ctx, 0, 1, d->T, d->C, d->Q, 1.0f, a->att, d->Q, w, d->Q, 1.0f, a->x_in, a->x_mid, d->C, GEMM_BF16);
-    prof_mark(c, PROF_ADAPTER);
-    adapter_forward(be, d, l, GRP_O, a->att, d->Q, a->x_mid, d->C, dc);
+    gemm_cuda(ctx, 0, 1, d->T, d->C, k_fwd(c, GRP_O, d->Q), 1.0f, a->att, ld.att, w, d->Q + rp(c, GRP_O), 1.0f, a->x_in,
+              a->x_mid, d->C, GEMM_BF16);
 }
 
-// h2, gu, a of layer l from its x_mid; with x_out, also x_out = x_mid + down(a).
+// h2, gu, a (+ the adapters' h) of layer l from its x_mid; with x_out, also x_out = x_mid + down(a).
 static void mlp_block_forward(backend *be, const dims *d, int l, bf16 *x_out, const dropout_ctx *dc) {
     cuda_impl *c = (cuda_impl *)be->impl;
     cuda_acts *a = &c->acts[l];
     const cuda_layer *L = &c->model.layers[l];
     cuda_ctx *ctx = c->ctx;
-    float eps = (float)be->cfg.rms_eps;
+    lds ld = lds_of(c, d);
     prof_mark(c, PROF_ELEM);
-    rmsnorm_forward_cuda(ctx, a->h2, a->rstd2, a->x_mid, L->mlp_norm, d->T, d->C, eps);
+    rmsnorm_forward_cuda(ctx, a->h2, ld.h2, a->rstd2, a->x_mid, L->mlp_norm, d->T, d->C, (float)be->cfg.rms_eps);
+    prof_mark(c, PROF_ADAPTER);
+    adapter_h(be, d, l, GRP_GU, a->h2, ld.h2, dc);
     const bf16 *w = group_weight(c, d, l, GRP_GU);
     prof_mark(c, PROF_GEMM);
-    gemm_cuda(ctx, 0, 1, d->T, 2 * (int64_t)d->I, d->C, 1.0f, a->h2, d->C, w, d->C, 0.0f, NULL, a->gu, 2 * (int64_t)d->I,
-              GEMM_BF16);
-    prof_mark(c, PROF_ADAPTER);
-    adapter_forward(be, d, l, GRP_GU, a->h2, d->C, a->gu, 2 * (int64_t)d->I, dc);
+    gemm_cuda(ctx, 0, 1, d->T, 2 * (int64_t)d->I, k_fwd(c, GRP_GU, d->C), 1.0f, a->h2, ld.h2, w, d->C + rp(c, GRP_GU),
+              0.0f, NULL, a->gu, ld.gu, GEMM_BF16);
     prof_mark(c, PROF_ELEM);
-    swiglu_forward_cuda(ctx, a->a, a->gu, d->T, d->I);
+    swiglu_forward_cuda(ctx, a->a, ld.a, a->gu, ld.gu, d->T, d->I);
+    prof_mark(c, PROF_ADAPTER);
+    adapter_h(be, d, l, GRP_DOWN, a->a, ld.a, dc);  // saved for backward even when x_out is not needed
     if (!x_out) return;
     w = group_weight(c, d, l, GRP_DOWN);
     prof_mark(c, PROF_GEMM);
-    gemm_cuda(ctx, 0, 1, d->T, d->C, d->I, 1.0f, a->a, d->I, w, d->I, 1.0f, a->x_mid, x_out, d->C, GEMM_BF16);
-    prof_mark(c, PROF_ADAPTER);
-    adapter_forward(be, d, l, GRP_DOWN, a->a, d->I, x_out, d->C, dc);
+    gemm_cuda(ctx, 0, 1, d->T, d->C, k_fwd(c, GRP_DOWN, d->I), 1.0f, a->a, ld.a, w, d->I + rp(c, GRP_DOWN), 1.0f,
+              a->x_mid, x_out, d->C, GEMM_BF16);
 }
 
 // c->gx holds dL/dx_out (and c->gxb its bf16 copy) on entry, dL/dx_in on exit.
@@ -352,43 +422,51 @@ static void layer_backward(backend *be, const dims *d, int l, const dropout_ctx 
     cuda_acts *a = &c->acts[l];
     const cuda_layer *L = &c->model.layers[l];
     cuda_ctx *ctx = c->ctx;
-    int64_t I2 = 2 * (int64_t)d->I;
+    lds ld = lds_of(c, d);
     // MLP: x_out = x_mid + down(silu(gate(h2)) * up(h2))
+    prof_mark(c, PROF_ADAPTER_BWD);
+    int64_t K = adapter_grads(be, d, l, GRP_DOWN, a->a, ld.a, c->gxb, ld.gxb, dc);
     const bf16 *w = group_weight(c, d, l, GRP_DOWN);
     bf16 *ga = c->gbig;  // [T][I]
-    prof_mark(c, PROF_GEMM);
-    gemm_cuda(ctx, 0, 0, d->T, d->I, d->C, 1.0f, c->gxb, d->C, w, d->I, 0.0f, NULL, ga, d->I, GEMM_BF16);
-    prof_mark(c, PROF_ADAPTER);
-    adapter_backward(be, d, l, GRP_DOWN, a->a, d->I, c->gxb, d->C, ga, 0, d->I, dc);
+    prof_mark(c, PROF_GEMM_BWD);
+    gemm_cuda(ctx, 0, 0, d->T, d->I, K, 1.0f, c->gxb, ld.gxb, w, d->I + rp(c, GRP_DOWN), 0.0f, NULL, ga, d->I, GEMM_BF16);
+    prof_mark(c, PROF_ADAPTER_BWD);
+    adapter_dx_dropout(be, d, l, GRP_DOWN, c->gxb, ld.gxb, ga, 0, d->I, dc);
     prof_mark(c, PROF_ELEM);
-    swiglu_backward_cuda(ctx, a->gu, ga, d->T, d->I);  // a->gu now holds dL/dgate | dL/dup
+    swiglu_backward_cuda(ctx, a->gu, ld.gu, ga, d->T, d->I);  // a->gu now holds dL/dgate | dL/dup
+    prof_mark(c, PROF_ADAPTER_BWD);
+    K = adapter_grads(be, d, l, GRP_GU, a->h2, ld.h2, a->gu, ld.gu, dc);
     w = group_weight(c, d, l, GRP_GU);
-    prof_mark(c, PROF_GEMM);
-    gemm_cuda(ctx, 0, 0, d->T, d->C, I2, 1.0f, a->gu, I2, w, d->C, 0.0f, NULL, c->gh, d->C, GEMM_F32);
-    prof_mark(c, PROF_ADAPTER);
-    adapter_backward(be, d, l, GRP_GU, a->h2, d->C, a->gu, I2, c->gh, 1, d->C, dc);
+    prof_mark(c, PROF_GEMM_BWD);
+    gemm_cuda(ctx, 0, 0, d->T, d->C, K, 1.0f, a->gu, ld.gu, w, d->C + rp(c, GRP_GU), 0.0f, NULL, c->gh, d->C, GEMM_F32);
+    prof_mark(c, PROF_ADAPTER_BWD);
+    adapter_dx_dropout(be, d, l, GRP_GU, a->gu, ld.gu, c->gh, 1, d->C, dc);
     prof_mark(c, PROF_ELEM);
-    rmsnorm_backward_cuda(ctx, c->gx, c->gxb, c->gh, a->x_mid, L->mlp_norm, a->rstd2, d->T, d->C);
+    rmsnorm_backward_cuda(ctx, c->gx, c->gxb, ld.gxb, c->gh, a->x_mid, L->mlp_norm, a->rstd2, d->T, d->C);
     // attention: x_mid = x_in + o(attention(rope(q(h1)), rope(k(h1)), v(h1)))
+    prof_mark(c, PROF_ADAPTER_BWD);
+    K = adapter_grads(be, d, l, GRP_O, a->att, ld.att, c->gxb, ld.gxb, dc);
     w = group_weight(c, d, l, GRP_O);
     bf16 *gatt = c->gbig;  // [T][Q]
-    prof_mark(c, PROF_GEMM);
-    gemm_cuda(ctx, 0, 0, d->T, d->Q, d->C, 1.0f, c->gxb, d->C, w, d->Q, 0.0f, NULL, gatt, d->Q, GEMM_BF16);
-    prof_mark(c, PROF_ADAPTER);
-    adapter_backward(be, d, l, GRP_O, a->att, d->Q, c->gxb, d->C, gatt, 0, d->Q, dc);
-    prof_mark(c, PROF_ATTN);
-    attention_backward_cuda(ctx, c->gq, c->gk, c->gv, gatt, a->att, a->lse, a->q, a->k, a->v, c->mask, d->B, d->S, d->Hq,
-                            d->Hkv, d->D, c->big, att_chunk(c, d), c->o_tmp, c->delta);
+    prof_mark(c, PROF_GEMM_BWD);
+    gemm_cuda(ctx, 0, 0, d->T, d->Q, K, 1.0f, c->gxb, ld.gxb, w, d->Q + rp(c, GRP_O), 0.0f, NULL, gatt, d->Q, GEMM_BF16);
+    prof_mark(c, PROF_ADAPTER_BWD);
+    adapter_dx_dropout(be, d, l, GRP_O, c->gxb, ld.gxb, gatt, 0, d->Q, dc);
+    prof_mark(c, PROF_ATTN_BWD);
+    attention_backward_cuda(ctx, c->gq, c->gk, c->gv, gatt, a->att, ld.att, a->lse, a->q, a->k, a->v, c->mask, d->B, d->S,
+                            d->Hq, d->Hkv, d->D, c->big, att_chunk(c, d), c->o_tmp, c->delta);
     bf16 *gqkv = c->qkv;
     prof_mark(c, PROF_ELEM);
-    rope_merge_backward_cuda(ctx, gqkv, c->gq, c->gk, c->gv, c->cs, d->B, d->S, d->Hq, d->Hkv, d->D);
+    rope_merge_backward_cuda(ctx, gqkv, ld.qkv, c->gq, c->gk, c->gv, c->cs, d->B, d->S, d->Hq, d->Hkv, d->D);
+    prof_mark(c, PROF_ADAPTER_BWD);
+    K = adapter_grads(be, d, l, GRP_QKV, a->h1, ld.h1, gqkv, ld.qkv, dc);
     w = group_weight(c, d, l, GRP_QKV);
-    prof_mark(c, PROF_GEMM);
-    gemm_cuda(ctx, 0, 0, d->T, d->C, d->W, 1.0f, gqkv, d->W, w, d->C, 0.0f, NULL, c->gh, d->C, GEMM_F32);
-    prof_mark(c, PROF_ADAPTER);
-    adapter_backward(be, d, l, GRP_QKV, a->h1, d->C, gqkv, d->W, c->gh, 1, d->C, dc);
+    prof_mark(c, PROF_GEMM_BWD);
+    gemm_cuda(ctx, 0, 0, d->T, d->C, K, 1.0f, gqkv, ld.qkv, w, d->C + rp(c, GRP_QKV), 0.0f, NULL, c->gh, d->C, GEMM_F32);
+    prof_mark(c, PROF_ADAPTER_BWD);
+    adapter_dx_dropout(be, d, l, GRP_QKV, gqkv, ld.qkv, c->gh, 1, d->C, dc);
     prof_mark(c, PROF_ELEM);
-    rmsnorm_backward_cuda(ctx, c->gx, c->gxb, c->gh, a->x_in, L->attn_norm, a->rstd1, d->T, d->C);
+    rmsnorm_backward_cuda(ctx, c->gx, c->gxb, ld.gxb, c->gh, a->x_in, L->attn_norm, a->rstd1, d->T, d->C);
 }
 
 // ---- one micro-batch --------------------------------------------------------------------------------
@@ -479,11 +557,12 @@ int cuda_step_run(backend *be, const micro_batch *mb, float loss_scale, const dr
     embedding_forward_cuda(ctx, c->acts[0].x_in, c->ids, c->model.embed, d.T, d.C);
     for (int l = 0; l < d.L; l++) {
         bf16 *x_out = l + 1 < d.L ? c->acts[l + 1].x_in : c->x_final;
+        norm1_forward(be, &d, l, dc);
         attn_block_forward(be, &d, l, dc);
         mlp_block_forward(be, &d, l, x_out, dc);
     }
     prof_mark(c, PROF_ELEM);
-    rmsnorm_forward_cuda(ctx, c->xf, c->rstd_f, c->x_final, c->model.final_norm, d.T, d.C, (float)be->cfg.rms_eps);
+    rmsnorm_forward_cuda(ctx, c->xf, d.C, c->rstd_f, c->x_final, c->model.final_norm, d.T, d.C, (float)be->cfg.rms_eps);
     float *gxf = backward ? c->gh : NULL;
     prof_mark(c, PROF_LOSS);
     lmhead_ce_cuda(ctx, c->xf, c->model.lm_head, c->targets, d.T, d.C, d.V, loss_scale, gxf, c->row_loss, logits_host,
@@ -498,16 +577,15 @@ int cuda_step_run(backend *be, const micro_batch *mb, float loss_scale, const dr
     // backward
     prof_mark(c, PROF_ELEM);
     CUDA_CHECK(cudaMemsetAsync(c->gx, 0, sizeof(float) * (size_t)(d.T * d.C), ctx->stream));
-    rmsnorm_backward_cuda(ctx, c->gx, c->gxb, gxf, c->x_final, c->model.final_norm, c->rstd_f, d.T, d.C);
+    rmsnorm_backward_cuda(ctx, c->gx, c->gxb, lds_of(c, &d).gxb, gxf, c->x_final, c->model.final_norm, c->rstd_f, d.T,
+                          d.C);
     for (int l = d.L - 1; l >= 0; l--) {
         if (c->recompute == RECOMPUTE_FULL) {
+            norm1_forward(be, &d, l, dc);
             attn_block_forward(be, &d, l, dc);
             mlp_block_forward(be, &d, l, NULL, dc);
         } else if (c->recompute == RECOMPUTE_PARTIAL) {
-            cuda_acts *a = &c->acts[l];
-            const cuda_layer *L = &c->model.layers[l];
-            prof_mark(c, PROF_ELEM);
-            rmsnorm_forward_cuda(ctx, a->h1, a->rstd1, a->x_in, L->attn_norm, d.T, d.C, (float)be->cfg.rms_eps);
+            norm1_forward(be, &d, l, dc);
             mlp_block_forward(be, &d, l, NULL, dc);
         }
         layer_backward(be, &d, l, dc);
@@ -535,8 +613,9 @@ void prof_collect(cuda_impl *c) {
 
 void prof_print(cuda_impl *c) {
     if (!c->prof || !c->prof_steps) return;
-    static const char *names[PROF_COUNT] = {"NF4 dequant", "base GEMMs", "attention", "adapter", "norms/rope/swiglu",
-                                            "lm_head+CE", "other"};
+    static const char *names[PROF_COUNT] = {"NF4 dequant",      "base GEMMs fwd",  "base GEMMs bwd",  "attention fwd",
+                                            "attention bwd",    "adapter fwd",     "adapter bwd",     "norms/rope/swiglu",
+                                            "lm_head+CE",       "other"};
     double tot = 0;
     for (int i = 0; i < PROF_COUNT; i++) tot += c->prof_ms[i];
     fprintf(stderr, "profile: ms per micro-batch (forward + backward), mean of %d\n", c->prof_steps);

@@ -55,7 +55,7 @@ fi
 if want peer; then run peer_7b 300 python3 scripts/bench_peer_hf.py --models llama2-7b --ckpt 1 --steps 3 --warmup 1; fi
 if want peerall; then run peer_all 900 python3 scripts/bench_peer_hf.py --steps 4 --warmup 1; fi
 echo; echo "==== summary"; printf '%s\n' "${summary[@]}"
-for f in "$OUT"/prof_*.log; do [ -f "$f" ] && { echo "-- $f"; grep -A9 "^profile" "$f"; }; done
+for f in "$OUT"/prof_*.log; do [ -f "$f" ] && { echo "-- $f"; grep -A12 "^profile" "$f"; }; done
 grep -h '"bench"' "$OUT"/bench_*.log "$OUT"/peer*.log 2>/dev/null | tee "$OUT/bench.jsonl" | sed 's/, "device.*//' | cut -c1-400
 grep -hE "^bench |^llama|^model " "$OUT"/bench_*.log "$OUT"/peer*.log 2>/dev/null
 printf '%s\n' "${summary[@]}" > "$FINAL/summary.txt"

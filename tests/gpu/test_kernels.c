@@ -59,7 +59,7 @@ static void nf4_compare(cuda_ctx *ctx, const float *x, int64_t rows, int64_t col
     }
     // dequantization: bf16(code * absmax), as base_linear_weight
     void *out = dev_alloc(2 * (size_t)n);
-    nf4_dequantize_cuda(ctx, &dt, out);
+    nf4_dequantize_cuda(ctx, &dt, out, 0);
     uint16_t *got = xmalloc(2 * (size_t)n);
     dev_down(got, out, 2 * (size_t)n);
     float *ref = xmalloc(sizeof(float) * (size_t)n);
@@ -72,7 +72,7 @@ static void nf4_compare(cuda_ctx *ctx, const float *x, int64_t rows, int64_t col
     void *mem2 = dev_alloc(nf4_cuda_bytes(n, dq));
     nf4_cuda_layout(&ut, rows, cols, dq, mem2);
     nf4_upload_cuda(ctx, &ut, &ht);
-    nf4_dequantize_cuda(ctx, &ut, out);
+    nf4_dequantize_cuda(ctx, &ut, out, 0);
     uint16_t *got2 = xmalloc(2 * (size_t)n);
     dev_down(got2, out, 2 * (size_t)n);
     ck_assert_msg(memcmp(got, got2, 2 * (size_t)n) == 0, "%s: uploaded tensor dequantizes differently", what);
@@ -160,7 +160,7 @@ START_TEST(test_nf4_oracles) {
                 free(a);
             }
             void *out = dev_alloc(2 * (size_t)n);
-            nf4_dequantize_cuda(ctx, &dt, out);
+            nf4_dequantize_cuda(ctx, &dt, out, 0);
             uint16_t *got = xmalloc(2 * (size_t)n);
             dev_down(got, out, 2 * (size_t)n);
             ck_assert_msg(memcmp(got, oracle(&f, dq ? "dequant" : "dequant_nodq", MOSFT_BF16, n), 2 * (size_t)n) == 0,
@@ -266,16 +266,20 @@ START_TEST(test_rmsnorm) {
         float *gx = xmalloc(sizeof(float) * n);
         memcpy(gx, gx0, sizeof(float) * n);
         rmsnorm_backward_cpu(gx, g, x, w, rs, T, C, 1e-5f);
-        void *dx = dev_bf16(x, n), *dy = dev_alloc(2 * n);
+        int64_t ld = C + 16;  // a row stride wider than the row (the adapter's h rides there)
+        void *dx = dev_bf16(x, n), *dy = dev_alloc(2 * (size_t)(T * ld));
         float *dw = dev_up(w, sizeof(float) * (size_t)C), *drs = dev_alloc(sizeof(float) * (size_t)T);
-        rmsnorm_forward_cuda(ctx, dy, drs, dx, dw, T, C, 1e-5f);
-        float *gy = down_bf16(dy, n), *grs = down_f32(drs, (size_t)T);
+        rmsnorm_forward_cuda(ctx, dy, ld, drs, dx, dw, T, C, 1e-5f);
+        float *gyl = down_bf16(dy, (size_t)(T * ld)), *gy = xmalloc(sizeof(float) * n), *grs = down_f32(drs, (size_t)T);
+        for (int64_t t = 0; t < T; t++) memcpy(gy + t * C, gyl + t * ld, sizeof(float) * (size_t)C);
         ck_assert(close_enough("rmsnorm fwd out (bf16)", gy, y, n, 1e-3 * max_abs(y, n), RT));
         ck_assert(close_enough("rmsnorm fwd rstd", grs, rs, (size_t)T, 0, 1e-5));
         float *dg = dev_up(g, sizeof(float) * n), *dgx = dev_up(gx0, sizeof(float) * n);
-        void *dgxb = dev_alloc(2 * n);
-        rmsnorm_backward_cuda(ctx, dgx, dgxb, dg, dx, dw, drs, T, C);
-        float *ggx = down_f32(dgx, n), *ggxb = down_bf16(dgxb, n);
+        void *dgxb = dev_alloc(2 * (size_t)(T * ld));
+        rmsnorm_backward_cuda(ctx, dgx, dgxb, ld, dg, dx, dw, drs, T, C);
+        float *ggx = down_f32(dgx, n), *ggxbl = down_bf16(dgxb, (size_t)(T * ld)), *ggxb = xmalloc(sizeof(float) * n);
+        for (int64_t t = 0; t < T; t++) memcpy(ggxb + t * C, ggxbl + t * ld, sizeof(float) * (size_t)C);
+        free(gyl), free(ggxbl);
         ck_assert(close_enough("rmsnorm bwd gin (f32, +=)", ggx, gx, n, 1e-5 * max_abs(gx, n), 1e-4));
         ck_assert(close_enough("rmsnorm bwd gin bf16 copy", ggxb, gx, n, 1e-5 * max_abs(gx, n), RT));
         free(x), free(w), free(g), free(gx0), free(y), free(rs), free(gx), free(gy), free(grs), free(ggx), free(ggxb);
@@ -303,10 +307,10 @@ START_TEST(test_swiglu_embedding) {
         swiglu_forward_cpu(out, g, u, (int64_t)n);
         swiglu_backward_cpu(gg, gup, go, g, u, (int64_t)n);
         void *dgu = dev_bf16(gu, 2 * n), *dout = dev_alloc(2 * n), *dgo = dev_bf16(go, n);
-        swiglu_forward_cuda(ctx, dout, dgu, T, I);
+        swiglu_forward_cuda(ctx, dout, I, dgu, 2 * I, T, I);
         float *got = down_bf16(dout, n);
         ck_assert(close_enough("swiglu fwd", got, out, n, 1e-3 * max_abs(out, n), RT));
-        swiglu_backward_cuda(ctx, dgu, dgo, T, I);
+        swiglu_backward_cuda(ctx, dgu, 2 * I, dgo, T, I);
         float *gg2 = down_bf16(dgu, 2 * n), *ga = xmalloc(sizeof(float) * n), *gb = xmalloc(sizeof(float) * n);
         for (int64_t t = 0; t < T; t++)
             for (int i = 0; i < I; i++) {
@@ -378,7 +382,7 @@ START_TEST(test_rope) {
     float *dcs = dev_up(cs, sizeof(float) * (size_t)S * D);
     void *dq = dev_alloc(2 * (size_t)(T * Hq * D)), *dk = dev_alloc(2 * (size_t)(T * Hkv * D)),
          *dv = dev_alloc(2 * (size_t)(T * Hkv * D));
-    rope_split_cuda(ctx, dq, dk, dv, dqkv, dcs, B, S, Hq, Hkv, D);
+    rope_split_cuda(ctx, dq, dk, dv, dqkv, W, dcs, B, S, Hq, Hkv, D);
     float *gq = down_bf16(dq, (size_t)(T * Hq * D)), *gk = down_bf16(dk, (size_t)(T * Hkv * D));
     float *rq = xmalloc(sizeof(float) * (size_t)(T * Hq * D)), *rk = xmalloc(sizeof(float) * (size_t)(T * Hkv * D));
     to_heads(rq, q, B, S, Hq, D);
@@ -411,7 +415,7 @@ START_TEST(test_rope) {
           *dgk = dev_up(hk, sizeof(float) * (size_t)(T * Hkv * D)),
           *dgv = dev_up(hv, sizeof(float) * (size_t)(T * Hkv * D));
     void *dg = dev_alloc(2 * (size_t)(T * W));
-    rope_merge_backward_cuda(ctx, dg, dgq, dgk, dgv, dcs, B, S, Hq, Hkv, D);
+    rope_merge_backward_cuda(ctx, dg, W, dgq, dgk, dgv, dcs, B, S, Hq, Hkv, D);
     float *got = down_bf16(dg, (size_t)(T * W));
     ck_assert(close_enough("rope merge backward", got, ref, (size_t)(T * W), 1e-3, RT));
     free(cs), free(qkv), free(q), free(k), free(pos), free(gq), free(gk), free(rq), free(rk), free(g), free(gqt),
@@ -449,7 +453,7 @@ static void attention_case(cuda_ctx *ctx, int flash, int B, int S, int Hq, int H
     void *scratch = dev_alloc(attention_scratch_bytes(bc, S, Hq));
     void *dout = dev_alloc(2 * (size_t)nq), *otmp = dev_alloc(2 * (size_t)nq);
     float *lse = dev_alloc(sizeof(float) * (size_t)(T * Hq));
-    attention_forward_cuda(ctx, dout, lse, dq, dk, dv, dm, B, S, Hq, Hkv, D, scratch, bc, otmp);
+    attention_forward_cuda(ctx, dout, (int64_t)Hq * D, lse, dq, dk, dv, dm, B, S, Hq, Hkv, D, scratch, bc, otmp);
     float *got = down_bf16(dout, (size_t)nq);
     double mx = max_abs(out, (size_t)nq);
     ck_assert(close_enough("attention fwd", got, out, (size_t)nq, 1e-2 * mx, 1.0 / 64));
@@ -464,7 +468,7 @@ static void attention_case(cuda_ctx *ctx, int flash, int B, int S, int Hq, int H
     float *dgq = dev_alloc(4 * (size_t)nq), *dgk = dev_alloc(4 * (size_t)nk), *dgv = dev_alloc(4 * (size_t)nk);
     float *delta = dev_alloc(4 * (size_t)(T * Hq));
     void *dotmp = dev_alloc(2 * (size_t)nq);
-    attention_backward_cuda(ctx, dgq, dgk, dgv, dgo, dout, lse, dq, dk, dv, dm, B, S, Hq, Hkv, D, scratch, bc, dotmp,
+    attention_backward_cuda(ctx, dgq, dgk, dgv, dgo, dout, (int64_t)Hq * D, lse, dq, dk, dv, dm, B, S, Hq, Hkv, D, scratch, bc, dotmp,
                             delta);
     float *hgq = down_f32(dgq, (size_t)nq), *hgk = down_f32(dgk, (size_t)nk), *hgv = down_f32(dgv, (size_t)nk);
     float *tq = xmalloc(sizeof(float) * (size_t)nq), *tk = xmalloc(sizeof(float) * (size_t)nk),
@@ -614,14 +618,16 @@ static void gather_scatter_check(cuda_ctx *ctx, adapter *ad, const char *what) {
             int di, dout, hs, lo, sB;
             llama_module_dims(&ad->model, m, &di, &dout);
             ck_assert_int_eq(lowrank_map_host(ad, li, m, offA, offB, scale, &hs, &lo, &sB), MOSFT_OK);
-            lowrank_map mp = {rk,
-                              lo,
-                              di,
-                              dout,
-                              sB,
-                              dev_up(offA, 8 * (size_t)rk * lo),
-                              dev_up(offB, 8 * (size_t)rk * lo),
-                              hs ? dev_up(scale, 4 * (size_t)rk) : NULL, rk};
+            lowrank_map mp = {.r = rk,
+                              .l = lo,
+                              .d_in = di,
+                              .d_out = dout,
+                              .strideB = sB,
+                              .scaleB = 1.0f,
+                              .offA = dev_up(offA, 8 * (size_t)rk * lo),
+                              .offB = dev_up(offB, 8 * (size_t)rk * lo),
+                              .scaleA = hs ? dev_up(scale, 4 * (size_t)rk) : NULL,
+                              .ldB = rk};
             float *A = xmalloc(sizeof(float) * (size_t)rk * di), *B = xmalloc(sizeof(float) * (size_t)dout * rk);
             ad->ops->build(ad, li, m, A, B);
             void *dA = dev_alloc(2 * (size_t)rk * di), *dB = dev_alloc(2 * (size_t)dout * rk);
