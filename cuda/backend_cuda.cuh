@@ -147,6 +147,8 @@ typedef struct {
     bf16 *ad_xd;                   // [T][max d_in] dropout-masked adapter input
     float *ad_gxd;                 // [T][max d_in] (dropout backward)
     float *ad_gA, *ad_gB;          // [R_max][max d_in], [dout_max][R_max]
+    float *ad_part;                // split-K partials of the adapter's GEMMs
+    size_t ad_part_floats;
     void *red;                     // reduction partials
     int32_t *h_targets;            // host [T_cap]
 } cuda_impl;

@@ -50,6 +50,14 @@ typedef enum { GEMM_BF16 = 0, GEMM_F32 = 1 } gemm_dtype;
 // A linear layer y = x W^T (W [N][K]) is gemm_cuda(ctx, 0, 1, T, N, K, 1, x, K, W, K, 0, NULL, y, N, ...).
 void gemm_cuda(cuda_ctx *ctx, int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha, const bf16 *A,
                int64_t lda, const bf16 *B, int64_t ldb, float beta, const void *C, void *D, int64_t ldd, gemm_dtype cd);
+// Skinny products with a long contraction (the adapter's: N = its rank, K = tokens or widths) leave
+// most of the GPU idle as one GEMM; split-K runs them as `splits` strided-batched GEMMs over chunks of K
+// into fp32 partials (scratch: splits * M * N floats) and sums the partials in a fixed order: faster,
+// and as deterministic as one GEMM. gemm_splitk_count picks splits (1 = a plain GEMM is as good).
+int gemm_splitk_count(int64_t M, int64_t N, int64_t K);
+void gemm_splitk_cuda(cuda_ctx *ctx, int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha, const bf16 *A,
+                      int64_t lda, const bf16 *B, int64_t ldb, void *D, int64_t ldd, gemm_dtype cd, int splits,
+                      float *scratch);
 // The same over `batch` matrices at fixed element strides (sa, sb, sd) from A, B, D (C = D).
 void gemm_batched_cuda(cuda_ctx *ctx, int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha,
                        const bf16 *A, int64_t lda, int64_t sa, const bf16 *B, int64_t ldb, int64_t sb, float beta, void *D,

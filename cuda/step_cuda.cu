@@ -184,6 +184,19 @@ void cuda_acts_layout(backend *be, cuda_arena *ar, int B, int S, mem_plan *plan)
     if (din > 0) {
         c->ad_gA = F32((int64_t)c->R_max * din);
         c->ad_gB = F32((int64_t)c->dout_max * c->R_max);
+        // split-K partials: the largest of [splits][T][R] (h, gh), [splits][R][d_in] (gA), [splits][d_out][R] (gB)
+        size_t mx = 0;
+        for (int g = 0; g < GRP_COUNT; g++) {
+            const cuda_adapter_group *ag = &c->grp[g];
+            if (!ag->n) continue;
+            int64_t sh[4][3] = {{T, ag->R, ag->d_in}, {T, ag->R, ag->d_out}, {ag->R, ag->d_in, T}, {ag->d_out, ag->R, T}};
+            for (int i = 0; i < 4; i++) {
+                size_t n = (size_t)gemm_splitk_count(sh[i][0], sh[i][1], sh[i][2]) * (size_t)(sh[i][0] * sh[i][1]);
+                mx = n > mx ? n : mx;
+            }
+        }
+        c->ad_part_floats = mx;
+        c->ad_part = F32(mx);
         if (be->dropout > 0) {
             c->ad_xd = BF(T * din);
             c->ad_gxd = F32(T * din);
@@ -191,6 +204,16 @@ void cuda_acts_layout(backend *be, cuda_arena *ar, int B, int S, mem_plan *plan)
     }
 #undef BF
 #undef F32
+}
+
+// An adapter GEMM (beta = 0): split-K when the product is too skinny to fill the GPU.
+static void ad_gemm(cuda_impl *c, int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha, const bf16 *A, int64_t lda,
+                    const bf16 *B, int64_t ldb, void *D, int64_t ldd, gemm_dtype cd) {
+    int s = gemm_splitk_count(M, N, K);
+    if (s > 1 && (size_t)s * (size_t)(M * N) <= c->ad_part_floats)
+        gemm_splitk_cuda(c->ctx, ta, tb, M, N, K, alpha, A, lda, B, ldb, D, ldd, cd, s, c->ad_part);
+    else
+        gemm_cuda(c->ctx, ta, tb, M, N, K, alpha, A, lda, B, ldb, 0.0f, NULL, D, ldd, cd);
 }
 
 // ---- frozen weights and adapters ------------------------------------------------------------------
@@ -283,14 +306,14 @@ static void adapter_h(backend *be, const dims *d, int l, int g, bf16 *x, int64_t
     int r = c->rank;
     bf16 *h = x + ag->d_in;
     if (!dropout_on(be, dc)) {
-        gemm_cuda(c->ctx, 0, 1, d->T, ag->R, ag->d_in, 1.0f, x, ldx, ag->A[l], ag->d_in, 0.0f, NULL, h, ldx, GEMM_BF16);
+        ad_gemm(c, 0, 1, d->T, ag->R, ag->d_in, 1.0f, x, ldx, ag->A[l], ag->d_in, h, ldx, GEMM_BF16);
         return;
     }
     for (int i = 0; i < ag->n; i++) {  // a mask per module
         drop_spec ds = drop_of(be, dc, l, ag->mod[i]);
         dropout_apply_cuda(c->ctx, c->ad_xd, x, ldx, d->T, ag->d_in, ds.key, ds.thr, ds.keep);
-        gemm_cuda(c->ctx, 0, 1, d->T, r, ag->d_in, 1.0f, c->ad_xd, ag->d_in, ag->A[l] + (int64_t)i * r * ag->d_in,
-                  ag->d_in, 0.0f, NULL, h + i * r, ldx, GEMM_BF16);
+        ad_gemm(c, 0, 1, d->T, r, ag->d_in, 1.0f, c->ad_xd, ag->d_in, ag->A[l] + (int64_t)i * r * ag->d_in, ag->d_in,
+                h + i * r, ldx, GEMM_BF16);
     }
 }
 
@@ -311,10 +334,10 @@ static int64_t adapter_grads(backend *be, const dims *d, int l, int g, const bf1
     int r = c->rank, R = ag->R;
     bf16 *gh = gy + dout;
     const bf16 *h = x + di;
-    gemm_cuda(c->ctx, 0, 0, d->T, R, dout, 1.0f, gy, ldgy, ag->B[l], R, 0.0f, NULL, gh, ldgy, GEMM_BF16);
-    gemm_cuda(c->ctx, 1, 0, dout, R, d->T, c->scaling, gy, ldgy, h, ldx, 0.0f, NULL, c->ad_gB, R, GEMM_F32);
+    ad_gemm(c, 0, 0, d->T, R, dout, 1.0f, gy, ldgy, ag->B[l], R, gh, ldgy, GEMM_BF16);
+    ad_gemm(c, 1, 0, dout, R, d->T, c->scaling, gy, ldgy, h, ldx, c->ad_gB, R, GEMM_F32);
     if (!dropout_on(be, dc)) {
-        gemm_cuda(c->ctx, 1, 0, R, di, d->T, 1.0f, gh, ldgy, x, ldx, 0.0f, NULL, c->ad_gA, di, GEMM_F32);
+        ad_gemm(c, 1, 0, R, di, d->T, 1.0f, gh, ldgy, x, ldx, c->ad_gA, di, GEMM_F32);
         for (int i = 0; i < ag->n; i++)
             lowrank_scatter_cuda(c->ctx, &ag->map[l * 3 + i], c->ad_gA + (int64_t)i * r * di,
                                  c->ad_gB + (int64_t)ag->row_off[i] * R + i * r, c->grad);
@@ -323,7 +346,7 @@ static int64_t adapter_grads(backend *be, const dims *d, int l, int g, const bf1
     for (int i = 0; i < ag->n; i++) {
         drop_spec ds = drop_of(be, dc, l, ag->mod[i]);
         dropout_apply_cuda(c->ctx, c->ad_xd, x, ldx, d->T, di, ds.key, ds.thr, ds.keep);
-        gemm_cuda(c->ctx, 1, 0, r, di, d->T, 1.0f, gh + i * r, ldgy, c->ad_xd, di, 0.0f, NULL, c->ad_gA, di, GEMM_F32);
+        ad_gemm(c, 1, 0, r, di, d->T, 1.0f, gh + i * r, ldgy, c->ad_xd, di, c->ad_gA, di, GEMM_F32);
         lowrank_scatter_cuda(c->ctx, &ag->map[l * 3 + i], c->ad_gA, c->ad_gB + (int64_t)ag->row_off[i] * R + i * r,
                              c->grad);
     }

@@ -7,8 +7,9 @@
 //
 // Tolerances (bf16 activations against an fp32 reference): loss |d| <= 1e-2 |loss|; logits rel L2
 // <= 1e-2; gradients rel L2 <= 0.10 over all parameters and <= 0.20 per tensor; the loss curve
-// |d| <= 3e-2 |cpu loss| + 2e-3 at every step (the absolute floor: the run memorizes its batches, and
-// losses near 5e-4 differ by a few percent between any two precisions). The gradient bound is set by bf16 itself on this model:
+// |d| / (|cpu loss| + 0.01) <= 0.08 at every step and <= 0.02 on average (the run memorizes its
+// batches: at the steep start a small shift of the curve is a large difference at one step, and losses
+// near 5e-4 differ by a few percent between any two precisions, hence the 0.01 floor). The gradient bound is set by bf16 itself on this model:
 // transformers + PEFT in bf16 on the same batch and LoRA values land 6.7% (rel L2) from their own fp32
 // gradients (scripts/ref_gpu_step.py, style "stories"; mosft's GPU step lands 6.1% from them).
 #include <math.h>
@@ -297,14 +298,15 @@ START_TEST(test_training_curve) {
     double t1 = mosft_now();
     train(&cpu, &b, 0, N, lc);
     fprintf(stderr, "%d steps: GPU %.1f s, CPU %.1f s\n", N, t1 - t0, mosft_now() - t1);
-    double worst = 0;
+    double worst = 0, mean = 0;
     for (int s = 0; s < N; s++) {
-        double d = fabs(lg[s] - lc[s]) / (3e-2 * lc[s] + 2e-3);  // <= 1: within tolerance
+        double d = fabs(lg[s] - lc[s]) / (fabs(lc[s]) + 0.01);
         worst = fmax(worst, d);
+        mean += d / N;
         if (s % 25 == 0 || s == N - 1) fprintf(stderr, "step %3d: loss GPU %.5f CPU %.5f\n", s + 1, lg[s], lc[s]);
     }
-    fprintf(stderr, "loss curve: worst |d| / (3e-2 |cpu| + 2e-3) = %.3g over %d steps\n", worst, N);
-    ck_assert_msg(worst <= 1.0, "the GPU loss curve leaves the CPU's: %g", worst);
+    fprintf(stderr, "loss curve: |d| / (|cpu| + 0.01): worst %.3g, mean %.3g over %d steps\n", worst, mean, N);
+    ck_assert_msg(worst <= 0.08 && mean <= 0.02, "the GPU loss curve leaves the CPU's: worst %g, mean %g", worst, mean);
     ck_assert_msg(N < 100 || lg[N - 1] < 0.7 * lg[0], "training did not lower the loss (%g -> %g)", lg[0], lg[N - 1]);
     engine_close(&gpu);
     engine_close(&cpu);
