@@ -51,6 +51,8 @@ if want benchall; then
   for m in llama2-7b llama3.2-3b llama2-13b; do for a in mos lora; do for r in none full; do
     run "bench_${m}_${a}_${r}" 240 "${B[@]}" --model $m --adapter $a --recompute $r
   done; done; done
+  run bench_llama2-7b_mos_partial 240 "${B[@]}" --model llama2-7b --adapter mos --recompute partial
+  run bench_llama2-7b_mos_none_bf16 240 "${B[@]}" --model llama2-7b --adapter mos --recompute none --quantization none
 fi
 if want peer; then run peer_7b 300 python3 scripts/bench_peer_hf.py --models llama2-7b --ckpt 1 --steps 3 --warmup 1; fi
 if want peerall; then run peer_all 900 python3 scripts/bench_peer_hf.py --steps 4 --warmup 1; fi
