@@ -107,6 +107,12 @@ int bench_run(const bench_args *a) {
         return mosft_fail(MOSFT_ERR_INPUT, "--adapter: expected mos or lora, got \"%s\"", a->adapter);
     }
     if (rc) return rc;
+    char gpu[128];
+    if (!backend_cuda_available(gpu, sizeof gpu)) {
+        adapter_free(ad);
+        return mosft_fail_hint(MOSFT_ERR_RUNTIME, "run it on a machine with an NVIDIA GPU and a CUDA build of mosft",
+                               "bench: measures the CUDA backend, but no usable GPU was found (or this is a CPU-only build)");
+    }
     backend_opts opt = {a->recompute, 0.9, 0.999, 1e-8, 0.0, 0};
     backend *be = NULL;
     double t_load = mosft_now();
