@@ -1,8 +1,9 @@
 // attention.cu: rotary embedding (fused with the split of the QKV projection into heads) and causal
 // grouped-query attention with a key padding mask, forward and backward (twins of rope_*_cpu and
-// attention_*_cpu).
+// attention_*_cpu). Head sizes 16, 32, 64 and 128 go to the FlashAttention-style kernels of
+// flash_attention.cu; the others (stories260K's 8), or MOSFT_ATTENTION=gemm, take the path below.
 //
-// Attention is "batched GEMMs + a fused masked softmax", the simple correct version: per chunk of
+// That path is "batched GEMMs + a fused masked softmax", the simple correct version: per chunk of
 // sequences, scores = scale * Q K^T (fp32, cuBLASLt strided-batched), a softmax kernel applies the
 // causal and padding masks and writes the probabilities (bf16) and each row's log-sum-exp, and
 // O = P V. GQA needs no copies: query head h = kv*group + g, so for each g the query heads

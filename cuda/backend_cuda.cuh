@@ -55,18 +55,18 @@ int cuda_model_scan(const char *dir, const llama_config *cfg, int double_quant, 
 // Activations of one layer; with recompute, several layers share buffers (see step_cuda.cu).
 typedef struct {
     bf16 *x_in;    // [T][C] layer input (residual stream), always saved
-    bf16 *h1;      // [T][C] input_layernorm(x_in)
+    bf16 *h1;      // [T][C + Rp_qkv] input_layernorm(x_in) | the q,k,v adapters' h
     float *rstd1;  // [T]
     bf16 *q;       // [B][Hq][S][D] after rope
     bf16 *k;       // [B][Hkv][S][D] after rope
     bf16 *v;       // [B][Hkv][S][D]
-    bf16 *att;     // [T][Hq*D] attention output (input of o_proj)
+    bf16 *att;     // [T][Hq*D + Rp_o] attention output (input of o_proj) | the o adapter's h
     float *lse;    // [B][Hq][S]
     bf16 *x_mid;   // [T][C] x_in + o(att)
-    bf16 *h2;      // [T][C] post_attention_layernorm(x_mid)
+    bf16 *h2;      // [T][C + Rp_gu] post_attention_layernorm(x_mid) | the gate,up adapters' h
     float *rstd2;  // [T]
-    bf16 *gu;      // [T][2I] gate | up
-    bf16 *a;       // [T][I] silu(gate) * up
+    bf16 *gu;      // [T][2I + Rp_gu] gate | up (in backward: their gradients | the adapters' gh)
+    bf16 *a;       // [T][I + Rp_down] silu(gate) * up | the down adapter's h
 } cuda_acts;
 
 enum { RECOMPUTE_NONE = 0, RECOMPUTE_PARTIAL, RECOMPUTE_FULL };
@@ -129,10 +129,10 @@ typedef struct {
     cuda_acts *acts;               // [L]
     bf16 *x_final, *xf;            // [T][C]
     float *rstd_f;                 // [T]
-    bf16 *qkv;                     // [T][Q+2KV] projection output, also gqkv in backward
+    bf16 *qkv;                     // [T][Q+2KV + Rp_qkv] projection output, also gqkv | gh in backward
     bf16 *o_tmp;                   // [B][Hq][S][D] attention output head-major, also dO head-major
     float *gx;                     // [T][C] dL/d residual stream
-    bf16 *gxb;                     // [T][C] bf16 copy of gx (GEMM operand)
+    bf16 *gxb;                     // [T][C + max(Rp_o, Rp_down)] bf16 copy of gx (GEMM operand) | gh
     float *gh;                     // [T][C] dL/d norm output (also dL/dxf after the loss)
     bf16 *gbig;                    // [T][max(I, Q)] dL/da or dL/datt
     float *gq, *gk, *gv;           // head-major attention input gradients

@@ -126,7 +126,8 @@ void rope_split_cuda(cuda_ctx *ctx, bf16 *q, bf16 *k, bf16 *v, const bf16 *qkv, 
 // inverse rotation on q and k.
 void rope_merge_backward_cuda(cuda_ctx *ctx, bf16 *gqkv, int64_t ldg, const float *gq, const float *gk, const float *gv,
                               const float *cs, int B, int S, int Hq, int Hkv, int D);
-// Attention scratch bytes for chunks of `bc` sequences (scores fp32 + probabilities bf16).
+// Attention scratch bytes for chunks of `bc` sequences (scores fp32 + probabilities bf16; the
+// batched-GEMM path only: the flash kernels need none).
 size_t attention_scratch_bytes(int bc, int S, int Hq);
 // Sequences per chunk that fit `budget` bytes of scratch (at least 1).
 int attention_chunk(size_t budget, int B, int S, int Hq);
