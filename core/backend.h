@@ -103,6 +103,9 @@ int backend_cpu_create(backend **out, const llama_model *model, adapter *ad, con
 // The CUDA backend: loads/quantizes the model itself from model_dir (NULL if built without CUDA).
 int backend_cuda_create(backend **out, const char *model_dir, const char *quantization, int double_quant, adapter *ad,
                         const backend_opts *opt);
+// The CUDA backend on random weights of `cfg`'s shapes, generated on the device (`mosft bench`).
+int backend_cuda_create_random(backend **out, const llama_config *cfg, const char *quantization, int double_quant,
+                               uint64_t seed, adapter *ad, const backend_opts *opt);
 // Is a CUDA device usable? (0 in CPU-only builds or without a GPU)
 int backend_cuda_available(char *name, size_t n);
 void backend_destroy(backend *be);

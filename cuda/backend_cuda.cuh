@@ -1,0 +1,173 @@
+// backend_cuda.cuh: the CUDA backend's internal state, shared by its files:
+//   cuda/model_cuda.cu    the frozen base on the device (loaded from safetensors, or random weights)
+//   cuda/step_cuda.cu     forward and backward of one micro-batch (the CPU reference's math)
+//   cuda/backend_cuda.cu  creation, memory plan, optimizer, the op table of core/backend.h
+#ifndef MOSFT_BACKEND_CUDA_CUH
+#define MOSFT_BACKEND_CUDA_CUH
+
+#include "core/adapter.h"
+#include "core/backend.h"
+#include "core/model.h"
+#include "cuda/cuda_util.cuh"
+
+// Fused weight groups of a layer: one GEMM each.
+enum { GRP_QKV = 0, GRP_O, GRP_GU, GRP_DOWN, GRP_COUNT };
+
+typedef struct {
+    float *attn_norm, *mlp_norm;   // [C] fp32
+    nf4_cuda_tensor q[MOD_COUNT];  // NF4 base: one tensor per HF weight (as bitsandbytes quantizes them)
+    bf16 *w[GRP_COUNT];            // bf16 base: [d_out + Rp][d_in + Rp] per group (cuda_group_dims), rows of
+                                   // q|k|v and gate|up stacked; the extra row/column blocks take the adapter
+} cuda_layer;
+
+typedef struct {
+    llama_config cfg;
+    int Rp[GRP_COUNT];       // adapter columns riding with each group (0: none); see step_cuda.cu
+    int nf4;                 // NF4 base (else bf16)
+    bf16 *embed;             // [V][C]
+    bf16 *lm_head;           // [V][C] (== embed when tied)
+    float *final_norm;       // [C]
+    cuda_layer *layers;      // [L]
+} cuda_model;
+
+// A fused group's input and output widths: q|k|v: C -> Q+2KV, o: Q -> C, gate|up: C -> 2I, down: I -> C.
+static inline void cuda_group_dims(const llama_config *c, int g, int *d_in, int *d_out) {
+    int Q = c->n_heads * c->head_dim, KV = c->n_kv_heads * c->head_dim;
+    switch (g) {
+    case GRP_QKV: *d_in = c->hidden, *d_out = Q + 2 * KV; break;
+    case GRP_O: *d_in = Q, *d_out = c->hidden; break;
+    case GRP_GU: *d_in = c->hidden, *d_out = 2 * c->intermediate; break;
+    default: *d_in = c->intermediate, *d_out = c->hidden; break;
+    }
+}
+
+// Bytes of the frozen base on the device (model_cuda.cu); m->Rp must be set. `dq_of` may be NULL (every linear uses
+// double_quant), else dq_of[l*MOD_COUNT + m] says how that linear is stored.
+size_t cuda_model_bytes(const cuda_model *m, int nf4, int double_quant, const int *dq_of);
+// Load a HF folder onto the device (weights carved from `ar`). MOSFT_ERR_INPUT on bad files.
+int cuda_model_load(cuda_ctx *ctx, cuda_model *m, const char *dir, int nf4, int double_quant, cuda_arena *ar);
+// Random weights at the config's shapes, generated on the device (benchmarks).
+int cuda_model_random(cuda_ctx *ctx, cuda_model *m, const llama_config *cfg, int nf4, int double_quant, uint64_t seed,
+                      cuda_arena *ar);
+// Which stored linears of `dir` are pre-quantized with double quantization (for the plan).
+int cuda_model_scan(const char *dir, const llama_config *cfg, int double_quant, int *dq_of);
+
+// Activations of one layer; with recompute, several layers share buffers (see step_cuda.cu).
+typedef struct {
+    bf16 *x_in;    // [T][C] layer input (residual stream), always saved
+    bf16 *h1;      // [T][C + Rp_qkv] input_layernorm(x_in) | the q,k,v adapters' h
+    float *rstd1;  // [T]
+    bf16 *q;       // [B][Hq][S][D] after rope
+    bf16 *k;       // [B][Hkv][S][D] after rope
+    bf16 *v;       // [B][Hkv][S][D]
+    bf16 *att;     // [T][Hq*D + Rp_o] attention output (input of o_proj) | the o adapter's h
+    float *lse;    // [B][Hq][S]
+    bf16 *x_mid;   // [T][C] x_in + o(att)
+    bf16 *h2;      // [T][C + Rp_gu] post_attention_layernorm(x_mid) | the gate,up adapters' h
+    float *rstd2;  // [T]
+    bf16 *gu;      // [T][2I + Rp_gu] gate | up (in backward: their gradients | the adapters' gh)
+    bf16 *a;       // [T][I + Rp_down] silu(gate) * up | the down adapter's h
+} cuda_acts;
+
+enum { RECOMPUTE_NONE = 0, RECOMPUTE_PARTIAL, RECOMPUTE_FULL };
+
+// The adapted modules of one fused weight group (q|k|v, o, gate|up, down) share their input, so their
+// low-rank factors are stacked: A_g = [A_m1; A_m2; ...] ([R][d_in], R = r x modules) and B_g is
+// block-diagonal ([d_out][R], module m's B in its output rows and rank columns, zeros elsewhere).
+// Without dropout the group's adapter is then two GEMMs forward (h = x A_g^T, y += s h B_g^T) and four
+// backward, whatever the number of modules; with dropout (a mask per module) it runs per module on
+// the blocks.
+typedef struct {
+    int n;             // adapted modules in the group (0: none)
+    int mod[3];        // their module ids, in order
+    int row_off[3];    // first output row of each in the group's output
+    int d_out_m[3];    // output width of each
+    int R;             // n * r
+    int d_in, d_out;   // the group's input width and whole output width
+    int h_off;         // first column of this group's h in a layer's saved h
+    bf16 **A, **B;     // [L]: A [R][d_in], B [d_out][R]
+    lowrank_map *map;  // [L * 3]: module i of layer l at [l * 3 + i] (device pointers inside, ldB = R)
+} cuda_adapter_group;
+
+// Per-phase timing with CUDA events (MOSFT_PROFILE=1): a mark says "from here, time goes to this
+// phase"; the backend prints the mean per micro-batch when it is destroyed.
+enum {
+    PROF_DEQUANT = 0,
+    PROF_GEMM,
+    PROF_GEMM_BWD,
+    PROF_ATTN,
+    PROF_ATTN_BWD,
+    PROF_ADAPTER,
+    PROF_ADAPTER_BWD,
+    PROF_ELEM,
+    PROF_LOSS,
+    PROF_OTHER,
+    PROF_COUNT
+};
+#define PROF_MAX 16384
+
+typedef struct {
+    cuda_ctx *ctx;
+    cuda_model model;
+    int prof;                      // MOSFT_PROFILE set
+    cudaEvent_t *ev;               // [PROF_MAX]
+    int *ev_cat, n_ev, prof_steps;
+    double prof_ms[PROF_COUNT];
+    int recompute;
+    cuda_arena persist;  // weights, adapter state, factors, maps
+    cuda_arena acts_ar;  // activations and scratch for micro-batches up to B_cap x S_cap
+    int B_cap, S_cap;
+    double bytes_weights, bytes_adapter;
+    // trainable state: one contiguous fp32 buffer each
+    float *params, *grad, *m, *v;  // [n_params]
+    cuda_adapter_group grp[GRP_COUNT];
+    int R_tot, R_max, dout_max;    // sum and max of the groups' R; widest group output
+    int built;                     // factors match params
+    int rank;
+    float scaling;
+    // activations and scratch (acts_ar)
+    cuda_acts *acts;               // [L]
+    bf16 *x_final, *xf;            // [T][C]
+    float *rstd_f;                 // [T]
+    bf16 *qkv;                     // [T][Q+2KV + Rp_qkv] projection output, also gqkv | gh in backward
+    bf16 *o_tmp;                   // [B][Hq][S][D] attention output head-major, also dO head-major
+    float *gx;                     // [T][C] dL/d residual stream
+    bf16 *gxb;                     // [T][C + max(Rp_o, Rp_down)] bf16 copy of gx (GEMM operand) | gh
+    float *gh;                     // [T][C] dL/d norm output (also dL/dxf after the loss)
+    bf16 *gbig;                    // [T][max(I, Q)] dL/da or dL/datt
+    float *gq, *gk, *gv;           // head-major attention input gradients
+    float *delta;                  // [B][Hq][S]
+    void *big;                     // attention scores or logits chunk
+    size_t big_bytes;
+    int64_t ce_rows;
+    float *row_loss;               // [T]
+    int32_t *ids, *targets, *mask; // [T]
+    float *cs;                     // [S_cap][D/2][2] rope table
+    bf16 *wbuf;                    // dequantized weight group (NF4 base)
+    bf16 *ad_xd;                   // [T][max d_in] dropout-masked adapter input
+    float *ad_gxd;                 // [T][max d_in] (dropout backward)
+    float *ad_gA, *ad_gB;          // [R_max][max d_in], [dout_max][R_max]
+    float *ad_part;                // split-K partials of the adapter's GEMMs
+    size_t ad_part_floats;
+    void *red;                     // reduction partials
+    int32_t *h_targets;            // host [T_cap]
+} cuda_impl;
+
+static inline void prof_mark(cuda_impl *c, int cat) {
+    if (!c->prof || c->n_ev >= PROF_MAX) return;
+    cudaEventRecord(c->ev[c->n_ev], c->ctx->stream);
+    c->ev_cat[c->n_ev++] = cat;
+}
+// After a synchronization: add the marked intervals to prof_ms.
+void prof_collect(cuda_impl *c);
+void prof_print(cuda_impl *c);
+
+// step_cuda.cu
+int cuda_step_run(backend *be, const micro_batch *mb, float loss_scale, const dropout_ctx *dc, int backward,
+                  double *loss_sum, int64_t *n_tokens, float *logits_host);
+// Lay out (or, with a counting arena of base NULL, measure) the activation arena for B x S.
+void cuda_acts_layout(backend *be, cuda_arena *ar, int B, int S, mem_plan *plan);
+// Gather every layer's factors from params (after an optimizer step or set_state).
+void cuda_build_factors(backend *be);
+
+#endif

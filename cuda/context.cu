@@ -1,0 +1,269 @@
+// context.cu: the CUDA context of the backend (one stream, one cuBLASLt handle and workspace), the
+// row-major GEMM wrappers over cuBLASLt, and the device memory arena.
+//
+// cuBLASLt is column-major; a row-major D[M][N] = op(A) op(B) is the column-major D^T[N][M] =
+// op(B)^T op(A)^T, so the wrapper hands cuBLASLt (B, A) with m = N, n = M. Choosing an algorithm
+// (heuristic query) costs tens of microseconds and a step makes hundreds of products of a few
+// shapes, so each shape's descriptors and algorithm are cached (linear search over <= 512 plans).
+#include <stdint.h>
+#include <string.h>
+
+#include "cuda/cuda_util.cuh"
+
+#define WORKSPACE_BYTES ((size_t)32 << 20)
+
+size_t cuda_ctx_workspace_bytes(void) { return WORKSPACE_BYTES; }
+
+extern "C" cuda_ctx *cuda_ctx_create(void) {
+    int n = 0;
+    cudaError_t e = cudaGetDeviceCount(&n);
+    if (e != cudaSuccess || n == 0) {
+        cudaGetLastError();
+        mosft_fail_hint(MOSFT_ERR_RUNTIME, "use device \"cpu\"", "no CUDA device (%s)",
+                        e != cudaSuccess ? cudaGetErrorString(e) : "none found");
+        return NULL;
+    }
+    cuda_ctx *ctx = (cuda_ctx *)xcalloc(1, sizeof(cuda_ctx));
+    CUDA_CHECK(cudaStreamCreateWithFlags(&ctx->stream, cudaStreamNonBlocking));
+    if (cublasLtCreate(&ctx->lt) != CUBLAS_STATUS_SUCCESS) {
+        cudaStreamDestroy(ctx->stream);
+        free(ctx);
+        mosft_fail_hint(MOSFT_ERR_RUNTIME, "check that libcublasLt.so of the CUDA toolkit is installed",
+                        "cuBLASLt could not be initialized");
+        return NULL;
+    }
+    ctx->workspace_bytes = WORKSPACE_BYTES;
+    if (cudaMalloc(&ctx->workspace, ctx->workspace_bytes) != cudaSuccess) {
+        cudaGetLastError();
+        cublasLtDestroy(ctx->lt);
+        cudaStreamDestroy(ctx->stream);
+        free(ctx);
+        mosft_fail_hint(MOSFT_ERR_RUNTIME, "free the GPU (another process holds its memory?)",
+                        "out of GPU memory allocating the 32 MiB matrix-product workspace");
+        return NULL;
+    }
+    ctx->host_scratch_bytes = (size_t)1 << 20;
+    CUDA_CHECK(cudaMallocHost((void **)&ctx->host_scratch, ctx->host_scratch_bytes));
+    return ctx;
+}
+
+extern "C" void cuda_ctx_free(cuda_ctx *ctx) {
+    if (!ctx) return;
+    cudaStreamSynchronize(ctx->stream);
+    for (int i = 0; i < ctx->n_plans; i++) {
+        gemm_plan *p = &ctx->plans[i];
+        cublasLtMatrixLayoutDestroy(p->la);
+        cublasLtMatrixLayoutDestroy(p->lb);
+        cublasLtMatrixLayoutDestroy(p->lc);
+        cublasLtMatmulDescDestroy(p->desc);
+    }
+    cudaFree(ctx->workspace);
+    cudaFreeHost(ctx->host_scratch);
+    cublasLtDestroy(ctx->lt);
+    cudaStreamDestroy(ctx->stream);
+    free(ctx);
+}
+
+extern "C" cudaStream_t cuda_ctx_stream(const cuda_ctx *ctx) { return ctx->stream; }
+extern "C" void cuda_ctx_sync(cuda_ctx *ctx) { CUDA_CHECK(cudaStreamSynchronize(ctx->stream)); }
+
+// ---- GEMM --------------------------------------------------------------------------------------
+
+// Largest power of two (<= 256) dividing v.
+static int pow2_align(uint64_t v) {
+    int a = 256;
+    while (a > 1 && (v % (uint64_t)a)) a >>= 1;
+    return a;
+}
+
+static cublasLtMatrixLayout_t make_layout(cudaDataType_t t, int64_t rows, int64_t cols, int64_t ld, int batch,
+                                          int64_t stride) {
+    cublasLtMatrixLayout_t l;
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&l, t, (uint64_t)rows, (uint64_t)cols, ld));
+    if (batch > 1) {
+        int32_t b = batch;
+        CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &b, sizeof b));
+        CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride, sizeof stride));
+    }
+    return l;
+}
+
+static gemm_plan *plan_get(cuda_ctx *ctx, int ta, int tb, int64_t M, int64_t N, int64_t K, int64_t lda, int64_t sa,
+                           int64_t ldb, int64_t sb, int64_t ldd, int64_t sd, gemm_dtype cd, int batch, int align,
+                           int beta_zero) {
+    for (int i = 0; i < ctx->n_plans; i++) {
+        gemm_plan *p = &ctx->plans[i];
+        if (p->ta == ta && p->tb == tb && p->M == M && p->N == N && p->K == K && p->lda == lda && p->ldb == ldb &&
+            p->ldd == ldd && p->cd == (int)cd && p->batch == batch && p->sa == sa && p->sb == sb && p->sd == sd &&
+            p->align == align && p->beta_zero == beta_zero)
+            return p;
+    }
+    if (ctx->n_plans == GEMM_CACHE_MAX) {  // a pathological number of shapes: recycle the oldest half
+        for (int i = 0; i < GEMM_CACHE_MAX / 2; i++) {
+            gemm_plan *p = &ctx->plans[i];
+            cublasLtMatrixLayoutDestroy(p->la);
+            cublasLtMatrixLayoutDestroy(p->lb);
+            cublasLtMatrixLayoutDestroy(p->lc);
+            cublasLtMatmulDescDestroy(p->desc);
+        }
+        memmove(ctx->plans, ctx->plans + GEMM_CACHE_MAX / 2, sizeof(gemm_plan) * (GEMM_CACHE_MAX / 2));
+        ctx->n_plans = GEMM_CACHE_MAX / 2;
+    }
+    gemm_plan *p = &ctx->plans[ctx->n_plans];
+    memset(p, 0, sizeof *p);
+    p->ta = ta;
+    p->tb = tb;
+    p->M = M;
+    p->N = N;
+    p->K = K;
+    p->lda = lda;
+    p->ldb = ldb;
+    p->ldd = ldd;
+    p->sa = sa;
+    p->sb = sb;
+    p->sd = sd;
+    p->cd = (int)cd;
+    p->batch = batch;
+    p->align = align;
+    p->beta_zero = beta_zero;
+    CUBLAS_CHECK(cublasLtMatmulDescCreate(&p->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    // cuBLASLt's first operand is our B, its second our A (see the top of this file).
+    cublasOperation_t op1 = tb ? CUBLAS_OP_T : CUBLAS_OP_N, op2 = ta ? CUBLAS_OP_T : CUBLAS_OP_N;
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSA, &op1, sizeof op1));
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSB, &op2, sizeof op2));
+    p->la = make_layout(CUDA_R_16BF, tb ? K : N, tb ? N : K, ldb, batch, sb);
+    p->lb = make_layout(CUDA_R_16BF, ta ? M : K, ta ? K : M, lda, batch, sa);
+    p->lc = make_layout(cd == GEMM_F32 ? CUDA_R_32F : CUDA_R_16BF, N, M, ldd, batch, sd);
+    cublasLtMatmulPreference_t pref;
+    CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+    uint64_t ws = ctx->workspace_bytes;
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws));
+    uint32_t al = (uint32_t)align;
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al, sizeof al));
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al, sizeof al));
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al, sizeof al));
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al, sizeof al));
+    cublasLtMatmulHeuristicResult_t res;
+    int found = 0;
+    cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(ctx->lt, p->desc, p->la, p->lb, p->lc, p->lc, pref, 1, &res, &found);
+    cublasLtMatmulPreferenceDestroy(pref);
+    if (st != CUBLAS_STATUS_SUCCESS || found == 0)
+        mosft_die(__FILE__, __LINE__, "a matrix shape cuBLASLt does not support: report it",
+                  "no cuBLASLt algorithm for D[%lld][%lld] = op(A)[%lld][%lld] op(B) (trans %d%d, ld %lld %lld %lld, "
+                  "batch %d, align %d): status %d",
+                  (long long)M, (long long)N, (long long)M, (long long)K, ta, tb, (long long)lda, (long long)ldb,
+                  (long long)ldd, batch, align, (int)st);
+    p->algo = res.algo;
+    ctx->n_plans++;
+    return p;
+}
+
+static void gemm_run(cuda_ctx *ctx, int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha, const bf16 *A,
+                     int64_t lda, int64_t sa, const bf16 *B, int64_t ldb, int64_t sb, float beta, const void *C, void *D,
+                     int64_t ldd, int64_t sd, gemm_dtype cd, int batch) {
+    if (M == 0 || N == 0) return;
+    if (beta == 0.0f || !C) C = D;
+    size_t es = cd == GEMM_F32 ? 4 : 2;
+    int align = pow2_align((uint64_t)(uintptr_t)A);
+    int a2 = pow2_align((uint64_t)(uintptr_t)B), a3 = pow2_align((uint64_t)(uintptr_t)C), a4 = pow2_align((uint64_t)(uintptr_t)D);
+    if (a2 < align) align = a2;
+    if (a3 < align) align = a3;
+    if (a4 < align) align = a4;
+    if (batch > 1) {
+        int s1 = pow2_align((uint64_t)sa * 2), s2 = pow2_align((uint64_t)sb * 2), s3 = pow2_align((uint64_t)sd * es);
+        if (s1 < align) align = s1;
+        if (s2 < align) align = s2;
+        if (s3 < align) align = s3;
+    }
+    gemm_plan *p = plan_get(ctx, ta, tb, M, N, K, lda, sa, ldb, sb, ldd, sd, cd, batch, align, beta == 0.0f);
+    CUBLAS_CHECK(cublasLtMatmul(ctx->lt, p->desc, &alpha, B, p->la, A, p->lb, &beta, C, p->lc, D, p->lc, &p->algo,
+                                ctx->workspace, ctx->workspace_bytes, ctx->stream));
+}
+
+extern "C" void gemm_cuda(cuda_ctx *ctx, int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha,
+                          const bf16 *A, int64_t lda, const bf16 *B, int64_t ldb, float beta, const void *C, void *D,
+                          int64_t ldd, gemm_dtype cd) {
+    gemm_run(ctx, trans_a, trans_b, M, N, K, alpha, A, lda, 0, B, ldb, 0, beta, C, D, ldd, 0, cd, 1);
+}
+
+extern "C" void gemm_batched_cuda(cuda_ctx *ctx, int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha,
+                                  const bf16 *A, int64_t lda, int64_t sa, const bf16 *B, int64_t ldb, int64_t sb,
+                                  float beta, void *D, int64_t ldd, int64_t sd, gemm_dtype cd, int batch) {
+    gemm_run(ctx, trans_a, trans_b, M, N, K, alpha, A, lda, sa, B, ldb, sb, beta, D, D, ldd, sd, cd, batch);
+}
+
+// ---- split-K -------------------------------------------------------------------------------------
+
+extern "C" int gemm_splitk_count(int64_t M, int64_t N, int64_t K) {
+    int64_t tiles = ((M + 127) / 128) * ((N + 127) / 128);
+    int s = 1;
+    while (s < 16 && tiles * s < 264 && K % (2 * s) == 0 && (K / (2 * s)) % 64 == 0 && K / (2 * s) >= 256) s *= 2;
+    return s;
+}
+
+// D[m][n] = sum over c of P[c][m][n] (c ascending), into bf16 or fp32 with row stride ldd.
+__global__ void splitk_reduce_kernel(const float *__restrict__ P, int splits, int64_t M, int64_t N, void *D, int64_t ldd,
+                                     int f32) {
+    int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= M * N) return;
+    float s = 0.0f;
+    for (int c = 0; c < splits; c++) s += P[(int64_t)c * M * N + e];
+    int64_t m = e / N, n = e % N;
+    if (f32)
+        ((float *)D)[m * ldd + n] = s;
+    else
+        ((bf16 *)D)[m * ldd + n] = __float2bfloat16_rn(s);
+}
+
+extern "C" void gemm_splitk_cuda(cuda_ctx *ctx, int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha,
+                                 const bf16 *A, int64_t lda, const bf16 *B, int64_t ldb, void *D, int64_t ldd, gemm_dtype cd,
+                                 int splits, float *scratch) {
+    if (splits <= 1 || K % splits) {
+        gemm_cuda(ctx, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, 0.0f, NULL, D, ldd, cd);
+        return;
+    }
+    int64_t kc = K / splits;
+    // chunk c of op(A) is its columns [c kc, (c+1) kc): A + c kc (row-major A) or A + c kc lda (A^T)
+    int64_t sa = trans_a ? kc * lda : kc, sb = trans_b ? kc : kc * ldb;
+    gemm_batched_cuda(ctx, trans_a, trans_b, M, N, kc, alpha, A, lda, sa, B, ldb, sb, 0.0f, scratch, N, M * N, GEMM_F32,
+                      splits);
+    int64_t n = M * N;
+    splitk_reduce_kernel<<<ceil_div_i(n, 256), 256, 0, ctx->stream>>>(scratch, splits, M, N, D, ldd, cd == GEMM_F32);
+    CUDA_LAUNCH_CHECK();
+}
+
+// ---- arena -------------------------------------------------------------------------------------
+
+extern "C" int cuda_arena_init(cuda_arena *a, size_t bytes) {
+    memset(a, 0, sizeof *a);
+    if (bytes == 0) return MOSFT_OK;
+    cudaError_t e = cudaMalloc((void **)&a->base, bytes);
+    if (e != cudaSuccess) {
+        cudaGetLastError();
+        a->base = NULL;
+        char b[32];
+        mosft_fmt_bytes(b, sizeof b, (double)bytes);
+        size_t fr = 0, tot = 0;
+        cudaMemGetInfo(&fr, &tot);
+        char f[32];
+        mosft_fmt_bytes(f, sizeof f, (double)fr);
+        return mosft_fail_hint(MOSFT_ERR_RUNTIME, "train.recompute=full or a smaller train.micro_batch_size",
+                               "out of GPU memory: the plan needs %s more, %s are free", b, f);
+    }
+    a->size = bytes;
+    return MOSFT_OK;
+}
+
+extern "C" void cuda_arena_free(cuda_arena *a) {
+    if (a->base) cudaFree(a->base);
+    memset(a, 0, sizeof *a);
+}
+
+extern "C" void *cuda_arena_alloc(cuda_arena *a, size_t bytes) {
+    size_t n = cuda_align(bytes);
+    MOSFT_ASSERT(a->used + n <= a->size);  // the memory plan must cover every allocation
+    void *p = a->base + a->used;
+    a->used += n;
+    if (a->used > a->high) a->high = a->used;
+    return p;
+}

@@ -1,0 +1,93 @@
+// cuda_util.cuh: what every CUDA file of mosft shares: check macros that never compile out (file:line,
+// the failing call and a hint), the cuda_ctx layout, and small device helpers.
+#ifndef MOSFT_CUDA_UTIL_CUH
+#define MOSFT_CUDA_UTIL_CUH
+
+#include <cublasLt.h>
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include "core/common.h"
+#include "cuda/ops_cuda.h"
+
+static inline const char *cuda_hint(cudaError_t e) {
+    if (e == cudaErrorMemoryAllocation) return "out of GPU memory: train.recompute=full or a smaller train.micro_batch_size";
+    if (e == cudaErrorNoDevice || e == cudaErrorInsufficientDriver) return "no usable GPU: use device \"cpu\"";
+    return "a CUDA failure: rerun with CUDA_LAUNCH_BLOCKING=1 to find the failing kernel";
+}
+
+#define CUDA_CHECK(call)                                                                              \
+    do {                                                                                              \
+        cudaError_t e_ = (call);                                                                      \
+        if (e_ != cudaSuccess) mosft_die(__FILE__, __LINE__, cuda_hint(e_), "%s: %s", #call, cudaGetErrorString(e_)); \
+    } while (0)
+#define CUDA_LAUNCH_CHECK() CUDA_CHECK(cudaGetLastError())
+#define CUBLAS_CHECK(call)                                                                            \
+    do {                                                                                              \
+        cublasStatus_t s_ = (call);                                                                   \
+        if (s_ != CUBLAS_STATUS_SUCCESS)                                                              \
+            mosft_die(__FILE__, __LINE__, "cuBLAS refused a matrix product: check the shapes",       \
+                      "%s: cuBLAS status %d", #call, (int)s_);                                       \
+    } while (0)
+
+#define GEMM_CACHE_MAX 512
+
+typedef struct {
+    int ta, tb, cd, batch, same_cd;
+    int64_t M, N, K, lda, ldb, ldd, sa, sb, sd;
+    int align;  // min alignment (bytes) of the pointers, capped at 256
+    int beta_zero;
+    cublasLtMatmulDesc_t desc;
+    cublasLtMatrixLayout_t la, lb, lc;
+    cublasLtMatmulAlgo_t algo;
+} gemm_plan;
+
+struct cuda_ctx {
+    cudaStream_t stream;
+    cublasLtHandle_t lt;
+    void *workspace;
+    size_t workspace_bytes;
+    gemm_plan plans[GEMM_CACHE_MAX];
+    int n_plans;
+    float *host_scratch;  // pinned, for small downloads
+    size_t host_scratch_bytes;
+};
+
+static inline int ceil_div_i(int64_t a, int64_t b) { return (int)((a + b - 1) / b); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+__device__ __forceinline__ double warp_sum_d(double v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+// Block-wide sum / max for blockDim.x a multiple of 32 (<= 1024); every thread gets the result.
+__device__ __forceinline__ float block_sum(float v) {
+    __shared__ float sh[32];
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) sh[w] = v;
+    __syncthreads();
+    v = lane < nw ? sh[lane] : 0.0f;
+    return warp_sum(v);
+}
+__device__ __forceinline__ float block_max(float v) {
+    __shared__ float shm[32];
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) shm[w] = v;
+    __syncthreads();
+    v = lane < nw ? shm[lane] : -INFINITY;
+    return warp_max(v);
+}
+
+#endif

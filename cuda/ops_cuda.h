@@ -1,0 +1,234 @@
+// ops_cuda.h: the CUDA kernels of the training step, one twin per CPU reference op of core/ops_cpu.h
+// (`rmsnorm_forward_cpu` / `rmsnorm_forward_cuda`), plus the GPU-only pieces (NF4 on the device, GEMMs
+// through cuBLASLt, the adapter's gather/scatter). C-callable, so that the GPU tests (tests/gpu/*.c)
+// feed both twins the same random inputs and compare.
+//
+// Conventions:
+//  - Every pointer is DEVICE memory unless its comment says "host". Shapes are written beside them.
+//  - `bf16` is __nv_bfloat16 in CUDA code and its bit pattern (uint16_t) in C: the same bytes.
+//  - Activations are bf16; statistics (rmsnorm rstd, softmax lse, losses) and gradient accumulators of
+//    the residual stream are fp32. Like the CPU ops, backward kernels ACCUMULATE (+=) into input
+//    gradients unless their comment says otherwise.
+//  - Every launcher runs on the context's stream and checks the launch (a failure is fatal:
+//    mosft_die with a hint). Nothing synchronizes unless it says so.
+#ifndef MOSFT_OPS_CUDA_H
+#define MOSFT_OPS_CUDA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cuda_runtime_api.h>
+
+#include "core/adapter.h"
+#include "core/dtype.h"
+#include "core/nf4.h"
+
+#ifdef __CUDACC__
+#include <cuda_bf16.h>
+typedef __nv_bfloat16 bf16;
+#else
+typedef uint16_t bf16;  // bit pattern of a bfloat16 (core/dtype.h converts)
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// ---- context: stream, cuBLASLt handle and workspace, GEMM plan cache (cuda/context.cu) ----
+typedef struct cuda_ctx cuda_ctx;
+// NULL (with the error recorded) when no device or the libraries fail.
+cuda_ctx *cuda_ctx_create(void);
+void cuda_ctx_free(cuda_ctx *ctx);
+cudaStream_t cuda_ctx_stream(const cuda_ctx *ctx);
+void cuda_ctx_sync(cuda_ctx *ctx);
+size_t cuda_ctx_workspace_bytes(void);
+
+typedef enum { GEMM_BF16 = 0, GEMM_F32 = 1 } gemm_dtype;
+// Row-major D[M][N] = alpha * op(A)[M][K] op(B)[K][N] + beta * C[M][N], bf16 operands, fp32
+// accumulation, C and D of type `cd` with row stride ldd (C may be D; C is ignored when beta = 0):
+//   op(A)[i][k] = trans_a ? A[k*lda + i] : A[i*lda + k];  op(B)[k][j] = trans_b ? B[j*ldb + k] : B[k*ldb + j].
+// A linear layer y = x W^T (W [N][K]) is gemm_cuda(ctx, 0, 1, T, N, K, 1, x, K, W, K, 0, NULL, y, N, ...).
+void gemm_cuda(cuda_ctx *ctx, int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha, const bf16 *A,
+               int64_t lda, const bf16 *B, int64_t ldb, float beta, const void *C, void *D, int64_t ldd, gemm_dtype cd);
+// Skinny products with a long contraction (the adapter's: N = its rank, K = tokens or widths) leave
+// most of the GPU idle as one GEMM; split-K runs them as `splits` strided-batched GEMMs over chunks of K
+// into fp32 partials (scratch: splits * M * N floats) and sums the partials in a fixed order: faster,
+// and as deterministic as one GEMM. gemm_splitk_count picks splits (1 = a plain GEMM is as good).
+int gemm_splitk_count(int64_t M, int64_t N, int64_t K);
+void gemm_splitk_cuda(cuda_ctx *ctx, int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha, const bf16 *A,
+                      int64_t lda, const bf16 *B, int64_t ldb, void *D, int64_t ldd, gemm_dtype cd, int splits,
+                      float *scratch);
+// The same over `batch` matrices at fixed element strides (sa, sb, sd) from A, B, D (C = D).
+void gemm_batched_cuda(cuda_ctx *ctx, int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha,
+                       const bf16 *A, int64_t lda, int64_t sa, const bf16 *B, int64_t ldb, int64_t sb, float beta, void *D,
+                       int64_t ldd, int64_t sd, gemm_dtype cd, int batch);
+
+// ---- NF4 on the device (cuda/nf4.cu), bit-identical to core/nf4.c and bitsandbytes ----
+typedef struct {
+    int64_t rows, cols, numel, n_blocks;
+    int double_quant;
+    uint8_t *packed;        // [ceil(numel/2)] two codes per byte, the even element in the high nibble
+    float *absmax;          // [n_blocks] (double_quant == 0)
+    uint8_t *absmax_q;      // [n_blocks] (double_quant == 1)
+    float *nested_absmax;   // [ceil(n_blocks/256)]
+    float *nested_code;     // [256] the tensor's own 8-bit map (a bnb file carries one per weight)
+    float offset;           // host value
+} nf4_cuda_tensor;
+// Device bytes of the pieces, each rounded up to 256 bytes.
+size_t nf4_cuda_bytes(int64_t numel, int double_quant);
+// Carve the pieces of `t` (rows x cols) out of `mem` (nf4_cuda_bytes of it).
+void nf4_cuda_layout(nf4_cuda_tensor *t, int64_t rows, int64_t cols, int double_quant, void *mem);
+// Quantize w[rows*cols] (device fp32, already rounded to bf16 when it came from bf16 weights).
+// absmax_tmp [n_blocks] device scratch. Synchronizes (the offset is summed on the host as core/nf4.c).
+void nf4_quantize_cuda(cuda_ctx *ctx, nf4_cuda_tensor *t, const float *w, float *absmax_tmp);
+// out[rows][cols] (row stride ldo, 0 = cols) = bf16(code * absmax) (core/model.c base_linear_weight, bit
+// for bit).
+void nf4_dequantize_cuda(cuda_ctx *ctx, const nf4_cuda_tensor *t, bf16 *out, int64_t ldo);
+// Upload a host nf4_tensor (pre-quantized bnb-4bit, or quantized by core/nf4.c) into a laid-out tensor.
+void nf4_upload_cuda(cuda_ctx *ctx, nf4_cuda_tensor *t, const nf4_tensor *host);
+
+// ---- conversions and fills (cuda/nf4.cu) ----
+// dst[n] = fp32(src[n]) for src of dtype F32, F16 or BF16 (device), optionally rounded to bf16.
+void convert_to_f32_cuda(cuda_ctx *ctx, const void *src, mosft_dtype dt, int64_t n, float *dst, int round_bf16);
+void f32_to_bf16_cuda(cuda_ctx *ctx, const float *src, bf16 *dst, int64_t n);
+void bf16_to_f32_cuda(cuda_ctx *ctx, const bf16 *src, float *dst, int64_t n);
+// Random N(0, std^2) values from the Philox stream `key` (element i uses rng_u32 lanes 2i, 2i+1).
+void fill_normal_f32_cuda(cuda_ctx *ctx, float *dst, int64_t n, uint64_t key, float std);
+
+// ---- normalization, activation, embedding (cuda/norm_act.cu) ----
+// Row strides: ld* arguments give the row stride of a [T][...] buffer that has more columns than the
+// op writes or reads (the adapter's h rides in extra columns of a linear's input); multiples of 8.
+// out[T][C] (row stride ldo) = bf16(weight * (x * rstd)), rstd[T] (may be NULL) = 1/sqrt(mean(x^2) + eps);
+// inp[T][C].
+void rmsnorm_forward_cuda(cuda_ctx *ctx, bf16 *out, int64_t ldo, float *rstd, const bf16 *inp, const float *weight,
+                          int64_t T, int C, float eps);
+// ginp[T][C] (fp32) += d/dinp of sum(gout * out); gout[T][C] fp32; ginp_bf16 (NULL or [T][C]) receives a
+// bf16 copy of the updated ginp (the next GEMM's operand).
+void rmsnorm_backward_cuda(cuda_ctx *ctx, float *ginp, bf16 *ginp_bf16, int64_t ldb, const float *gout, const bf16 *inp,
+                           const float *weight, const float *rstd, int64_t T, int C);
+// SwiGLU on the fused gate|up output gu[T][2I] (gate in columns [0, I), up in [I, 2I)):
+// out[T][I] (row stride ldo) = silu(gate) * up; gu with row stride ldgu.
+void swiglu_forward_cuda(cuda_ctx *ctx, bf16 *out, int64_t ldo, const bf16 *gu, int64_t ldgu, int64_t T, int I);
+// In place: gu[T][2I] becomes (dL/dgate | dL/dup) from gout[T][I] (overwrites, no accumulation).
+void swiglu_backward_cuda(cuda_ctx *ctx, bf16 *gu, int64_t ldgu, const bf16 *gout, int64_t T, int I);
+// out[T][C] = table[ids[t]]; ids[T] device, in [0, V) (checked on the host).
+void embedding_forward_cuda(cuda_ctx *ctx, bf16 *out, const int32_t *ids, const bf16 *table, int64_t T, int C);
+
+// ---- rotary embedding and attention (cuda/attention.cu) ----
+// cos/sin table for positions [0, S): cs[S][D/2] pairs (cos, sin) computed on the host exactly as
+// rope_forward_cpu does; the caller uploads it (rope_table_host fills a host array of S*D floats).
+void rope_table_host(float *cs, const float *inv_freq, int S, int D);
+// Split the fused projection qkv[B*S][Hq*D + 2*Hkv*D] into head-major q[B][Hq][S][D], k[B][Hkv][S][D],
+// v[B][Hkv][S][D], rotating q and k (position = index within the sequence). cs[S][D/2][2].
+void rope_split_cuda(cuda_ctx *ctx, bf16 *q, bf16 *k, bf16 *v, const bf16 *qkv, int64_t ldqkv, const float *cs, int B,
+                     int S, int Hq, int Hkv, int D);
+// Backward: gqkv[B*S][Hq*D + 2*Hkv*D] (bf16, overwritten) from head-major fp32 gq, gk, gv, with the
+// inverse rotation on q and k.
+void rope_merge_backward_cuda(cuda_ctx *ctx, bf16 *gqkv, int64_t ldg, const float *gq, const float *gk, const float *gv,
+                              const float *cs, int B, int S, int Hq, int Hkv, int D);
+// Attention scratch bytes for chunks of `bc` sequences (scores fp32 + probabilities bf16; the
+// batched-GEMM path only: the flash kernels need none).
+size_t attention_scratch_bytes(int bc, int S, int Hq);
+// Sequences per chunk that fit `budget` bytes of scratch (at least 1).
+int attention_chunk(size_t budget, int B, int S, int Hq);
+// Causal GQA attention with key padding, as attention_forward_cpu: out[B*S][Hq*D] (token-major) and
+// lse[B][Hq][S] (log-sum-exp of each row's scaled scores, +inf for a row with no key) from head-major
+// q, k, v. mask[B][S] device (1 = token). scratch: attention_scratch_bytes(bc, S, Hq) bytes;
+// o_tmp[B][Hq][S][D] bf16 scratch.
+void attention_forward_cuda(cuda_ctx *ctx, bf16 *out, int64_t ldo, float *lse, const bf16 *q, const bf16 *k, const bf16 *v,
+                            const int32_t *mask, int B, int S, int Hq, int Hkv, int D, void *scratch, int bc,
+                            bf16 *o_tmp);
+// Backward: gq[B][Hq][S][D], gk, gv[B][Hkv][S][D] fp32 (overwritten) from gout[B*S][Hq*D] and the
+// forward's out (row stride ldo) and lse. do_tmp[B][Hq][S][D] bf16 scratch, delta[B][Hq][S] fp32 scratch.
+void attention_backward_cuda(cuda_ctx *ctx, float *gq, float *gk, float *gv, const bf16 *gout, const bf16 *out,
+                             int64_t ldo, const float *lse, const bf16 *q, const bf16 *k, const bf16 *v, const int32_t *mask, int B,
+                             int S, int Hq, int Hkv, int D, void *scratch, int bc, bf16 *do_tmp, float *delta);
+
+// FlashAttention-style kernels (cuda/flash_attention.cu) serve head sizes 16, 32, 64 and 128: the two
+// functions above use them (no scratch needed) unless attention_use_flash(0) or MOSFT_ATTENTION=gemm
+// selects the batched-GEMM path.
+int flash_attention_supported(int D);
+void attention_use_flash(int on);
+void flash_attention_forward_cuda(cuda_ctx *ctx, bf16 *out, int64_t ldo, float *lse, const bf16 *q, const bf16 *k, const bf16 *v,
+                                  const int32_t *mask, int B, int S, int Hq, int Hkv, int D);
+// dO_heads[B][Hq][S][D] (head-major), delta[B][Hq][S] = rowsum(dO * O); gq, gk, gv fp32 overwritten.
+void flash_attention_backward_cuda(cuda_ctx *ctx, float *gq, float *gk, float *gv, const bf16 *dO_heads,
+                                   const float *lse, const float *delta, const bf16 *q, const bf16 *k, const bf16 *v,
+                                   const int32_t *mask, int B, int S, int Hq, int Hkv, int D);
+
+// ---- lm_head + cross-entropy (cuda/loss.cu) ----
+// Rows per chunk so that the chunk's logits (fp32) and dlogits (bf16) take at most `budget` bytes.
+int64_t lmhead_ce_chunk_rows(size_t budget, int V);
+size_t lmhead_ce_scratch_bytes(int64_t chunk_rows, int V);
+// Chunked lm_head + causal-LM cross-entropy (lmhead_ce_forward_backward_cpu): for each chunk of rows,
+// logits = h W^T (fp32), per-row loss, and with gh: dlogits = scale * (softmax - onehot) (bf16) and
+// gh[rows] = dlogits W (fp32, overwritten). targets[T] already shifted (-100 = ignored: loss 0, no
+// gradient). row_loss[T] (fp32) receives each row's loss. logits_host (host, [T][V], NULL normally)
+// receives every row's logits (synchronizes).
+void lmhead_ce_cuda(cuda_ctx *ctx, const bf16 *h, const bf16 *W, const int32_t *targets, int64_t T, int C, int V,
+                    float scale, float *gh, float *row_loss, float *logits_host, void *scratch, int64_t chunk_rows);
+
+// ---- optimizer and reductions (cuda/optim.cu) ----
+// AdamW (adamw_update_cpu bit for bit) on param[n] with grad*grad_scale; moments m, v in place.
+void adamw_cuda(cuda_ctx *ctx, float *param, const float *grad, float *m, float *v, int64_t n, float grad_scale,
+                double lr, double beta1, double beta2, double eps, double weight_decay, int64_t step);
+// Sum of squares of x[n] in double, in a fixed order (deterministic); partial: reduce_scratch_bytes.
+// Synchronizes and returns the value.
+size_t reduce_scratch_bytes(int64_t n);
+double sum_squares_cuda(cuda_ctx *ctx, const float *x, int64_t n, void *partial);
+// Sum of x[n] (fp32 values, summed in double in a fixed order). Synchronizes.
+double sum_f32_cuda(cuda_ctx *ctx, const float *x, int64_t n, void *partial);
+// x[n] *= s
+void scale_f32_cuda(cuda_ctx *ctx, float *x, int64_t n, float s);
+
+// ---- adapters (cuda/adapter.cu) ----
+// How to build one (layer, module)'s effective low-rank factors from the fp32 parameter buffer, for
+// the methods whose factors are gathered shards (MoS, LoRA):
+//   A[k][j*sa + c] = scale[k] * params[offA[k*l + j] + c]                 A: r x d_in,  sa = d_in / l
+//   B[j*sb + c][k] =            params[offB[k*l + j] + c * strideB]        B: d_out x r, sb = d_out / l
+// (B, and dL/dB, with row stride ldB >= r: a block of a wider block-diagonal matrix.)
+// and the gradients go back with the transposed map (scatter: += into grad at the same places).
+// Within one (layer, module) every target address is distinct (MoS tables never repeat an index in a
+// layer), so the scatter kernels need no atomics, and launches in stream order keep it deterministic.
+typedef struct {
+    int r, l, d_in, d_out, strideB;
+    float scaleB;                // B is gathered as scaleB * B (the adapter's alpha / r folded in)
+    const int64_t *offA, *offB;  // [r*l] device
+    const float *scaleA;         // [r] device, NULL = 1
+    int ldB;                     // row stride of B and gB (r when standalone)
+} lowrank_map;
+// The host arrays of one (layer, module)'s map from an adapter's tensors and index tables: offA, offB
+// [r*l], scale [r] (filled when *has_scale), *l, *strideB. MOSFT_ERR_INPUT for methods that are not
+// gathered shards (only MoS and LoRA are).
+int lowrank_map_host(const adapter *ad, int layer, int module, int64_t *offA, int64_t *offB, float *scale,
+                     int *has_scale, int *l, int *strideB);
+// Shards per vector of the adapter's maps (1 for LoRA).
+int lowrank_map_shards(const adapter *ad);
+// A[r][d_in], B[d_out][ldB] bf16 from params.
+void lowrank_gather_cuda(cuda_ctx *ctx, const lowrank_map *mp, const float *params, bf16 *A, bf16 *B);
+// grad += the maps of gA[r][d_in] and gB[d_out][ldB] (fp32).
+void lowrank_scatter_cuda(cuda_ctx *ctx, const lowrank_map *mp, const float *gA, const float *gB, float *grad);
+// Dropout on the adapter input: xd[T][d_in] = x * mask (mask from rng_keep(key, t*d_in + c, thr) with
+// the multiplier `keep` = 1/(1-p)); x has row stride ldx.
+void dropout_apply_cuda(cuda_ctx *ctx, bf16 *xd, const bf16 *x, int64_t ldx, int64_t T, int d_in, uint64_t key,
+                        uint32_t thr, float keep);
+// gx[T][d_in] (+=, fp32 or bf16 by gx_f32, row stride ldgx) += g[T][d_in] (fp32) * mask.
+void dropout_backward_add_cuda(cuda_ctx *ctx, void *gx, int gx_f32, int64_t ldgx, const float *g, int64_t T, int d_in,
+                               uint64_t key, uint32_t thr, float keep);
+
+// ---- device memory ----
+// A bump allocator over one cudaMalloc: every buffer of a phase comes from it, aligned to 256 bytes.
+typedef struct {
+    char *base;
+    size_t size, used, high;
+} cuda_arena;
+// 0 on success; MOSFT_ERR_RUNTIME (message recorded) when the device is out of memory.
+int cuda_arena_init(cuda_arena *a, size_t bytes);
+void cuda_arena_free(cuda_arena *a);
+void *cuda_arena_alloc(cuda_arena *a, size_t bytes);  // asserts that the plan was big enough
+static inline size_t cuda_align(size_t n) { return (n + 255) & ~(size_t)255; }
+
+#ifdef __cplusplus
+}
+#endif
+#endif

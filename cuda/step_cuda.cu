@@ -1,0 +1,648 @@
+// step_cuda.cu: forward and backward of one micro-batch on the GPU: the math of the CPU reference
+// (core/backend_cpu.c) with bf16 activations, fp32 statistics and fp32 residual-stream gradients.
+//
+// Per layer (T = B*S token rows):
+//   h1 = rmsnorm(x_in)                     qkv = h1 Wqkv^T + adapters(q, k, v)    (one GEMM, [T][Q+2KV])
+//   q, k, v = rope/split(qkv)  (head-major) att = attention(q, k, v)              (batched GEMMs + softmax)
+//   x_mid = x_in + att Wo^T + adapter(o)   (GEMM epilogue: C = x_in, beta = 1)
+//   h2 = rmsnorm(x_mid)                    gu = h2 Wgu^T + adapters(gate, up)     (one GEMM, [T][2I])
+//   a = silu(gate) * up                    x_out = x_mid + a Wd^T + adapter(down)
+// A frozen NF4 group is dequantized into one reused bf16 buffer right before its GEMM (forward and
+// backward); there is no weight gradient for the base. Each adapter adds s * (xd A^T) B^T into the
+// base output (beta = 1) and, in backward, scatters dL/dA, dL/dB into the fp32 gradient buffer.
+//
+// Recompute levels (which of cuda_acts is per layer): none keeps everything; partial keeps the layer
+// input, q/k/v, the attention output and its log-sum-exp and x_mid, and recomputes the norms and the
+// MLP's gate|up GEMM; full keeps only the layer input and recomputes the layer's forward, except its
+// last GEMM (down_proj), whose output backward never reads. Dropout masks are functions of
+// (seed, step, micro-batch, layer, module), so recomputation sees the same ones.
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/ops_cpu.h"
+#include "core/rng.h"
+#include "cuda/backend_cuda.cuh"
+
+#define ATT_BUDGET ((size_t)512 << 20)  // attention scores of a chunk of sequences
+#define CE_BUDGET ((size_t)512 << 20)   // logits of a chunk of rows
+
+typedef struct {
+    int64_t T;
+    int B, S, C, Q, KV, W, I, Hq, Hkv, D, V, L;
+} dims;
+
+static dims dims_of(const llama_config *c, int B, int S) {
+    dims d;
+    d.B = B;
+    d.S = S;
+    d.T = (int64_t)B * S;
+    d.C = c->hidden;
+    d.Hq = c->n_heads;
+    d.Hkv = c->n_kv_heads;
+    d.D = c->head_dim;
+    d.Q = d.Hq * d.D;
+    d.KV = d.Hkv * d.D;
+    d.W = d.Q + 2 * d.KV;
+    d.I = c->intermediate;
+    d.V = c->vocab;
+    d.L = c->n_layers;
+    return d;
+}
+
+static int max_din(const backend *be) {
+    const cuda_impl *c = (const cuda_impl *)be->impl;
+    int m = 0;
+    for (int g = 0; g < GRP_COUNT; g++)
+        if (c->grp[g].n && c->grp[g].d_in > m) m = c->grp[g].d_in;
+    return m;
+}
+
+// ---- memory layout --------------------------------------------------------------------------------
+
+// The adapter's columns beside a group's input (and beside its output gradient in backward): R rounded
+// up to 8 so that rows stay 16-byte aligned.
+static int rp(const cuda_impl *c, int g) { return c->model.Rp[g]; }
+
+// Row strides of the buffers that carry an adapter's h (forward) or gh (backward) in extra columns.
+typedef struct {
+    int64_t h1, att, h2, a, gu, qkv, gxb;
+} lds;
+
+static lds lds_of(const cuda_impl *c, const dims *d) {
+    lds x;
+    x.h1 = d->C + rp(c, GRP_QKV);
+    x.att = d->Q + rp(c, GRP_O);
+    x.h2 = d->C + rp(c, GRP_GU);
+    x.a = d->I + rp(c, GRP_DOWN);
+    x.gu = 2 * (int64_t)d->I + rp(c, GRP_GU);
+    x.qkv = d->W + rp(c, GRP_QKV);
+    x.gxb = d->C + (rp(c, GRP_O) > rp(c, GRP_DOWN) ? rp(c, GRP_O) : rp(c, GRP_DOWN));
+    return x;
+}
+
+enum { CAT_ACTS = 0, CAT_WORK };
+
+static void *take(cuda_arena *ar, size_t bytes, mem_plan *plan, int cat) {
+    if (plan) {
+        if (cat == CAT_ACTS)
+            plan->activations += (double)cuda_align(bytes);
+        else
+            plan->workspace += (double)cuda_align(bytes);
+    }
+    return cuda_arena_alloc(ar, bytes);
+}
+
+void cuda_acts_layout(backend *be, cuda_arena *ar, int B, int S, mem_plan *plan) {
+    cuda_impl *c = (cuda_impl *)be->impl;
+    dims d = dims_of(&be->cfg, B, S);
+    lds ld = lds_of(c, &d);
+    int64_t T = d.T;
+    int lev = c->recompute;
+    if (!c->acts) c->acts = (cuda_acts *)xcalloc((size_t)d.L, sizeof(cuda_acts));
+    cuda_acts sh;  // buffers shared by the layers that recompute them
+    memset(&sh, 0, sizeof sh);
+#define BF(n) (bf16 *)take(ar, (size_t)(n) * 2, plan, CAT_ACTS)
+#define F32(n) (float *)take(ar, (size_t)(n) * 4, plan, CAT_ACTS)
+    if (lev != RECOMPUTE_NONE) {
+        sh.h1 = BF(T * ld.h1);
+        sh.rstd1 = F32(T);
+        sh.h2 = BF(T * ld.h2);
+        sh.rstd2 = F32(T);
+        sh.gu = BF(T * ld.gu);
+        sh.a = BF(T * ld.a);
+        if (lev == RECOMPUTE_FULL) {
+            sh.q = BF(T * d.Q);
+            sh.k = BF(T * d.KV);
+            sh.v = BF(T * d.KV);
+            sh.att = BF(T * ld.att);
+            sh.lse = F32(T * d.Hq);
+            sh.x_mid = BF(T * d.C);
+        }
+    }
+    for (int l = 0; l < d.L; l++) {
+        cuda_acts *a = &c->acts[l];
+        *a = sh;
+        a->x_in = BF(T * d.C);
+        if (lev == RECOMPUTE_NONE) {
+            a->h1 = BF(T * ld.h1);
+            a->rstd1 = F32(T);
+            a->h2 = BF(T * ld.h2);
+            a->rstd2 = F32(T);
+            a->gu = BF(T * ld.gu);
+            a->a = BF(T * ld.a);
+        }
+        if (lev != RECOMPUTE_FULL) {
+            a->q = BF(T * d.Q);
+            a->k = BF(T * d.KV);
+            a->v = BF(T * d.KV);
+            a->att = BF(T * ld.att);
+            a->lse = F32(T * d.Hq);
+            a->x_mid = BF(T * d.C);
+        }
+    }
+    c->x_final = BF(T * d.C);
+#undef BF
+#undef F32
+#define BF(n) (bf16 *)take(ar, (size_t)(n) * 2, plan, CAT_WORK)
+#define F32(n) (float *)take(ar, (size_t)(n) * 4, plan, CAT_WORK)
+    c->xf = BF(T * d.C);
+    c->rstd_f = F32(T);
+    c->qkv = BF(T * ld.qkv);
+    c->o_tmp = BF(T * d.Q);
+    c->gx = F32(T * d.C);
+    c->gxb = BF(T * ld.gxb);
+    c->gh = F32(T * d.C);
+    c->gbig = BF(T * (d.I > d.Q ? d.I : d.Q));
+    c->gq = F32(T * d.Q);
+    c->gk = F32(T * d.KV);
+    c->gv = F32(T * d.KV);
+    c->delta = F32(T * d.Hq);
+    int bc = attention_chunk(ATT_BUDGET, B, S, d.Hq);
+    c->ce_rows = lmhead_ce_chunk_rows(CE_BUDGET, d.V);
+    if (c->ce_rows > T) c->ce_rows = T;
+    size_t att = flash_attention_supported(d.D) ? 0 : attention_scratch_bytes(bc, S, d.Hq);
+    size_t ce = lmhead_ce_scratch_bytes(c->ce_rows, d.V);
+    c->big_bytes = att > ce ? att : ce;
+    c->big = take(ar, c->big_bytes, plan, CAT_WORK);
+    c->row_loss = F32(T);
+    c->ids = (int32_t *)take(ar, (size_t)T * 4, plan, CAT_WORK);
+    c->targets = (int32_t *)take(ar, (size_t)T * 4, plan, CAT_WORK);
+    c->mask = (int32_t *)take(ar, (size_t)T * 4, plan, CAT_WORK);
+    c->cs = F32((int64_t)S * d.D);
+    if (c->model.nf4) {  // the largest group with its adapter blocks: [d_out + Rp][d_in + Rp]
+        int64_t mx = 0;
+        for (int g = 0; g < GRP_COUNT; g++) {
+            int di, dout;
+            cuda_group_dims(&be->cfg, g, &di, &dout);
+            int64_t n = (int64_t)(dout + rp(c, g)) * (di + rp(c, g));
+            mx = n > mx ? n : mx;
+        }
+        c->wbuf = BF(mx);
+    }
+    int din = max_din(be);
+    if (din > 0) {
+        c->ad_gA = F32((int64_t)c->R_max * din);
+        c->ad_gB = F32((int64_t)c->dout_max * c->R_max);
+        // split-K partials: the largest of [splits][T][R] (h, gh), [splits][R][d_in] (gA), [splits][d_out][R] (gB)
+        size_t mx = 0;
+        for (int g = 0; g < GRP_COUNT; g++) {
+            const cuda_adapter_group *ag = &c->grp[g];
+            if (!ag->n) continue;
+            int64_t sh[4][3] = {{T, ag->R, ag->d_in}, {T, ag->R, ag->d_out}, {ag->R, ag->d_in, T}, {ag->d_out, ag->R, T}};
+            for (int i = 0; i < 4; i++) {
+                size_t n = (size_t)gemm_splitk_count(sh[i][0], sh[i][1], sh[i][2]) * (size_t)(sh[i][0] * sh[i][1]);
+                mx = n > mx ? n : mx;
+            }
+        }
+        c->ad_part_floats = mx;
+        c->ad_part = F32(mx);
+        if (be->dropout > 0) {
+            c->ad_xd = BF(T * din);
+            c->ad_gxd = F32(T * din);
+        }
+    }
+#undef BF
+#undef F32
+}
+
+// An adapter GEMM (beta = 0): split-K when the product is too skinny to fill the GPU.
+static void ad_gemm(cuda_impl *c, int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha, const bf16 *A, int64_t lda,
+                    const bf16 *B, int64_t ldb, void *D, int64_t ldd, gemm_dtype cd) {
+    int s = gemm_splitk_count(M, N, K);
+    if (s > 1 && (size_t)s * (size_t)(M * N) <= c->ad_part_floats)
+        gemm_splitk_cuda(c->ctx, ta, tb, M, N, K, alpha, A, lda, B, ldb, D, ldd, cd, s, c->ad_part);
+    else
+        gemm_cuda(c->ctx, ta, tb, M, N, K, alpha, A, lda, B, ldb, 0.0f, NULL, D, ldd, cd);
+}
+
+// ---- frozen weights and adapters ------------------------------------------------------------------
+//
+// A group's GEMMs take the adapter along by widening the contraction (K-augmentation):
+//   forward   y  = [x | h] [W | sB]^T    h = xd A^T in the input's extra columns, sB beside W's rows
+//   backward  gx = [gy | gh] [W ; A]      gh = gy (sB) in the output gradient's extra columns, A below W
+// so the adapter never makes its own pass over y or gx. The weight buffer holds both blocks:
+// [d_out + Rp][d_in + Rp] with W top-left, sB top-right, A bottom-left. With dropout (a mask per
+// module) the backward term (gh A) * mask cannot ride along and is added per module.
+
+// The bf16 weight of group `grp` with its adapter blocks (row stride d_in + Rp).
+static const bf16 *group_weight(cuda_impl *c, const dims *d, int l, int grp) {
+    const cuda_layer *L = &c->model.layers[l];
+    if (!c->model.nf4) return L->w[grp];
+    prof_mark(c, PROF_DEQUANT);
+    int di, dout;
+    cuda_group_dims(&c->model.cfg, grp, &di, &dout);
+    int64_t ld = di + rp(c, grp);
+    switch (grp) {
+    case GRP_QKV:
+        nf4_dequantize_cuda(c->ctx, &L->q[MOD_Q], c->wbuf, ld);
+        nf4_dequantize_cuda(c->ctx, &L->q[MOD_K], c->wbuf + (int64_t)d->Q * ld, ld);
+        nf4_dequantize_cuda(c->ctx, &L->q[MOD_V], c->wbuf + (int64_t)(d->Q + d->KV) * ld, ld);
+        break;
+    case GRP_O: nf4_dequantize_cuda(c->ctx, &L->q[MOD_O], c->wbuf, ld); break;
+    case GRP_GU:
+        nf4_dequantize_cuda(c->ctx, &L->q[MOD_GATE], c->wbuf, ld);
+        nf4_dequantize_cuda(c->ctx, &L->q[MOD_UP], c->wbuf + (int64_t)d->I * ld, ld);
+        break;
+    default: nf4_dequantize_cuda(c->ctx, &L->q[MOD_DOWN], c->wbuf, ld); break;
+    }
+    const cuda_adapter_group *ag = &c->grp[grp];
+    if (ag->n) {
+        CUDA_CHECK(cudaMemcpy2DAsync(c->wbuf + di, (size_t)ld * 2, ag->B[l], (size_t)ag->R * 2, (size_t)ag->R * 2,
+                                     (size_t)dout, cudaMemcpyDeviceToDevice, c->ctx->stream));
+        CUDA_CHECK(cudaMemcpy2DAsync(c->wbuf + (int64_t)dout * ld, (size_t)ld * 2, ag->A[l], (size_t)di * 2, (size_t)di * 2,
+                                     (size_t)ag->R, cudaMemcpyDeviceToDevice, c->ctx->stream));
+    }
+    return c->wbuf;
+}
+
+void cuda_build_factors(backend *be) {
+    cuda_impl *c = (cuda_impl *)be->impl;
+    if (c->built) return;
+    for (int g = 0; g < GRP_COUNT; g++) {
+        cuda_adapter_group *ag = &c->grp[g];
+        for (int l = 0; l < be->cfg.n_layers && ag->n; l++) {
+            for (int i = 0; i < ag->n; i++)
+                lowrank_gather_cuda(c->ctx, &ag->map[l * 3 + i], c->params, ag->A[l] + (int64_t)i * c->rank * ag->d_in,
+                                    ag->B[l] + (int64_t)ag->row_off[i] * ag->R + i * c->rank);
+            if (!c->model.nf4) {  // a bf16 base keeps the blocks beside its weights
+                int64_t ld = ag->d_in + rp(c, g);
+                bf16 *w = c->model.layers[l].w[g];
+                CUDA_CHECK(cudaMemcpy2DAsync(w + ag->d_in, (size_t)ld * 2, ag->B[l], (size_t)ag->R * 2, (size_t)ag->R * 2,
+                                             (size_t)ag->d_out, cudaMemcpyDeviceToDevice, c->ctx->stream));
+                CUDA_CHECK(cudaMemcpy2DAsync(w + (int64_t)ag->d_out * ld, (size_t)ld * 2, ag->A[l], (size_t)ag->d_in * 2,
+                                             (size_t)ag->d_in * 2, (size_t)ag->R, cudaMemcpyDeviceToDevice, c->ctx->stream));
+            }
+        }
+    }
+    c->built = 1;
+}
+
+typedef struct {
+    int on;
+    uint64_t key;
+    uint32_t thr;
+    float keep;
+} drop_spec;
+
+static drop_spec drop_of(const backend *be, const dropout_ctx *dc, int l, int m) {
+    drop_spec s = {0, 0, 0, 1.0f};
+    if (!dc || be->dropout <= 0.0f) return s;
+    s.on = 1;
+    s.key = rng_key(RNG_DROPOUT, dc->seed, (uint64_t)dc->step, (uint64_t)dc->micro, (uint64_t)(l * 8 + m));
+    s.thr = rng_dropout_threshold(be->dropout);
+    s.keep = 1.0f / (1.0f - be->dropout);
+    return s;
+}
+
+static int dropout_on(const backend *be, const dropout_ctx *dc) { return dc && be->dropout > 0.0f; }
+
+// h = dropout(x) A^T of every adapted module of group g, into x's extra columns (x [T][d_in + Rp] with
+// row stride ldx): the left operand of the group's K-augmented GEMM.
+static void adapter_h(backend *be, const dims *d, int l, int g, bf16 *x, int64_t ldx, const dropout_ctx *dc) {
+    cuda_impl *c = (cuda_impl *)be->impl;
+    cuda_adapter_group *ag = &c->grp[g];
+    if (!ag->n) return;
+    int r = c->rank;
+    bf16 *h = x + ag->d_in;
+    if (!dropout_on(be, dc)) {
+        ad_gemm(c, 0, 1, d->T, ag->R, ag->d_in, 1.0f, x, ldx, ag->A[l], ag->d_in, h, ldx, GEMM_BF16);
+        return;
+    }
+    for (int i = 0; i < ag->n; i++) {  // a mask per module
+        drop_spec ds = drop_of(be, dc, l, ag->mod[i]);
+        dropout_apply_cuda(c->ctx, c->ad_xd, x, ldx, d->T, ag->d_in, ds.key, ds.thr, ds.keep);
+        ad_gemm(c, 0, 1, d->T, r, ag->d_in, 1.0f, c->ad_xd, ag->d_in, ag->A[l] + (int64_t)i * r * ag->d_in, ag->d_in,
+                h + i * r, ldx, GEMM_BF16);
+    }
+}
+
+// K of group g's forward GEMM: the input width plus the adapter's columns.
+static int64_t k_fwd(const cuda_impl *c, int g, int64_t d_in) { return d_in + c->grp[g].R; }
+
+// Backward of group g's adapters, before its input-gradient GEMM: gh = gy (sB) into gy's extra columns
+// (gy [T][d_out + Rp], row stride ldgy), dL/dB = s gy^T h, dL/dA = gh^T xd, both scattered into
+// c->grad. Returns the K of the input-gradient GEMM: d_out + R when gh A rides along (no dropout),
+// else d_out (adapter_dx_dropout adds the masked term after it).
+static int64_t adapter_grads(backend *be, const dims *d, int l, int g, const bf16 *x, int64_t ldx, bf16 *gy, int64_t ldgy,
+                             const dropout_ctx *dc) {
+    cuda_impl *c = (cuda_impl *)be->impl;
+    cuda_adapter_group *ag = &c->grp[g];
+    int di, dout;
+    cuda_group_dims(&be->cfg, g, &di, &dout);
+    if (!ag->n) return dout;
+    int r = c->rank, R = ag->R;
+    bf16 *gh = gy + dout;
+    const bf16 *h = x + di;
+    ad_gemm(c, 0, 0, d->T, R, dout, 1.0f, gy, ldgy, ag->B[l], R, gh, ldgy, GEMM_BF16);
+    ad_gemm(c, 1, 0, dout, R, d->T, c->scaling, gy, ldgy, h, ldx, c->ad_gB, R, GEMM_F32);
+    if (!dropout_on(be, dc)) {
+        ad_gemm(c, 1, 0, R, di, d->T, 1.0f, gh, ldgy, x, ldx, c->ad_gA, di, GEMM_F32);
+        for (int i = 0; i < ag->n; i++)
+            lowrank_scatter_cuda(c->ctx, &ag->map[l * 3 + i], c->ad_gA + (int64_t)i * r * di,
+                                 c->ad_gB + (int64_t)ag->row_off[i] * R + i * r, c->grad);
+        return dout + R;
+    }
+    for (int i = 0; i < ag->n; i++) {
+        drop_spec ds = drop_of(be, dc, l, ag->mod[i]);
+        dropout_apply_cuda(c->ctx, c->ad_xd, x, ldx, d->T, di, ds.key, ds.thr, ds.keep);
+        ad_gemm(c, 1, 0, r, di, d->T, 1.0f, gh + i * r, ldgy, c->ad_xd, di, c->ad_gA, di, GEMM_F32);
+        lowrank_scatter_cuda(c->ctx, &ag->map[l * 3 + i], c->ad_gA, c->ad_gB + (int64_t)ag->row_off[i] * R + i * r,
+                             c->grad);
+    }
+    return dout;
+}
+
+// With dropout: gx (fp32 or bf16, row stride ldgx) += (gh_m A_m) * mask_m for each module of group g.
+static void adapter_dx_dropout(backend *be, const dims *d, int l, int g, const bf16 *gy, int64_t ldgy, void *gx,
+                               int gx_f32, int64_t ldgx, const dropout_ctx *dc) {
+    cuda_impl *c = (cuda_impl *)be->impl;
+    cuda_adapter_group *ag = &c->grp[g];
+    if (!ag->n || !dropout_on(be, dc)) return;
+    int r = c->rank, di, dout;
+    cuda_group_dims(&be->cfg, g, &di, &dout);
+    const bf16 *gh = gy + dout;
+    for (int i = 0; i < ag->n; i++) {
+        drop_spec ds = drop_of(be, dc, l, ag->mod[i]);
+        gemm_cuda(c->ctx, 0, 0, d->T, di, r, 1.0f, gh + i * r, ldgy, ag->A[l] + (int64_t)i * r * di, di, 0.0f, NULL,
+                  c->ad_gxd, di, GEMM_F32);
+        dropout_backward_add_cuda(c->ctx, gx, gx_f32, ldgx, c->ad_gxd, d->T, di, ds.key, ds.thr, ds.keep);
+    }
+}
+
+// ---- the layer --------------------------------------------------------------------------------------
+
+static int att_chunk(const cuda_impl *c, const dims *d) {
+    int bc = d->B;
+    while (bc > 1 && attention_scratch_bytes(bc, d->S, d->Hq) > c->big_bytes) bc--;
+    return bc;
+}
+
+// h1 (+ the q|k|v adapter's h) of layer l from its x_in.
+static void norm1_forward(backend *be, const dims *d, int l, const dropout_ctx *dc) {
+    cuda_impl *c = (cuda_impl *)be->impl;
+    cuda_acts *a = &c->acts[l];
+    lds ld = lds_of(c, d);
+    prof_mark(c, PROF_ELEM);
+    rmsnorm_forward_cuda(c->ctx, a->h1, ld.h1, a->rstd1, a->x_in, c->model.layers[l].attn_norm, d->T, d->C,
+                         (float)be->cfg.rms_eps);
+    prof_mark(c, PROF_ADAPTER);
+    adapter_h(be, d, l, GRP_QKV, a->h1, ld.h1, dc);
+}
+
+// q, k, v, att, lse, x_mid of layer l from its h1.
+static void attn_block_forward(backend *be, const dims *d, int l, const dropout_ctx *dc) {
+    cuda_impl *c = (cuda_impl *)be->impl;
+    cuda_acts *a = &c->acts[l];
+    cuda_ctx *ctx = c->ctx;
+    lds ld = lds_of(c, d);
+    const bf16 *w = group_weight(c, d, l, GRP_QKV);
+    prof_mark(c, PROF_GEMM);
+    gemm_cuda(ctx, 0, 1, d->T, d->W, k_fwd(c, GRP_QKV, d->C), 1.0f, a->h1, ld.h1, w, d->C + rp(c, GRP_QKV), 0.0f, NULL,
+              c->qkv, ld.qkv, GEMM_BF16);
+    prof_mark(c, PROF_ELEM);
+    rope_split_cuda(ctx, a->q, a->k, a->v, c->qkv, ld.qkv, c->cs, d->B, d->S, d->Hq, d->Hkv, d->D);
+    prof_mark(c, PROF_ATTN);
+    attention_forward_cuda(ctx, a->att, ld.att, a->lse, a->q, a->k, a->v, c->mask, d->B, d->S, d->Hq, d->Hkv, d->D, c->big,
+                           att_chunk(c, d), c->o_tmp);
+    prof_mark(c, PROF_ADAPTER);
+    adapter_h(be, d, l, GRP_O, a->att, ld.att, dc);
+    w = group_weight(c, d, l, GRP_O);
+    prof_mark(c, PROF_GEMM);
+    gemm_cuda(ctx, 0, 1, d->T, d->C, k_fwd(c, GRP_O, d->Q), 1.0f, a->att, ld.att, w, d->Q + rp(c, GRP_O), 1.0f, a->x_in,
+              a->x_mid, d->C, GEMM_BF16);
+}
+
+// h2, gu, a (+ the adapters' h) of layer l from its x_mid; with x_out, also x_out = x_mid + down(a).
+static void mlp_block_forward(backend *be, const dims *d, int l, bf16 *x_out, const dropout_ctx *dc) {
+    cuda_impl *c = (cuda_impl *)be->impl;
+    cuda_acts *a = &c->acts[l];
+    const cuda_layer *L = &c->model.layers[l];
+    cuda_ctx *ctx = c->ctx;
+    lds ld = lds_of(c, d);
+    prof_mark(c, PROF_ELEM);
+    rmsnorm_forward_cuda(ctx, a->h2, ld.h2, a->rstd2, a->x_mid, L->mlp_norm, d->T, d->C, (float)be->cfg.rms_eps);
+    prof_mark(c, PROF_ADAPTER);
+    adapter_h(be, d, l, GRP_GU, a->h2, ld.h2, dc);
+    const bf16 *w = group_weight(c, d, l, GRP_GU);
+    prof_mark(c, PROF_GEMM);
+    gemm_cuda(ctx, 0, 1, d->T, 2 * (int64_t)d->I, k_fwd(c, GRP_GU, d->C), 1.0f, a->h2, ld.h2, w, d->C + rp(c, GRP_GU),
+              0.0f, NULL, a->gu, ld.gu, GEMM_BF16);
+    prof_mark(c, PROF_ELEM);
+    swiglu_forward_cuda(ctx, a->a, ld.a, a->gu, ld.gu, d->T, d->I);
+    prof_mark(c, PROF_ADAPTER);
+    adapter_h(be, d, l, GRP_DOWN, a->a, ld.a, dc);  // saved for backward even when x_out is not needed
+    if (!x_out) return;
+    w = group_weight(c, d, l, GRP_DOWN);
+    prof_mark(c, PROF_GEMM);
+    gemm_cuda(ctx, 0, 1, d->T, d->C, k_fwd(c, GRP_DOWN, d->I), 1.0f, a->a, ld.a, w, d->I + rp(c, GRP_DOWN), 1.0f,
+              a->x_mid, x_out, d->C, GEMM_BF16);
+}
+
+// c->gx holds dL/dx_out (and c->gxb its bf16 copy) on entry, dL/dx_in on exit.
+static void layer_backward(backend *be, const dims *d, int l, const dropout_ctx *dc) {
+    cuda_impl *c = (cuda_impl *)be->impl;
+    cuda_acts *a = &c->acts[l];
+    const cuda_layer *L = &c->model.layers[l];
+    cuda_ctx *ctx = c->ctx;
+    lds ld = lds_of(c, d);
+    // MLP: x_out = x_mid + down(silu(gate(h2)) * up(h2))
+    prof_mark(c, PROF_ADAPTER_BWD);
+    int64_t K = adapter_grads(be, d, l, GRP_DOWN, a->a, ld.a, c->gxb, ld.gxb, dc);
+    const bf16 *w = group_weight(c, d, l, GRP_DOWN);
+    bf16 *ga = c->gbig;  // [T][I]
+    prof_mark(c, PROF_GEMM_BWD);
+    gemm_cuda(ctx, 0, 0, d->T, d->I, K, 1.0f, c->gxb, ld.gxb, w, d->I + rp(c, GRP_DOWN), 0.0f, NULL, ga, d->I, GEMM_BF16);
+    prof_mark(c, PROF_ADAPTER_BWD);
+    adapter_dx_dropout(be, d, l, GRP_DOWN, c->gxb, ld.gxb, ga, 0, d->I, dc);
+    prof_mark(c, PROF_ELEM);
+    swiglu_backward_cuda(ctx, a->gu, ld.gu, ga, d->T, d->I);  // a->gu now holds dL/dgate | dL/dup
+    prof_mark(c, PROF_ADAPTER_BWD);
+    K = adapter_grads(be, d, l, GRP_GU, a->h2, ld.h2, a->gu, ld.gu, dc);
+    w = group_weight(c, d, l, GRP_GU);
+    prof_mark(c, PROF_GEMM_BWD);
+    gemm_cuda(ctx, 0, 0, d->T, d->C, K, 1.0f, a->gu, ld.gu, w, d->C + rp(c, GRP_GU), 0.0f, NULL, c->gh, d->C, GEMM_F32);
+    prof_mark(c, PROF_ADAPTER_BWD);
+    adapter_dx_dropout(be, d, l, GRP_GU, a->gu, ld.gu, c->gh, 1, d->C, dc);
+    prof_mark(c, PROF_ELEM);
+    rmsnorm_backward_cuda(ctx, c->gx, c->gxb, ld.gxb, c->gh, a->x_mid, L->mlp_norm, a->rstd2, d->T, d->C);
+    // attention: x_mid = x_in + o(attention(rope(q(h1)), rope(k(h1)), v(h1)))
+    prof_mark(c, PROF_ADAPTER_BWD);
+    K = adapter_grads(be, d, l, GRP_O, a->att, ld.att, c->gxb, ld.gxb, dc);
+    w = group_weight(c, d, l, GRP_O);
+    bf16 *gatt = c->gbig;  // [T][Q]
+    prof_mark(c, PROF_GEMM_BWD);
+    gemm_cuda(ctx, 0, 0, d->T, d->Q, K, 1.0f, c->gxb, ld.gxb, w, d->Q + rp(c, GRP_O), 0.0f, NULL, gatt, d->Q, GEMM_BF16);
+    prof_mark(c, PROF_ADAPTER_BWD);
+    adapter_dx_dropout(be, d, l, GRP_O, c->gxb, ld.gxb, gatt, 0, d->Q, dc);
+    prof_mark(c, PROF_ATTN_BWD);
+    attention_backward_cuda(ctx, c->gq, c->gk, c->gv, gatt, a->att, ld.att, a->lse, a->q, a->k, a->v, c->mask, d->B, d->S,
+                            d->Hq, d->Hkv, d->D, c->big, att_chunk(c, d), c->o_tmp, c->delta);
+    bf16 *gqkv = c->qkv;
+    prof_mark(c, PROF_ELEM);
+    rope_merge_backward_cuda(ctx, gqkv, ld.qkv, c->gq, c->gk, c->gv, c->cs, d->B, d->S, d->Hq, d->Hkv, d->D);
+    prof_mark(c, PROF_ADAPTER_BWD);
+    K = adapter_grads(be, d, l, GRP_QKV, a->h1, ld.h1, gqkv, ld.qkv, dc);
+    w = group_weight(c, d, l, GRP_QKV);
+    prof_mark(c, PROF_GEMM_BWD);
+    gemm_cuda(ctx, 0, 0, d->T, d->C, K, 1.0f, gqkv, ld.qkv, w, d->C + rp(c, GRP_QKV), 0.0f, NULL, c->gh, d->C, GEMM_F32);
+    prof_mark(c, PROF_ADAPTER_BWD);
+    adapter_dx_dropout(be, d, l, GRP_QKV, gqkv, ld.qkv, c->gh, 1, d->C, dc);
+    prof_mark(c, PROF_ELEM);
+    rmsnorm_backward_cuda(ctx, c->gx, c->gxb, ld.gxb, c->gh, a->x_in, L->attn_norm, a->rstd1, d->T, d->C);
+}
+
+// ---- one micro-batch --------------------------------------------------------------------------------
+
+static int check_ids(const backend *be, const micro_batch *mb) {
+    int64_t T = (int64_t)mb->B * mb->S;
+    int V = be->cfg.vocab;
+    for (int64_t i = 0; i < T; i++) {
+        if (mb->input_ids[i] < 0 || mb->input_ids[i] >= V)
+            return mosft_fail(MOSFT_ERR_INPUT, "batch: token id %d at row %lld is outside the vocabulary (%d)",
+                              mb->input_ids[i], (long long)i, V);
+        if (mb->labels[i] != OPS_IGNORE_INDEX && (mb->labels[i] < 0 || mb->labels[i] >= V))
+            return mosft_fail(MOSFT_ERR_INPUT, "batch: label %d at row %lld is outside the vocabulary (%d)", mb->labels[i],
+                              (long long)i, V);
+    }
+    return MOSFT_OK;
+}
+
+// Activation arena for micro-batches of B x S (grown when a larger one arrives).
+static int ensure_acts(backend *be, int B, int S) {
+    cuda_impl *c = (cuda_impl *)be->impl;
+    if (c->acts_ar.base && B <= c->B_cap && S <= c->S_cap) return MOSFT_OK;
+    int Bn = B > c->B_cap ? B : c->B_cap, Sn = S > c->S_cap ? S : c->S_cap;
+    cuda_arena_free(&c->acts_ar);
+    cuda_arena count = {NULL, (size_t)-1, 0, 0};
+    cuda_acts_layout(be, &count, Bn, Sn, NULL);
+    int rc = cuda_arena_init(&c->acts_ar, count.used);
+    if (rc) {
+        mem_plan p;
+        be->ops->memory_plan(be, Bn, Sn, &p);
+        char w[32], ad[32], ac[32], ws[32], tot[32];
+        mosft_fmt_bytes(w, sizeof w, p.weights);
+        mosft_fmt_bytes(ad, sizeof ad, p.adapter);
+        mosft_fmt_bytes(ac, sizeof ac, p.activations);
+        mosft_fmt_bytes(ws, sizeof ws, p.workspace);
+        mosft_fmt_bytes(tot, sizeof tot, p.total);
+        return mosft_fail_hint(MOSFT_ERR_RUNTIME, "train.recompute=full or a smaller train.micro_batch_size",
+                               "out of GPU memory for micro-batches of %d x %d with recompute \"%s\": the plan needs %s "
+                               "(weights %s, adapter %s, activations %s, workspace %s) on %s",
+                               Bn, Sn, be->recompute, tot, w, ad, ac, ws, p.device);
+    }
+    cuda_acts_layout(be, &c->acts_ar, Bn, Sn, NULL);
+    c->B_cap = Bn;
+    c->S_cap = Sn;
+    // the rotary table for positions [0, S_cap)
+    int D = be->cfg.head_dim;
+    double *invd = (double *)xmalloc(sizeof(double) * (size_t)(D / 2));
+    float *inv = (float *)xmalloc(sizeof(float) * (size_t)(D / 2));
+    llama_rope_inv_freq(&be->cfg, invd);
+    for (int i = 0; i < D / 2; i++) inv[i] = (float)invd[i];
+    float *cs = (float *)xmalloc(sizeof(float) * (size_t)Sn * D);
+    rope_table_host(cs, inv, Sn, D);
+    CUDA_CHECK(cudaMemcpyAsync(c->cs, cs, sizeof(float) * (size_t)Sn * D, cudaMemcpyHostToDevice, c->ctx->stream));
+    CUDA_CHECK(cudaStreamSynchronize(c->ctx->stream));
+    free(cs);
+    free(inv);
+    free(invd);
+    free(c->h_targets);
+    c->h_targets = (int32_t *)xmalloc(sizeof(int32_t) * (size_t)Bn * Sn);
+    return MOSFT_OK;
+}
+
+int cuda_step_run(backend *be, const micro_batch *mb, float loss_scale, const dropout_ctx *dc, int backward,
+                             double *loss_sum, int64_t *n_tokens, float *logits_host) {
+    cuda_impl *c = (cuda_impl *)be->impl;
+    int rc = check_ids(be, mb);
+    if (rc) return rc;
+    if ((rc = ensure_acts(be, mb->B, mb->S))) return rc;
+    dims d = dims_of(&be->cfg, mb->B, mb->S);
+    cuda_ctx *ctx = c->ctx;
+    prof_mark(c, PROF_OTHER);
+    // batch: ids, padding mask, targets shifted by one (label t+1 is the target of row t)
+    int64_t cnt = 0;
+    for (int b = 0; b < mb->B; b++)
+        for (int t = 0; t < mb->S; t++) {
+            int64_t i = (int64_t)b * mb->S + t;
+            c->h_targets[i] = t + 1 < mb->S ? mb->labels[i + 1] : OPS_IGNORE_INDEX;
+            cnt += c->h_targets[i] != OPS_IGNORE_INDEX;
+        }
+    size_t nb = sizeof(int32_t) * (size_t)d.T;
+    CUDA_CHECK(cudaMemcpyAsync(c->ids, mb->input_ids, nb, cudaMemcpyHostToDevice, ctx->stream));
+    CUDA_CHECK(cudaMemcpyAsync(c->targets, c->h_targets, nb, cudaMemcpyHostToDevice, ctx->stream));
+    CUDA_CHECK(cudaMemcpyAsync(c->mask, mb->attn_mask, nb, cudaMemcpyHostToDevice, ctx->stream));
+    prof_mark(c, PROF_ADAPTER);
+    cuda_build_factors(be);
+    // forward
+    prof_mark(c, PROF_ELEM);
+    embedding_forward_cuda(ctx, c->acts[0].x_in, c->ids, c->model.embed, d.T, d.C);
+    for (int l = 0; l < d.L; l++) {
+        bf16 *x_out = l + 1 < d.L ? c->acts[l + 1].x_in : c->x_final;
+        norm1_forward(be, &d, l, dc);
+        attn_block_forward(be, &d, l, dc);
+        mlp_block_forward(be, &d, l, x_out, dc);
+    }
+    prof_mark(c, PROF_ELEM);
+    rmsnorm_forward_cuda(ctx, c->xf, d.C, c->rstd_f, c->x_final, c->model.final_norm, d.T, d.C, (float)be->cfg.rms_eps);
+    float *gxf = backward ? c->gh : NULL;
+    prof_mark(c, PROF_LOSS);
+    lmhead_ce_cuda(ctx, c->xf, c->model.lm_head, c->targets, d.T, d.C, d.V, loss_scale, gxf, c->row_loss, logits_host,
+                   c->big, c->ce_rows);
+    *n_tokens = cnt;
+    if (!backward) {
+        *loss_sum = sum_f32_cuda(ctx, c->row_loss, d.T, c->red);
+        prof_mark(c, PROF_OTHER);
+        prof_collect(c);
+        return MOSFT_OK;
+    }
+    // backward
+    prof_mark(c, PROF_ELEM);
+    CUDA_CHECK(cudaMemsetAsync(c->gx, 0, sizeof(float) * (size_t)(d.T * d.C), ctx->stream));
+    rmsnorm_backward_cuda(ctx, c->gx, c->gxb, lds_of(c, &d).gxb, gxf, c->x_final, c->model.final_norm, c->rstd_f, d.T,
+                          d.C);
+    for (int l = d.L - 1; l >= 0; l--) {
+        if (c->recompute == RECOMPUTE_FULL) {
+            norm1_forward(be, &d, l, dc);
+            attn_block_forward(be, &d, l, dc);
+            mlp_block_forward(be, &d, l, NULL, dc);
+        } else if (c->recompute == RECOMPUTE_PARTIAL) {
+            norm1_forward(be, &d, l, dc);
+            mlp_block_forward(be, &d, l, NULL, dc);
+        }
+        layer_backward(be, &d, l, dc);
+    }
+    prof_mark(c, PROF_LOSS);
+    *loss_sum = sum_f32_cuda(ctx, c->row_loss, d.T, c->red);  // synchronizes: the step is done
+    prof_mark(c, PROF_OTHER);
+    prof_collect(c);
+    return MOSFT_OK;
+}
+
+// ---- profile --------------------------------------------------------------------------------------
+
+void prof_collect(cuda_impl *c) {
+    if (!c->prof) return;
+    CUDA_CHECK(cudaStreamSynchronize(c->ctx->stream));
+    for (int i = 0; i + 1 < c->n_ev; i++) {
+        float ms = 0;
+        CUDA_CHECK(cudaEventElapsedTime(&ms, c->ev[i], c->ev[i + 1]));
+        c->prof_ms[c->ev_cat[i]] += ms;
+    }
+    c->n_ev = 0;
+    c->prof_steps++;
+}
+
+void prof_print(cuda_impl *c) {
+    if (!c->prof || !c->prof_steps) return;
+    static const char *names[PROF_COUNT] = {"NF4 dequant",      "base GEMMs fwd",  "base GEMMs bwd",  "attention fwd",
+                                            "attention bwd",    "adapter fwd",     "adapter bwd",     "norms/rope/swiglu",
+                                            "lm_head+CE",       "other"};
+    double tot = 0;
+    for (int i = 0; i < PROF_COUNT; i++) tot += c->prof_ms[i];
+    fprintf(stderr, "profile: ms per micro-batch (forward + backward), mean of %d\n", c->prof_steps);
+    for (int i = 0; i < PROF_COUNT; i++)
+        fprintf(stderr, "  %-20s %8.2f  %5.1f%%\n", names[i], c->prof_ms[i] / c->prof_steps, 100 * c->prof_ms[i] / tot);
+    fprintf(stderr, "  %-20s %8.2f\n", "total", tot / c->prof_steps);
+}

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# gpu_check.sh: the CUDA backend's checks and benchmarks on a GPU machine, in one go (the device time
+# is scarce). Run from a folder holding build/ (built elsewhere), tests/fixtures/stories260K, scripts/
+# and shared/ (copies of ../shared/data/nf4 and reference).
+#   scripts/gpu_check.sh [tests] [sanitize] [hf] [bench] [peer] [benchall] [peerall]
+set -u
+# Logs go to a scratch folder; $OUT receives only logs.tgz, bench.jsonl and summary.txt (a device
+# call returns at most 8 files).
+FINAL=${OUT:-gpu_logs}; OUT=$(mktemp -d); mkdir -p "$FINAL"
+export LD_LIBRARY_PATH=$PWD/build/lib:${LD_LIBRARY_PATH:-}
+export MOSFT_SHARED_DATA=${MOSFT_SHARED_DATA:-$PWD/shared} OMP_WAIT_POLICY=PASSIVE PYTHONUNBUFFERED=1
+want() { for w in "${SEL[@]}"; do [ "$w" = "$1" ] && return 0; done; return 1; }
+SEL=("$@"); [ ${#SEL[@]} -eq 0 ] && SEL=(tests sanitize hf bench)
+summary=()
+note() { summary+=("$1"); echo "== $1"; }
+run() {  # name timeout cmd...
+  local name=$1 to=$2; shift 2
+  local t0=$SECONDS
+  timeout "$to" "$@" >"$OUT/$name.log" 2>&1; local rc=$?
+  note "$(printf '%-22s rc=%-3s %4ss  %s' "$name" "$rc" "$((SECONDS-t0))" "$(grep -E '^[0-9]+%: Checks' "$OUT/$name.log" | tail -1)")"
+  return $rc
+}
+nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+if want tests; then
+  run test_kernels 240 build/tests/gpu/test_kernels
+  run test_step 400 build/tests/gpu/test_step
+fi
+if want hf; then
+  run ref_gpu_step 180 python3 scripts/ref_gpu_step.py hfref --device cuda --stories tests/fixtures/stories260K --stories-ref shared/reference/stories260K_lora_ref.safetensors
+  MOSFT_HF_REF=hfref run test_hf_ref 120 build/tests/gpu/test_hf_ref
+fi
+if want sanitize_step; then
+  CK_FORK=no MOSFT_TEST_QUICK=1 run memcheck_step 400 compute-sanitizer --tool memcheck --leak-check no --error-exitcode 3 build/tests/gpu/test_step
+fi
+if want sanitize; then
+  CK_FORK=no run memcheck_kernels 300 compute-sanitizer --tool memcheck --leak-check no --error-exitcode 3 build/tests/gpu/test_kernels
+  CK_FORK=no MOSFT_TEST_QUICK=1 run memcheck_step 400 compute-sanitizer --tool memcheck --leak-check no --error-exitcode 3 build/tests/gpu/test_step
+fi
+B=(build/mosft bench --steps ${BENCH_STEPS:-6} --warmup 2)
+if want bench; then
+  run bench_7b_mos_none 180 "${B[@]}" --model llama2-7b --adapter mos --recompute none
+  run bench_7b_mos_full 180 "${B[@]}" --model llama2-7b --adapter mos --recompute full
+  run bench_3b_mos_none 180 "${B[@]}" --model llama3.2-3b --adapter mos --recompute none
+fi
+if want profile; then
+  for m in ${PROF_MODELS:-llama2-7b llama3.2-3b}; do for r in none full; do
+    MOSFT_PROFILE=1 run "prof_${m}_mos_${r}" 240 "${B[@]}" --model $m --adapter mos --recompute $r
+  done; done
+fi
+if want benchall; then
+  for m in llama2-7b llama3.2-3b llama2-13b; do for a in mos lora; do for r in none full; do
+    run "bench_${m}_${a}_${r}" 240 "${B[@]}" --model $m --adapter $a --recompute $r
+  done; done; done
+  run bench_llama2-7b_mos_partial 240 "${B[@]}" --model llama2-7b --adapter mos --recompute partial
+  run bench_llama2-7b_mos_none_bf16 240 "${B[@]}" --model llama2-7b --adapter mos --recompute none --quantization none
+fi
+if want peer; then run peer_7b 300 python3 scripts/bench_peer_hf.py --models llama2-7b --ckpt 1 --steps 3 --warmup 1; fi
+if want peerall; then run peer_all 900 python3 scripts/bench_peer_hf.py --steps 4 --warmup 1; fi
+echo; echo "==== summary"; printf '%s\n' "${summary[@]}"
+for f in "$OUT"/prof_*.log; do [ -f "$f" ] && { echo "-- $f"; grep -A12 "^profile" "$f"; }; done
+grep -h '"bench"' "$OUT"/bench_*.log "$OUT"/peer*.log 2>/dev/null | tee "$OUT/bench.jsonl" | sed 's/, "device.*//' | cut -c1-400
+grep -hE "^bench |^llama|^model " "$OUT"/bench_*.log "$OUT"/peer*.log 2>/dev/null
+printf '%s\n' "${summary[@]}" > "$FINAL/summary.txt"
+cp "$OUT/bench.jsonl" "$FINAL/" 2>/dev/null
+tar -C "$OUT" -czf "$FINAL/logs.tgz" . 2>/dev/null

@@ -1,0 +1,765 @@
+// test_kernels.c: every CUDA kernel against its CPU twin (core/ops_cpu.h, core/nf4.h, core/adapter.h)
+// on fresh random inputs, with the tolerances written at each check:
+//   bit-identical: NF4 quantization/dequantization (also against bitsandbytes' oracle files), AdamW,
+//                  the adapter's gather/scatter, dropout masks;
+//   fp32 results from bf16 inputs (GEMMs with fp32 output, logits): |d| <= 1e-5 max|ref| + 1e-5 |ref|;
+//   bf16 results: |d| <= atol + 2^-7 |ref| (one bf16 rounding of the result, plus the inputs' effect);
+//   attention and the loss's gradient (bf16 probabilities inside): rel L2 <= 1e-2 and elementwise
+//   |d| <= 2e-2 max|ref| + 2^-6 |ref|.
+// Inputs are bf16-rounded before both twins see them; outputs are poisoned (0xff) before each kernel.
+#include <math.h>
+
+#include "core/adapter.h"
+#include "core/nf4.h"
+#include "core/ops_cpu.h"
+#include "core/safetensors.h"
+#include "tests/gpu/gpu_util.h"
+
+#define RT (1.0 / 128)  // 2^-7
+
+static cuda_ctx *ctx_new(void) {
+    cuda_ctx *c = cuda_ctx_create();
+    ck_assert_msg(c != NULL, "no CUDA device: %s", mosft_error());
+    return c;
+}
+
+// ---- NF4 -----------------------------------------------------------------------------------------
+
+// Quantize x on the GPU and on the CPU; every byte and scale must agree, and dequantization too.
+static void nf4_compare(cuda_ctx *ctx, const float *x, int64_t rows, int64_t cols, int dq, const char *what) {
+    int64_t n = rows * cols;
+    nf4_tensor ht;
+    nf4_quantize(x, rows, cols, dq, &ht);
+    void *mem = dev_alloc(nf4_cuda_bytes(n, dq));
+    nf4_cuda_tensor dt;
+    nf4_cuda_layout(&dt, rows, cols, dq, mem);
+    float *dx = dev_up(x, sizeof(float) * (size_t)n);
+    float *am = dev_alloc(sizeof(float) * (size_t)ht.n_blocks);
+    nf4_quantize_cuda(ctx, &dt, dx, am);
+    uint8_t *packed = xmalloc((size_t)(n + 1) / 2);
+    dev_down(packed, dt.packed, (size_t)(n + 1) / 2);
+    ck_assert_msg(memcmp(packed, ht.packed, (size_t)(n + 1) / 2) == 0, "%s: packed codes differ", what);
+    if (dq) {
+        int64_t nn = (ht.n_blocks + 255) / 256;
+        uint8_t *q = xmalloc((size_t)ht.n_blocks);
+        float *na = xmalloc(sizeof(float) * (size_t)nn);
+        dev_down(q, dt.absmax_q, (size_t)ht.n_blocks);
+        dev_down(na, dt.nested_absmax, sizeof(float) * (size_t)nn);
+        ck_assert_msg(memcmp(q, ht.absmax_q, (size_t)ht.n_blocks) == 0, "%s: absmax codes differ", what);
+        ck_assert_msg(memcmp(na, ht.nested_absmax, sizeof(float) * (size_t)nn) == 0, "%s: nested absmax differ", what);
+        ck_assert_msg(memcmp(&dt.offset, &ht.offset, 4) == 0, "%s: offset %.9g vs %.9g", what, (double)dt.offset,
+                      (double)ht.offset);
+        free(q);
+        free(na);
+    } else {
+        float *a = xmalloc(sizeof(float) * (size_t)ht.n_blocks);
+        dev_down(a, dt.absmax, sizeof(float) * (size_t)ht.n_blocks);
+        ck_assert_msg(memcmp(a, ht.absmax, sizeof(float) * (size_t)ht.n_blocks) == 0, "%s: absmax differ", what);
+        free(a);
+    }
+    // dequantization: bf16(code * absmax), as base_linear_weight
+    void *out = dev_alloc(2 * (size_t)n);
+    nf4_dequantize_cuda(ctx, &dt, out, 0);
+    uint16_t *got = xmalloc(2 * (size_t)n);
+    dev_down(got, out, 2 * (size_t)n);
+    float *ref = xmalloc(sizeof(float) * (size_t)n);
+    nf4_dequantize(&ht, ref);
+    int64_t bad = 0;
+    for (int64_t i = 0; i < n; i++) bad += got[i] != f32_to_bf16(ref[i]);
+    ck_assert_msg(bad == 0, "%s: %lld dequantized values differ", what, (long long)bad);
+    // the upload path (pre-quantized weights) dequantizes the same
+    nf4_cuda_tensor ut;
+    void *mem2 = dev_alloc(nf4_cuda_bytes(n, dq));
+    nf4_cuda_layout(&ut, rows, cols, dq, mem2);
+    nf4_upload_cuda(ctx, &ut, &ht);
+    nf4_dequantize_cuda(ctx, &ut, out, 0);
+    uint16_t *got2 = xmalloc(2 * (size_t)n);
+    dev_down(got2, out, 2 * (size_t)n);
+    ck_assert_msg(memcmp(got, got2, 2 * (size_t)n) == 0, "%s: uploaded tensor dequantizes differently", what);
+    fprintf(stderr, "nf4 %-28s %lld x %lld dq=%d: bit-identical\n", what, (long long)rows, (long long)cols, dq);
+    free(got2);
+    cudaFree(mem2);
+    free(got);
+    free(ref);
+    cudaFree(out);
+    free(packed);
+    cudaFree(mem);
+    cudaFree(dx);
+    cudaFree(am);
+    nf4_free(&ht);
+}
+
+START_TEST(test_nf4_random) {
+    cuda_ctx *ctx = ctx_new();
+    rng_state r;
+    rng_seed(&r, 101);
+    int64_t shapes[][2] = {{64, 64}, {1000, 320}, {3, 40}, {333, 77}, {4096, 1024}};
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+        int64_t rows = shapes[s][0], cols = shapes[s][1], n = rows * cols;
+        float *x = rnd_bf16(&r, (size_t)n, 0.02f);
+        for (int64_t i = 0; i < n; i += 997) x[i] = bf16_round(x[i] * 40.0f);  // outliers
+        if (n > 256)
+            for (int64_t i = 128; i < 192; i++) x[i] = 0.0f;  // an all-zero block
+        for (int dq = 0; dq < 2; dq++) nf4_compare(ctx, x, rows, cols, dq, "random");
+        free(x);
+    }
+    cuda_ctx_free(ctx);
+}
+END_TEST
+
+static const void *oracle(const st_file *f, const char *name, mosft_dtype dt, int64_t numel) {
+    const st_tensor *t = st_find(f, name);
+    ck_assert_msg(t != NULL, "%s: no tensor %s", f->path, name);
+    ck_assert_int_eq(t->dtype, dt);
+    ck_assert_int_eq(t->numel, numel);
+    return t->data;
+}
+
+// bitsandbytes' own bytes (shared/data/nf4): the GPU quantization must reproduce them.
+START_TEST(test_nf4_oracles) {
+    REQUIRE_SHARED();
+    const char *cases[] = {"small_64x64", "rect_256x1024", "tall_1000x320", "outliers_128x512"};
+    cuda_ctx *ctx = ctx_new();
+    for (int c = 0; c < 4; c++) {
+        char rel[128];
+        snprintf(rel, sizeof rel, "nf4/%s.safetensors", cases[c]);
+        st_file f;
+        ck_assert_msg(st_open(&f, shared_path(rel)) == MOSFT_OK, "%s", mosft_error());
+        const st_tensor *in = st_find(&f, "input_f32");
+        int64_t rows = in->shape[0], cols = in->shape[1], n = rows * cols, nb = (n + 63) / 64, nn = (nb + 255) / 256;
+        float *x = xmalloc(sizeof(float) * (size_t)n);
+        st_tensor_to_f32(in, x);
+        for (int dq = 1; dq >= 0; dq--) {
+            void *mem = dev_alloc(nf4_cuda_bytes(n, dq));
+            nf4_cuda_tensor dt;
+            nf4_cuda_layout(&dt, rows, cols, dq, mem);
+            float *dx = dev_up(x, sizeof(float) * (size_t)n), *am = dev_alloc(sizeof(float) * (size_t)nb);
+            nf4_quantize_cuda(ctx, &dt, dx, am);
+            uint8_t *p = xmalloc((size_t)n / 2);
+            dev_down(p, dt.packed, (size_t)n / 2);
+            ck_assert_msg(memcmp(p, oracle(&f, dq ? "packed" : "packed_nodq", MOSFT_U8, n / 2), (size_t)n / 2) == 0,
+                          "%s: packed codes differ from bitsandbytes", cases[c]);
+            if (dq) {
+                uint8_t *q = xmalloc((size_t)nb);
+                float *na = xmalloc(sizeof(float) * (size_t)nn);
+                dev_down(q, dt.absmax_q, (size_t)nb);
+                dev_down(na, dt.nested_absmax, sizeof(float) * (size_t)nn);
+                ck_assert_msg(memcmp(q, oracle(&f, "absmax_codes", MOSFT_U8, nb), (size_t)nb) == 0, "%s: absmax codes",
+                              cases[c]);
+                ck_assert_msg(memcmp(na, oracle(&f, "nested_absmax", MOSFT_F32, nn), 4 * (size_t)nn) == 0,
+                              "%s: nested absmax", cases[c]);
+                float off = strtof(st_meta(&f, "offset"), NULL);
+                ck_assert_msg(memcmp(&off, &dt.offset, 4) == 0, "%s: offset", cases[c]);
+                free(q);
+                free(na);
+            } else {
+                float *a = xmalloc(sizeof(float) * (size_t)nb);
+                dev_down(a, dt.absmax, 4 * (size_t)nb);
+                ck_assert_msg(memcmp(a, oracle(&f, "absmax_nodq", MOSFT_F32, nb), 4 * (size_t)nb) == 0, "%s: absmax",
+                              cases[c]);
+                free(a);
+            }
+            void *out = dev_alloc(2 * (size_t)n);
+            nf4_dequantize_cuda(ctx, &dt, out, 0);
+            uint16_t *got = xmalloc(2 * (size_t)n);
+            dev_down(got, out, 2 * (size_t)n);
+            ck_assert_msg(memcmp(got, oracle(&f, dq ? "dequant" : "dequant_nodq", MOSFT_BF16, n), 2 * (size_t)n) == 0,
+                          "%s: dequantization differs from bitsandbytes' bf16 output", cases[c]);
+            fprintf(stderr, "nf4 oracle %-18s dq=%d: packed, scales, dequant bit-identical to bitsandbytes\n", cases[c],
+                    dq);
+            free(got);
+            free(p);
+            cudaFree(out);
+            cudaFree(mem);
+            cudaFree(dx);
+            cudaFree(am);
+        }
+        free(x);
+        st_close(&f);
+    }
+    cuda_ctx_free(ctx);
+}
+END_TEST
+
+// ---- GEMM ------------------------------------------------------------------------------------------
+
+START_TEST(test_gemm) {
+    cuda_ctx *ctx = ctx_new();
+    rng_state r;
+    rng_seed(&r, 202);
+    int64_t M = 37, N = 56, K = 72;
+    for (int ta = 0; ta < 2; ta++)
+        for (int tb = 0; tb < 2; tb++)
+            for (int out32 = 0; out32 < 2; out32++)
+                for (int acc = 0; acc < 2; acc++) {
+                    int64_t lda = (ta ? M : K) + 8, ldb = (tb ? K : N) + 16, ldd = N + 8;
+                    int64_t na = (ta ? K : M) * lda, nb = (tb ? N : K) * ldb;
+                    float *A = rnd_bf16(&r, (size_t)na, 1.0f), *B = rnd_bf16(&r, (size_t)nb, 1.0f);
+                    float *C0 = rnd_bf16(&r, (size_t)(M * ldd), 1.0f);
+                    float *ref = xmalloc(sizeof(float) * (size_t)(M * ldd));
+                    memcpy(ref, C0, sizeof(float) * (size_t)(M * ldd));
+                    float alpha = 0.75f;
+                    // reference: alpha * op(A) op(B) (+ C0)
+                    float *prod = xcalloc((size_t)(M * N), sizeof(float));
+                    gemm_cpu(ta, tb, M, N, K, A, lda, B, ldb, prod, N, 0);
+                    for (int64_t i = 0; i < M; i++)
+                        for (int64_t j = 0; j < N; j++)
+                            ref[i * ldd + j] = alpha * prod[i * N + j] + (acc ? C0[i * ldd + j] : 0.0f);
+                    void *dA = dev_bf16(A, (size_t)na), *dB = dev_bf16(B, (size_t)nb);
+                    void *dC = out32 ? dev_up(C0, sizeof(float) * (size_t)(M * ldd)) : dev_bf16(C0, (size_t)(M * ldd));
+                    void *dD = dev_alloc((out32 ? 4 : 2) * (size_t)(M * ldd));
+                    gemm_cuda(ctx, ta, tb, M, N, K, alpha, dA, lda, dB, ldb, acc ? 1.0f : 0.0f, acc ? dC : NULL, dD,
+                              ldd, out32 ? GEMM_F32 : GEMM_BF16);
+                    float *got = out32 ? down_f32(dD, (size_t)(M * ldd)) : down_bf16(dD, (size_t)(M * ldd));
+                    // compare the written region only
+                    float *g2 = xmalloc(sizeof(float) * (size_t)(M * N)),
+                          *r2 = xmalloc(sizeof(float) * (size_t)(M * N));
+                    for (int64_t i = 0; i < M; i++)
+                        for (int64_t j = 0; j < N; j++) {
+                            g2[i * N + j] = got[i * ldd + j];
+                            r2[i * N + j] = ref[i * ldd + j];
+                        }
+                    char what[64];
+                    snprintf(what, sizeof what, "gemm ta%d tb%d %s%s", ta, tb, out32 ? "f32" : "bf16",
+                             acc ? " +C" : "");
+                    double mx = max_abs(r2, (size_t)(M * N));
+                    int ok = out32 ? close_enough(what, g2, r2, (size_t)(M * N), 1e-5 * mx, 1e-5)
+                                   : close_enough(what, g2, r2, (size_t)(M * N), 1e-3 * mx, RT);
+                    ck_assert_msg(ok, "%s", what);
+                    free(A), free(B), free(C0), free(ref), free(prod), free(got), free(g2), free(r2);
+                    cudaFree(dA), cudaFree(dB), cudaFree(dC), cudaFree(dD);
+                }
+    // split-K: the adapter's skinny shapes (N small, K long), both transposes of A
+    {
+        int64_t sm = 96, sn = 40, sk = 4096;
+        int splits = gemm_splitk_count(sm, sn, sk);
+        ck_assert_int_gt(splits, 1);
+        for (int ta = 0; ta < 2; ta++) {
+            float *A = rnd_bf16(&r, (size_t)(sm * sk), 1.0f), *B = rnd_bf16(&r, (size_t)(sk * sn), 1.0f);
+            float *ref = xmalloc(sizeof(float) * (size_t)(sm * sn));
+            gemm_cpu(ta, 0, sm, sn, sk, A, ta ? sm : sk, B, sn, ref, sn, 0);
+            for (int64_t i = 0; i < sm * sn; i++) ref[i] *= 0.5f;
+            void *dA = dev_bf16(A, (size_t)(sm * sk)), *dB = dev_bf16(B, (size_t)(sk * sn));
+            float *dD = dev_alloc(4 * (size_t)(sm * (sn + 8))), *scr = dev_alloc(4 * (size_t)(splits * sm * sn));
+            gemm_splitk_cuda(ctx, ta, 0, sm, sn, sk, 0.5f, dA, ta ? sm : sk, dB, sn, dD, sn + 8, GEMM_F32, splits, scr);
+            float *got = down_f32(dD, (size_t)(sm * (sn + 8))), *g2 = xmalloc(sizeof(float) * (size_t)(sm * sn));
+            for (int64_t i = 0; i < sm; i++) memcpy(g2 + i * sn, got + i * (sn + 8), sizeof(float) * (size_t)sn);
+            char what[64];
+            snprintf(what, sizeof what, "gemm split-K x%d ta%d", splits, ta);
+            ck_assert(close_enough(what, g2, ref, (size_t)(sm * sn), 1e-5 * max_abs(ref, (size_t)(sm * sn)), 1e-5));
+            free(A), free(B), free(ref), free(got), free(g2);
+            cudaFree(dA), cudaFree(dB), cudaFree(dD), cudaFree(scr);
+        }
+    }
+    // strided batch: each matrix as its own product
+    int batch = 5;
+    int64_t sa = M * K + 8, sb = K * N + 16, sd = M * N + 24;
+    float *A = rnd_bf16(&r, (size_t)(sa * batch), 1.0f), *B = rnd_bf16(&r, (size_t)(sb * batch), 1.0f);
+    void *dA = dev_bf16(A, (size_t)(sa * batch)), *dB = dev_bf16(B, (size_t)(sb * batch));
+    float *dD = dev_alloc(4 * (size_t)(sd * batch));
+    gemm_batched_cuda(ctx, 0, 0, M, N, K, 1.0f, dA, K, sa, dB, N, sb, 0.0f, dD, N, sd, GEMM_F32, batch);
+    float *got = down_f32(dD, (size_t)(sd * batch)), *ref = xmalloc(sizeof(float) * (size_t)(M * N));
+    for (int b = 0; b < batch; b++) {
+        gemm_cpu(0, 0, M, N, K, A + b * sa, K, B + b * sb, N, ref, N, 0);
+        ck_assert(close_enough("gemm batched f32", got + b * sd, ref, (size_t)(M * N),
+                               1e-5 * max_abs(ref, (size_t)(M * N)), 1e-5));
+    }
+    free(A), free(B), free(got), free(ref);
+    cudaFree(dA), cudaFree(dB), cudaFree(dD);
+    cuda_ctx_free(ctx);
+}
+END_TEST
+
+// ---- norms, activations, embedding -----------------------------------------------------------------
+
+START_TEST(test_rmsnorm) {
+    cuda_ctx *ctx = ctx_new();
+    rng_state r;
+    rng_seed(&r, 303);
+    int Cs[] = {64, 4096};
+    for (int ci = 0; ci < 2; ci++) {
+        int64_t T = 37;
+        int C = Cs[ci];
+        size_t n = (size_t)(T * C);
+        float *x = rnd_bf16(&r, n, 1.5f), *w = rnd_bf16(&r, (size_t)C, 1.0f), *g = rnd_bf16(&r, n, 0.3f);
+        float *gx0 = rnd_bf16(&r, n, 0.2f);
+        float *y = xmalloc(sizeof(float) * n), *rs = xmalloc(sizeof(float) * (size_t)T);
+        rmsnorm_forward_cpu(y, rs, x, w, T, C, 1e-5f);
+        float *gx = xmalloc(sizeof(float) * n);
+        memcpy(gx, gx0, sizeof(float) * n);
+        rmsnorm_backward_cpu(gx, g, x, w, rs, T, C, 1e-5f);
+        int64_t ld = C + 16;  // a row stride wider than the row (the adapter's h rides there)
+        void *dx = dev_bf16(x, n), *dy = dev_alloc(2 * (size_t)(T * ld));
+        float *dw = dev_up(w, sizeof(float) * (size_t)C), *drs = dev_alloc(sizeof(float) * (size_t)T);
+        rmsnorm_forward_cuda(ctx, dy, ld, drs, dx, dw, T, C, 1e-5f);
+        float *gyl = down_bf16(dy, (size_t)(T * ld)), *gy = xmalloc(sizeof(float) * n), *grs = down_f32(drs, (size_t)T);
+        for (int64_t t = 0; t < T; t++) memcpy(gy + t * C, gyl + t * ld, sizeof(float) * (size_t)C);
+        ck_assert(close_enough("rmsnorm fwd out (bf16)", gy, y, n, 1e-3 * max_abs(y, n), RT));
+        ck_assert(close_enough("rmsnorm fwd rstd", grs, rs, (size_t)T, 0, 1e-5));
+        float *dg = dev_up(g, sizeof(float) * n), *dgx = dev_up(gx0, sizeof(float) * n);
+        void *dgxb = dev_alloc(2 * (size_t)(T * ld));
+        rmsnorm_backward_cuda(ctx, dgx, dgxb, ld, dg, dx, dw, drs, T, C);
+        float *ggx = down_f32(dgx, n), *ggxbl = down_bf16(dgxb, (size_t)(T * ld)), *ggxb = xmalloc(sizeof(float) * n);
+        for (int64_t t = 0; t < T; t++) memcpy(ggxb + t * C, ggxbl + t * ld, sizeof(float) * (size_t)C);
+        free(gyl), free(ggxbl);
+        ck_assert(close_enough("rmsnorm bwd gin (f32, +=)", ggx, gx, n, 1e-5 * max_abs(gx, n), 1e-4));
+        ck_assert(close_enough("rmsnorm bwd gin bf16 copy", ggxb, gx, n, 1e-5 * max_abs(gx, n), RT));
+        free(x), free(w), free(g), free(gx0), free(y), free(rs), free(gx), free(gy), free(grs), free(ggx), free(ggxb);
+        cudaFree(dx), cudaFree(dy), cudaFree(dw), cudaFree(drs), cudaFree(dg), cudaFree(dgx), cudaFree(dgxb);
+    }
+    cuda_ctx_free(ctx);
+}
+END_TEST
+
+START_TEST(test_swiglu_embedding) {
+    cuda_ctx *ctx = ctx_new();
+    rng_state r;
+    rng_seed(&r, 404);
+    int64_t T = 13;
+    for (int I = 172; I <= 176; I += 4) {  // 172: the one-element path (stories260K), 176: 8 at a time
+        size_t n = (size_t)(T * I);
+        float *gu = rnd_bf16(&r, 2 * n, 2.0f), *go = rnd_bf16(&r, n, 0.5f);
+        float *g = xmalloc(sizeof(float) * n), *u = xmalloc(sizeof(float) * n);
+        for (int64_t t = 0; t < T; t++)
+            for (int i = 0; i < I; i++) {
+                g[t * I + i] = gu[t * 2 * I + i];
+                u[t * I + i] = gu[t * 2 * I + I + i];
+            }
+        float *out = xmalloc(sizeof(float) * n), *gg = xcalloc(n, sizeof(float)), *gup = xcalloc(n, sizeof(float));
+        swiglu_forward_cpu(out, g, u, (int64_t)n);
+        swiglu_backward_cpu(gg, gup, go, g, u, (int64_t)n);
+        void *dgu = dev_bf16(gu, 2 * n), *dout = dev_alloc(2 * n), *dgo = dev_bf16(go, n);
+        swiglu_forward_cuda(ctx, dout, I, dgu, 2 * I, T, I);
+        float *got = down_bf16(dout, n);
+        ck_assert(close_enough("swiglu fwd", got, out, n, 1e-3 * max_abs(out, n), RT));
+        swiglu_backward_cuda(ctx, dgu, 2 * I, dgo, T, I);
+        float *gg2 = down_bf16(dgu, 2 * n), *ga = xmalloc(sizeof(float) * n), *gb = xmalloc(sizeof(float) * n);
+        for (int64_t t = 0; t < T; t++)
+            for (int i = 0; i < I; i++) {
+                ga[t * I + i] = gg2[t * 2 * I + i];
+                gb[t * I + i] = gg2[t * 2 * I + I + i];
+            }
+        ck_assert(close_enough("swiglu bwd dgate", ga, gg, n, 1e-3 * max_abs(gg, n), RT));
+        ck_assert(close_enough("swiglu bwd dup", gb, gup, n, 1e-3 * max_abs(gup, n), RT));
+        free(gu), free(go), free(g), free(u), free(out), free(gg), free(gup), free(got), free(gg2), free(ga), free(gb);
+        cudaFree(dgu), cudaFree(dout), cudaFree(dgo);
+    }
+    // embedding: an exact copy of rows
+    int V = 50, C = 64;
+    float *table = rnd_bf16(&r, (size_t)V * C, 1.0f);
+    int32_t ids[13];
+    for (int t = 0; t < 13; t++) ids[t] = (int32_t)rng_next_below(&r, (uint64_t)V);
+    float *e = xmalloc(sizeof(float) * 13 * (size_t)C);
+    embedding_forward_cpu(e, ids, table, 13, C, V);
+    void *dt = dev_bf16(table, (size_t)V * C), *de = dev_alloc(2 * 13 * (size_t)C);
+    int32_t *dids = dev_up(ids, sizeof ids);
+    embedding_forward_cuda(ctx, de, dids, dt, 13, C);
+    float *ge = down_bf16(de, 13 * (size_t)C);
+    ck_assert(close_enough("embedding", ge, e, 13 * (size_t)C, 0, 0));
+    free(table), free(e), free(ge);
+    cudaFree(dt), cudaFree(de), cudaFree(dids);
+    cuda_ctx_free(ctx);
+}
+END_TEST
+
+// ---- rope and attention ------------------------------------------------------------------------------
+
+// token-major [B][S][H][D] <-> head-major [B][H][S][D]
+static void to_heads(float *dst, const float *src, int B, int S, int H, int D) {
+    for (int b = 0; b < B; b++)
+        for (int s = 0; s < S; s++)
+            for (int h = 0; h < H; h++)
+                memcpy(dst + (((size_t)b * H + h) * S + s) * D, src + (((size_t)b * S + s) * H + h) * D,
+                       sizeof(float) * D);
+}
+static void to_tokens(float *dst, const float *src, int B, int S, int H, int D) {
+    for (int b = 0; b < B; b++)
+        for (int s = 0; s < S; s++)
+            for (int h = 0; h < H; h++)
+                memcpy(dst + (((size_t)b * S + s) * H + h) * D, src + (((size_t)b * H + h) * S + s) * D,
+                       sizeof(float) * D);
+}
+
+START_TEST(test_rope) {
+    cuda_ctx *ctx = ctx_new();
+    rng_state r;
+    rng_seed(&r, 505);
+    int B = 2, S = 19, Hq = 8, Hkv = 4, D = 16, W = (Hq + 2 * Hkv) * D;
+    int64_t T = (int64_t)B * S;
+    float inv[8];
+    for (int i = 0; i < D / 2; i++) inv[i] = (float)(1.0 / pow(10000.0, 2.0 * i / D));
+    float *cs = xmalloc(sizeof(float) * (size_t)S * D);
+    rope_table_host(cs, inv, S, D);
+    float *qkv = rnd_bf16(&r, (size_t)(T * W), 1.0f);
+    float *q = xmalloc(sizeof(float) * (size_t)(T * Hq * D)), *k = xmalloc(sizeof(float) * (size_t)(T * Hkv * D));
+    int32_t *pos = xmalloc(sizeof(int32_t) * (size_t)T);
+    for (int64_t t = 0; t < T; t++) {
+        pos[t] = (int32_t)(t % S);
+        memcpy(q + t * Hq * D, qkv + t * W, sizeof(float) * Hq * D);
+        memcpy(k + t * Hkv * D, qkv + t * W + Hq * D, sizeof(float) * Hkv * D);
+    }
+    rope_forward_cpu(q, pos, inv, T, Hq, D);
+    rope_forward_cpu(k, pos, inv, T, Hkv, D);
+    void *dqkv = dev_bf16(qkv, (size_t)(T * W));
+    float *dcs = dev_up(cs, sizeof(float) * (size_t)S * D);
+    void *dq = dev_alloc(2 * (size_t)(T * Hq * D)), *dk = dev_alloc(2 * (size_t)(T * Hkv * D)),
+         *dv = dev_alloc(2 * (size_t)(T * Hkv * D));
+    rope_split_cuda(ctx, dq, dk, dv, dqkv, W, dcs, B, S, Hq, Hkv, D);
+    float *gq = down_bf16(dq, (size_t)(T * Hq * D)), *gk = down_bf16(dk, (size_t)(T * Hkv * D));
+    float *rq = xmalloc(sizeof(float) * (size_t)(T * Hq * D)), *rk = xmalloc(sizeof(float) * (size_t)(T * Hkv * D));
+    to_heads(rq, q, B, S, Hq, D);
+    to_heads(rk, k, B, S, Hkv, D);
+    ck_assert(close_enough("rope split q", gq, rq, (size_t)(T * Hq * D), 1e-3, RT));
+    ck_assert(close_enough("rope split k", gk, rk, (size_t)(T * Hkv * D), 1e-3, RT));
+    // backward: head-major fp32 gradients -> token-major bf16 gqkv with the inverse rotation
+    float *g = rnd_bf16(&r, (size_t)(T * W), 1.0f);
+    float *gqt = xmalloc(sizeof(float) * (size_t)(T * Hq * D)), *gkt = xmalloc(sizeof(float) * (size_t)(T * Hkv * D)),
+          *gvt = xmalloc(sizeof(float) * (size_t)(T * Hkv * D));
+    for (int64_t t = 0; t < T; t++) {
+        memcpy(gqt + t * Hq * D, g + t * W, sizeof(float) * Hq * D);
+        memcpy(gkt + t * Hkv * D, g + t * W + Hq * D, sizeof(float) * Hkv * D);
+        memcpy(gvt + t * Hkv * D, g + t * W + (Hq + Hkv) * D, sizeof(float) * Hkv * D);
+    }
+    float *hq = xmalloc(sizeof(float) * (size_t)(T * Hq * D)), *hk = xmalloc(sizeof(float) * (size_t)(T * Hkv * D)),
+          *hv = xmalloc(sizeof(float) * (size_t)(T * Hkv * D));
+    to_heads(hq, gqt, B, S, Hq, D);
+    to_heads(hk, gkt, B, S, Hkv, D);
+    to_heads(hv, gvt, B, S, Hkv, D);
+    rope_backward_cpu(gqt, pos, inv, T, Hq, D);
+    rope_backward_cpu(gkt, pos, inv, T, Hkv, D);
+    float *ref = xmalloc(sizeof(float) * (size_t)(T * W));
+    for (int64_t t = 0; t < T; t++) {
+        memcpy(ref + t * W, gqt + t * Hq * D, sizeof(float) * Hq * D);
+        memcpy(ref + t * W + Hq * D, gkt + t * Hkv * D, sizeof(float) * Hkv * D);
+        memcpy(ref + t * W + (Hq + Hkv) * D, gvt + t * Hkv * D, sizeof(float) * Hkv * D);
+    }
+    float *dgq = dev_up(hq, sizeof(float) * (size_t)(T * Hq * D)),
+          *dgk = dev_up(hk, sizeof(float) * (size_t)(T * Hkv * D)),
+          *dgv = dev_up(hv, sizeof(float) * (size_t)(T * Hkv * D));
+    void *dg = dev_alloc(2 * (size_t)(T * W));
+    rope_merge_backward_cuda(ctx, dg, W, dgq, dgk, dgv, dcs, B, S, Hq, Hkv, D);
+    float *got = down_bf16(dg, (size_t)(T * W));
+    ck_assert(close_enough("rope merge backward", got, ref, (size_t)(T * W), 1e-3, RT));
+    free(cs), free(qkv), free(q), free(k), free(pos), free(gq), free(gk), free(rq), free(rk), free(g), free(gqt),
+        free(gkt);
+    free(gvt), free(hq), free(hk), free(hv), free(ref), free(got);
+    cudaFree(dqkv), cudaFree(dcs), cudaFree(dq), cudaFree(dk), cudaFree(dv), cudaFree(dgq), cudaFree(dgk),
+        cudaFree(dgv);
+    cudaFree(dg);
+    cuda_ctx_free(ctx);
+}
+END_TEST
+
+// One shape, one implementation (flash: the FlashAttention-style kernels; else the batched GEMMs).
+static void attention_case(cuda_ctx *ctx, int flash, int B, int S, int Hq, int Hkv, int D, uint64_t seed) {
+    attention_use_flash(flash);
+    fprintf(stderr, "attention %s B=%d S=%d Hq=%d Hkv=%d D=%d\n", flash ? "flash" : "gemm", B, S, Hq, Hkv, D);
+    rng_state r;
+    rng_seed(&r, seed);
+    int64_t T = (int64_t)B * S, nq = T * Hq * D, nk = T * Hkv * D;
+    int32_t *mask = xmalloc(sizeof(int32_t) * (size_t)T);
+    for (int b = 0; b < B; b++)
+        for (int s = 0; s < S; s++) mask[b * S + s] = b == 1 ? s < 25 : (b == 2 ? s >= 3 : 1);  // right / left padding
+    float *q = rnd_bf16(&r, (size_t)nq, 1.0f), *k = rnd_bf16(&r, (size_t)nk, 1.0f), *v = rnd_bf16(&r, (size_t)nk, 1.0f);
+    for (int64_t i = 0; i < 40; i++) q[i] = bf16_round(q[i] * 8.0f);  // a few sharp rows
+    float *out = xmalloc(sizeof(float) * (size_t)nq);
+    attention_forward_cpu(out, q, k, v, mask, B, S, Hq, Hkv, D);
+    float *qh = xmalloc(sizeof(float) * (size_t)nq), *kh = xmalloc(sizeof(float) * (size_t)nk),
+          *vh = xmalloc(sizeof(float) * (size_t)nk);
+    to_heads(qh, q, B, S, Hq, D);
+    to_heads(kh, k, B, S, Hkv, D);
+    to_heads(vh, v, B, S, Hkv, D);
+    void *dq = dev_bf16(qh, (size_t)nq), *dk = dev_bf16(kh, (size_t)nk), *dv = dev_bf16(vh, (size_t)nk);
+    int32_t *dm = dev_up(mask, sizeof(int32_t) * (size_t)T);
+    int bc = 2;  // two chunks (the second one partial)
+    void *scratch = dev_alloc(attention_scratch_bytes(bc, S, Hq));
+    void *dout = dev_alloc(2 * (size_t)nq), *otmp = dev_alloc(2 * (size_t)nq);
+    float *lse = dev_alloc(sizeof(float) * (size_t)(T * Hq));
+    attention_forward_cuda(ctx, dout, (int64_t)Hq * D, lse, dq, dk, dv, dm, B, S, Hq, Hkv, D, scratch, bc, otmp);
+    float *got = down_bf16(dout, (size_t)nq);
+    double mx = max_abs(out, (size_t)nq);
+    ck_assert(close_enough("attention fwd", got, out, (size_t)nq, 1e-2 * mx, 1.0 / 64));
+    ck_assert(rel_l2(got, out, (size_t)nq) < 1e-2);
+    // backward
+    float *go = rnd_bf16(&r, (size_t)nq, 1.0f);
+    float *gq = xcalloc((size_t)nq, sizeof(float)), *gk = xcalloc((size_t)nk, sizeof(float)),
+          *gv = xcalloc((size_t)nk, sizeof(float));
+    // the CPU twin on the GPU's bf16 output (delta uses it), its inputs otherwise
+    attention_backward_cpu(gq, gk, gv, go, q, k, v, mask, B, S, Hq, Hkv, D);
+    void *dgo = dev_bf16(go, (size_t)nq);
+    float *dgq = dev_alloc(4 * (size_t)nq), *dgk = dev_alloc(4 * (size_t)nk), *dgv = dev_alloc(4 * (size_t)nk);
+    float *delta = dev_alloc(4 * (size_t)(T * Hq));
+    void *dotmp = dev_alloc(2 * (size_t)nq);
+    attention_backward_cuda(ctx, dgq, dgk, dgv, dgo, dout, (int64_t)Hq * D, lse, dq, dk, dv, dm, B, S, Hq, Hkv, D, scratch, bc, dotmp,
+                            delta);
+    float *hgq = down_f32(dgq, (size_t)nq), *hgk = down_f32(dgk, (size_t)nk), *hgv = down_f32(dgv, (size_t)nk);
+    float *tq = xmalloc(sizeof(float) * (size_t)nq), *tk = xmalloc(sizeof(float) * (size_t)nk),
+          *tv = xmalloc(sizeof(float) * (size_t)nk);
+    to_tokens(tq, hgq, B, S, Hq, D);
+    to_tokens(tk, hgk, B, S, Hkv, D);
+    to_tokens(tv, hgv, B, S, Hkv, D);
+    const char *nm[3] = {"attention bwd dq", "attention bwd dk", "attention bwd dv"};
+    float *gs[3] = {tq, tk, tv}, *rs[3] = {gq, gk, gv};
+    size_t ns[3] = {(size_t)nq, (size_t)nk, (size_t)nk};
+    for (int i = 0; i < 3; i++) {
+        ck_assert(close_enough(nm[i], gs[i], rs[i], ns[i], 2e-2 * max_abs(rs[i], ns[i]), 1.0 / 64));
+        ck_assert_msg(rel_l2(gs[i], rs[i], ns[i]) < 1e-2, "%s: rel L2 %g", nm[i], rel_l2(gs[i], rs[i], ns[i]));
+    }
+    free(mask), free(q), free(k), free(v), free(out), free(qh), free(kh), free(vh), free(got), free(go), free(gq),
+        free(gk);
+    free(gv), free(hgq), free(hgk), free(hgv), free(tq), free(tk), free(tv);
+    cudaFree(dq), cudaFree(dk), cudaFree(dv), cudaFree(dm), cudaFree(scratch), cudaFree(dout), cudaFree(otmp),
+        cudaFree(lse);
+    cudaFree(dgo), cudaFree(dgq), cudaFree(dgk), cudaFree(dgv), cudaFree(delta), cudaFree(dotmp);
+}
+
+START_TEST(test_attention) {
+    cuda_ctx *ctx = ctx_new();
+    for (int flash = 0; flash < 2; flash++) {
+        attention_case(ctx, flash, 3, 37, 8, 2, 16, 606);  // GQA, padding, S not a tile multiple
+        attention_case(ctx, flash, 2, 130, 4, 4, 128, 607);  // MHA at a real head size, 3 tiles
+        attention_case(ctx, flash, 2, 70, 4, 1, 64, 608);
+    }
+    attention_use_flash(1);
+    cuda_ctx_free(ctx);
+}
+END_TEST
+
+// ---- loss ------------------------------------------------------------------------------------------
+
+START_TEST(test_lmhead_ce) {
+    cuda_ctx *ctx = ctx_new();
+    rng_state r;
+    rng_seed(&r, 707);
+    int64_t T = 50;
+    int C = 64, V = 1000;
+    float *h = rnd_bf16(&r, (size_t)(T * C), 1.0f), *W = rnd_bf16(&r, (size_t)V * C, 0.5f);
+    int32_t *tg = xmalloc(sizeof(int32_t) * (size_t)T);
+    for (int64_t t = 0; t < T; t++) tg[t] = t % 7 == 3 ? OPS_IGNORE_INDEX : (int32_t)rng_next_below(&r, (uint64_t)V);
+    float scale = 1.0f / 43.0f;
+    float *gh = xcalloc((size_t)(T * C), sizeof(float)), *lg = xmalloc(sizeof(float) * (size_t)(T * V));
+    int64_t cnt;
+    double loss = lmhead_ce_forward_backward_cpu(h, W, tg, T, C, V, scale, gh, lg, &cnt);
+    void *dh = dev_bf16(h, (size_t)(T * C)), *dW = dev_bf16(W, (size_t)V * C);
+    int32_t *dtg = dev_up(tg, sizeof(int32_t) * (size_t)T);
+    float *dgh = dev_alloc(4 * (size_t)(T * C)), *drl = dev_alloc(4 * (size_t)T);
+    int64_t rows = 16;  // several chunks, the last partial
+    void *scratch = dev_alloc(lmhead_ce_scratch_bytes(rows, V));
+    float *glg = xmalloc(sizeof(float) * (size_t)(T * V));
+    lmhead_ce_cuda(ctx, dh, dW, dtg, T, C, V, scale, dgh, drl, glg, scratch, rows);
+    float *rl = down_f32(drl, (size_t)T), *ggh = down_f32(dgh, (size_t)T * C);
+    double gl = 0;
+    for (int64_t t = 0; t < T; t++) gl += rl[t];
+    fprintf(stderr, "lm_head CE loss: GPU %.9g, CPU %.9g\n", gl, loss);
+    ck_assert_msg(fabs(gl - loss) <= 1e-5 * fabs(loss), "loss %.9g vs %.9g", gl, loss);
+    ck_assert(
+        close_enough("lm_head logits (f32)", glg, lg, (size_t)(T * V), 1e-5 * max_abs(lg, (size_t)(T * V)), 1e-5));
+    ck_assert(close_enough("lm_head CE dh", ggh, gh, (size_t)(T * C), 2e-2 * max_abs(gh, (size_t)(T * C)), 1.0 / 64));
+    ck_assert(rel_l2(ggh, gh, (size_t)(T * C)) < 1e-2);
+    free(h), free(W), free(tg), free(gh), free(lg), free(glg), free(rl), free(ggh);
+    cudaFree(dh), cudaFree(dW), cudaFree(dtg), cudaFree(dgh), cudaFree(drl), cudaFree(scratch);
+    cuda_ctx_free(ctx);
+}
+END_TEST
+
+// ---- optimizer ---------------------------------------------------------------------------------------
+
+START_TEST(test_adamw_norm) {
+    cuda_ctx *ctx = ctx_new();
+    rng_state r;
+    rng_seed(&r, 808);
+    int64_t n = 100003;
+    float *p = rnd_bf16(&r, (size_t)n, 0.1f), *g = rnd_bf16(&r, (size_t)n, 0.01f), *m = rnd_bf16(&r, (size_t)n, 0.01f);
+    float *v = xmalloc(sizeof(float) * (size_t)n);
+    for (int64_t i = 0; i < n; i++) v[i] = fabsf(rnd_normal(&r)) * 1e-4f;
+    for (int with_scale = 0; with_scale < 2; with_scale++) {
+        float gs = with_scale ? 0.37f : 1.0f;
+        float *dp = dev_up(p, 4 * (size_t)n), *dg = dev_up(g, 4 * (size_t)n), *dm = dev_up(m, 4 * (size_t)n),
+              *dv = dev_up(v, 4 * (size_t)n);
+        float *cp = xmalloc(4 * (size_t)n), *cg = xmalloc(4 * (size_t)n), *cm = xmalloc(4 * (size_t)n),
+              *cv = xmalloc(4 * (size_t)n);
+        memcpy(cp, p, 4 * (size_t)n), memcpy(cg, g, 4 * (size_t)n), memcpy(cm, m, 4 * (size_t)n),
+            memcpy(cv, v, 4 * (size_t)n);
+        for (int step = 1; step <= 3; step++) {
+            if (gs != 1.0f)
+                for (int64_t i = 0; i < n; i++) cg[i] = g[i] * gs;
+            adamw_update_cpu(cp, cg, cm, cv, n, 1e-3, 0.9, 0.999, 1e-8, 0.01, step);
+            adamw_cuda(ctx, dp, dg, dm, dv, n, gs, 1e-3, 0.9, 0.999, 1e-8, 0.01, step);
+        }
+        float *hp = down_f32(dp, (size_t)n), *hm = down_f32(dm, (size_t)n), *hv = down_f32(dv, (size_t)n);
+        ck_assert_msg(memcmp(hp, cp, 4 * (size_t)n) == 0, "AdamW params differ from the CPU (scale %g)", (double)gs);
+        ck_assert_msg(memcmp(hm, cm, 4 * (size_t)n) == 0, "AdamW m differs");
+        ck_assert_msg(memcmp(hv, cv, 4 * (size_t)n) == 0, "AdamW v differs");
+        fprintf(stderr, "adamw (3 steps, grad scale %.2f): bit-identical to adamw_update_cpu\n", (double)gs);
+        free(cp), free(cg), free(cm), free(cv), free(hp), free(hm), free(hv);
+        cudaFree(dp), cudaFree(dg), cudaFree(dm), cudaFree(dv);
+    }
+    float *dg = dev_up(g, 4 * (size_t)n);
+    void *part = dev_alloc(reduce_scratch_bytes(n));
+    double a = sum_squares_cuda(ctx, dg, n, part), b = global_norm_sq_cpu(g, n);
+    double a2 = sum_squares_cuda(ctx, dg, n, part);
+    fprintf(stderr, "grad norm^2: GPU %.17g, CPU %.17g\n", a, b);
+    ck_assert_msg(fabs(a - b) <= 1e-12 * b, "norm %.17g vs %.17g", a, b);
+    ck_assert_msg(a == a2, "the reduction is not deterministic");
+    free(p), free(g), free(m), free(v);
+    cudaFree(dg), cudaFree(part);
+    cuda_ctx_free(ctx);
+}
+END_TEST
+
+// ---- adapters ------------------------------------------------------------------------------------------
+
+static llama_config tiny_config(void) {
+    llama_config c;
+    memset(&c, 0, sizeof c);
+    c.hidden = 64;
+    c.intermediate = 176;
+    c.n_layers = 3;
+    c.n_heads = 8;
+    c.n_kv_heads = 2;
+    c.head_dim = 8;
+    c.vocab = 100;
+    c.rms_eps = 1e-5;
+    c.rope_theta = 10000;
+    return c;
+}
+
+static void gather_scatter_check(cuda_ctx *ctx, adapter *ad, const char *what) {
+    rng_state r;
+    rng_seed(&r, 909);
+    for (size_t i = 0; i < ad->n_params; i++) ad->params[i] = rnd_normal(&r) * 0.1f;
+    float *dparams = dev_up(ad->params, 4 * ad->n_params);
+    float *grad = xcalloc(ad->n_params, sizeof(float));
+    float *dgrad = dev_up(grad, 4 * ad->n_params);
+    int L = ad->model.n_layers, rk = ad->rank, l = lowrank_map_shards(ad);
+    int64_t *offA = xmalloc(sizeof(int64_t) * (size_t)rk * l), *offB = xmalloc(sizeof(int64_t) * (size_t)rk * l);
+    float *scale = xmalloc(sizeof(float) * (size_t)rk);
+    for (int li = 0; li < L; li++)
+        for (int m = 0; m < MOD_COUNT; m++) {
+            if (!adapter_targets(ad, m)) continue;
+            int di, dout, hs, lo, sB;
+            llama_module_dims(&ad->model, m, &di, &dout);
+            ck_assert_int_eq(lowrank_map_host(ad, li, m, offA, offB, scale, &hs, &lo, &sB), MOSFT_OK);
+            lowrank_map mp = {.r = rk,
+                              .l = lo,
+                              .d_in = di,
+                              .d_out = dout,
+                              .strideB = sB,
+                              .scaleB = 1.0f,
+                              .offA = dev_up(offA, 8 * (size_t)rk * lo),
+                              .offB = dev_up(offB, 8 * (size_t)rk * lo),
+                              .scaleA = hs ? dev_up(scale, 4 * (size_t)rk) : NULL,
+                              .ldB = rk};
+            float *A = xmalloc(sizeof(float) * (size_t)rk * di), *B = xmalloc(sizeof(float) * (size_t)dout * rk);
+            ad->ops->build(ad, li, m, A, B);
+            void *dA = dev_alloc(2 * (size_t)rk * di), *dB = dev_alloc(2 * (size_t)dout * rk);
+            lowrank_gather_cuda(ctx, &mp, dparams, dA, dB);
+            float *gA = down_bf16(dA, (size_t)rk * di), *gB = down_bf16(dB, (size_t)dout * rk);
+            for (size_t i = 0; i < (size_t)rk * di; i++)
+                ck_assert_msg(gA[i] == bf16_round(A[i]), "%s: gathered A differs", what);
+            for (size_t i = 0; i < (size_t)dout * rk; i++)
+                ck_assert_msg(gB[i] == bf16_round(B[i]), "%s: gathered B differs", what);
+            // scatter: random factor gradients, all layers into one buffer in order
+            float *fA = rnd_bf16(&r, (size_t)rk * di, 1.0f), *fB = rnd_bf16(&r, (size_t)dout * rk, 1.0f);
+            float *dfA = dev_up(fA, 4 * (size_t)rk * di), *dfB = dev_up(fB, 4 * (size_t)dout * rk);
+            ad->ops->scatter(ad, li, m, fA, fB, grad);
+            lowrank_scatter_cuda(ctx, &mp, dfA, dfB, dgrad);
+            CK_CUDA(cudaDeviceSynchronize());
+            free(A), free(B), free(gA), free(gB), free(fA), free(fB);
+            cudaFree(dA), cudaFree(dB), cudaFree(dfA), cudaFree(dfB), cudaFree((void *)mp.offA),
+                cudaFree((void *)mp.offB);
+            if (mp.scaleA) cudaFree((void *)mp.scaleA);
+        }
+    float *got = down_f32(dgrad, ad->n_params);
+    ck_assert_msg(memcmp(got, grad, 4 * ad->n_params) == 0, "%s: scattered gradients differ from the CPU", what);
+    fprintf(stderr, "adapter %-26s gather and scatter bit-identical (%zu params)\n", what, ad->n_params);
+    free(got), free(grad), free(offA), free(offB), free(scale);
+    cudaFree(dparams), cudaFree(dgrad);
+}
+
+START_TEST(test_adapter_gather_scatter) {
+    cuda_ctx *ctx = ctx_new();
+    llama_config c = tiny_config();
+    adapter_spec s;
+    memset(&s, 0, sizeof s);
+    snprintf(s.method, sizeof s.method, "mos");
+    s.r = 4;
+    s.equiv_rank = 4;
+    s.private_rank = 1;
+    s.shards = 4;
+    s.alpha = 8;
+    s.seed = 3;
+    s.pair_dissociation = 1;
+    s.scale_mean = 1;
+    for (int m = 0; m < MOD_COUNT; m++) s.targets[m] = 1;
+    adapter *ad;
+    ck_assert_int_eq(adapter_create(&ad, &s, &c), MOSFT_OK);
+    gather_scatter_check(ctx, ad, "mos r4 Rv4 Rp1 l4");
+    adapter_free(ad);
+    s.scale_std = 0.3;  // random scaling ablation: the A factors carry per-rank scales
+    ck_assert_int_eq(adapter_create(&ad, &s, &c), MOSFT_OK);
+    gather_scatter_check(ctx, ad, "mos, random scaling");
+    adapter_free(ad);
+    snprintf(s.method, sizeof s.method, "lora");
+    s.scale_std = 0;
+    s.targets[MOD_K] = 0;
+    ck_assert_int_eq(adapter_create(&ad, &s, &c), MOSFT_OK);
+    gather_scatter_check(ctx, ad, "lora r4 (no k)");
+    adapter_free(ad);
+    cuda_ctx_free(ctx);
+}
+END_TEST
+
+START_TEST(test_dropout) {
+    cuda_ctx *ctx = ctx_new();
+    rng_state r;
+    rng_seed(&r, 1001);
+    int64_t T = 29;
+    int d = 72, ldx = 80;
+    float p = 0.1f;
+    uint64_t key = rng_key(RNG_DROPOUT, 5, 6, 7, 8);
+    float *x = rnd_bf16(&r, (size_t)(T * ldx), 1.0f), *mask = xmalloc(sizeof(float) * (size_t)(T * d));
+    adapter_dropout_mask(key, p, (size_t)(T * d), mask);
+    float *ref = xmalloc(sizeof(float) * (size_t)(T * d));
+    for (int64_t t = 0; t < T; t++)
+        for (int c = 0; c < d; c++) ref[t * d + c] = bf16_round(x[t * ldx + c] * mask[t * d + c]);
+    void *dx = dev_bf16(x, (size_t)(T * ldx)), *dxd = dev_alloc(2 * (size_t)(T * d));
+    dropout_apply_cuda(ctx, dxd, dx, ldx, T, d, key, rng_dropout_threshold(p), 1.0f / (1.0f - p));
+    float *got = down_bf16(dxd, (size_t)(T * d));
+    ck_assert(close_enough("dropout apply (same mask)", got, ref, (size_t)(T * d), 0, 0));
+    // backward: gx += g * mask
+    float *g = rnd_bf16(&r, (size_t)(T * d), 1.0f), *gx = rnd_bf16(&r, (size_t)(T * ldx), 1.0f);
+    float *want = xmalloc(sizeof(float) * (size_t)(T * ldx));
+    memcpy(want, gx, sizeof(float) * (size_t)(T * ldx));
+    for (int64_t t = 0; t < T; t++)
+        for (int c = 0; c < d; c++) want[t * ldx + c] += g[t * d + c] * mask[t * d + c];
+    float *dg = dev_up(g, 4 * (size_t)(T * d)), *dgx = dev_up(gx, 4 * (size_t)(T * ldx));
+    dropout_backward_add_cuda(ctx, dgx, 1, ldx, dg, T, d, key, rng_dropout_threshold(p), 1.0f / (1.0f - p));
+    float *got2 = down_f32(dgx, (size_t)(T * ldx));
+    ck_assert(close_enough("dropout backward (f32 +=)", got2, want, (size_t)(T * ldx), 0, 1e-7));
+    free(x), free(mask), free(ref), free(got), free(g), free(gx), free(want), free(got2);
+    cudaFree(dx), cudaFree(dxd), cudaFree(dg), cudaFree(dgx);
+    cuda_ctx_free(ctx);
+}
+END_TEST
+
+static Suite *kernels_suite(void) {
+    Suite *s = suite_create("kernels_cuda");
+    TCase *tc = tcase_create("twins");
+    tcase_set_timeout(tc, 300);
+    tcase_add_test(tc, test_nf4_random);
+    tcase_add_test(tc, test_nf4_oracles);
+    tcase_add_test(tc, test_gemm);
+    tcase_add_test(tc, test_rmsnorm);
+    tcase_add_test(tc, test_swiglu_embedding);
+    tcase_add_test(tc, test_rope);
+    tcase_add_test(tc, test_attention);
+    tcase_add_test(tc, test_lmhead_ce);
+    tcase_add_test(tc, test_adamw_norm);
+    tcase_add_test(tc, test_adapter_gather_scatter);
+    tcase_add_test(tc, test_dropout);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+TEST_MAIN(kernels_suite)
