@@ -299,7 +299,7 @@ void adapter_forward_cpu(const adapter *a, int layer, int module, int64_t T, con
         // The method computes its branch from the dropped-out input itself.
         float *xd = xmalloc(sizeof(float) * (size_t)(T * di));  // [T][d_in]
         for (int64_t e = 0; e < T * di; e++) xd[e] = mask ? x[e] * mask[e] : x[e];
-        a->ops->forward(a, layer, module, xd, T, y, training, key);
+        a->ops->forward(a, layer, module, xd, T, y, training, key, NULL);
         free(xd);
         return;
     }
@@ -320,7 +320,7 @@ void adapter_backward_cpu(const adapter *a, int layer, int module, int64_t T, co
         float *xd = xmalloc(sizeof(float) * (size_t)(T * di));              // [T][d_in]
         float *gxd = xcalloc((size_t)(T * di), sizeof(float));              // [T][d_in]
         for (int64_t e = 0; e < T * di; e++) xd[e] = mask ? x[e] * mask[e] : x[e];
-        a->ops->backward(a, layer, module, xd, gy, T, gxd, grad, training, key);
+        a->ops->backward(a, layer, module, xd, gy, T, gxd, grad, training, key, NULL);
         for (int64_t e = 0; e < T * di; e++) gx[e] += mask ? gxd[e] * mask[e] : gxd[e];
         free(xd);
         free(gxd);

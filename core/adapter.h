@@ -94,12 +94,13 @@ typedef struct adapter_ops {
     // Low-rank: add the contribution of dL/dA [r][d_in] and dL/dB [d_out][r] to grad[n_params].
     // Must be deterministic (fixed order, no races).
     void (*scatter)(const adapter *a, int layer, int module, const float *gA, const float *gB, float *grad);
-    // Routed: y[T][d_out] += branch(xd[T][d_in]); `key` seeds its own randomness (gate dropout).
+    // Routed: y[T][d_out] += branch(xd[T][d_in]); `key` seeds its own randomness (gate dropout);
+    // tok_mask[T] (NULL: every row is a token) marks padding rows (0), which are not routed.
     void (*forward)(const adapter *a, int layer, int module, const float *xd, int64_t T, float *y, int training,
-                    uint64_t key);
+                    uint64_t key, const int32_t *tok_mask);
     // Routed: gxd[T][d_in] += d branch / d xd; grad[n_params] += parameter gradients.
     void (*backward)(const adapter *a, int layer, int module, const float *xd, const float *gy, int64_t T,
-                     float *gxd, float *grad, int training, uint64_t key);
+                     float *gxd, float *grad, int training, uint64_t key, const int32_t *tok_mask);
     void (*free_impl)(adapter *a);
     // Trainable parameters this spec would have on this model (no allocation).
     int64_t (*count_params)(const adapter_spec *s, const llama_config *m);

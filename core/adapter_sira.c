@@ -129,7 +129,7 @@ static int64_t sira_capacity(double cf, int k, int64_t T, int E) {
 }
 
 static void sira_route_make(const adapter *a, int layer, int module, const float *xd, int64_t T, int training,
-                            uint64_t key, sira_route *R) {
+                            uint64_t key, const int32_t *tok_mask, sira_route *R) {
     const sira_impl *im = a->impl;
     int ti = im->tensor[layer * MOD_COUNT + module];
     MOSFT_ASSERT(ti >= 0);
@@ -145,7 +145,13 @@ static void sira_route_make(const adapter *a, int layer, int module, const float
     R->p = xmalloc(sizeof(double) * (size_t)(T * E));
     R->sel = xmalloc(sizeof(int) * (size_t)(T * k));
     R->mult = xmalloc(sizeof(float) * (size_t)(T * k));
-    int64_t C = sira_capacity(a->spec.sira_capacity_factor, k, T, E);
+    // Padding rows are not tokens: they are not routed and do not count toward the capacity.
+    int64_t T_real = T;
+    if (tok_mask) {
+        T_real = 0;
+        for (int64_t t = 0; t < T; t++) T_real += tok_mask[t] != 0;
+    }
+    int64_t C = sira_capacity(a->spec.sira_capacity_factor, k, T_real, E);
     int64_t *load = xcalloc((size_t)E, sizeof(int64_t));
     double q = training ? a->spec.sira_expert_dropout : 0.0;
     uint32_t thr = rng_dropout_threshold((float)q);
@@ -175,7 +181,7 @@ static void sira_route_make(const adapter *a, int layer, int module, const float
         // Capacity in token order, then expert dropout on the kept slots.
         for (int j = 0; j < k; j++) {
             int e = sel[j];
-            if (load[e] >= C) {
+            if (load[e] >= C || (tok_mask && !tok_mask[t])) {
                 sel[j] = -1;
                 R->mult[t * k + j] = 0.0f;
                 continue;
@@ -213,9 +219,9 @@ static void sira_expert(const sira_route *R, int e, const float *x, double *h, d
 // ---- forward / backward --------------------------------------------------------------------------
 
 static void sira_forward(const adapter *a, int layer, int module, const float *xd, int64_t T, float *y, int training,
-                         uint64_t key) {
+                         uint64_t key, const int32_t *tok_mask) {
     sira_route R;
-    sira_route_make(a, layer, module, xd, T, training, key, &R);
+    sira_route_make(a, layer, module, xd, T, training, key, tok_mask, &R);
     double s = a->scaling;
     double *h = xmalloc(sizeof(double) * (size_t)R.r), *o = xmalloc(sizeof(double) * (size_t)R.d_out);
     double *acc = xmalloc(sizeof(double) * (size_t)R.d_out);
@@ -241,9 +247,9 @@ static void sira_forward(const adapter *a, int layer, int module, const float *x
 //   dL/dB_e += g_te s gy_t h^T,  gh = g_te s B_e^T gy_t,  dL/dA_e += gh xd_t^T,  dL/dxd_t += A_e^T gh
 //   softmax: dL/dz_tj = p_tj (dL/dp_tj - sum_e p_te dL/dp_te);  dL/dW_g += dz xd_t^T;  dL/dxd_t += W_g^T dz
 static void sira_backward(const adapter *a, int layer, int module, const float *xd, const float *gy, int64_t T,
-                          float *gxd, float *grad, int training, uint64_t key) {
+                          float *gxd, float *grad, int training, uint64_t key, const int32_t *tok_mask) {
     sira_route R;
-    sira_route_make(a, layer, module, xd, T, training, key, &R);
+    sira_route_make(a, layer, module, xd, T, training, key, tok_mask, &R);
     const sira_impl *im = a->impl;
     int ti = im->tensor[layer * MOD_COUNT + module];
     float *gA = grad + a->tensors[ti].offset, *gB = grad + a->tensors[ti + 1].offset,

@@ -63,6 +63,7 @@ typedef struct {
     float *grad;        // [n_params]
     float *mom1, *mom2; // [n_params]
     float *logits_out;  // [T][V] when a caller asks for logits (forward_logits), else NULL
+    const int32_t *tok_mask;  // [T] the current micro-batch's attention mask (routed adapters skip padding)
 } cpu_impl;
 
 static float **factor_A(cpu_impl *c, int l, int m) { return &c->A_all[l * MOD_COUNT + m]; }
@@ -228,7 +229,7 @@ static void linear_forward(backend *be, int l, int m, const float *in, float *y,
             for (int64_t i = 0; i < T * bl->d_in; i++) tmp[i] = in[i] * mask[i];
             xd = tmp;
         }
-        ad->ops->forward(ad, l, m, xd, T, y, dc != NULL, dc ? dropout_key(dc, l, m) ^ 0x5157ull : 0);
+        ad->ops->forward(ad, l, m, xd, T, y, dc != NULL, dc ? dropout_key(dc, l, m) ^ 0x5157ull : 0, c->tok_mask);
         free(tmp);
     }
 }
@@ -256,7 +257,8 @@ static void linear_backward(backend *be, int l, int m, const float *in, const fl
         float *xd = xmalloc(sizeof(float) * (size_t)n);
         for (int64_t i = 0; i < n; i++) xd[i] = mask ? in[i] * mask[i] : in[i];
         memset(c->ad_tmp, 0, sizeof(float) * (size_t)n);
-        ad->ops->backward(ad, l, m, xd, gy, T, c->ad_tmp, c->grad, dc != NULL, dc ? dropout_key(dc, l, m) ^ 0x5157ull : 0);
+        ad->ops->backward(ad, l, m, xd, gy, T, c->ad_tmp, c->grad, dc != NULL, dc ? dropout_key(dc, l, m) ^ 0x5157ull : 0,
+                          c->tok_mask);
         for (int64_t i = 0; i < n; i++) gin[i] += mask ? c->ad_tmp[i] * mask[i] : c->ad_tmp[i];
         free(xd);
     }
@@ -366,6 +368,7 @@ static int run_step(backend *be, const micro_batch *mb, float loss_scale, const 
     int64_t T = (int64_t)mb->B * mb->S, C = cfg->hidden;
     int L = cfg->n_layers;
     prepare_batch(c, mb);
+    c->tok_mask = mb->attn_mask;
     build_factors(be);
     // forward
     float *x = c->full_recompute ? c->x_saved[0] : c->acts[0].x_in;

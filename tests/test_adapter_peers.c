@@ -669,6 +669,42 @@ START_TEST(test_sira_capacity) {
 }
 END_TEST
 
+// Padding rows (tok_mask 0) are not routed and take no capacity: with cf 1, k 2, 4 real tokens and
+// 4 padding rows in between, C = ceil(2 * 4 / 4) = 2 as without padding, and the real tokens get what
+// they get without the padding rows.
+START_TEST(test_sira_skips_padding) {
+    adapter *a = sira_probe(1.0, 2, 0.0);
+    float x[8][8] = {{0}}, y[8][8] = {{0}}, yref[4][8] = {{0}}, xr[4][8] = {{0}};
+    int32_t mask[8] = {0, 1, 0, 1, 1, 0, 0, 1};
+    for (int t = 0, j = 0; t < 8; t++) {
+        x[t][0] = (float)(t + 1), x[t][1] = 1;
+        if (mask[t]) memcpy(xr[j++], x[t], sizeof x[t]);
+    }
+    a->ops->forward(a, 0, MOD_Q, &x[0][0], 8, &y[0][0], 0, 0, mask);
+    a->ops->forward(a, 0, MOD_Q, &xr[0][0], 4, &yref[0][0], 0, 0, NULL);
+    for (int t = 0, j = 0; t < 8; t++) {
+        for (int o = 0; o < 8; o++) {
+            if (mask[t])
+                ck_assert_msg(y[t][o] == yref[j][o], "row %d col %d: %g vs %g", t, o, y[t][o], yref[j][o]);
+            else
+                ck_assert_msg(y[t][o] == 0, "padding row %d was routed", t);
+        }
+        j += mask[t];
+    }
+    // Backward: padding rows get no input gradient and add nothing to the parameters.
+    float gy[8][8], gx[8][8] = {{0}};
+    for (int t = 0; t < 8; t++)
+        for (int o = 0; o < 8; o++) gy[t][o] = 0.25f * (float)(o + 1) - 0.1f * (float)t;
+    float *grad = xcalloc(a->n_params, sizeof(float));
+    a->ops->backward(a, 0, MOD_Q, &x[0][0], &gy[0][0], 8, &gx[0][0], grad, 0, 0, mask);
+    for (int t = 0; t < 8; t++)
+        if (!mask[t])
+            for (int c = 0; c < 8; c++) ck_assert(gx[t][c] == 0);
+    free(grad);
+    adapter_free(a);
+}
+END_TEST
+
 START_TEST(test_sira_expert_dropout) {
     // cf large: no capacity drops. Training with q = 0.5: each (token, expert) weight is 0 or 2 p.
     adapter *a = sira_probe(100.0, 2, 0.5);
@@ -957,6 +993,7 @@ static Suite *suite(void) {
     tcase_add_test(tc, test_sharelora);
     tcase_add_test(tc, test_sharelora_init_distribution);
     tcase_add_test(tc, test_sira_capacity);
+    tcase_add_test(tc, test_sira_skips_padding);
     tcase_add_test(tc, test_sira_expert_dropout);
     tcase_add_test(tc, test_sira_one_expert_is_lora);
     tcase_add_test(tc, test_param_counts);
