@@ -2,7 +2,7 @@
 # gpu_check.sh: the CUDA backend's checks and benchmarks on a GPU machine, in one go (the device time
 # is scarce). Run from a folder holding build/ (built elsewhere), tests/fixtures/stories260K, scripts/
 # and shared/ (copies of ../shared/data/nf4 and reference).
-#   scripts/gpu_check.sh [tests] [sanitize] [hf] [bench] [peer] [benchall] [peerall]
+#   scripts/gpu_check.sh [tests] [sanitize] [hf] [train] [bench] [peer] [benchall] [peerall] [profile]
 set -u
 # Logs go to a scratch folder; $OUT receives only logs.tgz, bench.jsonl and summary.txt (a device
 # call returns at most 8 files).
@@ -56,6 +56,20 @@ if want benchall; then
 fi
 if want peer; then run peer_7b 300 python3 scripts/bench_peer_hf.py --models llama2-7b --ckpt 1 --steps 3 --warmup 1; fi
 if want peerall; then run peer_all 900 python3 scripts/bench_peer_hf.py --steps 4 --warmup 1; fi
+if want train; then  # `mosft train` on the GPU: the demo, exact resume, export checked by PEFT
+  T=$(mktemp -d)
+  D=(build/mosft train configs/demo.json --set device=cuda --set train.steps=60 --set output.save_every=30 -q)
+  run train_straight 300 "${D[@]}" --set output.dir=$T/straight
+  run train_stop 300 "${D[@]}" --set output.dir=$T/resumed --stop-after 30
+  run train_resume 300 build/mosft train --resume $T/resumed -q
+  if cmp -s $T/straight/adapter.mos $T/resumed/adapter.mos && \
+     diff <(grep -o '"loss": [0-9.e+-]*' $T/straight/metrics.jsonl) <(grep -o '"loss": [0-9.e+-]*' $T/resumed/metrics.jsonl) >/dev/null
+  then note "resume on cuda: identical losses and byte-identical adapter.mos"
+  else note "resume on cuda: DIFFERENT"; fi
+  run train_demo_cuda 600 build/mosft train configs/demo.json --set device=cuda --set output.dir=$T/demo
+  cp $T/demo/metrics.jsonl "$FINAL/demo_cuda_metrics.jsonl" 2>/dev/null
+  run export_peft_check 300 python3 scripts/check_peft_export.py $T/demo/adapter.mos --model tests/fixtures/stories260K
+fi
 echo; echo "==== summary"; printf '%s\n' "${summary[@]}"
 for f in "$OUT"/prof_*.log; do [ -f "$f" ] && { echo "-- $f"; grep -A12 "^profile" "$f"; }; done
 grep -h '"bench"' "$OUT"/bench_*.log "$OUT"/peer*.log 2>/dev/null | tee "$OUT/bench.jsonl" | sed 's/, "device.*//' | cut -c1-400
