@@ -17,9 +17,7 @@ static const char *set_where(const st_set *s) { return s->n_files == 1 ? s->file
 
 static int is_float_dtype(mosft_dtype t) { return t == MOSFT_F32 || t == MOSFT_BF16 || t == MOSFT_F16 || t == MOSFT_F64; }
 
-// The stored tensor `name` with exactly `shape` (ndim 1 or 2), as a new fp32 array; bf16-rounded when
-// `round_bf16`. Errors name the file, the tensor, the expected and the found shape.
-static int load_f32(const st_set *s, const char *name, int ndim, const int64_t *shape, int round_bf16, float **out) {
+int llama_find_float_tensor(const st_set *s, const char *name, int ndim, const int64_t *shape, const st_tensor **out) {
     *out = NULL;
     char want[64], got[128];
     st_shape_str(want, sizeof want, ndim, shape);
@@ -38,6 +36,16 @@ static int load_f32(const st_set *s, const char *name, int ndim, const int64_t *
     if (!is_float_dtype(t->dtype))
         return mosft_fail(MOSFT_ERR_INPUT, "%s: %s: expected a float tensor (F32, BF16, F16), got %s", f->path, name,
                           dtype_name(t->dtype));
+    *out = t;
+    return MOSFT_OK;
+}
+
+// The stored tensor `name` with exactly `shape`, as a new fp32 array; bf16-rounded when `round_bf16`.
+static int load_f32(const st_set *s, const char *name, int ndim, const int64_t *shape, int round_bf16, float **out) {
+    *out = NULL;
+    const st_tensor *t;
+    int rc = llama_find_float_tensor(s, name, ndim, shape, &t);
+    if (rc) return rc;
     float *w = xmalloc(sizeof(float) * (size_t)t->numel);
     st_tensor_to_f32(t, w);
     if (round_bf16)

@@ -81,6 +81,9 @@ typedef struct {
 // the tensor, the expected and the found shape. Sharded checkpoints (model.safetensors.index.json) work.
 int llama_model_load(llama_model *m, const char *dir, const char *quantization, int double_quant);
 void llama_model_free(llama_model *m);
+// The stored float tensor `name` of a checkpoint with exactly `shape` (the shape config.json implies).
+// Input errors name the file, the tensor, the expected and the found shape or dtype.
+int llama_find_float_tensor(const st_set *s, const char *name, int ndim, const int64_t *shape, const st_tensor **out);
 // W (fp32 [d_out][d_in]) of a base linear into `out`. An NF4 weight is dequantized and rounded to bf16,
 // as bitsandbytes dequantizes to the bf16 compute dtype for QLoRA's matmuls.
 void base_linear_weight(const base_linear *l, float *out);
