@@ -289,7 +289,7 @@ static int http_after_attempt(http_stream *h, CURLcode res, uint64_t got_before)
         retry_after = (double)ra;
     double d = backoff_delay(&h->opt, h->streak, retry_after);
     h->retries++;
-    mosft_logv("%s: %s; retry %d/%d in %.2f s (resume at byte %llu)", h->url, why, h->streak, h->opt.max_retries, d,
+    mosft_log("warning: %s: %s; retry %d/%d in %.2f s (resume at byte %llu)\n", h->url, why, h->streak, h->opt.max_retries, d,
                (unsigned long long)h->received);
     sleep_s(d);
     return 1;
@@ -344,7 +344,7 @@ static int http_fill(http_stream *h) {
             }
             h->retries++;
             double d = backoff_delay(&h->opt, h->streak, 0);
-            mosft_logv("%s: no data for %.1f s; retry %d/%d in %.2f s", h->url, h->opt.stall_timeout_s, h->streak,
+            mosft_log("warning: %s: no data for %.1f s; retry %d/%d in %.2f s\n", h->url, h->opt.stall_timeout_s, h->streak,
                        h->opt.max_retries, d);
             sleep_s(d);
             got_before = h->received;
@@ -623,6 +623,9 @@ int source_probe(const char *path, const source_http_opts *http) {
     if (!e) return mosft_fail(MOSFT_ERR_RUNTIME, "%s: libcurl could not start a transfer", path);
     char errbuf[CURL_ERROR_SIZE];
     int rc = MOSFT_OK;
+    // The check before training gets a short budget: a URL that does not answer now should fail the
+    // run at once (exit 2), not after minutes of backoff; mid-stream failures get data.http_retries.
+    int max_retries = http->max_retries < 2 ? http->max_retries : 2;
     for (int attempt = 0;; attempt++) {
         curl_easy_reset(e);
         http_set_common(e, path, http, errbuf);
@@ -634,7 +637,7 @@ int source_probe(const char *path, const source_http_opts *http) {
         if (res == CURLE_OK) break;
         // Servers that refuse HEAD are judged by the real GET later.
         if (res == CURLE_HTTP_RETURNED_ERROR && (status == 405 || status == 501)) break;
-        if (!curl_retryable(res, status) || attempt >= http->max_retries) {
+        if (!curl_retryable(res, status) || attempt >= max_retries) {
             if (res == CURLE_HTTP_RETURNED_ERROR)
                 rc = mosft_fail(MOSFT_ERR_INPUT, "%s: HEAD: expected HTTP 200, got %ld %s", path, status, http_reason(status));
             else
@@ -647,7 +650,10 @@ int source_probe(const char *path, const source_http_opts *http) {
         double retry_after = 0;
         if (res == CURLE_HTTP_RETURNED_ERROR && curl_easy_getinfo(e, CURLINFO_RETRY_AFTER, &ra) == CURLE_OK && ra > 0)
             retry_after = (double)ra;
-        sleep_s(backoff_delay(http, attempt + 1, retry_after));
+        double d = backoff_delay(http, attempt + 1, retry_after);
+        mosft_log("warning: %s: HEAD: %s; retry %d/%d in %.2f s\n", path, errbuf[0] ? errbuf : curl_easy_strerror(res),
+                  attempt + 1, max_retries, d);
+        sleep_s(d);
     }
     curl_easy_cleanup(e);
     return rc;
