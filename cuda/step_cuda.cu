@@ -259,10 +259,11 @@ static const bf16 *group_weight(cuda_impl *c, const dims *d, int l, int grp) {
 void cuda_build_factors(backend *be) {
     cuda_impl *c = (cuda_impl *)be->impl;
     if (c->built) return;
+    if (c->peer) cuda_peer_build(be);
     for (int g = 0; g < GRP_COUNT; g++) {
         cuda_adapter_group *ag = &c->grp[g];
         for (int l = 0; l < be->cfg.n_layers && ag->n; l++) {
-            for (int i = 0; i < ag->n; i++)
+            for (int i = 0; i < ag->n && !c->peer; i++)
                 lowrank_gather_cuda(c->ctx, &ag->map[l * 3 + i], c->params, ag->A[l] + (int64_t)i * c->rank * ag->d_in,
                                     ag->B[l] + (int64_t)ag->row_off[i] * ag->R + i * c->rank);
             if (!c->model.nf4) {  // a bf16 base keeps the blocks beside its weights
@@ -317,6 +318,22 @@ static void adapter_h(backend *be, const dims *d, int l, int g, bf16 *x, int64_t
     }
 }
 
+// Module i of group g in layer l: dL/dA gA [r][d_in], dL/dB gB [d_out_m][r] (row stride R) into the
+// gradient: MoS and LoRA scatter on the device; the peer methods' copies go to the host (h_dfac) for
+// their own scatter after the micro-batch (cuda/peer_cuda.cu). Stream order keeps gA, gB alive until
+// the copies are done.
+static void ad_scatter(cuda_impl *c, const cuda_adapter_group *ag, int l, int i, const float *gA, const float *gB) {
+    if (!c->peer) {
+        lowrank_scatter_cuda(c->ctx, &ag->map[l * 3 + i], gA, gB, c->grad);
+        return;
+    }
+    int r = c->rank, di = ag->d_in;
+    float *dst = c->h_dfac + c->dense_off[l * MOD_COUNT + ag->mod[i]];
+    CUDA_CHECK(cudaMemcpyAsync(dst, gA, sizeof(float) * (size_t)r * di, cudaMemcpyDeviceToHost, c->ctx->stream));
+    CUDA_CHECK(cudaMemcpy2DAsync(dst + (size_t)r * di, sizeof(float) * (size_t)r, gB, sizeof(float) * (size_t)ag->R,
+                                 sizeof(float) * (size_t)r, (size_t)ag->d_out_m[i], cudaMemcpyDeviceToHost, c->ctx->stream));
+}
+
 // K of group g's forward GEMM: the input width plus the adapter's columns.
 static int64_t k_fwd(const cuda_impl *c, int g, int64_t d_in) { return d_in + c->grp[g].R; }
 
@@ -339,16 +356,14 @@ static int64_t adapter_grads(backend *be, const dims *d, int l, int g, const bf1
     if (!dropout_on(be, dc)) {
         ad_gemm(c, 1, 0, R, di, d->T, 1.0f, gh, ldgy, x, ldx, c->ad_gA, di, GEMM_F32);
         for (int i = 0; i < ag->n; i++)
-            lowrank_scatter_cuda(c->ctx, &ag->map[l * 3 + i], c->ad_gA + (int64_t)i * r * di,
-                                 c->ad_gB + (int64_t)ag->row_off[i] * R + i * r, c->grad);
+            ad_scatter(c, ag, l, i, c->ad_gA + (int64_t)i * r * di, c->ad_gB + (int64_t)ag->row_off[i] * R + i * r);
         return dout + R;
     }
     for (int i = 0; i < ag->n; i++) {
         drop_spec ds = drop_of(be, dc, l, ag->mod[i]);
         dropout_apply_cuda(c->ctx, c->ad_xd, x, ldx, d->T, di, ds.key, ds.thr, ds.keep);
         ad_gemm(c, 1, 0, r, di, d->T, 1.0f, gh + i * r, ldgy, c->ad_xd, di, c->ad_gA, di, GEMM_F32);
-        lowrank_scatter_cuda(c->ctx, &ag->map[l * 3 + i], c->ad_gA, c->ad_gB + (int64_t)ag->row_off[i] * R + i * r,
-                             c->grad);
+        ad_scatter(c, ag, l, i, c->ad_gA, c->ad_gB + (int64_t)ag->row_off[i] * R + i * r);
     }
     return dout;
 }
@@ -617,6 +632,7 @@ int cuda_step_run(backend *be, const micro_batch *mb, float loss_scale, const dr
     *loss_sum = sum_f32_cuda(ctx, c->row_loss, d.T, c->red);  // synchronizes: the step is done
     prof_mark(c, PROF_OTHER);
     prof_collect(c);
+    if (c->peer) cuda_peer_scatter(be);
     return MOSFT_OK;
 }
 
