@@ -272,6 +272,15 @@ static void cuda_destroy(backend *be) {
             free(c->ev);
             free(c->ev_cat);
         }
+        if (c->wstream) {
+            cudaStreamSynchronize(c->wstream);
+            for (int i = 0; i < 2; i++) {
+                cudaEventDestroy(c->w_ready[i]);
+                cudaEventDestroy(c->w_free[i]);
+            }
+            cudaStreamDestroy(c->wstream);
+        }
+        free(c->wseq);
         cuda_arena_free(&c->acts_ar);
         cuda_arena_free(&c->persist);
         for (int g = 0; g < GRP_COUNT; g++) {
@@ -381,6 +390,16 @@ static int create_common(backend **out, const llama_config *cfg, const char *mod
     c->rank = ad->rank;
     c->scaling = ad->scaling;
     c->peer = adapter_is_peer(ad);
+    const char *wp = getenv("MOSFT_WEIGHT_PREFETCH");
+    c->wpipe = nf4 && !(wp && !strcmp(wp, "0"));
+    c->wseq = (int *)xmalloc(sizeof(int) * (size_t)cfg->n_layers * 11);
+    if (c->wpipe) {
+        CUDA_CHECK(cudaStreamCreateWithFlags(&c->wstream, cudaStreamNonBlocking));
+        for (int i = 0; i < 2; i++) {
+            CUDA_CHECK(cudaEventCreateWithFlags(&c->w_ready[i], cudaEventDisableTiming));
+            CUDA_CHECK(cudaEventCreateWithFlags(&c->w_free[i], cudaEventDisableTiming));
+        }
+    }
     c->model.cfg = *cfg;
     int *dq_of = NULL;
     if (model_dir) {

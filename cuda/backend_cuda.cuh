@@ -145,12 +145,12 @@ typedef struct {
     bf16 *x_final, *xf;            // [T][C]
     float *rstd_f;                 // [T]
     bf16 *qkv;                     // [T][Q+2KV + Rp_qkv] projection output, also gqkv | gh in backward
-    bf16 *o_tmp;                   // [B][Hq][S][D] attention output head-major, also dO head-major
+    bf16 *o_tmp;                   // [B][Hq][S][D] attention output head-major, also dO head-major (GEMM attention only)
     float *gx;                     // [T][C] dL/d residual stream
     bf16 *gxb;                     // [T][C + max(Rp_o, Rp_down)] bf16 copy of gx (GEMM operand) | gh
     float *gh;                     // [T][C] dL/d norm output (also dL/dxf after the loss)
     bf16 *gbig;                    // [T][max(I, Q)] dL/da or dL/datt
-    float *gq, *gk, *gv;           // head-major attention input gradients
+    float *gq, *gk, *gv;           // head-major attention input gradients (GEMM attention only; NULL with flash)
     float *delta;                  // [B][Hq][S]
     void *big;                     // attention scores or logits chunk
     size_t big_bytes;
@@ -158,7 +158,13 @@ typedef struct {
     float *row_loss;               // [T]
     int32_t *ids, *targets, *mask; // [T]
     float *cs;                     // [S_cap][D/2][2] rope table
-    bf16 *wbuf;                    // dequantized weight group (NF4 base)
+    // NF4 base: the groups' weights are dequantized one group ahead on a second stream (group_weight)
+    int wpipe;                     // the pipeline is on (MOSFT_WEIGHT_PREFETCH=0 turns it off)
+    bf16 *wbufs[2];                // dequantized weight groups (the same buffer twice when wpipe is off)
+    cudaStream_t wstream;
+    cudaEvent_t w_ready[2], w_free[2];  // buffer filled (weight stream) / its readers done (main stream)
+    int *wseq;                     // [L * 11] the micro-batch's order of groups (layer * GRP_COUNT + group)
+    int wn, wi, wpf[2];            // sequence length, next index, index prefetched into each buffer (-1: none)
     bf16 *ad_xd;                   // [T][max d_in] dropout-masked adapter input
     float *ad_gxd;                 // [T][max d_in] (dropout backward)
     float *ad_gA, *ad_gB;          // [R_max][max d_in], [dout_max][R_max]
