@@ -6,6 +6,7 @@
 // (heuristic query) costs tens of microseconds and a step makes hundreds of products of a few
 // shapes, so each shape's descriptors and algorithm are cached (linear search over <= 512 plans).
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "cuda/cuda_util.cuh"
@@ -24,7 +25,15 @@ extern "C" cuda_ctx *cuda_ctx_create(void) {
         return NULL;
     }
     cuda_ctx *ctx = (cuda_ctx *)xcalloc(1, sizeof(cuda_ctx));
-    CUDA_CHECK(cudaStreamCreateWithFlags(&ctx->stream, cudaStreamNonBlocking));
+    // The main stream at the highest priority: work on other streams (the next weight group's
+    // dequantization) fills the gaps the GEMMs leave instead of taking multiprocessors from them.
+    int lo = 0, hi = 0;
+    const char *pr = getenv("MOSFT_STREAM_PRIORITY");
+    if (cudaDeviceGetStreamPriorityRange(&lo, &hi) != cudaSuccess || (pr && !strcmp(pr, "0"))) {
+        cudaGetLastError();
+        hi = 0;
+    }
+    CUDA_CHECK(cudaStreamCreateWithPriority(&ctx->stream, cudaStreamNonBlocking, hi));
     if (cublasLtCreate(&ctx->lt) != CUBLAS_STATUS_SUCCESS) {
         cudaStreamDestroy(ctx->stream);
         free(ctx);
