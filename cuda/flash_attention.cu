@@ -23,6 +23,8 @@
 //   C 16x8: c0, c1 (g, 2t..2t+1), c2, c3 (g+8, 2t..2t+1)
 // Two adjacent C tiles (16 columns) are exactly an A fragment, which is how P feeds P V (FA-2).
 #include <math.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "cuda/cuda_util.cuh"
 
@@ -160,8 +162,8 @@ __device__ __forceinline__ void store_rows_unrope(bf16 *dst_lo, bf16 *dst_hi, co
 // grid (ceil(S/64), B*Hq), 128 threads: warp w owns queries q0 + 16w .. +16; key tiles of 64 stream
 // through two shared-memory stages (K, V and the key mask). The heaviest query tiles (the last ones:
 // causal) start first.
-template <int D>
-__global__ void __launch_bounds__(128) flash_fwd_kernel(bf16 *out, int64_t ld, float *lse, const bf16 *__restrict__ q,
+template <int D, int MINB>
+__global__ void __launch_bounds__(128, MINB) flash_fwd_kernel(bf16 *out, int64_t ld, float *lse, const bf16 *__restrict__ q,
                                                         const bf16 *__restrict__ k, const bf16 *__restrict__ v,
                                                         const int32_t *__restrict__ mask, int S, int Hq, int Hkv,
                                                         float scale) {
@@ -207,10 +209,12 @@ __global__ void __launch_bounds__(128) flash_fwd_kernel(bf16 *out, int64_t ld, f
         } else {
             cp_wait<0>();
         }
-        __syncthreads();
         int st = j & 1, k0 = j * FA_BN;
         const bf16 *Kt = Ks + st * FA_BN * P, *Vt = Vs + st * FA_BN * P;
         const int *Mt = Ms + st * FA_BN;
+        // the barrier, and whether every key of the tile is a token (each thread checks the entry its
+        // own copy brought in)
+        int full = __syncthreads_and(threadIdx.x >= FA_BN || Mt[threadIdx.x] != 0);
         float s[FA_BN / 8][4];
 #pragma unroll
         for (int n = 0; n < FA_BN / 8; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
@@ -223,30 +227,34 @@ __global__ void __launch_bounds__(128) flash_fwd_kernel(bf16 *out, int64_t ld, f
                 mma16816(s[n], qa[kk], bb[0], bb[1]);
                 mma16816(s[n + 1], qa[kk], bb[2], bb[3]);
             }
-        // scale into the log2 domain, mask (padding keys, keys past S: their mask entry is 0; causal
-        // only on the tile that reaches the block's first query), and the online softmax update
+        // mask (padding keys, keys past S: their mask entry is 0; causal only on the tile that reaches
+        // the block's first query), then the online softmax in the log2 domain: the maxima are taken on
+        // the raw scores (scale > 0), and each probability is one exp2 of an FMA
         bool diag = k0 + FA_BN - 1 > q0;
+        if (!full || diag) {
+#pragma unroll
+            for (int n = 0; n < FA_BN / 8; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    int kl = n * 8 + 2 * t + (e & 1), row = e < 2 ? r_lo : r_hi;
+                    if (!(Mt[kl] != 0 && (!diag || k0 + kl <= row))) s[n][e] = -INFINITY;
+                }
+        }
         float mx_lo = -INFINITY, mx_hi = -INFINITY;
 #pragma unroll
-        for (int n = 0; n < FA_BN / 8; n++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                int kl = n * 8 + 2 * t + (e & 1), row = e < 2 ? r_lo : r_hi;
-                bool ok = Mt[kl] != 0 && (!diag || k0 + kl <= row);
-                s[n][e] = ok ? s[n][e] * sl2 : -INFINITY;
-                if (e < 2)
-                    mx_lo = fmaxf(mx_lo, s[n][e]);
-                else
-                    mx_hi = fmaxf(mx_hi, s[n][e]);
-            }
+        for (int n = 0; n < FA_BN / 8; n++) {
+            mx_lo = fmaxf(mx_lo, fmaxf(s[n][0], s[n][1]));
+            mx_hi = fmaxf(mx_hi, fmaxf(s[n][2], s[n][3]));
+        }
         mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
         mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
         mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
         mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
         float mn_lo = fmaxf(m_lo, mx_lo), mn_hi = fmaxf(m_hi, mx_hi);
-        // a row with no allowed key so far keeps m = -inf: its probabilities are 0, nothing rescales
-        float al_lo = mn_lo == -INFINITY ? 1.0f : exp2f(m_lo - mn_lo);
-        float al_hi = mn_hi == -INFINITY ? 1.0f : exp2f(m_hi - mn_hi);
+        // a row with no allowed key so far keeps m = -inf: with 0 in its place every exp2 is of -inf
+        // (p = 0) and the rescale of its zero sums is exp2(-inf) = 0
+        float ms_lo = mn_lo == -INFINITY ? 0.0f : mn_lo * sl2, ms_hi = mn_hi == -INFINITY ? 0.0f : mn_hi * sl2;
+        float al_lo = exp2f(fmaf(m_lo, sl2, -ms_lo)), al_hi = exp2f(fmaf(m_hi, sl2, -ms_hi));
         m_lo = mn_lo;
         m_hi = mn_hi;
         l_lo *= al_lo;
@@ -260,10 +268,10 @@ __global__ void __launch_bounds__(128) flash_fwd_kernel(bf16 *out, int64_t ld, f
         }
 #pragma unroll
         for (int n = 0; n < FA_BN / 8; n++) {
-            s[n][0] = m_lo == -INFINITY ? 0.0f : exp2f(s[n][0] - m_lo);
-            s[n][1] = m_lo == -INFINITY ? 0.0f : exp2f(s[n][1] - m_lo);
-            s[n][2] = m_hi == -INFINITY ? 0.0f : exp2f(s[n][2] - m_hi);
-            s[n][3] = m_hi == -INFINITY ? 0.0f : exp2f(s[n][3] - m_hi);
+            s[n][0] = exp2f(fmaf(s[n][0], sl2, -ms_lo));
+            s[n][1] = exp2f(fmaf(s[n][1], sl2, -ms_lo));
+            s[n][2] = exp2f(fmaf(s[n][2], sl2, -ms_hi));
+            s[n][3] = exp2f(fmaf(s[n][3], sl2, -ms_hi));
             l_lo += s[n][0] + s[n][1];
             l_hi += s[n][2] + s[n][3];
         }
@@ -295,8 +303,8 @@ __global__ void __launch_bounds__(128) flash_fwd_kernel(bf16 *out, int64_t ld, f
     }
     if (t == 0) {
         float *L = lse + ((int64_t)b * Hq + h) * S;
-        if (r_lo < S) L[r_lo] = l_lo > 0.0f ? m_lo / FA_LOG2E + logf(l_lo) : INFINITY;
-        if (r_hi < S) L[r_hi] = l_hi > 0.0f ? m_hi / FA_LOG2E + logf(l_hi) : INFINITY;
+        if (r_lo < S) L[r_lo] = l_lo > 0.0f ? m_lo * scale + logf(l_lo) : INFINITY;
+        if (r_hi < S) L[r_hi] = l_hi > 0.0f ? m_hi * scale + logf(l_hi) : INFINITY;
     }
 }
 
@@ -385,10 +393,10 @@ __global__ void __launch_bounds__(128) flash_bwd_dq_kernel(bf16 *gqkv, int64_t l
         } else {
             cp_wait<0>();
         }
-        __syncthreads();
         int st = j & 1, k0 = j * FA_INNER;
         const bf16 *Kt = Ks + st * FA_INNER * P, *Vt = Vs + st * FA_INNER * P;
         const int *Mt = Ms + st * FA_INNER;
+        int full = __syncthreads_and(threadIdx.x >= FA_INNER || Mt[threadIdx.x] != 0);
         float s[FA_INNER / 8][4], dp[FA_INNER / 8][4];
 #pragma unroll
         for (int n = 0; n < FA_INNER / 8; n++) {
@@ -407,14 +415,14 @@ __global__ void __launch_bounds__(128) flash_bwd_dq_kernel(bf16 *gqkv, int64_t l
                 mma16816(dp[n], oa[kk], bv[0], bv[1]);
                 mma16816(dp[n + 1], oa[kk], bv[2], bv[3]);
             }
-        bool diag = k0 + FA_INNER - 1 > q0;
+        bool diag = k0 + FA_INNER - 1 > q0, plain = full && !diag;  // plain: every key of the tile counts
 #pragma unroll
         for (int n = 0; n < FA_INNER / 8; n++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 int kl = n * 8 + 2 * t + (e & 1), row = e < 2 ? r_lo : r_hi;
-                bool ok = Mt[kl] != 0 && (!diag || k0 + kl <= row) && row < S;
-                float p = ok ? exp2f(s[n][e] * sl2 - (e < 2 ? L_lo : L_hi)) : 0.0f;
+                bool ok = row < S && (plain || (Mt[kl] != 0 && (!diag || k0 + kl <= row)));
+                float p = ok ? exp2f(fmaf(s[n][e], sl2, -(e < 2 ? L_lo : L_hi))) : 0.0f;
                 s[n][e] = p * (dp[n][e] - (e < 2 ? D_lo : D_hi));  // dS
             }
         // dQ += dS K   (k = key, n = d)
@@ -511,14 +519,16 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv_kernel(bf16 *gqkv, int64_t
                 mma16816(dpt[n + 1], va, bd[2], bd[3]);
             }
         }
-        // P^T = exp(S^T scale - lse), dS^T = P^T (dP^T - delta)
+        // P^T = exp(S^T scale - lse), dS^T = P^T (dP^T - delta); past the block's last key and before S
+        // every query sees every key: only the key mask remains
+        bool plain = q0 >= k0 + FA_TILE - 1 && q0 + FA_INNER <= S;
 #pragma unroll
         for (int n = 0; n < FA_INNER / 8; n++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 int qi = n * 8 + 2 * t + (e & 1), qq = q0 + qi, key = e < 2 ? key_lo : key_hi;
-                bool ok = (e < 2 ? ok_lo : ok_hi) && key <= qq && qq < S;
-                float p = ok ? exp2f(sT[n][e] * sl2 - Lt[qi] * FA_LOG2E) : 0.0f;
+                bool ok = (e < 2 ? ok_lo : ok_hi) && (plain || (key <= qq && qq < S));
+                float p = ok ? exp2f(fmaf(sT[n][e], sl2, -Lt[qi] * FA_LOG2E)) : 0.0f;
                 sT[n][e] = p;
                 dpt[n][e] = p * (dpt[n][e] - Dlt[qi]);
             }
@@ -564,15 +574,35 @@ static void smem_optin(K kernel, size_t bytes, int *done) {
     *done = 1;
 }
 
+// Blocks per multiprocessor the forward kernel is compiled for (MOSFT_FA_FWD_BLOCKS=3: registers capped
+// for a third block, a little spilling; 2 otherwise).
+static int fwd_blocks(void) {
+    static int b = 0;
+    if (!b) {
+        const char *e = getenv("MOSFT_FA_FWD_BLOCKS");
+        b = e && !strcmp(e, "3") ? 3 : 2;
+    }
+    return b;
+}
+
+template <int D, int MINB>
+static void fwd_launch_b(cuda_ctx *ctx, bf16 *out, int64_t ldo, float *lse, const bf16 *q, const bf16 *k, const bf16 *v,
+                         const int32_t *mask, int B, int S, int Hq, int Hkv, float scale) {
+    size_t smem = (size_t)4 * FA_BN * (D + 8) * 2 + 2 * FA_BN * sizeof(int);
+    static int done = 0;  // per template instance
+    smem_optin(flash_fwd_kernel<D, MINB>, smem, &done);
+    dim3 grid((unsigned)((S + FA_TILE - 1) / FA_TILE), (unsigned)(B * Hq));
+    flash_fwd_kernel<D, MINB><<<grid, 128, smem, ctx->stream>>>(out, ldo, lse, q, k, v, mask, S, Hq, Hkv, scale);
+    CUDA_LAUNCH_CHECK();
+}
+
 template <int D>
 static void fwd_launch(cuda_ctx *ctx, bf16 *out, int64_t ldo, float *lse, const bf16 *q, const bf16 *k, const bf16 *v,
                        const int32_t *mask, int B, int S, int Hq, int Hkv, float scale) {
-    size_t smem = (size_t)4 * FA_BN * (D + 8) * 2 + 2 * FA_BN * sizeof(int);
-    static int done = 0;  // per template instance
-    smem_optin(flash_fwd_kernel<D>, smem, &done);
-    dim3 grid((unsigned)((S + FA_TILE - 1) / FA_TILE), (unsigned)(B * Hq));
-    flash_fwd_kernel<D><<<grid, 128, smem, ctx->stream>>>(out, ldo, lse, q, k, v, mask, S, Hq, Hkv, scale);
-    CUDA_LAUNCH_CHECK();
+    if (fwd_blocks() == 3)
+        fwd_launch_b<D, 3>(ctx, out, ldo, lse, q, k, v, mask, B, S, Hq, Hkv, scale);
+    else
+        fwd_launch_b<D, 2>(ctx, out, ldo, lse, q, k, v, mask, B, S, Hq, Hkv, scale);
 }
 
 template <int D>

@@ -272,17 +272,21 @@ static void batches_make(batches *b) {
     b->mb[2] = (micro_batch){B, S2, ids2, lab2, msk2};
 }
 
-// `steps` optimizer steps from step `from` (state as it is), losses into out[from ..].
-static void train(engine *e, const batches *b, int64_t from, int64_t steps, double *out) {
+// `steps` optimizer steps from step `from` (state as it is) at learning rate lr, losses into out[from ..].
+static void train_lr(engine *e, const batches *b, int64_t from, int64_t steps, double *out, float lr) {
     for (int64_t s = from; s < from + steps; s++) {
         const micro_batch *mb = &b->mb[s % 3];
         dropout_ctx dc = {5, s, 0};
         double loss = step(e, mb, &dc, 1.0f / (float)n_supervised(mb));
         double norm = e->be->ops->grad_norm(e->be);
         double clip = 0.3 / (norm + 1e-6);
-        e->be->ops->optimizer_step(e->be, 2e-3f, (float)(clip < 1 ? clip : 1), s + 1);
+        e->be->ops->optimizer_step(e->be, lr, (float)(clip < 1 ? clip : 1), s + 1);
         out[s] = loss;
     }
+}
+
+static void train(engine *e, const batches *b, int64_t from, int64_t steps, double *out) {
+    train_lr(e, b, from, steps, out, 2e-3f);
 }
 
 START_TEST(test_training_curve) {
@@ -402,7 +406,9 @@ static void engine_open_spec(engine *e, int cuda, const char *quant, const char 
 
 // Each peer: loss and gradients of one micro-batch (no dropout, no recompute) and of two accumulated
 // micro-batches (dropout 0.1, full recompute) against the CPU backend, with LoRA's and MoS's
-// tolerances; then 30 training steps tracking the CPU's loss curve.
+// tolerances; then 30 training steps tracking the CPU's loss curve (at lr 5e-4: at 2e-3 ShareLoRA, its
+// factors shared by every layer, memorizes the three batches down to a loss of 0.003 within 30 steps,
+// where the curve comparison measures rounding, not the engine).
 START_TEST(test_peers_vs_cpu) {
     REQUIRE_SHARED();
     ref_open();
@@ -447,10 +453,10 @@ START_TEST(test_peers_vs_cpu) {
         double lg[30], lc[30];
         engine cpu, gpu;
         engine_open_spec(&gpu, 1, "nf4", "none", &s);
-        train(&gpu, &b, 0, N, lg);
+        train_lr(&gpu, &b, 0, N, lg, 5e-4f);
         engine_close(&gpu);
         engine_open_spec(&cpu, 0, "nf4", "none", &s);
-        train(&cpu, &b, 0, N, lc);
+        train_lr(&cpu, &b, 0, N, lc, 5e-4f);
         engine_close(&cpu);
         double worst = 0, mean = 0;
         for (int k = 0; k < N; k++) {
