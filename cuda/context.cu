@@ -6,7 +6,6 @@
 // (heuristic query) costs tens of microseconds and a step makes hundreds of products of a few
 // shapes, so each shape's descriptors and algorithm are cached (linear search over <= 512 plans).
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 
 #include "cuda/cuda_util.cuh"
@@ -28,8 +27,7 @@ extern "C" cuda_ctx *cuda_ctx_create(void) {
     // The main stream at the highest priority: work on other streams (the next weight group's
     // dequantization) fills the gaps the GEMMs leave instead of taking multiprocessors from them.
     int lo = 0, hi = 0;
-    const char *pr = getenv("MOSFT_STREAM_PRIORITY");
-    if (cudaDeviceGetStreamPriorityRange(&lo, &hi) != cudaSuccess || (pr && !strcmp(pr, "0"))) {
+    if (cudaDeviceGetStreamPriorityRange(&lo, &hi) != cudaSuccess) {
         cudaGetLastError();
         hi = 0;
     }

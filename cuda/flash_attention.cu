@@ -23,8 +23,6 @@
 //   C 16x8: c0, c1 (g, 2t..2t+1), c2, c3 (g+8, 2t..2t+1)
 // Two adjacent C tiles (16 columns) are exactly an A fragment, which is how P feeds P V (FA-2).
 #include <math.h>
-#include <stdlib.h>
-#include <string.h>
 
 #include "cuda/cuda_util.cuh"
 
@@ -162,8 +160,8 @@ __device__ __forceinline__ void store_rows_unrope(bf16 *dst_lo, bf16 *dst_hi, co
 // grid (ceil(S/64), B*Hq), 128 threads: warp w owns queries q0 + 16w .. +16; key tiles of 64 stream
 // through two shared-memory stages (K, V and the key mask). The heaviest query tiles (the last ones:
 // causal) start first.
-template <int D, int MINB>
-__global__ void __launch_bounds__(128, MINB) flash_fwd_kernel(bf16 *out, int64_t ld, float *lse, const bf16 *__restrict__ q,
+template <int D>
+__global__ void __launch_bounds__(128, 2) flash_fwd_kernel(bf16 *out, int64_t ld, float *lse, const bf16 *__restrict__ q,
                                                         const bf16 *__restrict__ k, const bf16 *__restrict__ v,
                                                         const int32_t *__restrict__ mask, int S, int Hq, int Hkv,
                                                         float scale) {
@@ -574,35 +572,15 @@ static void smem_optin(K kernel, size_t bytes, int *done) {
     *done = 1;
 }
 
-// Blocks per multiprocessor the forward kernel is compiled for (MOSFT_FA_FWD_BLOCKS=3: registers capped
-// for a third block, a little spilling; 2 otherwise).
-static int fwd_blocks(void) {
-    static int b = 0;
-    if (!b) {
-        const char *e = getenv("MOSFT_FA_FWD_BLOCKS");
-        b = e && !strcmp(e, "3") ? 3 : 2;
-    }
-    return b;
-}
-
-template <int D, int MINB>
-static void fwd_launch_b(cuda_ctx *ctx, bf16 *out, int64_t ldo, float *lse, const bf16 *q, const bf16 *k, const bf16 *v,
-                         const int32_t *mask, int B, int S, int Hq, int Hkv, float scale) {
-    size_t smem = (size_t)4 * FA_BN * (D + 8) * 2 + 2 * FA_BN * sizeof(int);
-    static int done = 0;  // per template instance
-    smem_optin(flash_fwd_kernel<D, MINB>, smem, &done);
-    dim3 grid((unsigned)((S + FA_TILE - 1) / FA_TILE), (unsigned)(B * Hq));
-    flash_fwd_kernel<D, MINB><<<grid, 128, smem, ctx->stream>>>(out, ldo, lse, q, k, v, mask, S, Hq, Hkv, scale);
-    CUDA_LAUNCH_CHECK();
-}
-
 template <int D>
 static void fwd_launch(cuda_ctx *ctx, bf16 *out, int64_t ldo, float *lse, const bf16 *q, const bf16 *k, const bf16 *v,
                        const int32_t *mask, int B, int S, int Hq, int Hkv, float scale) {
-    if (fwd_blocks() == 3)
-        fwd_launch_b<D, 3>(ctx, out, ldo, lse, q, k, v, mask, B, S, Hq, Hkv, scale);
-    else
-        fwd_launch_b<D, 2>(ctx, out, ldo, lse, q, k, v, mask, B, S, Hq, Hkv, scale);
+    size_t smem = (size_t)4 * FA_BN * (D + 8) * 2 + 2 * FA_BN * sizeof(int);
+    static int done = 0;  // per template instance
+    smem_optin(flash_fwd_kernel<D>, smem, &done);
+    dim3 grid((unsigned)((S + FA_TILE - 1) / FA_TILE), (unsigned)(B * Hq));
+    flash_fwd_kernel<D><<<grid, 128, smem, ctx->stream>>>(out, ldo, lse, q, k, v, mask, S, Hq, Hkv, scale);
+    CUDA_LAUNCH_CHECK();
 }
 
 template <int D>
