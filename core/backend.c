@@ -16,6 +16,12 @@ __attribute__((weak)) int backend_cuda_available(char *name, size_t n) {
     return 0;
 }
 
+__attribute__((weak)) int backend_cuda_supports(const adapter *ad, const llama_config *cfg) {
+    (void)ad;
+    (void)cfg;
+    return mosft_fail(MOSFT_ERR_INPUT, "this mosft was built without CUDA");
+}
+
 __attribute__((weak)) int backend_cuda_create_random(backend **out, const llama_config *cfg, const char *quantization,
                                                      int double_quant, uint64_t seed, adapter *ad,
                                                      const backend_opts *opt) {

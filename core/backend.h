@@ -108,6 +108,10 @@ int backend_cuda_create_random(backend **out, const llama_config *cfg, const cha
                                uint64_t seed, adapter *ad, const backend_opts *opt);
 // Is a CUDA device usable? (0 in CPU-only builds or without a GPU)
 int backend_cuda_available(char *name, size_t n);
+// Can the CUDA backend train this adapter on a model of these dimensions? MOSFT_OK, or MOSFT_ERR_INPUT
+// saying why (a token-routed method, head sizes the kernels do not take); device "auto" then falls back
+// to the CPU.
+int backend_cuda_supports(const adapter *ad, const llama_config *cfg);
 void backend_destroy(backend *be);
 
 #ifdef __cplusplus

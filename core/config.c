@@ -156,7 +156,7 @@ static const field k_schema[] = {
     F("output.save_every", T_INT, output.save_every, "1000", R_LO, 0, 0, NULL,
       "steps between checkpoints (0 = only at the end)"),
     F("output.keep_last", T_INT, output.keep_last, "3", R_LO, 1, 0, NULL, "checkpoints kept"),
-    F("device", T_ENUM, device, "auto", 0, 0, 0, "auto|cpu|cuda", "auto picks cuda when a GPU is present"),
+    F("device", T_ENUM, device, "auto", 0, 0, 0, "auto|cpu|cuda", "auto picks cuda when a GPU is present and can train the adapter (sira: cpu)"),
 };
 #define N_SCHEMA ((int)(sizeof k_schema / sizeof k_schema[0]))
 

@@ -107,7 +107,15 @@ int train_backend_open(const mosft_config *cfg, adapter *ad, backend **be, llama
     backend_opts opt = {cfg->train.recompute, cfg->train.beta1, cfg->train.beta2, cfg->train.eps,
                         cfg->train.weight_decay, cfg->train.threads};
     char gpu[128];
-    int use_cuda = !strcmp(cfg->device, "cuda") || (!strcmp(cfg->device, "auto") && backend_cuda_available(gpu, sizeof gpu));
+    int use_cuda = !strcmp(cfg->device, "cuda");
+    if (!use_cuda && !strcmp(cfg->device, "auto") && backend_cuda_available(gpu, sizeof gpu)) {
+        // "auto" takes the GPU when it can run this adapter and model, else the CPU with a note
+        use_cuda = backend_cuda_supports(ad, &ad->model) == MOSFT_OK;
+        if (!use_cuda) {
+            mosft_log("note: device \"auto\": training on the CPU (%s)\n", mosft_error());
+            mosft_error_clear();
+        }
+    }
     if (use_cuda)
         return backend_cuda_create(be, cfg->model.path, cfg->model.quantization, cfg->model.double_quant, ad, &opt);
     llama_model *m = xcalloc(1, sizeof(llama_model));

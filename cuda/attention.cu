@@ -10,8 +10,9 @@
 // {kv*group + g} are one strided batch against the kv heads. Backward recomputes the probabilities
 // from the saved log-sum-exp (nothing of size S^2 is kept between forward and backward) and follows
 // FlashAttention's equations: dP = dO V^T, dS = P (dP - rowsum(dO * O)), dQ = scale dS K,
-// dK = scale dS^T Q, dV = P^T dO (dK, dV summed over a kv head's query heads by GEMM accumulation).
-// The full S x S products are computed; the masked half is zero.
+// dK = scale dS^T Q, dV = P^T dO (dK, dV summed over a kv head's query heads by GEMM accumulation),
+// then RoPE's backward merges them into the q|k|v projection's gradient. The full S x S products are
+// computed; the masked half is zero.
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -47,6 +48,47 @@ __global__ void rope_split_kernel(bf16 *q, bf16 *k, bf16 *v, const bf16 *__restr
     float2 c = cs[(int64_t)s * half + i];
     dst[i] = __float2bfloat16_rn(x1 * c.x - x2 * c.y);
     dst[i + half] = __float2bfloat16_rn(x2 * c.x + x1 * c.y);
+}
+
+// 8 consecutive pairs (two 16-byte loads, two 16-byte stores) per thread when D % 16 == 0.
+__global__ void rope_split8_kernel(bf16 *q, bf16 *k, bf16 *v, const bf16 *__restrict__ qkv, int64_t ldqkv,
+                                   const float2 *__restrict__ cs, int B, int S, int Hq, int Hkv, int D) {
+    int half = D / 2, per = half / 8, NH = Hq + 2 * Hkv;
+    int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x, total = (int64_t)B * S * NH * per;
+    if (e >= total) return;
+    int i = (int)(e % per) * 8;
+    int64_t r = e / per;
+    int hh = (int)(r % NH);
+    int64_t t = r / NH;
+    int b = (int)(t / S), s = (int)(t % S);
+    const bf16 *src = qkv + t * ldqkv + (int64_t)hh * D;
+    uint4 u1 = *(const uint4 *)(src + i), u2 = *(const uint4 *)(src + i + half);
+    bf16 *dst;
+    if (hh < Hq) {
+        dst = q + (((int64_t)b * Hq + hh) * S + s) * D;
+    } else if (hh < Hq + Hkv) {
+        dst = k + (((int64_t)b * Hkv + (hh - Hq)) * S + s) * D;
+    } else {
+        dst = v + (((int64_t)b * Hkv + (hh - Hq - Hkv)) * S + s) * D;
+        *(uint4 *)(dst + i) = u1;
+        *(uint4 *)(dst + i + half) = u2;
+        return;
+    }
+    const bf16 *h1 = (const bf16 *)&u1, *h2 = (const bf16 *)&u2;
+    const float4 *c4 = (const float4 *)(cs + (int64_t)s * half + i);
+    __align__(16) bf16 o1[8], o2[8];
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        float4 c = c4[j];  // (cos, sin) of pairs i + 2j, i + 2j + 1
+        float a0 = __bfloat162float(h1[2 * j]), b0 = __bfloat162float(h2[2 * j]);
+        float a1 = __bfloat162float(h1[2 * j + 1]), b1 = __bfloat162float(h2[2 * j + 1]);
+        o1[2 * j] = __float2bfloat16_rn(a0 * c.x - b0 * c.y);
+        o2[2 * j] = __float2bfloat16_rn(b0 * c.x + a0 * c.y);
+        o1[2 * j + 1] = __float2bfloat16_rn(a1 * c.z - b1 * c.w);
+        o2[2 * j + 1] = __float2bfloat16_rn(b1 * c.z + a1 * c.w);
+    }
+    *(uint4 *)(dst + i) = *(const uint4 *)o1;
+    *(uint4 *)(dst + i + half) = *(const uint4 *)o2;
 }
 
 __global__ void rope_merge_backward_kernel(bf16 *gqkv, int64_t ldg, const float *__restrict__ gq, const float *__restrict__ gk,
@@ -205,8 +247,12 @@ extern "C" void rope_split_cuda(cuda_ctx *ctx, bf16 *q, bf16 *k, bf16 *v, const 
                                 int B, int S, int Hq, int Hkv, int D) {
     int64_t total = (int64_t)B * S * (Hq + 2 * Hkv) * (D / 2);
     if (total == 0) return;
-    rope_split_kernel<<<ceil_div_i(total, 256), 256, 0, ctx->stream>>>(q, k, v, qkv, ldqkv, (const float2 *)cs, B, S, Hq,
-                                                                                Hkv, D);
+    if (D % 16 == 0 && ldqkv % 8 == 0 && (uintptr_t)qkv % 16 == 0)
+        rope_split8_kernel<<<ceil_div_i(total / 8, 256), 256, 0, ctx->stream>>>(q, k, v, qkv, ldqkv, (const float2 *)cs, B, S,
+                                                                                 Hq, Hkv, D);
+    else
+        rope_split_kernel<<<ceil_div_i(total, 256), 256, 0, ctx->stream>>>(q, k, v, qkv, ldqkv, (const float2 *)cs, B, S, Hq,
+                                                                           Hkv, D);
     CUDA_LAUNCH_CHECK();
 }
 
@@ -293,11 +339,18 @@ extern "C" void attention_forward_cuda(cuda_ctx *ctx, bf16 *out, int64_t ldo, fl
     heads_tokens(ctx, out, ldo, o_tmp, B, S, Hq, D, 1);
 }
 
-extern "C" void attention_backward_cuda(cuda_ctx *ctx, float *gq, float *gk, float *gv, const bf16 *gout, const bf16 *out,
-                                        int64_t ldo, const float *lse, const bf16 *q, const bf16 *k, const bf16 *v, const int32_t *mask,
-                                        int B, int S, int Hq, int Hkv, int D, void *scratch, int bc, bf16 *do_tmp,
-                                        float *delta) {
+extern "C" int attention_uses_flash(int D) { return use_flash(D); }
+
+extern "C" void attention_backward_cuda(cuda_ctx *ctx, bf16 *gqkv, int64_t ldg, const float *cs, const bf16 *gout,
+                                        const bf16 *out, int64_t ldo, const float *lse, const bf16 *q, const bf16 *k,
+                                        const bf16 *v, const int32_t *mask, int B, int S, int Hq, int Hkv, int D,
+                                        float *delta, void *scratch, int bc, bf16 *do_tmp, float *gq, float *gk, float *gv) {
     MOSFT_ASSERT(Hkv > 0 && Hq % Hkv == 0 && bc >= 1);
+    if (use_flash(D)) {
+        flash_attention_backward_cuda(ctx, gqkv, ldg, delta, gout, (int64_t)Hq * D, out, ldo, lse, q, k, v, mask, cs, B, S,
+                                      Hq, Hkv, D);
+        return;
+    }
     int group = Hq / Hkv;
     float scale = (float)(1.0 / sqrt((double)D));
     int64_t SD = (int64_t)S * D, SS = (int64_t)S * S;
@@ -308,10 +361,6 @@ extern "C" void attention_backward_cuda(cuda_ctx *ctx, float *gq, float *gk, flo
         int64_t w = (int64_t)B * S * Hq;
         attn_delta_kernel<<<ceil_div_i(w, 8), 256, 0, ctx->stream>>>(delta, gout, out, ldo, B, S, Hq, D);
         CUDA_LAUNCH_CHECK();
-    }
-    if (use_flash(D)) {
-        flash_attention_backward_cuda(ctx, gq, gk, gv, do_tmp, lse, delta, q, k, v, mask, B, S, Hq, Hkv, D);
-        return;
     }
     for (int b0 = 0; b0 < B; b0 += bc) {
         int n = B - b0 < bc ? B - b0 : bc;
@@ -339,4 +388,5 @@ extern "C" void attention_backward_cuda(cuda_ctx *ctx, float *gq, float *gk, flo
             gemm_batched_cuda(ctx, 1, 0, S, D, S, scale, P + g * SS, S, group * SS, q + ((int64_t)b0 * Hq + g) * SD, D,
                               group * SD, g ? 1.0f : 0.0f, gk + (int64_t)b0 * Hkv * SD, D, SD, GEMM_F32, n * Hkv);
     }
+    rope_merge_backward_cuda(ctx, gqkv, ldg, gq, gk, gv, cs, B, S, Hq, Hkv, D);
 }

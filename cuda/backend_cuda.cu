@@ -36,6 +36,10 @@ static int group_shape(const llama_config *c, int g, int mods[3], int rows[3], i
     }
 }
 
+// MoS and LoRA gather their factors on the device; the other low-rank methods go through their host
+// build / scatter (cuda_impl.peer); token-routed methods (SiRA) are CPU-only.
+static int adapter_is_peer(const adapter *ad) { return strcmp(ad->spec.method, "mos") && strcmp(ad->spec.method, "lora"); }
+
 static size_t adapter_bytes(const adapter *ad) {
     size_t b = 4 * cuda_align(sizeof(float) * ad->n_params) + reduce_scratch_bytes(0);
     int r = ad->rank, l = lowrank_map_shards(ad), L = ad->model.n_layers;
@@ -44,17 +48,34 @@ static size_t adapter_bytes(const adapter *ad) {
         int k = group_shape(&ad->model, g, mods, rows, &di, &dout);
         for (int i = 0; i < k; i++) n += adapter_targets(ad, mods[i]) != 0;
         if (!n) continue;
-        size_t per = cuda_align((size_t)n * r * di * 2) + cuda_align((size_t)dout * n * r * 2) +
-                     (size_t)n * (2 * cuda_align(sizeof(int64_t) * (size_t)r * l) + cuda_align(sizeof(float) * (size_t)r));
+        size_t per = cuda_align((size_t)n * r * di * 2) + cuda_align((size_t)dout * n * r * 2);
+        if (!adapter_is_peer(ad))  // the gather maps
+            per += (size_t)n * (2 * cuda_align(sizeof(int64_t) * (size_t)r * l) + cuda_align(sizeof(float) * (size_t)r));
         b += per * (size_t)L;
     }
     return b;
 }
 
 static int adapter_supported(const adapter *ad) {
-    if (!strcmp(ad->spec.method, "mos") || !strcmp(ad->spec.method, "lora")) return MOSFT_OK;
+    if (!ad->ops->routed && ad->ops->build && ad->ops->scatter) return MOSFT_OK;
     return mosft_fail_hint(MOSFT_ERR_INPUT, "use device \"cpu\" (--set device=cpu) for this method",
-                           "adapter.method: the CUDA backend trains \"mos\" and \"lora\", got \"%s\"", ad->spec.method);
+                           "adapter.method: the CUDA backend trains the low-rank methods (mos, lora, prolora, vera, "
+                           "tied_lora, sharelora), got the token-routed \"%s\"", ad->spec.method);
+}
+
+// The model's shapes the kernels take.
+static int check_dims(const llama_config *c) {
+    if (c->hidden % 8 || c->head_dim % 8 || c->n_kv_heads <= 0 || c->n_heads % c->n_kv_heads)
+        return mosft_fail_hint(MOSFT_ERR_INPUT, "use device \"cpu\" for this model",
+                               "model: the CUDA backend needs hidden_size and head_dim multiples of 8 and heads a "
+                               "multiple of kv heads, got %d, %d, %d/%d",
+                               c->hidden, c->head_dim, c->n_heads, c->n_kv_heads);
+    return MOSFT_OK;
+}
+
+extern "C" int backend_cuda_supports(const adapter *ad, const llama_config *cfg) {
+    int rc = check_dims(cfg);
+    return rc ? rc : adapter_supported(ad);
 }
 
 // The groups' factor buffers and the gather maps of every (layer, module).
@@ -95,7 +116,7 @@ static int adapter_setup(backend *be) {
             ag->A[li] = (bf16 *)cuda_arena_alloc(&c->persist, (size_t)ag->R * di * 2);
             ag->B[li] = (bf16 *)cuda_arena_alloc(&c->persist, (size_t)dout * ag->R * 2);
             CUDA_CHECK(cudaMemset(ag->B[li], 0, (size_t)dout * ag->R * 2));  // off-diagonal blocks stay 0
-            for (int i = 0; i < ag->n && !rc; i++) {
+            for (int i = 0; i < ag->n && !rc && !c->peer; i++) {
                 lowrank_map *mp = &ag->map[li * 3 + i];
                 int has_scale = 0, lo = 1, sB = 1;
                 if ((rc = lowrank_map_host(ad, li, ag->mod[i], offA, offB, scale, &has_scale, &lo, &sB))) break;
@@ -121,7 +142,27 @@ static int adapter_setup(backend *be) {
     free(offA);
     free(offB);
     free(scale);
-    return rc;
+    if (rc || !c->peer) return rc;
+    // peer methods: host buffers for the factors' gradients (layer-major, modules in order)
+    c->dense_off = (size_t *)xcalloc((size_t)L * MOD_COUNT, sizeof(size_t));
+    size_t n_dense = 0;
+    for (int li = 0; li < L; li++)
+        for (int m = 0; m < MOD_COUNT; m++) {
+            if (!adapter_targets(ad, m)) continue;
+            int di, dout;
+            llama_module_dims(&be->cfg, m, &di, &dout);
+            c->dense_off[li * MOD_COUNT + m] = n_dense;
+            n_dense += (size_t)r * (size_t)(di + dout);
+        }
+    if (cudaMallocHost((void **)&c->h_dfac, sizeof(float) * (n_dense ? n_dense : 1)) == cudaSuccess) {
+        c->h_dfac_pinned = 1;
+    } else {  // pageable memory works too (the copies then wait for the GPU)
+        cudaGetLastError();
+        c->h_dfac = (float *)xmalloc(sizeof(float) * (n_dense ? n_dense : 1));
+    }
+    c->h_params = (float *)xmalloc(sizeof(float) * (ad->n_params ? ad->n_params : 1));
+    c->h_grad = (float *)xcalloc(ad->n_params ? ad->n_params : 1, sizeof(float));
+    return MOSFT_OK;
 }
 
 // ---- ops --------------------------------------------------------------------------------------------
@@ -164,16 +205,22 @@ static int cuda_forward_logits(backend *be, const micro_batch *mb, float *logits
 
 static double cuda_grad_norm(backend *be) {
     cuda_impl *c = impl_of(be);
+    cuda_peer_flush(be);
     return sqrt(sum_squares_cuda(c->ctx, c->grad, (int64_t)be->ad->n_params, c->red));
 }
 
 static void cuda_zero_grad(backend *be) {
     cuda_impl *c = impl_of(be);
     CUDA_CHECK(cudaMemsetAsync(c->grad, 0, sizeof(float) * be->ad->n_params, c->ctx->stream));
+    if (c->peer) {
+        memset(c->h_grad, 0, sizeof(float) * be->ad->n_params);
+        c->grad_dirty = 0;
+    }
 }
 
 static void cuda_optimizer_step(backend *be, float lr, float grad_scale, int64_t t) {
     cuda_impl *c = impl_of(be);
+    cuda_peer_flush(be);
     adamw_cuda(c->ctx, c->params, c->grad, c->m, c->v, (int64_t)be->ad->n_params, grad_scale, lr, be->beta1, be->beta2,
                be->eps, be->weight_decay, t);
     c->built = 0;
@@ -193,7 +240,10 @@ static void cuda_get_moments(backend *be, float *m, float *v) {
     download(c, v, c->v, be->ad->n_params);
 }
 
-static void cuda_get_grads(backend *be, float *g) { download(impl_of(be), g, impl_of(be)->grad, be->ad->n_params); }
+static void cuda_get_grads(backend *be, float *g) {
+    cuda_peer_flush(be);
+    download(impl_of(be), g, impl_of(be)->grad, be->ad->n_params);
+}
 
 static void cuda_set_state(backend *be, const float *params, const float *m, const float *v) {
     cuda_impl *c = impl_of(be);
@@ -222,6 +272,15 @@ static void cuda_destroy(backend *be) {
             free(c->ev);
             free(c->ev_cat);
         }
+        if (c->wstream) {
+            cudaStreamSynchronize(c->wstream);
+            for (int i = 0; i < 2; i++) {
+                cudaEventDestroy(c->w_ready[i]);
+                cudaEventDestroy(c->w_free[i]);
+            }
+            cudaStreamDestroy(c->wstream);
+        }
+        free(c->wseq);
         cuda_arena_free(&c->acts_ar);
         cuda_arena_free(&c->persist);
         for (int g = 0; g < GRP_COUNT; g++) {
@@ -231,6 +290,13 @@ static void cuda_destroy(backend *be) {
         }
         free(c->model.layers);
         free(c->acts);
+        if (c->h_dfac_pinned)
+            cudaFreeHost(c->h_dfac);
+        else
+            free(c->h_dfac);
+        free(c->h_params);
+        free(c->h_grad);
+        free(c->dense_off);
         free(c->h_targets);
         cuda_ctx_free(c->ctx);
         free(c);
@@ -267,15 +333,6 @@ static double device_peak(const char *name) {
 
 // ---- creation -----------------------------------------------------------------------------------
 
-static int check_dims(const llama_config *c) {
-    if (c->hidden % 8 || c->head_dim % 8 || c->n_kv_heads <= 0 || c->n_heads % c->n_kv_heads)
-        return mosft_fail_hint(MOSFT_ERR_INPUT, "use device \"cpu\" for this model",
-                               "model: the CUDA backend needs hidden_size and head_dim multiples of 8 and heads a "
-                               "multiple of kv heads, got %d, %d, %d/%d",
-                               c->hidden, c->head_dim, c->n_heads, c->n_kv_heads);
-    return MOSFT_OK;
-}
-
 static int create_common(backend **out, const llama_config *cfg, const char *model_dir, const char *quantization,
                          int double_quant, uint64_t seed, adapter *ad, const backend_opts *opt) {
     *out = NULL;
@@ -289,7 +346,6 @@ static int create_common(backend **out, const llama_config *cfg, const char *mod
     int rc;
     if ((rc = check_dims(cfg))) return rc;
     if ((rc = adapter_supported(ad))) return rc;
-    if (ad->ops->routed) return adapter_supported(ad);
     const char *rec = opt->recompute ? opt->recompute : "none";
     int level;
     if (!strcmp(rec, "none"))
@@ -333,6 +389,17 @@ static int create_common(backend **out, const llama_config *cfg, const char *mod
     }
     c->rank = ad->rank;
     c->scaling = ad->scaling;
+    c->peer = adapter_is_peer(ad);
+    const char *wp = getenv("MOSFT_WEIGHT_PREFETCH");
+    c->wpipe = nf4 && !(wp && !strcmp(wp, "0"));
+    c->wseq = (int *)xmalloc(sizeof(int) * (size_t)cfg->n_layers * 11);
+    if (c->wpipe) {
+        CUDA_CHECK(cudaStreamCreateWithFlags(&c->wstream, cudaStreamNonBlocking));
+        for (int i = 0; i < 2; i++) {
+            CUDA_CHECK(cudaEventCreateWithFlags(&c->w_ready[i], cudaEventDisableTiming));
+            CUDA_CHECK(cudaEventCreateWithFlags(&c->w_free[i], cudaEventDisableTiming));
+        }
+    }
     c->model.cfg = *cfg;
     int *dq_of = NULL;
     if (model_dir) {

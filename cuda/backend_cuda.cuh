@@ -123,6 +123,21 @@ typedef struct {
     cuda_adapter_group grp[GRP_COUNT];
     int R_tot, R_max, dout_max;    // sum and max of the groups' R; widest group output
     int built;                     // factors match params
+    // The other low-rank methods (PRoLoRA, VeRA, Tied-LoRA, ShareLoRA: `peer`) build their factors and
+    // map the factors' gradients back with their own host code (adapter_ops.build / scatter): once per
+    // optimizer step the host builds every (layer, module)'s A, B from the current params and uploads
+    // them as bf16 into the same group buffers MoS and LoRA gather into; in backward each module's dense
+    // dL/dA, dL/dB goes to host memory (async copies in stream order) and, once the micro-batch is done,
+    // the method's scatter adds it into h_grad. The params, AdamW and the norm stay on the device;
+    // h_grad is uploaded into `grad` before they read it.
+    int peer;
+    float *h_params;               // host [n_params]: the params the current factors were built from
+    float *h_grad;                 // host [n_params]: gradient accumulated over the step's micro-batches
+    int grad_dirty;                // h_grad has not been uploaded into grad yet
+    float *h_dfac;                 // host [n_dense] (pinned when possible): every (layer, module)'s dL/dA [r][d_in]
+                                   // then dL/dB [d_out][r], from the last backward
+    int h_dfac_pinned;
+    size_t *dense_off;             // [L * MOD_COUNT] offset of (layer, module) in h_dfac
     int rank;
     float scaling;
     // activations and scratch (acts_ar)
@@ -130,12 +145,12 @@ typedef struct {
     bf16 *x_final, *xf;            // [T][C]
     float *rstd_f;                 // [T]
     bf16 *qkv;                     // [T][Q+2KV + Rp_qkv] projection output, also gqkv | gh in backward
-    bf16 *o_tmp;                   // [B][Hq][S][D] attention output head-major, also dO head-major
+    bf16 *o_tmp;                   // [B][Hq][S][D] attention output head-major, also dO head-major (GEMM attention only)
     float *gx;                     // [T][C] dL/d residual stream
     bf16 *gxb;                     // [T][C + max(Rp_o, Rp_down)] bf16 copy of gx (GEMM operand) | gh
     float *gh;                     // [T][C] dL/d norm output (also dL/dxf after the loss)
     bf16 *gbig;                    // [T][max(I, Q)] dL/da or dL/datt
-    float *gq, *gk, *gv;           // head-major attention input gradients
+    float *gq, *gk, *gv;           // head-major attention input gradients (GEMM attention only; NULL with flash)
     float *delta;                  // [B][Hq][S]
     void *big;                     // attention scores or logits chunk
     size_t big_bytes;
@@ -143,7 +158,13 @@ typedef struct {
     float *row_loss;               // [T]
     int32_t *ids, *targets, *mask; // [T]
     float *cs;                     // [S_cap][D/2][2] rope table
-    bf16 *wbuf;                    // dequantized weight group (NF4 base)
+    // NF4 base: the groups' weights are dequantized one group ahead on a second stream (group_weight)
+    int wpipe;                     // the pipeline is on (MOSFT_WEIGHT_PREFETCH=0 turns it off)
+    bf16 *wbufs[2];                // dequantized weight groups (the same buffer twice when wpipe is off)
+    cudaStream_t wstream;
+    cudaEvent_t w_ready[2], w_free[2];  // buffer filled (weight stream) / its readers done (main stream)
+    int *wseq;                     // [L * 11] the micro-batch's order of groups (layer * GRP_COUNT + group)
+    int wn, wi, wpf[2];            // sequence length, next index, index prefetched into each buffer (-1: none)
     bf16 *ad_xd;                   // [T][max d_in] dropout-masked adapter input
     float *ad_gxd;                 // [T][max d_in] (dropout backward)
     float *ad_gA, *ad_gB;          // [R_max][max d_in], [dout_max][R_max]
@@ -169,5 +190,11 @@ int cuda_step_run(backend *be, const micro_batch *mb, float loss_scale, const dr
 void cuda_acts_layout(backend *be, cuda_arena *ar, int B, int S, mem_plan *plan);
 // Gather every layer's factors from params (after an optimizer step or set_state).
 void cuda_build_factors(backend *be);
+// Peer methods (see cuda_impl.peer): build every factor on the host from params (downloaded); add the
+// last backward's factor gradients (h_dfac) into h_grad with the method's scatter; upload h_grad into
+// grad if it changed.
+void cuda_peer_build(backend *be);
+void cuda_peer_scatter(backend *be);
+void cuda_peer_flush(backend *be);
 
 #endif

@@ -24,7 +24,14 @@ extern "C" cuda_ctx *cuda_ctx_create(void) {
         return NULL;
     }
     cuda_ctx *ctx = (cuda_ctx *)xcalloc(1, sizeof(cuda_ctx));
-    CUDA_CHECK(cudaStreamCreateWithFlags(&ctx->stream, cudaStreamNonBlocking));
+    // The main stream at the highest priority: work on other streams (the next weight group's
+    // dequantization) fills the gaps the GEMMs leave instead of taking multiprocessors from them.
+    int lo = 0, hi = 0;
+    if (cudaDeviceGetStreamPriorityRange(&lo, &hi) != cudaSuccess) {
+        cudaGetLastError();
+        hi = 0;
+    }
+    CUDA_CHECK(cudaStreamCreateWithPriority(&ctx->stream, cudaStreamNonBlocking, hi));
     if (cublasLtCreate(&ctx->lt) != CUBLAS_STATUS_SUCCESS) {
         cudaStreamDestroy(ctx->stream);
         free(ctx);

@@ -1,14 +1,21 @@
 // flash_attention.cu: causal GQA attention with key padding in the FlashAttention-2 manner: tiles of
 // queries and keys in shared memory, scores and probabilities only in registers (bf16 tensor-core
 // mma.sync m16n8k16 with fp32 accumulation, online softmax), so nothing of size S x S ever reaches
-// device memory. Same contract as attention_forward_cuda / attention_backward_cuda (the batched-GEMM
-// version in attention.cu, kept for head sizes these kernels do not cover): head-major q, k, v; the
+// device memory. Forward: same contract as attention_forward_cuda (the batched-GEMM version in
+// attention.cu, kept for head sizes these kernels do not cover): head-major q, k, v (after RoPE); the
 // output token-major; lse per row (+inf for a row without any key).
 //
 // Backward is two kernels so that every gradient element has one writer (no atomics, deterministic):
+//   dQ: a block per (sequence, query head, 64 queries), looping over the key tiles at or before them;
+//       it also computes delta = rowsum(dO * O) of its rows (no separate pass), so it runs first;
 //   dK, dV: a block per (sequence, kv head, 64 keys), looping over the group's query heads and the
-//           query tiles at or after its keys;  dQ: a block per (sequence, query head, 64 queries),
-//           looping over the key tiles at or before them. Both recompute P = exp(S - lse).
+//       query tiles at or after its keys.
+// Both recompute P = exp(S - lse). They read dO token-major where the o_proj backward left it, and
+// write the gradient of the fused q|k|v projection directly: bf16, token-major, with RoPE's inverse
+// rotation applied in registers (what rope_merge_backward_cuda does after the GEMM path).
+//
+// The tiles the inner loops walk over stream into shared memory with cp.async in two stages: the
+// copy of tile j + 1 is in flight while tile j is computed on.
 //
 // Fragment layouts of mma.m16n8k16 (g = lane / 4, t = lane % 4):
 //   A 16x16 row-major: a0 (g, 2t..2t+1), a1 (g+8, 2t..), a2 (g, 2t+8..), a3 (g+8, 2t+8..)
@@ -20,7 +27,8 @@
 #include "cuda/cuda_util.cuh"
 
 #define FA_TILE 64   // queries per block (forward, dQ); keys per block (dK/dV)
-#define FA_INNER 32  // keys per step (forward, dQ); queries per step (dK/dV)
+#define FA_BN 64     // keys per step (forward)
+#define FA_INNER 32  // keys per step (dQ); queries per step (dK/dV)
 #define FA_LOG2E 1.4426950408889634f
 
 __device__ __forceinline__ void mma16816(float *c, const uint32_t *a, uint32_t b0, uint32_t b1) {
@@ -68,33 +76,115 @@ __device__ __forceinline__ void frag_b(uint32_t *b, const bf16 *X, int k0, int d
     ldsm4t(b, X + (k0 + (i & 1) * 8 + (L & 7)) * (D + 8) + d0 + (i >> 1) * 8);
 }
 
-// rows [r0, r0 + n) of a [S][D] matrix into shared [n][D + 8], zeros past S; all threads take part.
+// ---- asynchronous copies (cp.async, sm_80+): the next tile streams into shared memory while the
+// current one is computed on ----------------------------------------------------------------------------
+
+// 16 bytes global -> shared; !ok fills zeros (nothing is read, g must merely be a valid address).
+__device__ __forceinline__ void cp_async16(void *sm, const void *g, bool ok) {
+    unsigned s = (unsigned)__cvta_generic_to_shared(sm);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(g), "r"(ok ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async4(void *sm, const void *g, bool ok) {
+    unsigned s = (unsigned)__cvta_generic_to_shared(sm);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(g), "r"(ok ? 4 : 0));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Rows [r0, r0 + n) of a matrix with row stride ld into shared [n][D + 8], zeros past row S; all threads
+// take part. One commit group is the caller's business.
 template <int D>
-__device__ __forceinline__ void tile_load(bf16 *sh, const bf16 *src, int r0, int n, int S) {
+__device__ __forceinline__ void tile_async(bf16 *sh, const bf16 *src, int64_t ld, int r0, int n, int S) {
     constexpr int V = D / 8;  // 16-byte vectors per row
     for (int i = threadIdx.x; i < n * V; i += blockDim.x) {
         int r = i / V, c = (i % V) * 8;
-        uint4 v = make_uint4(0, 0, 0, 0);
-        if (r0 + r < S) v = *(const uint4 *)(src + (int64_t)(r0 + r) * D + c);
-        *(uint4 *)(sh + r * (D + 8) + c) = v;
+        bool ok = r0 + r < S;
+        cp_async16(sh + r * (D + 8) + c, ok ? src + (int64_t)(r0 + r) * ld + c : src, ok);
+    }
+}
+// n floats / ints from src[r0 ..] into shared, zeros past S.
+__device__ __forceinline__ void vec_async(void *sh, const void *src, int r0, int n, int S) {
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        bool ok = r0 + i < S;
+        cp_async4((char *)sh + 4 * i, ok ? (const char *)src + 4 * (int64_t)(r0 + i) : (const char *)src, ok);
+    }
+}
+
+// The A fragment of rows r0 .. r0+15, columns c0 .. c0+15 of a shared [rows][D + 8] tile.
+template <int D>
+__device__ __forceinline__ void frag_a(uint32_t *a, const bf16 *X, int r0, int c0) {
+    int L = threadIdx.x & 31;
+    ldsm4(a, X + (r0 + (L & 15)) * (D + 8) + c0 + (L >> 4) * 8);
+}
+
+// Rotary embedding backward on accumulator fragments: a thread holds columns c and c + D/2 of its rows
+// in fragments dn and dn + D/16, so the inverse rotation needs no exchange. x[D/8][4] (scaled by `sc`)
+// of rows (row_lo, row_hi) at positions (pos_lo, pos_hi) -> bf16 into dst_lo / dst_hi (nullptr: skip).
+// rotate = 0 (v) writes the values as they are.
+template <int D>
+__device__ __forceinline__ void store_rows_unrope(bf16 *dst_lo, bf16 *dst_hi, const float (*x)[4], float sc,
+                                                  const float2 *__restrict__ cs, int pos_lo, int pos_hi, int rotate) {
+    int t = threadIdx.x & 3;
+    constexpr int H = D / 2;
+    if (!rotate) {
+#pragma unroll
+        for (int dn = 0; dn < D / 8; dn++) {
+            int c = dn * 8 + 2 * t;
+            if (dst_lo) *(uint32_t *)(dst_lo + c) = pack_bf16(x[dn][0] * sc, x[dn][1] * sc);
+            if (dst_hi) *(uint32_t *)(dst_hi + c) = pack_bf16(x[dn][2] * sc, x[dn][3] * sc);
+        }
+        return;
+    }
+#pragma unroll
+    for (int dn = 0; dn < D / 16; dn++) {
+        int i = dn * 8 + 2 * t;  // this thread's columns i, i + 1 and their partners i + H, i + 1 + H
+#pragma unroll
+        for (int hl = 0; hl < 2; hl++) {
+            bf16 *dst = hl ? dst_hi : dst_lo;
+            if (!dst) continue;
+            int pos = hl ? pos_hi : pos_lo;
+            float4 c2 = *(const float4 *)(cs + (int64_t)pos * H + i);  // (cos, sin) of i and i + 1
+            float a0 = x[dn][2 * hl] * sc, a1 = x[dn][2 * hl + 1] * sc;
+            float b0 = x[dn + D / 16][2 * hl] * sc, b1 = x[dn + D / 16][2 * hl + 1] * sc;
+            *(uint32_t *)(dst + i) = pack_bf16(a0 * c2.x + b0 * c2.y, a1 * c2.z + b1 * c2.w);
+            *(uint32_t *)(dst + i + H) = pack_bf16(b0 * c2.x - a0 * c2.y, b1 * c2.z - a1 * c2.w);
+        }
     }
 }
 
 // ---- forward ---------------------------------------------------------------------------------------
 
-// grid (ceil(S/64), B*Hq), 128 threads: warp w owns queries q0 + 16w .. +16.
+// grid (ceil(S/64), B*Hq), 128 threads: warp w owns queries q0 + 16w .. +16; key tiles of 64 stream
+// through two shared-memory stages (K, V and the key mask). The heaviest query tiles (the last ones:
+// causal) start first.
 template <int D>
-__global__ void __launch_bounds__(128) flash_fwd_kernel(bf16 *out, int64_t ld, float *lse, const bf16 *__restrict__ q,
+__global__ void __launch_bounds__(128, 2) flash_fwd_kernel(bf16 *out, int64_t ld, float *lse, const bf16 *__restrict__ q,
                                                         const bf16 *__restrict__ k, const bf16 *__restrict__ v,
                                                         const int32_t *__restrict__ mask, int S, int Hq, int Hkv,
                                                         float scale) {
-    __shared__ __align__(16) bf16 Ks[FA_INNER * (D + 8)];
-    __shared__ __align__(16) bf16 Vs[FA_INNER * (D + 8)];
-    __shared__ int Ms[FA_INNER];
+    constexpr int P = D + 8;
+    extern __shared__ __align__(16) unsigned char fa_smem[];
+    bf16 *Ks = (bf16 *)fa_smem, *Vs = Ks + 2 * FA_BN * P;  // [2][64][P] each
+    int *Ms = (int *)(Vs + 2 * FA_BN * P);                  // [2][64]
     int bh = blockIdx.y, b = bh / Hq, h = bh % Hq, kvh = h / (Hq / Hkv);
-    int q0 = blockIdx.x * FA_TILE, warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    int q0 = (gridDim.x - 1 - blockIdx.x) * FA_TILE, warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane >> 2,
+        t = lane & 3;
     const bf16 *qb = q + ((int64_t)b * Hq + h) * S * D, *kb = k + ((int64_t)b * Hkv + kvh) * S * D,
                *vb = v + ((int64_t)b * Hkv + kvh) * S * D;
+    const int32_t *mb = mask + (int64_t)b * S;
+    int kend = q0 + FA_TILE < S ? q0 + FA_TILE : S;  // causal: keys < the block's last query + 1
+    int n_tiles = (kend + FA_BN - 1) / FA_BN;
+    auto load = [&](int j) {
+        int st = j & 1, k0 = j * FA_BN;
+        tile_async<D>(Ks + st * FA_BN * P, kb, D, k0, FA_BN, S);
+        tile_async<D>(Vs + st * FA_BN * P, vb, D, k0, FA_BN, S);
+        vec_async(Ms + st * FA_BN, mb, k0, FA_BN, S);
+        cp_commit();
+    };
+    load(0);
     int r_lo = q0 + warp * 16 + g, r_hi = r_lo + 8;  // this thread's two rows
     uint32_t qa[D / 16][4];
 #pragma unroll
@@ -110,47 +200,59 @@ __global__ void __launch_bounds__(128) flash_fwd_kernel(bf16 *out, int64_t ld, f
     for (int i = 0; i < D / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
     float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.0f, l_hi = 0.0f;
     float sl2 = scale * FA_LOG2E;
-    int kend = q0 + FA_TILE < S ? q0 + FA_TILE : S;  // causal: keys < the block's last query + 1
-    for (int k0 = 0; k0 < kend; k0 += FA_INNER) {
-        __syncthreads();
-        tile_load<D>(Ks, kb, k0, FA_INNER, S);
-        tile_load<D>(Vs, vb, k0, FA_INNER, S);
-        if (threadIdx.x < FA_INNER) Ms[threadIdx.x] = k0 + threadIdx.x < S ? mask[(int64_t)b * S + k0 + threadIdx.x] : 0;
-        __syncthreads();
-        float s[FA_INNER / 8][4];
+    for (int j = 0; j < n_tiles; j++) {
+        if (j + 1 < n_tiles) {
+            load(j + 1);
+            cp_wait<1>();
+        } else {
+            cp_wait<0>();
+        }
+        int st = j & 1, k0 = j * FA_BN;
+        const bf16 *Kt = Ks + st * FA_BN * P, *Vt = Vs + st * FA_BN * P;
+        const int *Mt = Ms + st * FA_BN;
+        // the barrier, and whether every key of the tile is a token (each thread checks the entry its
+        // own copy brought in)
+        int full = __syncthreads_and(threadIdx.x >= FA_BN || Mt[threadIdx.x] != 0);
+        float s[FA_BN / 8][4];
 #pragma unroll
-        for (int n = 0; n < FA_INNER / 8; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+        for (int n = 0; n < FA_BN / 8; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
 #pragma unroll
-        for (int n = 0; n < FA_INNER / 8; n += 2)
+        for (int kk = 0; kk < D / 16; kk++)
 #pragma unroll
-            for (int kk = 0; kk < D / 16; kk++) {
+            for (int n = 0; n < FA_BN / 8; n += 2) {
                 uint32_t bb[4];
-                frag_bt<D>(bb, Ks, n * 8, kk * 16);
+                frag_bt<D>(bb, Kt, n * 8, kk * 16);
                 mma16816(s[n], qa[kk], bb[0], bb[1]);
                 mma16816(s[n + 1], qa[kk], bb[2], bb[3]);
             }
-        // scale into the log2 domain, mask, and the online softmax update
+        // mask (padding keys, keys past S: their mask entry is 0; causal only on the tile that reaches
+        // the block's first query), then the online softmax in the log2 domain: the maxima are taken on
+        // the raw scores (scale > 0), and each probability is one exp2 of an FMA
+        bool diag = k0 + FA_BN - 1 > q0;
+        if (!full || diag) {
+#pragma unroll
+            for (int n = 0; n < FA_BN / 8; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    int kl = n * 8 + 2 * t + (e & 1), row = e < 2 ? r_lo : r_hi;
+                    if (!(Mt[kl] != 0 && (!diag || k0 + kl <= row))) s[n][e] = -INFINITY;
+                }
+        }
         float mx_lo = -INFINITY, mx_hi = -INFINITY;
 #pragma unroll
-        for (int n = 0; n < FA_INNER / 8; n++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                int key = k0 + n * 8 + 2 * t + (e & 1), row = e < 2 ? r_lo : r_hi;
-                bool ok = key <= row && key < S && Ms[key - k0] != 0;
-                s[n][e] = ok ? s[n][e] * sl2 : -INFINITY;
-                if (e < 2)
-                    mx_lo = fmaxf(mx_lo, s[n][e]);
-                else
-                    mx_hi = fmaxf(mx_hi, s[n][e]);
-            }
+        for (int n = 0; n < FA_BN / 8; n++) {
+            mx_lo = fmaxf(mx_lo, fmaxf(s[n][0], s[n][1]));
+            mx_hi = fmaxf(mx_hi, fmaxf(s[n][2], s[n][3]));
+        }
         mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
         mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
         mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
         mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
         float mn_lo = fmaxf(m_lo, mx_lo), mn_hi = fmaxf(m_hi, mx_hi);
-        // a row with no allowed key so far keeps m = -inf: its probabilities are 0, nothing rescales
-        float al_lo = mn_lo == -INFINITY ? 1.0f : exp2f(m_lo - mn_lo);
-        float al_hi = mn_hi == -INFINITY ? 1.0f : exp2f(m_hi - mn_hi);
+        // a row with no allowed key so far keeps m = -inf: with 0 in its place every exp2 is of -inf
+        // (p = 0) and the rescale of its zero sums is exp2(-inf) = 0
+        float ms_lo = mn_lo == -INFINITY ? 0.0f : mn_lo * sl2, ms_hi = mn_hi == -INFINITY ? 0.0f : mn_hi * sl2;
+        float al_lo = exp2f(fmaf(m_lo, sl2, -ms_lo)), al_hi = exp2f(fmaf(m_hi, sl2, -ms_hi));
         m_lo = mn_lo;
         m_hi = mn_hi;
         l_lo *= al_lo;
@@ -163,27 +265,28 @@ __global__ void __launch_bounds__(128) flash_fwd_kernel(bf16 *out, int64_t ld, f
             o[i][3] *= al_hi;
         }
 #pragma unroll
-        for (int n = 0; n < FA_INNER / 8; n++) {
-            s[n][0] = m_lo == -INFINITY ? 0.0f : exp2f(s[n][0] - m_lo);
-            s[n][1] = m_lo == -INFINITY ? 0.0f : exp2f(s[n][1] - m_lo);
-            s[n][2] = m_hi == -INFINITY ? 0.0f : exp2f(s[n][2] - m_hi);
-            s[n][3] = m_hi == -INFINITY ? 0.0f : exp2f(s[n][3] - m_hi);
+        for (int n = 0; n < FA_BN / 8; n++) {
+            s[n][0] = exp2f(fmaf(s[n][0], sl2, -ms_lo));
+            s[n][1] = exp2f(fmaf(s[n][1], sl2, -ms_lo));
+            s[n][2] = exp2f(fmaf(s[n][2], sl2, -ms_hi));
+            s[n][3] = exp2f(fmaf(s[n][3], sl2, -ms_hi));
             l_lo += s[n][0] + s[n][1];
             l_hi += s[n][2] + s[n][3];
         }
         // O += P V: P's C tiles are A fragments; V is B with k = key, n = d
 #pragma unroll
-        for (int kc = 0; kc < FA_INNER / 16; kc++) {
+        for (int kc = 0; kc < FA_BN / 16; kc++) {
             uint32_t pa[4] = {pack_bf16(s[2 * kc][0], s[2 * kc][1]), pack_bf16(s[2 * kc][2], s[2 * kc][3]),
                               pack_bf16(s[2 * kc + 1][0], s[2 * kc + 1][1]), pack_bf16(s[2 * kc + 1][2], s[2 * kc + 1][3])};
 #pragma unroll
             for (int dn = 0; dn < D / 8; dn += 2) {
                 uint32_t bb[4];
-                frag_b<D>(bb, Vs, kc * 16, dn * 8);
+                frag_b<D>(bb, Vt, kc * 16, dn * 8);
                 mma16816(o[dn], pa, bb[0], bb[1]);
                 mma16816(o[dn + 1], pa, bb[2], bb[3]);
             }
         }
+        __syncthreads();  // the next load overwrites this stage
     }
     l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 1);
     l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 2);
@@ -198,146 +301,50 @@ __global__ void __launch_bounds__(128) flash_fwd_kernel(bf16 *out, int64_t ld, f
     }
     if (t == 0) {
         float *L = lse + ((int64_t)b * Hq + h) * S;
-        if (r_lo < S) L[r_lo] = l_lo > 0.0f ? m_lo / FA_LOG2E + logf(l_lo) : INFINITY;
-        if (r_hi < S) L[r_hi] = l_hi > 0.0f ? m_hi / FA_LOG2E + logf(l_hi) : INFINITY;
+        if (r_lo < S) L[r_lo] = l_lo > 0.0f ? m_lo * scale + logf(l_lo) : INFINITY;
+        if (r_hi < S) L[r_hi] = l_hi > 0.0f ? m_hi * scale + logf(l_hi) : INFINITY;
     }
 }
 
-// ---- backward: dK, dV --------------------------------------------------------------------------------
+// ---- backward: dQ (and delta) -----------------------------------------------------------------------
 
-// grid (ceil(S/64), B*Hkv), 128 threads: warp w owns keys k0 + 16w .. +16. Shared: K, V tiles of the
-// block's 64 keys, and per query step Q, dO tiles of 32 queries (dynamic: more than 48 KB for D = 128).
+// grid (ceil(S/64), B*Hq), 128 threads: warp w owns queries q0 + 16w .. +16, key tiles of 32 stream
+// through two stages. First delta = rowsum(dO * O) of the block's rows (written for the dK/dV kernel,
+// which runs after), then dQ = scale dS K, rotated back and written as bf16 into gqkv.
 template <int D>
-__global__ void __launch_bounds__(128) flash_bwd_dkdv_kernel(float *gk, float *gv, const bf16 *__restrict__ q,
-                                                             const bf16 *__restrict__ k, const bf16 *__restrict__ v,
-                                                             const bf16 *__restrict__ dO, const float *__restrict__ lse,
-                                                             const float *__restrict__ delta,
-                                                             const int32_t *__restrict__ mask, int S, int Hq, int Hkv,
-                                                             float scale) {
-    extern __shared__ __align__(16) unsigned char fa_smem[];
-    bf16 *Ks = (bf16 *)fa_smem, *Vs = Ks + FA_TILE * (D + 8), *Qs = Vs + FA_TILE * (D + 8), *Ds = Qs + FA_INNER * (D + 8);
-    float *Ls = (float *)(Ds + FA_INNER * (D + 8)), *Dl = Ls + FA_INNER;
-    int bk = blockIdx.y, b = bk / Hkv, kvh = bk % Hkv, group = Hq / Hkv;
-    int k0 = blockIdx.x * FA_TILE, warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const bf16 *kb = k + ((int64_t)b * Hkv + kvh) * S * D, *vb = v + ((int64_t)b * Hkv + kvh) * S * D;
-    tile_load<D>(Ks, kb, k0, FA_TILE, S);
-    tile_load<D>(Vs, vb, k0, FA_TILE, S);
-    int key_lo = k0 + warp * 16 + g, key_hi = key_lo + 8;
-    bool ok_lo = key_lo < S && mask[(int64_t)b * S + (key_lo < S ? key_lo : 0)] != 0;
-    bool ok_hi = key_hi < S && mask[(int64_t)b * S + (key_hi < S ? key_hi : 0)] != 0;
-    float dk[D / 8][4], dv[D / 8][4];
-#pragma unroll
-    for (int i = 0; i < D / 8; i++) dk[i][0] = dk[i][1] = dk[i][2] = dk[i][3] = dv[i][0] = dv[i][1] = dv[i][2] = dv[i][3] = 0;
-    float sl2 = scale * FA_LOG2E;
-    const bf16 *Kw = Ks + warp * 16 * (D + 8), *Vw = Vs + warp * 16 * (D + 8);
-    for (int hh = kvh * group; hh < (kvh + 1) * group; hh++) {
-        const bf16 *qb = q + ((int64_t)b * Hq + hh) * S * D, *ob = dO + ((int64_t)b * Hq + hh) * S * D;
-        const float *lb = lse + ((int64_t)b * Hq + hh) * S, *db = delta + ((int64_t)b * Hq + hh) * S;
-        for (int q0 = k0 - k0 % FA_INNER; q0 < S; q0 += FA_INNER) {  // causal: queries >= the block's keys
-            __syncthreads();
-            tile_load<D>(Qs, qb, q0, FA_INNER, S);
-            tile_load<D>(Ds, ob, q0, FA_INNER, S);
-            if (threadIdx.x < FA_INNER) {
-                int qq = q0 + threadIdx.x;
-                Ls[threadIdx.x] = qq < S ? lb[qq] * FA_LOG2E : INFINITY;
-                Dl[threadIdx.x] = qq < S ? db[qq] : 0.0f;
-            }
-            __syncthreads();
-            // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys x 32 queries
-            float st[FA_INNER / 8][4], dpt[FA_INNER / 8][4];
-#pragma unroll
-            for (int n = 0; n < FA_INNER / 8; n++) {
-                st[n][0] = st[n][1] = st[n][2] = st[n][3] = 0.0f;
-                dpt[n][0] = dpt[n][1] = dpt[n][2] = dpt[n][3] = 0.0f;
-            }
-#pragma unroll
-            for (int kk = 0; kk < D / 16; kk++) {
-                int c = kk * 16 + 2 * t;
-                uint32_t ka[4] = {ld32(Kw + g * (D + 8) + c), ld32(Kw + (g + 8) * (D + 8) + c), ld32(Kw + g * (D + 8) + c + 8),
-                                  ld32(Kw + (g + 8) * (D + 8) + c + 8)};
-                uint32_t va[4] = {ld32(Vw + g * (D + 8) + c), ld32(Vw + (g + 8) * (D + 8) + c), ld32(Vw + g * (D + 8) + c + 8),
-                                  ld32(Vw + (g + 8) * (D + 8) + c + 8)};
-#pragma unroll
-                for (int n = 0; n < FA_INNER / 8; n += 2) {
-                    uint32_t bq[4], bd[4];
-                    frag_bt<D>(bq, Qs, n * 8, kk * 16);
-                    frag_bt<D>(bd, Ds, n * 8, kk * 16);
-                    mma16816(st[n], ka, bq[0], bq[1]);
-                    mma16816(st[n + 1], ka, bq[2], bq[3]);
-                    mma16816(dpt[n], va, bd[0], bd[1]);
-                    mma16816(dpt[n + 1], va, bd[2], bd[3]);
-                }
-            }
-            // P^T = exp(S^T scale - lse), dS^T = P^T (dP^T - delta)
-#pragma unroll
-            for (int n = 0; n < FA_INNER / 8; n++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    int qi = n * 8 + 2 * t + (e & 1), qq = q0 + qi, key = e < 2 ? key_lo : key_hi;
-                    bool ok = (e < 2 ? ok_lo : ok_hi) && key <= qq && qq < S;
-                    float p = ok ? exp2f(st[n][e] * sl2 - Ls[qi]) : 0.0f;
-                    st[n][e] = p;
-                    dpt[n][e] = p * (dpt[n][e] - Dl[qi]);
-                }
-            // dV += P^T dO;  dK += dS^T Q   (k = query, n = d)
-#pragma unroll
-            for (int kc = 0; kc < FA_INNER / 16; kc++) {
-                uint32_t pa[4] = {pack_bf16(st[2 * kc][0], st[2 * kc][1]), pack_bf16(st[2 * kc][2], st[2 * kc][3]),
-                                  pack_bf16(st[2 * kc + 1][0], st[2 * kc + 1][1]),
-                                  pack_bf16(st[2 * kc + 1][2], st[2 * kc + 1][3])};
-                uint32_t sa[4] = {pack_bf16(dpt[2 * kc][0], dpt[2 * kc][1]), pack_bf16(dpt[2 * kc][2], dpt[2 * kc][3]),
-                                  pack_bf16(dpt[2 * kc + 1][0], dpt[2 * kc + 1][1]),
-                                  pack_bf16(dpt[2 * kc + 1][2], dpt[2 * kc + 1][3])};
-#pragma unroll
-                for (int dn = 0; dn < D / 8; dn += 2) {
-                    uint32_t bd[4], bq[4];
-                    frag_b<D>(bd, Ds, kc * 16, dn * 8);
-                    frag_b<D>(bq, Qs, kc * 16, dn * 8);
-                    mma16816(dv[dn], pa, bd[0], bd[1]);
-                    mma16816(dv[dn + 1], pa, bd[2], bd[3]);
-                    mma16816(dk[dn], sa, bq[0], bq[1]);
-                    mma16816(dk[dn + 1], sa, bq[2], bq[3]);
-                }
-            }
-        }
-    }
-    float *gkb = gk + ((int64_t)b * Hkv + kvh) * S * D, *gvb = gv + ((int64_t)b * Hkv + kvh) * S * D;
-#pragma unroll
-    for (int dn = 0; dn < D / 8; dn++) {
-        int c = dn * 8 + 2 * t;
-        if (key_lo < S) {
-            *(float2 *)(gkb + (int64_t)key_lo * D + c) = make_float2(dk[dn][0] * scale, dk[dn][1] * scale);
-            *(float2 *)(gvb + (int64_t)key_lo * D + c) = make_float2(dv[dn][0], dv[dn][1]);
-        }
-        if (key_hi < S) {
-            *(float2 *)(gkb + (int64_t)key_hi * D + c) = make_float2(dk[dn][2] * scale, dk[dn][3] * scale);
-            *(float2 *)(gvb + (int64_t)key_hi * D + c) = make_float2(dv[dn][2], dv[dn][3]);
-        }
-    }
-}
-
-// ---- backward: dQ ------------------------------------------------------------------------------------
-
-// grid (ceil(S/64), B*Hq), 128 threads: warp w owns queries q0 + 16w .. +16.
-template <int D>
-__global__ void __launch_bounds__(128) flash_bwd_dq_kernel(float *gq, const bf16 *__restrict__ q,
+__global__ void __launch_bounds__(128) flash_bwd_dq_kernel(bf16 *gqkv, int64_t ldg, float *delta, const bf16 *__restrict__ q,
                                                            const bf16 *__restrict__ k, const bf16 *__restrict__ v,
-                                                           const bf16 *__restrict__ dO, const float *__restrict__ lse,
-                                                           const float *__restrict__ delta,
-                                                           const int32_t *__restrict__ mask, int S, int Hq, int Hkv,
+                                                           const bf16 *__restrict__ dO, int64_t ldd,
+                                                           const bf16 *__restrict__ out, int64_t ldo,
+                                                           const float *__restrict__ lse, const int32_t *__restrict__ mask,
+                                                           const float2 *__restrict__ cs, int S, int Hq, int Hkv,
                                                            float scale) {
-    __shared__ __align__(16) bf16 Ks[FA_INNER * (D + 8)];
-    __shared__ __align__(16) bf16 Vs[FA_INNER * (D + 8)];
-    __shared__ int Ms[FA_INNER];
+    constexpr int P = D + 8;
+    extern __shared__ __align__(16) unsigned char fa_smem[];
+    bf16 *Ks = (bf16 *)fa_smem, *Vs = Ks + 2 * FA_INNER * P;  // [2][32][P] each
+    int *Ms = (int *)(Vs + 2 * FA_INNER * P);                  // [2][32]
     int bh = blockIdx.y, b = bh / Hq, h = bh % Hq, kvh = h / (Hq / Hkv);
-    int q0 = blockIdx.x * FA_TILE, warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const bf16 *qb = q + ((int64_t)b * Hq + h) * S * D, *ob = dO + ((int64_t)b * Hq + h) * S * D;
+    int q0 = (gridDim.x - 1 - blockIdx.x) * FA_TILE, warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane >> 2,
+        t = lane & 3;
+    const bf16 *qb = q + ((int64_t)b * Hq + h) * S * D;
+    const bf16 *ob = dO + (int64_t)b * S * ldd + (int64_t)h * D, *yb = out + (int64_t)b * S * ldo + (int64_t)h * D;
     const bf16 *kb = k + ((int64_t)b * Hkv + kvh) * S * D, *vb = v + ((int64_t)b * Hkv + kvh) * S * D;
+    const int32_t *mb = mask + (int64_t)b * S;
+    int kend = q0 + FA_TILE < S ? q0 + FA_TILE : S;
+    int n_tiles = (kend + FA_INNER - 1) / FA_INNER;
+    auto load = [&](int j) {
+        int st = j & 1, k0 = j * FA_INNER;
+        tile_async<D>(Ks + st * FA_INNER * P, kb, D, k0, FA_INNER, S);
+        tile_async<D>(Vs + st * FA_INNER * P, vb, D, k0, FA_INNER, S);
+        vec_async(Ms + st * FA_INNER, mb, k0, FA_INNER, S);
+        cp_commit();
+    };
+    load(0);
     int r_lo = q0 + warp * 16 + g, r_hi = r_lo + 8;
-    const float *lb = lse + ((int64_t)b * Hq + h) * S, *db = delta + ((int64_t)b * Hq + h) * S;
+    const float *lb = lse + ((int64_t)b * Hq + h) * S;
     float L_lo = r_lo < S ? lb[r_lo] * FA_LOG2E : INFINITY, L_hi = r_hi < S ? lb[r_hi] * FA_LOG2E : INFINITY;
-    float D_lo = r_lo < S ? db[r_lo] : 0.0f, D_hi = r_hi < S ? db[r_hi] : 0.0f;
     uint32_t qa[D / 16][4], oa[D / 16][4];
+    float D_lo = 0.0f, D_hi = 0.0f;
 #pragma unroll
     for (int kk = 0; kk < D / 16; kk++) {
         int c = kk * 16 + 2 * t;
@@ -345,22 +352,49 @@ __global__ void __launch_bounds__(128) flash_bwd_dq_kernel(float *gq, const bf16
         qa[kk][1] = r_hi < S ? ld32(qb + (int64_t)r_hi * D + c) : 0;
         qa[kk][2] = r_lo < S ? ld32(qb + (int64_t)r_lo * D + c + 8) : 0;
         qa[kk][3] = r_hi < S ? ld32(qb + (int64_t)r_hi * D + c + 8) : 0;
-        oa[kk][0] = r_lo < S ? ld32(ob + (int64_t)r_lo * D + c) : 0;
-        oa[kk][1] = r_hi < S ? ld32(ob + (int64_t)r_hi * D + c) : 0;
-        oa[kk][2] = r_lo < S ? ld32(ob + (int64_t)r_lo * D + c + 8) : 0;
-        oa[kk][3] = r_hi < S ? ld32(ob + (int64_t)r_hi * D + c + 8) : 0;
+        oa[kk][0] = r_lo < S ? ld32(ob + (int64_t)r_lo * ldd + c) : 0;
+        oa[kk][1] = r_hi < S ? ld32(ob + (int64_t)r_hi * ldd + c) : 0;
+        oa[kk][2] = r_lo < S ? ld32(ob + (int64_t)r_lo * ldd + c + 8) : 0;
+        oa[kk][3] = r_hi < S ? ld32(ob + (int64_t)r_hi * ldd + c + 8) : 0;
+        // delta: this thread's 4 columns of each row (the other 3/4 are in the lanes t ^ 1, t ^ 2)
+        uint32_t y[4] = {r_lo < S ? ld32(yb + (int64_t)r_lo * ldo + c) : 0u, r_hi < S ? ld32(yb + (int64_t)r_hi * ldo + c) : 0u,
+                         r_lo < S ? ld32(yb + (int64_t)r_lo * ldo + c + 8) : 0u,
+                         r_hi < S ? ld32(yb + (int64_t)r_hi * ldo + c + 8) : 0u};
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            float2 gf = __bfloat1622float2(*(const __nv_bfloat162 *)&oa[kk][e]);
+            float2 yf = __bfloat1622float2(*(const __nv_bfloat162 *)&y[e]);
+            float dd = gf.x * yf.x + gf.y * yf.y;
+            if (e & 1)
+                D_hi += dd;
+            else
+                D_lo += dd;
+        }
+    }
+    D_lo += __shfl_xor_sync(0xffffffffu, D_lo, 1);
+    D_lo += __shfl_xor_sync(0xffffffffu, D_lo, 2);
+    D_hi += __shfl_xor_sync(0xffffffffu, D_hi, 1);
+    D_hi += __shfl_xor_sync(0xffffffffu, D_hi, 2);
+    if (t == 0) {
+        float *db = delta + ((int64_t)b * Hq + h) * S;
+        if (r_lo < S) db[r_lo] = D_lo;
+        if (r_hi < S) db[r_hi] = D_hi;
     }
     float dq[D / 8][4];
 #pragma unroll
     for (int i = 0; i < D / 8; i++) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.0f;
     float sl2 = scale * FA_LOG2E;
-    int kend = q0 + FA_TILE < S ? q0 + FA_TILE : S;
-    for (int k0 = 0; k0 < kend; k0 += FA_INNER) {
-        __syncthreads();
-        tile_load<D>(Ks, kb, k0, FA_INNER, S);
-        tile_load<D>(Vs, vb, k0, FA_INNER, S);
-        if (threadIdx.x < FA_INNER) Ms[threadIdx.x] = k0 + threadIdx.x < S ? mask[(int64_t)b * S + k0 + threadIdx.x] : 0;
-        __syncthreads();
+    for (int j = 0; j < n_tiles; j++) {
+        if (j + 1 < n_tiles) {
+            load(j + 1);
+            cp_wait<1>();
+        } else {
+            cp_wait<0>();
+        }
+        int st = j & 1, k0 = j * FA_INNER;
+        const bf16 *Kt = Ks + st * FA_INNER * P, *Vt = Vs + st * FA_INNER * P;
+        const int *Mt = Ms + st * FA_INNER;
+        int full = __syncthreads_and(threadIdx.x >= FA_INNER || Mt[threadIdx.x] != 0);
         float s[FA_INNER / 8][4], dp[FA_INNER / 8][4];
 #pragma unroll
         for (int n = 0; n < FA_INNER / 8; n++) {
@@ -368,24 +402,25 @@ __global__ void __launch_bounds__(128) flash_bwd_dq_kernel(float *gq, const bf16
             dp[n][0] = dp[n][1] = dp[n][2] = dp[n][3] = 0.0f;
         }
 #pragma unroll
-        for (int n = 0; n < FA_INNER / 8; n += 2)
+        for (int kk = 0; kk < D / 16; kk++)
 #pragma unroll
-            for (int kk = 0; kk < D / 16; kk++) {
+            for (int n = 0; n < FA_INNER / 8; n += 2) {
                 uint32_t bk[4], bv[4];
-                frag_bt<D>(bk, Ks, n * 8, kk * 16);
-                frag_bt<D>(bv, Vs, n * 8, kk * 16);
+                frag_bt<D>(bk, Kt, n * 8, kk * 16);
+                frag_bt<D>(bv, Vt, n * 8, kk * 16);
                 mma16816(s[n], qa[kk], bk[0], bk[1]);
                 mma16816(s[n + 1], qa[kk], bk[2], bk[3]);
                 mma16816(dp[n], oa[kk], bv[0], bv[1]);
                 mma16816(dp[n + 1], oa[kk], bv[2], bv[3]);
             }
+        bool diag = k0 + FA_INNER - 1 > q0, plain = full && !diag;  // plain: every key of the tile counts
 #pragma unroll
         for (int n = 0; n < FA_INNER / 8; n++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
-                int key = k0 + n * 8 + 2 * t + (e & 1), row = e < 2 ? r_lo : r_hi;
-                bool ok = key <= row && key < S && Ms[key - k0] != 0 && row < S;
-                float p = ok ? exp2f(s[n][e] * sl2 - (e < 2 ? L_lo : L_hi)) : 0.0f;
+                int kl = n * 8 + 2 * t + (e & 1), row = e < 2 ? r_lo : r_hi;
+                bool ok = row < S && (plain || (Mt[kl] != 0 && (!diag || k0 + kl <= row)));
+                float p = ok ? exp2f(fmaf(s[n][e], sl2, -(e < 2 ? L_lo : L_hi))) : 0.0f;
                 s[n][e] = p * (dp[n][e] - (e < 2 ? D_lo : D_hi));  // dS
             }
         // dQ += dS K   (k = key, n = d)
@@ -396,48 +431,174 @@ __global__ void __launch_bounds__(128) flash_bwd_dq_kernel(float *gq, const bf16
 #pragma unroll
             for (int dn = 0; dn < D / 8; dn += 2) {
                 uint32_t bk[4];
-                frag_b<D>(bk, Ks, kc * 16, dn * 8);
+                frag_b<D>(bk, Kt, kc * 16, dn * 8);
                 mma16816(dq[dn], sa, bk[0], bk[1]);
                 mma16816(dq[dn + 1], sa, bk[2], bk[3]);
             }
         }
+        __syncthreads();
     }
-    float *gqb = gq + ((int64_t)b * Hq + h) * S * D;
+    bf16 *gb = gqkv + (int64_t)b * S * ldg + (int64_t)h * D;
+    store_rows_unrope<D>(r_lo < S ? gb + (int64_t)r_lo * ldg : nullptr, r_hi < S ? gb + (int64_t)r_hi * ldg : nullptr, dq,
+                         scale, cs, r_lo, r_hi, 1);
+}
+
+// ---- backward: dK, dV --------------------------------------------------------------------------------
+
+// grid (ceil(S/64), B*Hkv), 128 threads: warp w owns keys k0 + 16w .. +16. K, V of the block's 64 keys
+// stay in shared memory; tiles of 32 queries (Q, dO, lse, delta) of each query head of the group
+// stream through two stages. dK (rotated back) and dV go into gqkv as bf16.
+template <int D>
+__global__ void __launch_bounds__(128) flash_bwd_dkdv_kernel(bf16 *gqkv, int64_t ldg, const bf16 *__restrict__ q,
+                                                             const bf16 *__restrict__ k, const bf16 *__restrict__ v,
+                                                             const bf16 *__restrict__ dO, int64_t ldd,
+                                                             const float *__restrict__ lse, const float *__restrict__ delta,
+                                                             const int32_t *__restrict__ mask, const float2 *__restrict__ cs,
+                                                             int S, int Hq, int Hkv, float scale) {
+    constexpr int P = D + 8;
+    extern __shared__ __align__(16) unsigned char fa_smem[];
+    bf16 *Ks = (bf16 *)fa_smem, *Vs = Ks + FA_TILE * P;                  // [64][P]
+    bf16 *Qs = Vs + FA_TILE * P, *Ds = Qs + 2 * FA_INNER * P;             // [2][32][P]
+    float *Ls = (float *)(Ds + 2 * FA_INNER * P), *Dl = Ls + 2 * FA_INNER;  // [2][32]
+    int bk = blockIdx.y, b = bk / Hkv, kvh = bk % Hkv, group = Hq / Hkv;
+    int k0 = blockIdx.x * FA_TILE, warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const bf16 *kb = k + ((int64_t)b * Hkv + kvh) * S * D, *vb = v + ((int64_t)b * Hkv + kvh) * S * D;
+    int nq = (S - k0 + FA_INNER - 1) / FA_INNER;  // causal: query tiles from the block's first key on
+    int n_it = group * nq;
+    auto load = [&](int it) {
+        int st = it & 1, hh = kvh * group + it / nq, q0 = k0 + (it % nq) * FA_INNER;
+        tile_async<D>(Qs + st * FA_INNER * P, q + ((int64_t)b * Hq + hh) * S * D, D, q0, FA_INNER, S);
+        tile_async<D>(Ds + st * FA_INNER * P, dO + (int64_t)b * S * ldd + (int64_t)hh * D, ldd, q0, FA_INNER, S);
+        vec_async(Ls + st * FA_INNER, lse + ((int64_t)b * Hq + hh) * S, q0, FA_INNER, S);
+        vec_async(Dl + st * FA_INNER, delta + ((int64_t)b * Hq + hh) * S, q0, FA_INNER, S);
+        cp_commit();
+    };
+    tile_async<D>(Ks, kb, D, k0, FA_TILE, S);
+    tile_async<D>(Vs, vb, D, k0, FA_TILE, S);
+    load(0);  // one group with K and V
+    int key_lo = k0 + warp * 16 + g, key_hi = key_lo + 8;
+    bool ok_lo = key_lo < S && mask[(int64_t)b * S + (key_lo < S ? key_lo : 0)] != 0;
+    bool ok_hi = key_hi < S && mask[(int64_t)b * S + (key_hi < S ? key_hi : 0)] != 0;
+    float dk[D / 8][4], dv[D / 8][4];
 #pragma unroll
-    for (int dn = 0; dn < D / 8; dn++) {
-        int c = dn * 8 + 2 * t;
-        if (r_lo < S) *(float2 *)(gqb + (int64_t)r_lo * D + c) = make_float2(dq[dn][0] * scale, dq[dn][1] * scale);
-        if (r_hi < S) *(float2 *)(gqb + (int64_t)r_hi * D + c) = make_float2(dq[dn][2] * scale, dq[dn][3] * scale);
+    for (int i = 0; i < D / 8; i++) dk[i][0] = dk[i][1] = dk[i][2] = dk[i][3] = dv[i][0] = dv[i][1] = dv[i][2] = dv[i][3] = 0;
+    float sl2 = scale * FA_LOG2E;
+    for (int it = 0; it < n_it; it++) {
+        if (it + 1 < n_it) {
+            load(it + 1);
+            cp_wait<1>();
+        } else {
+            cp_wait<0>();
+        }
+        __syncthreads();
+        int st = it & 1, q0 = k0 + (it % nq) * FA_INNER;
+        const bf16 *Qt = Qs + st * FA_INNER * P, *Dt = Ds + st * FA_INNER * P;
+        const float *Lt = Ls + st * FA_INNER, *Dlt = Dl + st * FA_INNER;
+        // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys x 32 queries
+        float sT[FA_INNER / 8][4], dpt[FA_INNER / 8][4];
+#pragma unroll
+        for (int n = 0; n < FA_INNER / 8; n++) {
+            sT[n][0] = sT[n][1] = sT[n][2] = sT[n][3] = 0.0f;
+            dpt[n][0] = dpt[n][1] = dpt[n][2] = dpt[n][3] = 0.0f;
+        }
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            uint32_t ka[4], va[4];
+            frag_a<D>(ka, Ks, warp * 16, kk * 16);
+            frag_a<D>(va, Vs, warp * 16, kk * 16);
+#pragma unroll
+            for (int n = 0; n < FA_INNER / 8; n += 2) {
+                uint32_t bq[4], bd[4];
+                frag_bt<D>(bq, Qt, n * 8, kk * 16);
+                frag_bt<D>(bd, Dt, n * 8, kk * 16);
+                mma16816(sT[n], ka, bq[0], bq[1]);
+                mma16816(sT[n + 1], ka, bq[2], bq[3]);
+                mma16816(dpt[n], va, bd[0], bd[1]);
+                mma16816(dpt[n + 1], va, bd[2], bd[3]);
+            }
+        }
+        // P^T = exp(S^T scale - lse), dS^T = P^T (dP^T - delta); past the block's last key and before S
+        // every query sees every key: only the key mask remains
+        bool plain = q0 >= k0 + FA_TILE - 1 && q0 + FA_INNER <= S;
+#pragma unroll
+        for (int n = 0; n < FA_INNER / 8; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int qi = n * 8 + 2 * t + (e & 1), qq = q0 + qi, key = e < 2 ? key_lo : key_hi;
+                bool ok = (e < 2 ? ok_lo : ok_hi) && (plain || (key <= qq && qq < S));
+                float p = ok ? exp2f(fmaf(sT[n][e], sl2, -Lt[qi] * FA_LOG2E)) : 0.0f;
+                sT[n][e] = p;
+                dpt[n][e] = p * (dpt[n][e] - Dlt[qi]);
+            }
+        // dV += P^T dO;  dK += dS^T Q   (k = query, n = d)
+#pragma unroll
+        for (int kc = 0; kc < FA_INNER / 16; kc++) {
+            uint32_t pa[4] = {pack_bf16(sT[2 * kc][0], sT[2 * kc][1]), pack_bf16(sT[2 * kc][2], sT[2 * kc][3]),
+                              pack_bf16(sT[2 * kc + 1][0], sT[2 * kc + 1][1]),
+                              pack_bf16(sT[2 * kc + 1][2], sT[2 * kc + 1][3])};
+            uint32_t sa[4] = {pack_bf16(dpt[2 * kc][0], dpt[2 * kc][1]), pack_bf16(dpt[2 * kc][2], dpt[2 * kc][3]),
+                              pack_bf16(dpt[2 * kc + 1][0], dpt[2 * kc + 1][1]),
+                              pack_bf16(dpt[2 * kc + 1][2], dpt[2 * kc + 1][3])};
+#pragma unroll
+            for (int dn = 0; dn < D / 8; dn += 2) {
+                uint32_t bd[4], bq[4];
+                frag_b<D>(bd, Dt, kc * 16, dn * 8);
+                frag_b<D>(bq, Qt, kc * 16, dn * 8);
+                mma16816(dv[dn], pa, bd[0], bd[1]);
+                mma16816(dv[dn + 1], pa, bd[2], bd[3]);
+                mma16816(dk[dn], sa, bq[0], bq[1]);
+                mma16816(dk[dn + 1], sa, bq[2], bq[3]);
+            }
+        }
+        __syncthreads();
     }
+    bf16 *gk = gqkv + (int64_t)b * S * ldg + (int64_t)(Hq + kvh) * D, *gv = gk + (int64_t)Hkv * D;
+    bf16 *lo = key_lo < S ? gk + (int64_t)key_lo * ldg : nullptr, *hi = key_hi < S ? gk + (int64_t)key_hi * ldg : nullptr;
+    store_rows_unrope<D>(lo, hi, dk, scale, cs, key_lo, key_hi, 1);
+    lo = key_lo < S ? gv + (int64_t)key_lo * ldg : nullptr;
+    hi = key_hi < S ? gv + (int64_t)key_hi * ldg : nullptr;
+    store_rows_unrope<D>(lo, hi, dv, 1.0f, cs, key_lo, key_hi, 0);
 }
 
 // ---- kernel launchers ---------------------------------------------------------------------------------
 
 extern "C" int flash_attention_supported(int D) { return D == 16 || D == 32 || D == 64 || D == 128; }
 
+// Dynamic shared memory above 48 KB needs a per-kernel opt-in, once per kernel.
+template <typename K>
+static void smem_optin(K kernel, size_t bytes, int *done) {
+    if (*done || bytes <= 48 * 1024) return;
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+    *done = 1;
+}
+
 template <int D>
 static void fwd_launch(cuda_ctx *ctx, bf16 *out, int64_t ldo, float *lse, const bf16 *q, const bf16 *k, const bf16 *v,
                        const int32_t *mask, int B, int S, int Hq, int Hkv, float scale) {
+    size_t smem = (size_t)4 * FA_BN * (D + 8) * 2 + 2 * FA_BN * sizeof(int);
+    static int done = 0;  // per template instance
+    smem_optin(flash_fwd_kernel<D>, smem, &done);
     dim3 grid((unsigned)((S + FA_TILE - 1) / FA_TILE), (unsigned)(B * Hq));
-    flash_fwd_kernel<D><<<grid, 128, 0, ctx->stream>>>(out, ldo, lse, q, k, v, mask, S, Hq, Hkv, scale);
+    flash_fwd_kernel<D><<<grid, 128, smem, ctx->stream>>>(out, ldo, lse, q, k, v, mask, S, Hq, Hkv, scale);
     CUDA_LAUNCH_CHECK();
 }
 
 template <int D>
-static void bwd_launch(cuda_ctx *ctx, float *gq, float *gk, float *gv, const bf16 *q, const bf16 *k, const bf16 *v,
-                       const bf16 *dO, const float *lse, const float *delta, const int32_t *mask, int B, int S, int Hq,
-                       int Hkv, float scale) {
-    size_t smem = (size_t)(2 * FA_TILE + 2 * FA_INNER) * (D + 8) * 2 + 2 * FA_INNER * sizeof(float);
-    static int attr_set = 0;  // per template instance
-    if (!attr_set) {
-        CUDA_CHECK(cudaFuncSetAttribute(flash_bwd_dkdv_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-        attr_set = 1;
-    }
-    dim3 g1((unsigned)((S + FA_TILE - 1) / FA_TILE), (unsigned)(B * Hkv));
-    flash_bwd_dkdv_kernel<D><<<g1, 128, smem, ctx->stream>>>(gk, gv, q, k, v, dO, lse, delta, mask, S, Hq, Hkv, scale);
-    CUDA_LAUNCH_CHECK();
+static void bwd_launch(cuda_ctx *ctx, bf16 *gqkv, int64_t ldg, float *delta, const bf16 *dO, int64_t ldd,
+                       const bf16 *out, int64_t ldo, const float *lse, const bf16 *q, const bf16 *k, const bf16 *v,
+                       const int32_t *mask, const float *cs, int B, int S, int Hq, int Hkv, float scale) {
+    size_t smem_q = (size_t)4 * FA_INNER * (D + 8) * 2 + 2 * FA_INNER * sizeof(int);
+    size_t smem_k = (size_t)(2 * FA_TILE + 4 * FA_INNER) * (D + 8) * 2 + 4 * FA_INNER * sizeof(float);
+    static int done_q = 0, done_k = 0;
+    smem_optin(flash_bwd_dq_kernel<D>, smem_q, &done_q);
+    smem_optin(flash_bwd_dkdv_kernel<D>, smem_k, &done_k);
     dim3 g2((unsigned)((S + FA_TILE - 1) / FA_TILE), (unsigned)(B * Hq));
-    flash_bwd_dq_kernel<D><<<g2, 128, 0, ctx->stream>>>(gq, q, k, v, dO, lse, delta, mask, S, Hq, Hkv, scale);
+    flash_bwd_dq_kernel<D><<<g2, 128, smem_q, ctx->stream>>>(gqkv, ldg, delta, q, k, v, dO, ldd, out, ldo, lse, mask,
+                                                             (const float2 *)cs, S, Hq, Hkv, scale);
+    CUDA_LAUNCH_CHECK();
+    dim3 g1((unsigned)((S + FA_TILE - 1) / FA_TILE), (unsigned)(B * Hkv));
+    flash_bwd_dkdv_kernel<D><<<g1, 128, smem_k, ctx->stream>>>(gqkv, ldg, q, k, v, dO, ldd, lse, delta, mask,
+                                                               (const float2 *)cs, S, Hq, Hkv, scale);
     CUDA_LAUNCH_CHECK();
 }
 
@@ -453,15 +614,17 @@ extern "C" void flash_attention_forward_cuda(cuda_ctx *ctx, bf16 *out, int64_t l
     }
 }
 
-extern "C" void flash_attention_backward_cuda(cuda_ctx *ctx, float *gq, float *gk, float *gv, const bf16 *dO_heads,
-                                              const float *lse, const float *delta, const bf16 *q, const bf16 *k,
-                                              const bf16 *v, const int32_t *mask, int B, int S, int Hq, int Hkv, int D) {
+extern "C" void flash_attention_backward_cuda(cuda_ctx *ctx, bf16 *gqkv, int64_t ldg, float *delta, const bf16 *dO,
+                                              int64_t ldd, const bf16 *out, int64_t ldo, const float *lse, const bf16 *q,
+                                              const bf16 *k, const bf16 *v, const int32_t *mask, const float *cs, int B,
+                                              int S, int Hq, int Hkv, int D) {
     MOSFT_ASSERT(Hkv > 0 && Hq % Hkv == 0 && flash_attention_supported(D));
+    MOSFT_ASSERT(ldg % 8 == 0 && ldd % 8 == 0);  // 16-byte rows for cp.async
     float scale = (float)(1.0 / sqrt((double)D));
     switch (D) {
-    case 16: bwd_launch<16>(ctx, gq, gk, gv, q, k, v, dO_heads, lse, delta, mask, B, S, Hq, Hkv, scale); break;
-    case 32: bwd_launch<32>(ctx, gq, gk, gv, q, k, v, dO_heads, lse, delta, mask, B, S, Hq, Hkv, scale); break;
-    case 64: bwd_launch<64>(ctx, gq, gk, gv, q, k, v, dO_heads, lse, delta, mask, B, S, Hq, Hkv, scale); break;
-    default: bwd_launch<128>(ctx, gq, gk, gv, q, k, v, dO_heads, lse, delta, mask, B, S, Hq, Hkv, scale); break;
+    case 16: bwd_launch<16>(ctx, gqkv, ldg, delta, dO, ldd, out, ldo, lse, q, k, v, mask, cs, B, S, Hq, Hkv, scale); break;
+    case 32: bwd_launch<32>(ctx, gqkv, ldg, delta, dO, ldd, out, ldo, lse, q, k, v, mask, cs, B, S, Hq, Hkv, scale); break;
+    case 64: bwd_launch<64>(ctx, gqkv, ldg, delta, dO, ldd, out, ldo, lse, q, k, v, mask, cs, B, S, Hq, Hkv, scale); break;
+    default: bwd_launch<128>(ctx, gqkv, ldg, delta, dO, ldd, out, ldo, lse, q, k, v, mask, cs, B, S, Hq, Hkv, scale); break;
     }
 }

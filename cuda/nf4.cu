@@ -184,7 +184,15 @@ __global__ void nf4_dequant8_kernel(nf4_cuda_tensor t, bf16 *__restrict__ out, i
         v[2 * k] = __float2bfloat16_rn(__fmul_rn(code[byte >> 4], s));
         v[2 * k + 1] = __float2bfloat16_rn(__fmul_rn(code[byte & 15], s));
     }
-    int64_t i = g * 8, row = i / t.cols, col = i % t.cols;
+    int64_t row, col;
+    if (t.numel <= 0x7fffffff) {  // 32-bit division: a 64-bit one costs more than the rest of the thread
+        uint32_t i = (uint32_t)(g * 8), cols = (uint32_t)t.cols;
+        row = i / cols;
+        col = i - (uint32_t)row * cols;
+    } else {
+        row = g * 8 / t.cols;
+        col = g * 8 % t.cols;
+    }
     *(uint4 *)(out + row * ldo + col) = *(const uint4 *)v;
 }
 
@@ -200,13 +208,18 @@ __global__ void nf4_dequant1_kernel(nf4_cuda_tensor t, bf16 *__restrict__ out, i
 }
 
 extern "C" void nf4_dequantize_cuda(cuda_ctx *ctx, const nf4_cuda_tensor *t, bf16 *out, int64_t ldo) {
+    nf4_dequantize_on(ctx, ctx->stream, t, out, ldo);
+}
+
+extern "C" void nf4_dequantize_on(cuda_ctx *ctx, cudaStream_t stream, const nf4_cuda_tensor *t, bf16 *out, int64_t ldo) {
+    (void)ctx;
     nf4_consts_init();
     if (ldo <= 0) ldo = t->cols;
     if (t->cols % 8 == 0 && ldo % 8 == 0 && ((uintptr_t)out % 16) == 0 && ((uintptr_t)t->packed % 4) == 0) {
         int64_t n = t->numel / 8;
-        nf4_dequant8_kernel<<<ceil_div_i(n, 256), 256, 0, ctx->stream>>>(*t, out, ldo);
+        nf4_dequant8_kernel<<<ceil_div_i(n, 256), 256, 0, stream>>>(*t, out, ldo);
     } else {
-        nf4_dequant1_kernel<<<ceil_div_i(t->numel, 256), 256, 0, ctx->stream>>>(*t, out, ldo);
+        nf4_dequant1_kernel<<<ceil_div_i(t->numel, 256), 256, 0, stream>>>(*t, out, ldo);
     }
     CUDA_LAUNCH_CHECK();
 }

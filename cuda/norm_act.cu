@@ -76,6 +76,89 @@ __global__ void rmsnorm_backward_kernel(float *ginp, bf16 *ginp_bf16, int64_t ld
     }
 }
 
+// The same two ops with the row in registers: one read of x (and of g, w) per row instead of two. Thread
+// j holds the vectors j, j + blockDim, ... (NV of them): the summation order of the loop kernels above,
+// so both give the same bits. For rows up to NV * 8 * blockDim elements.
+template <int NV>
+__global__ void __launch_bounds__(128) rmsnorm_forward_reg_kernel(bf16 *out, int64_t ldo, float *rstd,
+                                                                  const bf16 *__restrict__ inp, const float *__restrict__ w,
+                                                                  int C, float eps) {
+    int64_t t = blockIdx.x;
+    const bf16 *x = inp + t * C;
+    float f[NV][8];
+    float ss = 0.0f;
+#pragma unroll
+    for (int v = 0; v < NV; v++) {
+        int c = (v * blockDim.x + threadIdx.x) * 8;
+        if (c < C) {
+            load8(x + c, f[v]);
+#pragma unroll
+            for (int k = 0; k < 8; k++) ss += f[v][k] * f[v][k];
+        }
+    }
+    ss = block_sum(ss);
+    float r = 1.0f / sqrtf(ss / (float)C + eps);
+    if (rstd && threadIdx.x == 0) rstd[t] = r;
+    bf16 *y = out + t * ldo;
+#pragma unroll
+    for (int v = 0; v < NV; v++) {
+        int c = (v * blockDim.x + threadIdx.x) * 8;
+        if (c < C) {
+            float4 w0 = *(const float4 *)(w + c), w1 = *(const float4 *)(w + c + 4);
+            float wv[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
+#pragma unroll
+            for (int k = 0; k < 8; k++) f[v][k] = wv[k] * (f[v][k] * r);
+            store8(y + c, f[v]);
+        }
+    }
+}
+
+template <int NV>
+__global__ void __launch_bounds__(128) rmsnorm_backward_reg_kernel(float *ginp, bf16 *ginp_bf16, int64_t ldb,
+                                                                   const float *__restrict__ gout,
+                                                                   const bf16 *__restrict__ inp,
+                                                                   const float *__restrict__ w,
+                                                                   const float *__restrict__ rstd, int C) {
+    int64_t t = blockIdx.x;
+    const bf16 *x = inp + t * C;
+    const float *g = gout + t * C;
+    float xf[NV][8], gw[NV][8];
+    float dot = 0.0f;
+#pragma unroll
+    for (int v = 0; v < NV; v++) {
+        int c = (v * blockDim.x + threadIdx.x) * 8;
+        if (c < C) {
+            load8(x + c, xf[v]);
+            float4 g0 = *(const float4 *)(g + c), g1 = *(const float4 *)(g + c + 4);
+            float4 w0 = *(const float4 *)(w + c), w1 = *(const float4 *)(w + c + 4);
+            float gv[8] = {g0.x, g0.y, g0.z, g0.w, g1.x, g1.y, g1.z, g1.w};
+            float wv[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
+#pragma unroll
+            for (int k = 0; k < 8; k++) {
+                gw[v][k] = gv[k] * wv[k];
+                dot += gw[v][k] * xf[v][k];
+            }
+        }
+    }
+    dot = block_sum(dot);
+    float r = rstd[t];
+    float coef = r * r * r * dot / (float)C;
+    float *gx = ginp + t * C;
+#pragma unroll
+    for (int v = 0; v < NV; v++) {
+        int c = (v * blockDim.x + threadIdx.x) * 8;
+        if (c < C) {
+            float4 a0 = *(const float4 *)(gx + c), a1 = *(const float4 *)(gx + c + 4);
+            float o[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+#pragma unroll
+            for (int k = 0; k < 8; k++) o[k] = o[k] + (r * gw[v][k] - coef * xf[v][k]);
+            *(float4 *)(gx + c) = make_float4(o[0], o[1], o[2], o[3]);
+            *(float4 *)(gx + c + 4) = make_float4(o[4], o[5], o[6], o[7]);
+            if (ginp_bf16) store8(ginp_bf16 + t * ldb + c, o);
+        }
+    }
+}
+
 __device__ __forceinline__ float silu_f(float g) { return g / (1.0f + expf(-g)); }
 
 // 8 consecutive elements of one row per thread (I % 8 == 0).
@@ -150,11 +233,25 @@ static int row_threads(int C) {
     return n <= 32 ? 32 : (n + 31) / 32 * 32;
 }
 
+// Vectors of 8 per thread for the register kernels (0: the row is too wide, take the loop kernels).
+static int row_vectors(int C, int threads) {
+    int nv = (C / 8 + threads - 1) / threads;
+    return nv <= 8 ? nv : 0;
+}
+
 extern "C" void rmsnorm_forward_cuda(cuda_ctx *ctx, bf16 *out, int64_t ldo, float *rstd, const bf16 *inp,
                                      const float *weight, int64_t T, int C, float eps) {
     MOSFT_ASSERT(C % 8 == 0 && ldo % 8 == 0);
     if (T == 0) return;
-    rmsnorm_forward_kernel<<<(unsigned)T, row_threads(C), 0, ctx->stream>>>(out, ldo, rstd, inp, weight, C, eps);
+    int th = row_threads(C);
+    cudaStream_t st = ctx->stream;
+    switch (row_vectors(C, th)) {
+#define RN_CASE(n) \
+    case n: rmsnorm_forward_reg_kernel<n><<<(unsigned)T, th, 0, st>>>(out, ldo, rstd, inp, weight, C, eps); break;
+        RN_CASE(1) RN_CASE(2) RN_CASE(3) RN_CASE(4) RN_CASE(5) RN_CASE(6) RN_CASE(7) RN_CASE(8)
+#undef RN_CASE
+    default: rmsnorm_forward_kernel<<<(unsigned)T, th, 0, st>>>(out, ldo, rstd, inp, weight, C, eps); break;
+    }
     CUDA_LAUNCH_CHECK();
 }
 
@@ -162,8 +259,17 @@ extern "C" void rmsnorm_backward_cuda(cuda_ctx *ctx, float *ginp, bf16 *ginp_bf1
                                       const bf16 *inp, const float *weight, const float *rstd, int64_t T, int C) {
     MOSFT_ASSERT(C % 8 == 0 && ldb % 8 == 0);
     if (T == 0) return;
-    rmsnorm_backward_kernel<<<(unsigned)T, row_threads(C), 0, ctx->stream>>>(ginp, ginp_bf16, ldb, gout, inp, weight, rstd,
-                                                                             C);
+    int th = row_threads(C);
+    cudaStream_t st = ctx->stream;
+    switch (row_vectors(C, th)) {
+#define RN_CASE(n)                                                                                                   \
+    case n:                                                                                                          \
+        rmsnorm_backward_reg_kernel<n><<<(unsigned)T, th, 0, st>>>(ginp, ginp_bf16, ldb, gout, inp, weight, rstd, C); \
+        break;
+        RN_CASE(1) RN_CASE(2) RN_CASE(3) RN_CASE(4) RN_CASE(5) RN_CASE(6) RN_CASE(7) RN_CASE(8)
+#undef RN_CASE
+    default: rmsnorm_backward_kernel<<<(unsigned)T, th, 0, st>>>(ginp, ginp_bf16, ldb, gout, inp, weight, rstd, C); break;
+    }
     CUDA_LAUNCH_CHECK();
 }
 

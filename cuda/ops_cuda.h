@@ -84,6 +84,8 @@ void nf4_quantize_cuda(cuda_ctx *ctx, nf4_cuda_tensor *t, const float *w, float 
 // out[rows][cols] (row stride ldo, 0 = cols) = bf16(code * absmax) (core/model.c base_linear_weight, bit
 // for bit).
 void nf4_dequantize_cuda(cuda_ctx *ctx, const nf4_cuda_tensor *t, bf16 *out, int64_t ldo);
+// The same on another stream (the backend dequantizes the next weight group while a GEMM runs).
+void nf4_dequantize_on(cuda_ctx *ctx, cudaStream_t stream, const nf4_cuda_tensor *t, bf16 *out, int64_t ldo);
 // Upload a host nf4_tensor (pre-quantized bnb-4bit, or quantized by core/nf4.c) into a laid-out tensor.
 void nf4_upload_cuda(cuda_ctx *ctx, nf4_cuda_tensor *t, const nf4_tensor *host);
 
@@ -138,23 +140,31 @@ int attention_chunk(size_t budget, int B, int S, int Hq);
 void attention_forward_cuda(cuda_ctx *ctx, bf16 *out, int64_t ldo, float *lse, const bf16 *q, const bf16 *k, const bf16 *v,
                             const int32_t *mask, int B, int S, int Hq, int Hkv, int D, void *scratch, int bc,
                             bf16 *o_tmp);
-// Backward: gq[B][Hq][S][D], gk, gv[B][Hkv][S][D] fp32 (overwritten) from gout[B*S][Hq*D] and the
-// forward's out (row stride ldo) and lse. do_tmp[B][Hq][S][D] bf16 scratch, delta[B][Hq][S] fp32 scratch.
-void attention_backward_cuda(cuda_ctx *ctx, float *gq, float *gk, float *gv, const bf16 *gout, const bf16 *out,
-                             int64_t ldo, const float *lse, const bf16 *q, const bf16 *k, const bf16 *v, const int32_t *mask, int B,
-                             int S, int Hq, int Hkv, int D, void *scratch, int bc, bf16 *do_tmp, float *delta);
+// Backward into the fused projection's gradient: gqkv[B*S][Hq*D + 2*Hkv*D] (bf16, row stride ldg,
+// overwritten) = RoPE backward of (dQ, dK) | dV, from gout[B*S][Hq*D] (token-major dO), the forward's
+// out (row stride ldo) and lse, head-major q, k (rotated), v, and the rope table cs[S][D/2][2].
+// delta[B][Hq][S] fp32 scratch. The batched-GEMM path also takes scratch
+// (attention_scratch_bytes(bc, S, Hq)), do_tmp[B][Hq][S][D] bf16 and gq[B][Hq][S][D], gk, gv[B][Hkv][S][D]
+// fp32; with attention_uses_flash(D) they may be NULL.
+void attention_backward_cuda(cuda_ctx *ctx, bf16 *gqkv, int64_t ldg, const float *cs, const bf16 *gout, const bf16 *out,
+                             int64_t ldo, const float *lse, const bf16 *q, const bf16 *k, const bf16 *v, const int32_t *mask,
+                             int B, int S, int Hq, int Hkv, int D, float *delta, void *scratch, int bc, bf16 *do_tmp,
+                             float *gq, float *gk, float *gv);
 
 // FlashAttention-style kernels (cuda/flash_attention.cu) serve head sizes 16, 32, 64 and 128: the two
 // functions above use them (no scratch needed) unless attention_use_flash(0) or MOSFT_ATTENTION=gemm
-// selects the batched-GEMM path.
+// selects the batched-GEMM path; attention_uses_flash(D) says which one runs.
 int flash_attention_supported(int D);
 void attention_use_flash(int on);
+int attention_uses_flash(int D);
 void flash_attention_forward_cuda(cuda_ctx *ctx, bf16 *out, int64_t ldo, float *lse, const bf16 *q, const bf16 *k, const bf16 *v,
                                   const int32_t *mask, int B, int S, int Hq, int Hkv, int D);
-// dO_heads[B][Hq][S][D] (head-major), delta[B][Hq][S] = rowsum(dO * O); gq, gk, gv fp32 overwritten.
-void flash_attention_backward_cuda(cuda_ctx *ctx, float *gq, float *gk, float *gv, const bf16 *dO_heads,
-                                   const float *lse, const float *delta, const bf16 *q, const bf16 *k, const bf16 *v,
-                                   const int32_t *mask, int B, int S, int Hq, int Hkv, int D);
+// dO[B*S][Hq*D] token-major (row stride ldd); delta[B][Hq][S] is computed (= rowsum(dO * O)); gqkv as
+// attention_backward_cuda.
+void flash_attention_backward_cuda(cuda_ctx *ctx, bf16 *gqkv, int64_t ldg, float *delta, const bf16 *dO, int64_t ldd,
+                                   const bf16 *out, int64_t ldo, const float *lse, const bf16 *q, const bf16 *k,
+                                   const bf16 *v, const int32_t *mask, const float *cs, int B, int S, int Hq, int Hkv,
+                                   int D);
 
 // ---- lm_head + cross-entropy (cuda/loss.cu) ----
 // Rows per chunk so that the chunk's logits (fp32) and dlogits (bf16) take at most `budget` bytes.

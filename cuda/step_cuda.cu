@@ -20,6 +20,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <cuda_profiler_api.h>
+
 #include "core/ops_cpu.h"
 #include "core/rng.h"
 #include "cuda/backend_cuda.cuh"
@@ -149,15 +151,20 @@ void cuda_acts_layout(backend *be, cuda_arena *ar, int B, int S, mem_plan *plan)
     c->xf = BF(T * d.C);
     c->rstd_f = F32(T);
     c->qkv = BF(T * ld.qkv);
-    c->o_tmp = BF(T * d.Q);
     c->gx = F32(T * d.C);
     c->gxb = BF(T * ld.gxb);
     c->gh = F32(T * d.C);
     c->gbig = BF(T * (d.I > d.Q ? d.I : d.Q));
-    c->gq = F32(T * d.Q);
-    c->gk = F32(T * d.KV);
-    c->gv = F32(T * d.KV);
     c->delta = F32(T * d.Hq);
+    if (!attention_uses_flash(d.D)) {  // the batched-GEMM attention's head-major scratch
+        c->o_tmp = BF(T * d.Q);
+        c->gq = F32(T * d.Q);
+        c->gk = F32(T * d.KV);
+        c->gv = F32(T * d.KV);
+    } else {
+        c->o_tmp = NULL;
+        c->gq = c->gk = c->gv = NULL;
+    }
     int bc = attention_chunk(ATT_BUDGET, B, S, d.Hq);
     c->ce_rows = lmhead_ce_chunk_rows(CE_BUDGET, d.V);
     if (c->ce_rows > T) c->ce_rows = T;
@@ -178,7 +185,8 @@ void cuda_acts_layout(backend *be, cuda_arena *ar, int B, int S, mem_plan *plan)
             int64_t n = (int64_t)(dout + rp(c, g)) * (di + rp(c, g));
             mx = n > mx ? n : mx;
         }
-        c->wbuf = BF(mx);
+        c->wbufs[0] = BF(mx);
+        c->wbufs[1] = c->wpipe ? BF(mx) : c->wbufs[0];
     }
     int din = max_din(be);
     if (din > 0) {
@@ -225,44 +233,96 @@ static void ad_gemm(cuda_impl *c, int ta, int tb, int64_t M, int64_t N, int64_t 
 // [d_out + Rp][d_in + Rp] with W top-left, sB top-right, A bottom-left. With dropout (a mask per
 // module) the backward term (gh A) * mask cannot ride along and is added per module.
 
-// The bf16 weight of group `grp` with its adapter blocks (row stride d_in + Rp).
-static const bf16 *group_weight(cuda_impl *c, const dims *d, int l, int grp) {
+// Dequantize NF4 group `grp` of layer l with its adapter blocks into buf ([d_out + Rp][d_in + Rp]) on st.
+static void dequant_group(cuda_impl *c, const dims *d, int l, int grp, bf16 *buf, cudaStream_t st) {
     const cuda_layer *L = &c->model.layers[l];
-    if (!c->model.nf4) return L->w[grp];
-    prof_mark(c, PROF_DEQUANT);
     int di, dout;
     cuda_group_dims(&c->model.cfg, grp, &di, &dout);
     int64_t ld = di + rp(c, grp);
     switch (grp) {
     case GRP_QKV:
-        nf4_dequantize_cuda(c->ctx, &L->q[MOD_Q], c->wbuf, ld);
-        nf4_dequantize_cuda(c->ctx, &L->q[MOD_K], c->wbuf + (int64_t)d->Q * ld, ld);
-        nf4_dequantize_cuda(c->ctx, &L->q[MOD_V], c->wbuf + (int64_t)(d->Q + d->KV) * ld, ld);
+        nf4_dequantize_on(c->ctx, st, &L->q[MOD_Q], buf, ld);
+        nf4_dequantize_on(c->ctx, st, &L->q[MOD_K], buf + (int64_t)d->Q * ld, ld);
+        nf4_dequantize_on(c->ctx, st, &L->q[MOD_V], buf + (int64_t)(d->Q + d->KV) * ld, ld);
         break;
-    case GRP_O: nf4_dequantize_cuda(c->ctx, &L->q[MOD_O], c->wbuf, ld); break;
+    case GRP_O: nf4_dequantize_on(c->ctx, st, &L->q[MOD_O], buf, ld); break;
     case GRP_GU:
-        nf4_dequantize_cuda(c->ctx, &L->q[MOD_GATE], c->wbuf, ld);
-        nf4_dequantize_cuda(c->ctx, &L->q[MOD_UP], c->wbuf + (int64_t)d->I * ld, ld);
+        nf4_dequantize_on(c->ctx, st, &L->q[MOD_GATE], buf, ld);
+        nf4_dequantize_on(c->ctx, st, &L->q[MOD_UP], buf + (int64_t)d->I * ld, ld);
         break;
-    default: nf4_dequantize_cuda(c->ctx, &L->q[MOD_DOWN], c->wbuf, ld); break;
+    default: nf4_dequantize_on(c->ctx, st, &L->q[MOD_DOWN], buf, ld); break;
     }
     const cuda_adapter_group *ag = &c->grp[grp];
     if (ag->n) {
-        CUDA_CHECK(cudaMemcpy2DAsync(c->wbuf + di, (size_t)ld * 2, ag->B[l], (size_t)ag->R * 2, (size_t)ag->R * 2,
-                                     (size_t)dout, cudaMemcpyDeviceToDevice, c->ctx->stream));
-        CUDA_CHECK(cudaMemcpy2DAsync(c->wbuf + (int64_t)dout * ld, (size_t)ld * 2, ag->A[l], (size_t)di * 2, (size_t)di * 2,
-                                     (size_t)ag->R, cudaMemcpyDeviceToDevice, c->ctx->stream));
+        CUDA_CHECK(cudaMemcpy2DAsync(buf + di, (size_t)ld * 2, ag->B[l], (size_t)ag->R * 2, (size_t)ag->R * 2, (size_t)dout,
+                                     cudaMemcpyDeviceToDevice, st));
+        CUDA_CHECK(cudaMemcpy2DAsync(buf + (int64_t)dout * ld, (size_t)ld * 2, ag->A[l], (size_t)di * 2, (size_t)di * 2,
+                                     (size_t)ag->R, cudaMemcpyDeviceToDevice, st));
     }
-    return c->wbuf;
+}
+
+// The order in which a micro-batch asks for weight groups (forward, then backward with its
+// recomputation), so that each group is dequantized while the previous one's GEMM runs.
+static void weight_sequence(cuda_impl *c, int L, int backward) {
+    int n = 0;
+    for (int l = 0; l < L; l++)
+        for (int g = 0; g < GRP_COUNT; g++) c->wseq[n++] = l * GRP_COUNT + g;
+    for (int l = L - 1; l >= 0 && backward; l--) {
+        if (c->recompute == RECOMPUTE_FULL) {
+            c->wseq[n++] = l * GRP_COUNT + GRP_QKV;
+            c->wseq[n++] = l * GRP_COUNT + GRP_O;
+        }
+        if (c->recompute != RECOMPUTE_NONE) c->wseq[n++] = l * GRP_COUNT + GRP_GU;
+        c->wseq[n++] = l * GRP_COUNT + GRP_DOWN;
+        c->wseq[n++] = l * GRP_COUNT + GRP_GU;
+        c->wseq[n++] = l * GRP_COUNT + GRP_O;
+        c->wseq[n++] = l * GRP_COUNT + GRP_QKV;
+    }
+    c->wn = n;
+    c->wi = 0;
+    c->wpf[0] = c->wpf[1] = -1;
+}
+
+// The bf16 weight of group `grp` with its adapter blocks (row stride d_in + Rp). An NF4 base alternates
+// between two buffers: the group asked for now was dequantized on the weight stream while the previous
+// GEMM ran (or is dequantized now if the sequence was left), and the next one of the sequence starts
+// there as soon as the GEMMs that read its buffer are done.
+static const bf16 *group_weight(cuda_impl *c, const dims *d, int l, int grp) {
+    const cuda_layer *L = &c->model.layers[l];
+    if (!c->model.nf4) return L->w[grp];
+    prof_mark(c, PROF_DEQUANT);
+    cudaStream_t st = c->ctx->stream;
+    if (!c->wpipe) {
+        dequant_group(c, d, l, grp, c->wbufs[0], st);
+        return c->wbufs[0];
+    }
+    int i = c->wi++, s = i & 1;
+    CUDA_CHECK(cudaEventRecord(c->w_free[s ^ 1], st));  // all work so far, the reads of the other buffer included
+    if (c->wpf[s] == i) {
+        CUDA_CHECK(cudaStreamWaitEvent(st, c->w_ready[s], 0));
+        if (c->wseq[i] != l * GRP_COUNT + grp) dequant_group(c, d, l, grp, c->wbufs[s], st);
+    } else {
+        dequant_group(c, d, l, grp, c->wbufs[s], st);
+    }
+    c->wpf[s] = -1;
+    if (i + 1 < c->wn) {
+        int nx = c->wseq[i + 1];
+        CUDA_CHECK(cudaStreamWaitEvent(c->wstream, c->w_free[s ^ 1], 0));
+        dequant_group(c, d, nx / GRP_COUNT, nx % GRP_COUNT, c->wbufs[s ^ 1], c->wstream);
+        CUDA_CHECK(cudaEventRecord(c->w_ready[s ^ 1], c->wstream));
+        c->wpf[s ^ 1] = i + 1;
+    }
+    return c->wbufs[s];
 }
 
 void cuda_build_factors(backend *be) {
     cuda_impl *c = (cuda_impl *)be->impl;
     if (c->built) return;
+    if (c->peer) cuda_peer_build(be);
     for (int g = 0; g < GRP_COUNT; g++) {
         cuda_adapter_group *ag = &c->grp[g];
         for (int l = 0; l < be->cfg.n_layers && ag->n; l++) {
-            for (int i = 0; i < ag->n; i++)
+            for (int i = 0; i < ag->n && !c->peer; i++)
                 lowrank_gather_cuda(c->ctx, &ag->map[l * 3 + i], c->params, ag->A[l] + (int64_t)i * c->rank * ag->d_in,
                                     ag->B[l] + (int64_t)ag->row_off[i] * ag->R + i * c->rank);
             if (!c->model.nf4) {  // a bf16 base keeps the blocks beside its weights
@@ -317,6 +377,22 @@ static void adapter_h(backend *be, const dims *d, int l, int g, bf16 *x, int64_t
     }
 }
 
+// Module i of group g in layer l: dL/dA gA [r][d_in], dL/dB gB [d_out_m][r] (row stride R) into the
+// gradient: MoS and LoRA scatter on the device; the peer methods' copies go to the host (h_dfac) for
+// their own scatter after the micro-batch (cuda/peer_cuda.cu). Stream order keeps gA, gB alive until
+// the copies are done.
+static void ad_scatter(cuda_impl *c, const cuda_adapter_group *ag, int l, int i, const float *gA, const float *gB) {
+    if (!c->peer) {
+        lowrank_scatter_cuda(c->ctx, &ag->map[l * 3 + i], gA, gB, c->grad);
+        return;
+    }
+    int r = c->rank, di = ag->d_in;
+    float *dst = c->h_dfac + c->dense_off[l * MOD_COUNT + ag->mod[i]];
+    CUDA_CHECK(cudaMemcpyAsync(dst, gA, sizeof(float) * (size_t)r * di, cudaMemcpyDeviceToHost, c->ctx->stream));
+    CUDA_CHECK(cudaMemcpy2DAsync(dst + (size_t)r * di, sizeof(float) * (size_t)r, gB, sizeof(float) * (size_t)ag->R,
+                                 sizeof(float) * (size_t)r, (size_t)ag->d_out_m[i], cudaMemcpyDeviceToHost, c->ctx->stream));
+}
+
 // K of group g's forward GEMM: the input width plus the adapter's columns.
 static int64_t k_fwd(const cuda_impl *c, int g, int64_t d_in) { return d_in + c->grp[g].R; }
 
@@ -339,16 +415,14 @@ static int64_t adapter_grads(backend *be, const dims *d, int l, int g, const bf1
     if (!dropout_on(be, dc)) {
         ad_gemm(c, 1, 0, R, di, d->T, 1.0f, gh, ldgy, x, ldx, c->ad_gA, di, GEMM_F32);
         for (int i = 0; i < ag->n; i++)
-            lowrank_scatter_cuda(c->ctx, &ag->map[l * 3 + i], c->ad_gA + (int64_t)i * r * di,
-                                 c->ad_gB + (int64_t)ag->row_off[i] * R + i * r, c->grad);
+            ad_scatter(c, ag, l, i, c->ad_gA + (int64_t)i * r * di, c->ad_gB + (int64_t)ag->row_off[i] * R + i * r);
         return dout + R;
     }
     for (int i = 0; i < ag->n; i++) {
         drop_spec ds = drop_of(be, dc, l, ag->mod[i]);
         dropout_apply_cuda(c->ctx, c->ad_xd, x, ldx, d->T, di, ds.key, ds.thr, ds.keep);
         ad_gemm(c, 1, 0, r, di, d->T, 1.0f, gh + i * r, ldgy, c->ad_xd, di, c->ad_gA, di, GEMM_F32);
-        lowrank_scatter_cuda(c->ctx, &ag->map[l * 3 + i], c->ad_gA, c->ad_gB + (int64_t)ag->row_off[i] * R + i * r,
-                             c->grad);
+        ad_scatter(c, ag, l, i, c->ad_gA, c->ad_gB + (int64_t)ag->row_off[i] * R + i * r);
     }
     return dout;
 }
@@ -476,11 +550,9 @@ static void layer_backward(backend *be, const dims *d, int l, const dropout_ctx 
     prof_mark(c, PROF_ADAPTER_BWD);
     adapter_dx_dropout(be, d, l, GRP_O, c->gxb, ld.gxb, gatt, 0, d->Q, dc);
     prof_mark(c, PROF_ATTN_BWD);
-    attention_backward_cuda(ctx, c->gq, c->gk, c->gv, gatt, a->att, ld.att, a->lse, a->q, a->k, a->v, c->mask, d->B, d->S,
-                            d->Hq, d->Hkv, d->D, c->big, att_chunk(c, d), c->o_tmp, c->delta);
-    bf16 *gqkv = c->qkv;
-    prof_mark(c, PROF_ELEM);
-    rope_merge_backward_cuda(ctx, gqkv, ld.qkv, c->gq, c->gk, c->gv, c->cs, d->B, d->S, d->Hq, d->Hkv, d->D);
+    bf16 *gqkv = c->qkv;  // the q|k|v projection's gradient, RoPE undone
+    attention_backward_cuda(ctx, gqkv, ld.qkv, c->cs, gatt, a->att, ld.att, a->lse, a->q, a->k, a->v, c->mask, d->B, d->S,
+                            d->Hq, d->Hkv, d->D, c->delta, c->big, att_chunk(c, d), c->o_tmp, c->gq, c->gk, c->gv);
     prof_mark(c, PROF_ADAPTER_BWD);
     K = adapter_grads(be, d, l, GRP_QKV, a->h1, ld.h1, gqkv, ld.qkv, dc);
     w = group_weight(c, d, l, GRP_QKV);
@@ -552,8 +624,27 @@ static int ensure_acts(backend *be, int B, int S) {
     return MOSFT_OK;
 }
 
+// MOSFT_CUDA_PROFILE_STEP=n: the n-th micro-batch (from 1) runs between cudaProfilerStart and Stop, for
+// a kernel profiler started with its collection off (ncu --profile-from-start off).
+static int profiler_window(int *calls) {
+    static int want = -1;
+    if (want < 0) {
+        const char *e = getenv("MOSFT_CUDA_PROFILE_STEP");
+        want = e ? atoi(e) : 0;
+    }
+    return want > 0 && ++*calls == want;
+}
+
 int cuda_step_run(backend *be, const micro_batch *mb, float loss_scale, const dropout_ctx *dc, int backward,
                              double *loss_sum, int64_t *n_tokens, float *logits_host) {
+    static int calls = 0;
+    if (profiler_window(&calls)) {
+        cudaProfilerStart();
+        int rc = cuda_step_run(be, mb, loss_scale, dc, backward, loss_sum, n_tokens, logits_host);
+        cudaDeviceSynchronize();
+        cudaProfilerStop();
+        return rc;
+    }
     cuda_impl *c = (cuda_impl *)be->impl;
     int rc = check_ids(be, mb);
     if (rc) return rc;
@@ -575,6 +666,7 @@ int cuda_step_run(backend *be, const micro_batch *mb, float loss_scale, const dr
     CUDA_CHECK(cudaMemcpyAsync(c->mask, mb->attn_mask, nb, cudaMemcpyHostToDevice, ctx->stream));
     prof_mark(c, PROF_ADAPTER);
     cuda_build_factors(be);
+    weight_sequence(c, d.L, backward);
     // forward
     prof_mark(c, PROF_ELEM);
     embedding_forward_cuda(ctx, c->acts[0].x_in, c->ids, c->model.embed, d.T, d.C);
@@ -617,6 +709,7 @@ int cuda_step_run(backend *be, const micro_batch *mb, float loss_scale, const dr
     *loss_sum = sum_f32_cuda(ctx, c->row_loss, d.T, c->red);  // synchronizes: the step is done
     prof_mark(c, PROF_OTHER);
     prof_collect(c);
+    if (c->peer) cuda_peer_scatter(be);
     return MOSFT_OK;
 }
 

@@ -276,8 +276,8 @@ START_TEST(test_rmsnorm) {
     cuda_ctx *ctx = ctx_new();
     rng_state r;
     rng_seed(&r, 303);
-    int Cs[] = {64, 4096};
-    for (int ci = 0; ci < 2; ci++) {
+    int Cs[] = {64, 3072, 4096, 5120, 8320};  // register kernels of 1, 3, 4, 5 vectors; the loop kernel
+    for (int ci = 0; ci < 5; ci++) {
         int64_t T = 37;
         int C = Cs[ci];
         size_t n = (size_t)(T * C);
@@ -364,7 +364,7 @@ END_TEST
 
 // ---- rope and attention ------------------------------------------------------------------------------
 
-// token-major [B][S][H][D] <-> head-major [B][H][S][D]
+// token-major [B][S][H][D] -> head-major [B][H][S][D]
 static void to_heads(float *dst, const float *src, int B, int S, int H, int D) {
     for (int b = 0; b < B; b++)
         for (int s = 0; s < S; s++)
@@ -372,14 +372,6 @@ static void to_heads(float *dst, const float *src, int B, int S, int H, int D) {
                 memcpy(dst + (((size_t)b * H + h) * S + s) * D, src + (((size_t)b * S + s) * H + h) * D,
                        sizeof(float) * D);
 }
-static void to_tokens(float *dst, const float *src, int B, int S, int H, int D) {
-    for (int b = 0; b < B; b++)
-        for (int s = 0; s < S; s++)
-            for (int h = 0; h < H; h++)
-                memcpy(dst + (((size_t)b * S + s) * H + h) * D, src + (((size_t)b * H + h) * S + s) * D,
-                       sizeof(float) * D);
-}
-
 START_TEST(test_rope) {
     cuda_ctx *ctx = ctx_new();
     rng_state r;
@@ -480,24 +472,37 @@ static void attention_case(cuda_ctx *ctx, int flash, int B, int S, int Hq, int H
     double mx = max_abs(out, (size_t)nq);
     ck_assert(close_enough("attention fwd", got, out, (size_t)nq, 1e-2 * mx, 1.0 / 64));
     ck_assert(rel_l2(got, out, (size_t)nq) < 1e-2);
-    // backward
+    // backward, into the fused projection's gradient gqkv [T][W] with RoPE's inverse rotation
     float *go = rnd_bf16(&r, (size_t)nq, 1.0f);
     float *gq = xcalloc((size_t)nq, sizeof(float)), *gk = xcalloc((size_t)nk, sizeof(float)),
           *gv = xcalloc((size_t)nk, sizeof(float));
     // the CPU twin on the GPU's bf16 output (delta uses it), its inputs otherwise
     attention_backward_cpu(gq, gk, gv, go, q, k, v, mask, B, S, Hq, Hkv, D);
+    float *inv = xmalloc(sizeof(float) * (size_t)(D / 2));
+    for (int i = 0; i < D / 2; i++) inv[i] = (float)(1.0 / pow(10000.0, 2.0 * i / D));
+    float *cs = xmalloc(sizeof(float) * (size_t)S * D);
+    rope_table_host(cs, inv, S, D);
+    int32_t *pos = xmalloc(sizeof(int32_t) * (size_t)T);
+    for (int64_t t = 0; t < T; t++) pos[t] = (int32_t)(t % S);
+    rope_backward_cpu(gq, pos, inv, T, Hq, D);
+    rope_backward_cpu(gk, pos, inv, T, Hkv, D);
+    int64_t W = (int64_t)(Hq + 2 * Hkv) * D, ldg = W + 8;  // a row stride wider than the row (the adapter's columns)
     void *dgo = dev_bf16(go, (size_t)nq);
+    float *dcs = dev_up(cs, sizeof(float) * (size_t)S * D);
+    void *dg = dev_alloc(2 * (size_t)(T * ldg));
     float *dgq = dev_alloc(4 * (size_t)nq), *dgk = dev_alloc(4 * (size_t)nk), *dgv = dev_alloc(4 * (size_t)nk);
     float *delta = dev_alloc(4 * (size_t)(T * Hq));
     void *dotmp = dev_alloc(2 * (size_t)nq);
-    attention_backward_cuda(ctx, dgq, dgk, dgv, dgo, dout, (int64_t)Hq * D, lse, dq, dk, dv, dm, B, S, Hq, Hkv, D, scratch, bc, dotmp,
-                            delta);
-    float *hgq = down_f32(dgq, (size_t)nq), *hgk = down_f32(dgk, (size_t)nk), *hgv = down_f32(dgv, (size_t)nk);
+    attention_backward_cuda(ctx, dg, ldg, dcs, dgo, dout, (int64_t)Hq * D, lse, dq, dk, dv, dm, B, S, Hq, Hkv, D, delta,
+                            scratch, bc, dotmp, dgq, dgk, dgv);
+    float *hg = down_bf16(dg, (size_t)(T * ldg));
     float *tq = xmalloc(sizeof(float) * (size_t)nq), *tk = xmalloc(sizeof(float) * (size_t)nk),
           *tv = xmalloc(sizeof(float) * (size_t)nk);
-    to_tokens(tq, hgq, B, S, Hq, D);
-    to_tokens(tk, hgk, B, S, Hkv, D);
-    to_tokens(tv, hgv, B, S, Hkv, D);
+    for (int64_t t = 0; t < T; t++) {
+        memcpy(tq + t * Hq * D, hg + t * ldg, sizeof(float) * Hq * D);
+        memcpy(tk + t * Hkv * D, hg + t * ldg + Hq * D, sizeof(float) * Hkv * D);
+        memcpy(tv + t * Hkv * D, hg + t * ldg + (Hq + Hkv) * D, sizeof(float) * Hkv * D);
+    }
     const char *nm[3] = {"attention bwd dq", "attention bwd dk", "attention bwd dv"};
     float *gs[3] = {tq, tk, tv}, *rs[3] = {gq, gk, gv};
     size_t ns[3] = {(size_t)nq, (size_t)nk, (size_t)nk};
@@ -507,10 +512,11 @@ static void attention_case(cuda_ctx *ctx, int flash, int B, int S, int Hq, int H
     }
     free(mask), free(q), free(k), free(v), free(out), free(qh), free(kh), free(vh), free(got), free(go), free(gq),
         free(gk);
-    free(gv), free(hgq), free(hgk), free(hgv), free(tq), free(tk), free(tv);
+    free(gv), free(hg), free(tq), free(tk), free(tv), free(inv), free(cs), free(pos);
     cudaFree(dq), cudaFree(dk), cudaFree(dv), cudaFree(dm), cudaFree(scratch), cudaFree(dout), cudaFree(otmp),
         cudaFree(lse);
-    cudaFree(dgo), cudaFree(dgq), cudaFree(dgk), cudaFree(dgv), cudaFree(delta), cudaFree(dotmp);
+    cudaFree(dgo), cudaFree(dgq), cudaFree(dgk), cudaFree(dgv), cudaFree(delta), cudaFree(dotmp), cudaFree(dcs),
+        cudaFree(dg);
 }
 
 START_TEST(test_attention) {
@@ -519,6 +525,8 @@ START_TEST(test_attention) {
         attention_case(ctx, flash, 3, 37, 8, 2, 16, 606);  // GQA, padding, S not a tile multiple
         attention_case(ctx, flash, 2, 130, 4, 4, 128, 607);  // MHA at a real head size, 3 tiles
         attention_case(ctx, flash, 2, 70, 4, 1, 64, 608);
+        attention_case(ctx, flash, 3, 200, 8, 2, 128, 609);  // GQA at D = 128, several key and query tiles
+        attention_case(ctx, flash, 2, 96, 4, 2, 32, 610);
     }
     attention_use_flash(1);
     cuda_ctx_free(ctx);
