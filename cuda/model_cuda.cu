@@ -128,29 +128,6 @@ static void place_bf16(cuda_ctx *ctx, staging *st, cuda_model *m, cuda_layer *L,
 
 static const char *set_where(const st_set *s) { return s->n_files == 1 ? s->files[0].path : s->dir; }
 
-// The stored tensor `name` with exactly `shape` and a float dtype (the CPU loader's checks and messages).
-static int find_float(const st_set *s, const char *name, int ndim, const int64_t *shape, const st_tensor **out) {
-    char want[64], got[128];
-    st_shape_str(want, sizeof want, ndim, shape);
-    const st_file *f = NULL;
-    const st_tensor *t = st_set_find(s, name, &f);
-    if (!t)
-        return mosft_fail(MOSFT_ERR_INPUT, "%s: %s: expected a tensor of shape %s (from config.json), got nothing",
-                          set_where(s), name, want);
-    int ok = t->ndim == ndim;
-    for (int i = 0; ok && i < ndim; i++) ok = t->shape[i] == shape[i];
-    if (!ok) {
-        st_shape_str(got, sizeof got, t->ndim, t->shape);
-        return mosft_fail_hint(MOSFT_ERR_INPUT, "does config.json belong to these weights?",
-                               "%s: %s: expected shape %s (from config.json), got %s", f->path, name, want, got);
-    }
-    if (t->dtype != MOSFT_F32 && t->dtype != MOSFT_BF16 && t->dtype != MOSFT_F16 && t->dtype != MOSFT_F64)
-        return mosft_fail(MOSFT_ERR_INPUT, "%s: %s: expected a float tensor (F32, BF16, F16), got %s", f->path, name,
-                          dtype_name(t->dtype));
-    *out = t;
-    return MOSFT_OK;
-}
-
 // Elements [e0, e0 + n) of a stored float tensor into dst (device fp32), optionally bf16-rounded.
 static void upload_f32(cuda_ctx *ctx, staging *st, const st_tensor *t, int64_t e0, int64_t n, float *dst, int round) {
     MOSFT_ASSERT(n <= st->cap);
@@ -240,7 +217,7 @@ static int load_linear(cuda_ctx *ctx, cuda_model *m, staging *st, const st_set *
     }
     int64_t shape[2] = {dout, di};
     const st_tensor *t;
-    if ((rc = find_float(s, name, 2, shape, &t))) return rc;
+    if ((rc = llama_find_float_tensor(s, name, 2, shape, &t))) return rc;
     upload_f32(ctx, st, t, 0, t->numel, st->f32, m->nf4);
     if (m->nf4)
         nf4_quantize_cuda(ctx, &L->q[mod], st->f32, st->absmax);
@@ -271,15 +248,15 @@ int cuda_model_load(cuda_ctx *ctx, cuda_model *m, const char *dir, int nf4, int 
     int64_t emb_shape[2] = {c->vocab, c->hidden}, norm_shape[1] = {c->hidden};
     const st_tensor *t;
     char name[256];
-    if ((rc = find_float(&s, "model.embed_tokens.weight", 2, emb_shape, &t))) goto out;
+    if ((rc = llama_find_float_tensor(&s, "model.embed_tokens.weight", 2, emb_shape, &t))) goto out;
     upload_bf16(ctx, &st, t, m->embed);
     for (int l = 0; l < c->n_layers; l++) {
         cuda_layer *L = &m->layers[l];
         snprintf(name, sizeof name, "model.layers.%d.input_layernorm.weight", l);
-        if ((rc = find_float(&s, name, 1, norm_shape, &t))) goto out;
+        if ((rc = llama_find_float_tensor(&s, name, 1, norm_shape, &t))) goto out;
         upload_f32(ctx, &st, t, 0, c->hidden, L->attn_norm, nf4);
         snprintf(name, sizeof name, "model.layers.%d.post_attention_layernorm.weight", l);
-        if ((rc = find_float(&s, name, 1, norm_shape, &t))) goto out;
+        if ((rc = llama_find_float_tensor(&s, name, 1, norm_shape, &t))) goto out;
         upload_f32(ctx, &st, t, 0, c->hidden, L->mlp_norm, nf4);
         for (int mod = 0; mod < MOD_COUNT; mod++)
             if ((rc = load_linear(ctx, m, &st, &s, l, mod))) goto out;
@@ -292,10 +269,10 @@ int cuda_model_load(cuda_ctx *ctx, cuda_model *m, const char *dir, int nf4, int 
                              set_where(&s), name, c->n_layers, c->n_layers);
         goto out;
     }
-    if ((rc = find_float(&s, "model.norm.weight", 1, norm_shape, &t))) goto out;
+    if ((rc = llama_find_float_tensor(&s, "model.norm.weight", 1, norm_shape, &t))) goto out;
     upload_f32(ctx, &st, t, 0, c->hidden, m->final_norm, nf4);
     if (!c->tie_embeddings) {
-        if ((rc = find_float(&s, "lm_head.weight", 2, emb_shape, &t))) goto out;
+        if ((rc = llama_find_float_tensor(&s, "lm_head.weight", 2, emb_shape, &t))) goto out;
         upload_bf16(ctx, &st, t, m->lm_head);
     }
     CUDA_CHECK(cudaStreamSynchronize(ctx->stream));
