@@ -276,7 +276,7 @@ static void weight_sequence(cuda_impl *c, int L, int backward) {
         c->wseq[n++] = l * GRP_COUNT + GRP_DOWN;
         c->wseq[n++] = l * GRP_COUNT + GRP_GU;
         c->wseq[n++] = l * GRP_COUNT + GRP_O;
-        c->wseq[n++] = l * GRP_COUNT + GRP_QKV;
+        if (l > 0) c->wseq[n++] = l * GRP_COUNT + GRP_QKV;  // layer 0: no input gradient (see layer_backward)
     }
     c->wn = n;
     c->wi = 0;
@@ -513,7 +513,8 @@ static void mlp_block_forward(backend *be, const dims *d, int l, bf16 *x_out, co
               a->x_mid, x_out, d->C, GEMM_BF16);
 }
 
-// c->gx holds dL/dx_out (and c->gxb its bf16 copy) on entry, dL/dx_in on exit.
+// c->gx holds dL/dx_out (and c->gxb its bf16 copy) on entry, dL/dx_in on exit (except for layer 0,
+// whose input gradient nothing needs: the q|k|v input-gradient GEMM and the norm backward are skipped).
 static void layer_backward(backend *be, const dims *d, int l, const dropout_ctx *dc) {
     cuda_impl *c = (cuda_impl *)be->impl;
     cuda_acts *a = &c->acts[l];
@@ -555,6 +556,7 @@ static void layer_backward(backend *be, const dims *d, int l, const dropout_ctx 
                             d->Hq, d->Hkv, d->D, c->delta, c->big, att_chunk(c, d), c->o_tmp, c->gq, c->gk, c->gv);
     prof_mark(c, PROF_ADAPTER_BWD);
     K = adapter_grads(be, d, l, GRP_QKV, a->h1, ld.h1, gqkv, ld.qkv, dc);
+    if (l == 0) return;  // dL/dx_in of layer 0 would only reach the embedding, which is frozen
     w = group_weight(c, d, l, GRP_QKV);
     prof_mark(c, PROF_GEMM_BWD);
     gemm_cuda(ctx, 0, 0, d->T, d->C, K, 1.0f, gqkv, ld.qkv, w, d->C + rp(c, GRP_QKV), 0.0f, NULL, c->gh, d->C, GEMM_F32);
