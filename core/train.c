@@ -420,7 +420,11 @@ int train_run(mosft_config *cfg, const train_args *args) {
             else if (tps >= 1e3) snprintf(tk, sizeof tk, "%.1fk", tps / 1e3);
             else snprintf(tk, sizeof tk, "%.0f", tps);
             char mfu[32] = "";
-            if (be->flops_peak > 0) snprintf(mfu, sizeof mfu, " | MFU %4.1f%%", 100.0 * tps * fpt / be->flops_peak);
+            if (be->flops_peak > 0) {
+                double pct = 100.0 * tps * fpt / be->flops_peak;
+                if (pct < 0.1) snprintf(mfu, sizeof mfu, " | MFU <0.1%%");  // tiny models: not "0.0%"
+                else snprintf(mfu, sizeof mfu, " | MFU %4.1f%%", pct);
+            }
             mosft_log("step %lld/%d | loss %.4f | norm %.3f | lr %.2e | %4.0f ms | %s tok/s%s | mem %s | %s | ETA %s\n",
                     (long long)meta.step, cfg->train.steps, loss, norm, lr, dt * 1000.0, tk, mfu, mem, el, eta);
             t_log = now;
