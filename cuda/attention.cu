@@ -348,7 +348,7 @@ extern "C" void attention_backward_cuda(cuda_ctx *ctx, bf16 *gqkv, int64_t ldg, 
     MOSFT_ASSERT(Hkv > 0 && Hq % Hkv == 0 && bc >= 1);
     if (use_flash(D)) {
         flash_attention_backward_cuda(ctx, gqkv, ldg, delta, gout, (int64_t)Hq * D, out, ldo, lse, q, k, v, mask, cs, B, S,
-                                      Hq, Hkv, D);
+                                      Hq, Hkv, D, scratch, bc);
         return;
     }
     int group = Hq / Hkv;

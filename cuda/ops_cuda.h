@@ -129,7 +129,7 @@ void rope_split_cuda(cuda_ctx *ctx, bf16 *q, bf16 *k, bf16 *v, const bf16 *qkv, 
 void rope_merge_backward_cuda(cuda_ctx *ctx, bf16 *gqkv, int64_t ldg, const float *gq, const float *gk, const float *gv,
                               const float *cs, int B, int S, int Hq, int Hkv, int D);
 // Attention scratch bytes for chunks of `bc` sequences (scores fp32 + probabilities bf16; the
-// batched-GEMM path only: the flash kernels need none).
+// batched-GEMM path; the flash backward needs flash_attention_scratch_bytes(bc, S, Hq) instead).
 size_t attention_scratch_bytes(int bc, int S, int Hq);
 // Sequences per chunk that fit `budget` bytes of scratch (at least 1).
 int attention_chunk(size_t budget, int B, int S, int Hq);
@@ -160,11 +160,13 @@ int attention_uses_flash(int D);
 void flash_attention_forward_cuda(cuda_ctx *ctx, bf16 *out, int64_t ldo, float *lse, const bf16 *q, const bf16 *k, const bf16 *v,
                                   const int32_t *mask, int B, int S, int Hq, int Hkv, int D);
 // dO[B*S][Hq*D] token-major (row stride ldd); delta[B][Hq][S] is computed (= rowsum(dO * O)); gqkv as
-// attention_backward_cuda.
+// attention_backward_cuda. scratch: flash_attention_scratch_bytes(bc, S, Hq) bytes (dS of bc sequences at
+// a time: the dQ kernel reads what the dK/dV kernel wrote instead of computing it again).
+size_t flash_attention_scratch_bytes(int bc, int S, int Hq);
 void flash_attention_backward_cuda(cuda_ctx *ctx, bf16 *gqkv, int64_t ldg, float *delta, const bf16 *dO, int64_t ldd,
                                    const bf16 *out, int64_t ldo, const float *lse, const bf16 *q, const bf16 *k,
                                    const bf16 *v, const int32_t *mask, const float *cs, int B, int S, int Hq, int Hkv,
-                                   int D);
+                                   int D, void *scratch, int bc);
 
 // ---- lm_head + cross-entropy (cuda/loss.cu) ----
 // Rows per chunk so that the chunk's logits (fp32) and dlogits (bf16) take at most `budget` bytes.

@@ -168,7 +168,8 @@ void cuda_acts_layout(backend *be, cuda_arena *ar, int B, int S, mem_plan *plan)
     int bc = attention_chunk(ATT_BUDGET, B, S, d.Hq);
     c->ce_rows = lmhead_ce_chunk_rows(CE_BUDGET, d.V);
     if (c->ce_rows > T) c->ce_rows = T;
-    size_t att = flash_attention_supported(d.D) ? 0 : attention_scratch_bytes(bc, S, d.Hq);
+    // the flash backward keeps the dS tiles of at least one sequence (it shares the lm_head's scratch)
+    size_t att = flash_attention_supported(d.D) ? flash_attention_scratch_bytes(1, S, d.Hq) : attention_scratch_bytes(bc, S, d.Hq);
     size_t ce = lmhead_ce_scratch_bytes(c->ce_rows, d.V);
     c->big_bytes = att > ce ? att : ce;
     c->big = take(ar, c->big_bytes, plan, CAT_WORK);
@@ -448,7 +449,10 @@ static void adapter_dx_dropout(backend *be, const dims *d, int l, int g, const b
 
 static int att_chunk(const cuda_impl *c, const dims *d) {
     int bc = d->B;
-    while (bc > 1 && attention_scratch_bytes(bc, d->S, d->Hq) > c->big_bytes) bc--;
+    int flash = attention_uses_flash(d->D);
+    while (bc > 1 && (flash ? flash_attention_scratch_bytes(bc, d->S, d->Hq) : attention_scratch_bytes(bc, d->S, d->Hq)) >
+                         c->big_bytes)
+        bc--;
     return bc;
 }
 

@@ -464,7 +464,8 @@ static void attention_case(cuda_ctx *ctx, int flash, int B, int S, int Hq, int H
     void *dq = dev_bf16(qh, (size_t)nq), *dk = dev_bf16(kh, (size_t)nk), *dv = dev_bf16(vh, (size_t)nk);
     int32_t *dm = dev_up(mask, sizeof(int32_t) * (size_t)T);
     int bc = 2;  // two chunks (the second one partial)
-    void *scratch = dev_alloc(attention_scratch_bytes(bc, S, Hq));
+    size_t sb = attention_scratch_bytes(bc, S, Hq), sf = flash_attention_scratch_bytes(bc, S, Hq);
+    void *scratch = dev_alloc(sb > sf ? sb : sf);
     void *dout = dev_alloc(2 * (size_t)nq), *otmp = dev_alloc(2 * (size_t)nq);
     float *lse = dev_alloc(sizeof(float) * (size_t)(T * Hq));
     attention_forward_cuda(ctx, dout, (int64_t)Hq * D, lse, dq, dk, dv, dm, B, S, Hq, Hkv, D, scratch, bc, otmp);
