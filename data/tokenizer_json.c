@@ -159,6 +159,23 @@ static int get_prepend_scheme(const char *file, const cJSON *o, const char *jp, 
     return tokj_bad(file, p, "\"always\", \"never\" or \"first\"", tokj_get(o, "prepend_scheme"));
 }
 
+// A "Sequence" component: each element of o[key] loaded in order by `load` (the JSON path says which).
+static int load_sequence(tokenizer *t, const cJSON *o, const char *jp, const char *key,
+                         int (*load)(tokenizer *, const cJSON *, const char *)) {
+    const cJSON *arr = tokj_get(o, key);
+    char p[JP];
+    tokj_path(p, "%s.%s", jp, key);
+    if (!cJSON_IsArray(arr)) return tokj_bad(t->path, p, "an array", arr);
+    int i = 0;
+    for (const cJSON *e = arr->child; e; e = e->next, i++) {
+        char q[JP];
+        tokj_path(q, "%s[%d]", p, i);
+        int rc = load(t, e, q);
+        if (rc) return rc;
+    }
+    return MOSFT_OK;
+}
+
 // ---- normalizer ----------------------------------------------------------------------------------------
 
 int tok_load_normalizer(tokenizer *t, const cJSON *o, const char *jp) {
@@ -166,19 +183,7 @@ int tok_load_normalizer(tokenizer *t, const cJSON *o, const char *jp) {
     if (tokj_null(o)) return MOSFT_OK;
     int rc = get_type(file, o, jp, &type);
     if (rc) return rc;
-    if (!strcmp(type, "Sequence")) {
-        const cJSON *arr = tokj_get(o, "normalizers");
-        char p[JP];
-        tokj_path(p, "%s.normalizers", jp);
-        if (!cJSON_IsArray(arr)) return tokj_bad(file, p, "an array", arr);
-        int i = 0;
-        for (const cJSON *e = arr->child; e; e = e->next, i++) {
-            char q[JP];
-            tokj_path(q, "%s[%d]", p, i);
-            if ((rc = tok_load_normalizer(t, e, q))) return rc;
-        }
-        return MOSFT_OK;
-    }
+    if (!strcmp(type, "Sequence")) return load_sequence(t, o, jp, "normalizers", tok_load_normalizer);
     tok_norm_op op = {0};
     if (!strcmp(type, "Prepend")) {
         const char *s;
@@ -240,19 +245,7 @@ int tok_load_pretok(tokenizer *t, const cJSON *o, const char *jp) {
     if (tokj_null(o)) return MOSFT_OK;
     int rc = get_type(file, o, jp, &type);
     if (rc) return rc;
-    if (!strcmp(type, "Sequence")) {
-        const cJSON *arr = tokj_get(o, "pretokenizers");
-        char p[JP];
-        tokj_path(p, "%s.pretokenizers", jp);
-        if (!cJSON_IsArray(arr)) return tokj_bad(file, p, "an array", arr);
-        int i = 0;
-        for (const cJSON *e = arr->child; e; e = e->next, i++) {
-            char q[JP];
-            tokj_path(q, "%s[%d]", p, i);
-            if ((rc = tok_load_pretok(t, e, q))) return rc;
-        }
-        return MOSFT_OK;
-    }
+    if (!strcmp(type, "Sequence")) return load_sequence(t, o, jp, "pretokenizers", tok_load_pretok);
     if (t->byte_level) {
         char p[JP];
         tokj_path(p, "%s.type", jp);
@@ -316,19 +309,7 @@ int tok_load_decoder(tokenizer *t, const cJSON *o, const char *jp) {
     int rc = get_type(file, o, jp, &type);
     if (rc) return rc;
     t->has_decoder = 1;
-    if (!strcmp(type, "Sequence")) {
-        const cJSON *arr = tokj_get(o, "decoders");
-        char p[JP];
-        tokj_path(p, "%s.decoders", jp);
-        if (!cJSON_IsArray(arr)) return tokj_bad(file, p, "an array", arr);
-        int i = 0;
-        for (const cJSON *e = arr->child; e; e = e->next, i++) {
-            char q[JP];
-            tokj_path(q, "%s[%d]", p, i);
-            if ((rc = tok_load_decoder(t, e, q))) return rc;
-        }
-        return MOSFT_OK;
-    }
+    if (!strcmp(type, "Sequence")) return load_sequence(t, o, jp, "decoders", tok_load_decoder);
     tok_decoder d = {0};
     if (!strcmp(type, "Replace")) {
         const char *str, *regex, *content;
@@ -443,19 +424,7 @@ int tok_load_post(tokenizer *t, const cJSON *o, const char *jp) {
     if (tokj_null(o)) return MOSFT_OK;
     int rc = get_type(file, o, jp, &type);
     if (rc) return rc;
-    if (!strcmp(type, "Sequence")) {
-        const cJSON *arr = tokj_get(o, "processors");
-        char p[JP];
-        tokj_path(p, "%s.processors", jp);
-        if (!cJSON_IsArray(arr)) return tokj_bad(file, p, "an array", arr);
-        int i = 0;
-        for (const cJSON *e = arr->child; e; e = e->next, i++) {
-            char q[JP];
-            tokj_path(q, "%s[%d]", p, i);
-            if ((rc = tok_load_post(t, e, q))) return rc;
-        }
-        return MOSFT_OK;
-    }
+    if (!strcmp(type, "Sequence")) return load_sequence(t, o, jp, "processors", tok_load_post);
     if (!strcmp(type, "ByteLevel")) return MOSFT_OK;  // only trims offsets
     if (!strcmp(type, "TemplateProcessing")) return load_template(t, o, jp);
     char p[JP];
