@@ -402,3 +402,15 @@ void adapter_dropout_mask(uint64_t key, float p, size_t n, float *mask) {
     }
     for (; i < n; i++) mask[i] = rng_keep(key, i, thr) ? keep : 0.0f;
 }
+
+int adapter_check_buffers_finite(adapter *a) {
+    for (int b = 0; b < a->n_buffers; b++) {
+        const float *p = (const float *)a->buffers[b].data;
+        size_t n = a->buffers[b].nbytes / sizeof(float);
+        for (size_t e = 0; e < n; e++)
+            if (!isfinite(p[e]))
+                return mosft_fail(MOSFT_ERR_INPUT, "%s: entry %zu: expected a finite value, got %g", a->buffers[b].name, e,
+                                  (double)p[e]);
+    }
+    return MOSFT_OK;
+}

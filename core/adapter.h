@@ -157,6 +157,9 @@ void adapter_alloc_params(adapter *a);
 adapter_tensor *adapter_find_tensor(const adapter *a, const char *name);
 adapter_buffer *adapter_find_buffer(const adapter *a, const char *name);
 static inline float *adapter_tensor_data(const adapter *a, const adapter_tensor *t) { return a->params + t->offset; }
+// An `attach` for methods whose frozen F32 buffers come from the file (VeRA, Tied-LoRA): every value
+// finite, since a non-finite one would poison every layer; else MOSFT_ERR_INPUT naming the entry.
+int adapter_check_buffers_finite(adapter *a);
 
 // adapter.mos (a safetensors file): params (F32), buffers, __metadata__ {format: "mos", format_version,
 // adapter config, base-model fingerprint, step}. Written atomically.

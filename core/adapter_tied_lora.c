@@ -123,19 +123,6 @@ static int tied_init(adapter *a) {
     return MOSFT_OK;
 }
 
-// Frozen parts come from the file: a non-finite value would poison every layer.
-static int tied_attach(adapter *a) {
-    for (int b = 0; b < a->n_buffers; b++) {
-        const float *p = (const float *)a->buffers[b].data;
-        size_t n = a->buffers[b].nbytes / sizeof(float);
-        for (size_t e = 0; e < n; e++)
-            if (!isfinite(p[e]))
-                return mosft_fail(MOSFT_ERR_INPUT, "%s: entry %zu: expected a finite value, got %g", a->buffers[b].name, e,
-                                  (double)p[e]);
-    }
-    return MOSFT_OK;
-}
-
 static void tied_build(const adapter *a, int layer, int module, float *A, float *B) {
     const tied_module *tm = &((const tied_impl *)a->impl)->m[module];
     MOSFT_ASSERT(tm->on && layer >= 0 && layer < a->model.n_layers);
@@ -196,7 +183,7 @@ const adapter_ops adapter_ops_tied_lora = {
     .method = "tied_lora",
     .routed = 0,
     .init = tied_init,
-    .attach = tied_attach,
+    .attach = adapter_check_buffers_finite,
     .build = tied_build,
     .scatter = tied_scatter,
     .free_impl = tied_free_impl,

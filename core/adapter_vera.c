@@ -98,19 +98,6 @@ static int vera_init(adapter *a) {
     return MOSFT_OK;
 }
 
-// The projections come from the file: a non-finite value would poison every layer.
-static int vera_attach(adapter *a) {
-    for (int b = 0; b < a->n_buffers; b++) {
-        const float *p = (const float *)a->buffers[b].data;
-        size_t n = a->buffers[b].nbytes / sizeof(float);
-        for (size_t e = 0; e < n; e++)
-            if (!isfinite(p[e]))
-                return mosft_fail(MOSFT_ERR_INPUT, "%s: entry %zu: expected a finite value, got %g", a->buffers[b].name, e,
-                                  (double)p[e]);
-    }
-    return MOSFT_OK;
-}
-
 static void vera_build(const adapter *a, int layer, int module, float *A, float *B) {
     const vera_impl *im = a->impl;
     int ti = im->tensor[layer * MOD_COUNT + module], r = a->rank, di, dout;
@@ -157,7 +144,7 @@ const adapter_ops adapter_ops_vera = {
     .method = "vera",
     .routed = 0,
     .init = vera_init,
-    .attach = vera_attach,
+    .attach = adapter_check_buffers_finite,
     .build = vera_build,
     .scatter = vera_scatter,
     .free_impl = vera_free_impl,
