@@ -1,13 +1,28 @@
-// backend.c: backend selection defaults for a CPU-only build. A CUDA build (MOSFT_WITH_CUDA) gets these
-// functions from cuda/backend_cuda.cu instead: a weak definition here would not do, because the linker
-// takes the first archive member that defines a symbol (weak or not) and never pulls another one to
-// replace it, so the stub would shadow the real backend in programs that reach it only through
-// libmosft.a.
+// backend.c: what both backends share (the micro-batch check), and the backend selection defaults for a
+// CPU-only build. A CUDA build (MOSFT_WITH_CUDA) gets those from cuda/backend_cuda.cu instead: a weak
+// definition here would not do, because the linker takes the first archive member that defines a symbol
+// (weak or not) and never pulls another one to replace it, so the stub would shadow the real backend in
+// programs that reach it only through libmosft.a.
 #include "core/backend.h"
 
 #include <stdio.h>
 
 #include "core/common.h"
+#include "core/ops_cpu.h"
+
+int backend_check_batch(const backend *be, const micro_batch *mb) {
+    int64_t T = (int64_t)mb->B * mb->S;
+    int V = be->cfg.vocab;
+    for (int64_t i = 0; i < T; i++) {
+        if (mb->input_ids[i] < 0 || mb->input_ids[i] >= V)
+            return mosft_fail(MOSFT_ERR_INPUT, "batch: token id %d at row %lld is outside the vocabulary (%d)",
+                              mb->input_ids[i], (long long)i, V);
+        if (mb->labels[i] != OPS_IGNORE_INDEX && (mb->labels[i] < 0 || mb->labels[i] >= V))
+            return mosft_fail(MOSFT_ERR_INPUT, "batch: label %d at row %lld is outside the vocabulary (%d)", mb->labels[i],
+                              (long long)i, V);
+    }
+    return MOSFT_OK;
+}
 
 #ifndef MOSFT_WITH_CUDA
 

@@ -113,6 +113,9 @@ int backend_cuda_available(char *name, size_t n);
 // to the CPU.
 int backend_cuda_supports(const adapter *ad, const llama_config *cfg);
 void backend_destroy(backend *be);
+// Every input id in [0, vocab) and every label -100 or in [0, vocab): MOSFT_OK, or MOSFT_ERR_INPUT naming
+// the row (both backends check a micro-batch before touching it).
+int backend_check_batch(const backend *be, const micro_batch *mb);
 
 #ifdef __cplusplus
 }

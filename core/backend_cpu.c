@@ -343,25 +343,11 @@ static void prepare_batch(cpu_impl *c, const micro_batch *mb) {
         }
 }
 
-static int check_ids(const backend *be, const micro_batch *mb) {
-    int64_t T = (int64_t)mb->B * mb->S;
-    int V = be->cfg.vocab;
-    for (int64_t i = 0; i < T; i++) {
-        if (mb->input_ids[i] < 0 || mb->input_ids[i] >= V)
-            return mosft_fail(MOSFT_ERR_INPUT, "batch: token id %d at row %lld is outside the vocabulary (%d)",
-                              mb->input_ids[i], (long long)i, V);
-        if (mb->labels[i] != OPS_IGNORE_INDEX && (mb->labels[i] < 0 || mb->labels[i] >= V))
-            return mosft_fail(MOSFT_ERR_INPUT, "batch: label %d at row %lld is outside the vocabulary (%d)", mb->labels[i],
-                              (long long)i, V);
-    }
-    return MOSFT_OK;
-}
-
 // Forward through all layers; returns the loss sum. With gradients: backward too.
 static int run_step(backend *be, const micro_batch *mb, float loss_scale, const dropout_ctx *dc, int backward,
                     double *loss_sum, int64_t *n_tokens) {
     cpu_impl *c = be->impl;
-    int rc = check_ids(be, mb);
+    int rc = backend_check_batch(be, mb);
     if (rc) return rc;
     const llama_model *m = c->m;
     const llama_config *cfg = &m->cfg;

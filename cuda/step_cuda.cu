@@ -572,20 +572,6 @@ static void layer_backward(backend *be, const dims *d, int l, const dropout_ctx 
 
 // ---- one micro-batch --------------------------------------------------------------------------------
 
-static int check_ids(const backend *be, const micro_batch *mb) {
-    int64_t T = (int64_t)mb->B * mb->S;
-    int V = be->cfg.vocab;
-    for (int64_t i = 0; i < T; i++) {
-        if (mb->input_ids[i] < 0 || mb->input_ids[i] >= V)
-            return mosft_fail(MOSFT_ERR_INPUT, "batch: token id %d at row %lld is outside the vocabulary (%d)",
-                              mb->input_ids[i], (long long)i, V);
-        if (mb->labels[i] != OPS_IGNORE_INDEX && (mb->labels[i] < 0 || mb->labels[i] >= V))
-            return mosft_fail(MOSFT_ERR_INPUT, "batch: label %d at row %lld is outside the vocabulary (%d)", mb->labels[i],
-                              (long long)i, V);
-    }
-    return MOSFT_OK;
-}
-
 // Activation arena for micro-batches of B x S (grown when a larger one arrives).
 static int ensure_acts(backend *be, int B, int S) {
     cuda_impl *c = (cuda_impl *)be->impl;
@@ -652,7 +638,7 @@ int cuda_step_run(backend *be, const micro_batch *mb, float loss_scale, const dr
         return rc;
     }
     cuda_impl *c = (cuda_impl *)be->impl;
-    int rc = check_ids(be, mb);
+    int rc = backend_check_batch(be, mb);
     if (rc) return rc;
     if ((rc = ensure_acts(be, mb->B, mb->S))) return rc;
     dims d = dims_of(&be->cfg, mb->B, mb->S);
