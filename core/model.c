@@ -17,6 +17,16 @@ static const char *set_where(const st_set *s) { return s->n_files == 1 ? s->file
 
 static int is_float_dtype(mosft_dtype t) { return t == MOSFT_F32 || t == MOSFT_BF16 || t == MOSFT_F16 || t == MOSFT_F64; }
 
+int llama_quantization_parse(const char *quantization, int *nf4) {
+    if (!strcmp(quantization, "nf4"))
+        *nf4 = 1;
+    else if (!strcmp(quantization, "none"))
+        *nf4 = 0;
+    else
+        return mosft_fail(MOSFT_ERR_INPUT, "model.quantization: expected \"nf4\" or \"none\", got \"%s\"", quantization);
+    return MOSFT_OK;
+}
+
 int llama_find_float_tensor(const st_set *s, const char *name, int ndim, const int64_t *shape, const st_tensor **out) {
     *out = NULL;
     char want[64], got[128];
@@ -102,14 +112,9 @@ static int load_linear(const st_set *s, const char *name, int d_in, int d_out, i
 int llama_model_load(llama_model *m, const char *dir, const char *quantization, int double_quant) {
     memset(m, 0, sizeof *m);
     int nf4;
-    if (!strcmp(quantization, "nf4"))
-        nf4 = 1;
-    else if (!strcmp(quantization, "none"))
-        nf4 = 0;
-    else
-        return mosft_fail(MOSFT_ERR_INPUT, "model.quantization: expected \"nf4\" or \"none\", got \"%s\"", quantization);
-    int rc = llama_config_load(&m->cfg, dir);
+    int rc = llama_quantization_parse(quantization, &nf4);
     if (rc) return rc;
+    if ((rc = llama_config_load(&m->cfg, dir))) return rc;
     st_set s;
     if ((rc = st_set_open(&s, dir))) {
         st_set_close(&s);

@@ -72,6 +72,9 @@ typedef struct {
     int quantized;      // NF4 base
 } llama_model;
 
+// model.quantization: "nf4" -> *nf4 = 1, "none" -> 0; anything else is MOSFT_ERR_INPUT naming the key.
+int llama_quantization_parse(const char *quantization, int *nf4);
+
 // Load a HF model folder for the CPU backend. quantization "nf4": every linear is rounded to bf16 (as
 // HF loads with torch_dtype=bf16) and quantized exactly as bitsandbytes; embeddings, norms and lm_head
 // are fp32 copies of the bf16-rounded values (prepare_model_for_kbit_training). "none": fp32 copies

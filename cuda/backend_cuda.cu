@@ -336,14 +336,8 @@ static double device_peak(const char *name) {
 static int create_common(backend **out, const llama_config *cfg, const char *model_dir, const char *quantization,
                          int double_quant, uint64_t seed, adapter *ad, const backend_opts *opt) {
     *out = NULL;
-    int nf4;
-    if (!strcmp(quantization, "nf4"))
-        nf4 = 1;
-    else if (!strcmp(quantization, "none"))
-        nf4 = 0;
-    else
-        return mosft_fail(MOSFT_ERR_INPUT, "model.quantization: expected \"nf4\" or \"none\", got \"%s\"", quantization);
-    int rc;
+    int nf4, rc;
+    if ((rc = llama_quantization_parse(quantization, &nf4))) return rc;
     if ((rc = check_dims(cfg))) return rc;
     if ((rc = adapter_supported(ad))) return rc;
     const char *rec = opt->recompute ? opt->recompute : "none";
