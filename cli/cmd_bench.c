@@ -9,7 +9,8 @@
 
 static const char *k_help =
     "usage: mosft bench [--model NAME|CONFIG] [--adapter mos|lora] [--recompute none|partial|full]\n"
-    "                   [--quantization nf4|none] [--batch N] [--seq N] [--steps N] [--warmup N] [--seed N]\n"
+    "                   [--quantization nf4|none] [--dropout P] [--batch N] [--seq N] [--steps N] [--warmup N]\n"
+    "                   [--seed N]\n"
     "\n"
     "Times training steps of the CUDA backend (forward, backward, gradient norm, AdamW) on random weights\n"
     "of a real model's shapes, generated on the GPU. Prints the median ms/step, tokens/s, MFU and GPU\n"
@@ -20,6 +21,7 @@ static const char *k_help =
     "  --adapter A        mos (R_v 8, r 32, l 4, R_p 2; default) or lora (r 64), on all 7 linears\n"
     "  --recompute R      none (default), partial or full\n"
     "  --quantization Q   nf4 (default: NF4 base with double quantization) or none (bf16 base)\n"
+    "  --dropout P        the adapter's input dropout (default 0; the paper's configs train with 0.1)\n"
     "  --batch N          sequences per step (default 16)\n"
     "  --seq N            tokens per sequence (default 512)\n"
     "  --steps N          timed steps (default 10), after --warmup N (default 3)\n"
@@ -35,11 +37,12 @@ int cmd_bench(int argc, char **argv) {
                                          {"recompute", required_argument, 0, 'r'}, {"quantization", required_argument, 0, 'q'},
                                          {"batch", required_argument, 0, 'b'},     {"seq", required_argument, 0, 'S'},
                                          {"steps", required_argument, 0, 'n'},     {"warmup", required_argument, 0, 'w'},
-                                         {"seed", required_argument, 0, 'e'},      {0, 0, 0, 0}};
-    bench_args a = {"llama2-7b", "mos", "none", "nf4", 16, 512, 10, 3, 1};
+                                         {"seed", required_argument, 0, 'e'},      {"dropout", required_argument, 0, 'p'},
+                                         {0, 0, 0, 0}};
+    bench_args a = {"llama2-7b", "mos", "none", "nf4", 16, 512, 10, 3, 1, 0.0};
     int c;
     optind = 1;
-    while ((c = getopt_long(argc, argv, "m:a:r:q:b:S:n:w:e:", opts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "m:a:r:q:b:S:n:w:e:p:", opts, NULL)) != -1) {
         switch (c) {
         case 'm': a.model = optarg; break;
         case 'a': a.adapter = optarg; break;
@@ -50,6 +53,7 @@ int cmd_bench(int argc, char **argv) {
         case 'n': a.steps = atoi(optarg); break;
         case 'w': a.warmup = atoi(optarg); break;
         case 'e': a.seed = strtoull(optarg, NULL, 10); break;
+        case 'p': a.dropout = atof(optarg); break;
         default: fprintf(stderr, "hint: mosft bench --help\n"); return 2;
         }
     }

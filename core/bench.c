@@ -78,10 +78,13 @@ int bench_run(const bench_args *a) {
                                  a->model);
     if (a->batch < 1 || a->seq < 2 || a->steps < 1 || a->warmup < 0)
         return mosft_fail(MOSFT_ERR_INPUT, "bench: expected --batch >= 1, --seq >= 2, --steps >= 1, --warmup >= 0");
+    if (!(a->dropout >= 0.0 && a->dropout < 1.0))
+        return mosft_fail(MOSFT_ERR_INPUT, "--dropout: expected a probability in [0, 1), got %g", a->dropout);
     adapter_spec s;
     memset(&s, 0, sizeof s);
     for (int m = 0; m < MOD_COUNT; m++) s.targets[m] = 1;
     s.seed = a->seed;
+    s.dropout = a->dropout;
     s.scale_mean = 1;
     s.pair_dissociation = 1;
     adapter *ad = NULL;
@@ -158,15 +161,15 @@ int bench_run(const bench_args *a) {
         char mem[32], pl[32];
         mosft_fmt_bytes(mem, sizeof mem, used);
         mosft_fmt_bytes(pl, sizeof pl, plan.total);
-        printf("bench %s %s base=%s recompute=%s %dx%d: %.1f ms/step | %.0f tok/s | MFU %.1f%% | GPU memory %s (plan %s) | "
+        printf("bench %s %s base=%s recompute=%s dropout=%g %dx%d: %.1f ms/step | %.0f tok/s | MFU %.1f%% | GPU memory %s (plan %s) | "
                "loss %.3f | %s\n",
-               a->model, a->adapter, a->quantization, a->recompute, B, S, med * 1e3, tps, 100 * mfu, mem, pl, loss,
+               a->model, a->adapter, a->quantization, a->recompute, a->dropout, B, S, med * 1e3, tps, 100 * mfu, mem, pl, loss,
                be->device_name);
         printf("{\"bench\": \"mosft\", \"model\": \"%s\", \"adapter\": \"%s\", \"quantization\": \"%s\", \"recompute\": \"%s\", "
-               "\"batch\": %d, \"seq\": %d, \"ms_per_step\": %.2f, \"ms_min\": %.2f, \"tokens_per_s\": %.1f, \"mfu\": %.4f, "
+               "\"dropout\": %g, \"batch\": %d, \"seq\": %d, \"ms_per_step\": %.2f, \"ms_min\": %.2f, \"tokens_per_s\": %.1f, \"mfu\": %.4f, "
                "\"gpu_memory_bytes\": %.0f, \"plan_bytes\": %.0f, \"adapter_params\": %zu, \"setup_s\": %.1f, "
                "\"device\": \"%s\"}\n",
-               a->model, a->adapter, a->quantization, a->recompute, B, S, med * 1e3, dt[0] * 1e3, tps, mfu, used,
+               a->model, a->adapter, a->quantization, a->recompute, a->dropout, B, S, med * 1e3, dt[0] * 1e3, tps, mfu, used,
                plan.total, ad->n_params, t_load, be->device_name);
         fflush(stdout);
         free(dt);

@@ -19,6 +19,7 @@ typedef struct {
     int batch, seq;            // micro-batch shape (one micro-batch per step)
     int steps, warmup;         // timed steps (median reported) after warm-up steps
     uint64_t seed;
+    double dropout;            // the adapter's input dropout, in [0, 1)
 } bench_args;
 
 // The HF config of a known model name; MOSFT_ERR_INPUT listing the names otherwise.

@@ -179,7 +179,7 @@ static void cuda_memory_plan(backend *be, int B, int S, mem_plan *p) {
     cuda_arena count = {NULL, (size_t)-1, 0, 0};
     cuda_acts_layout(&b2, &count, B, S, p);
     free(tmp.acts);
-    p->workspace += (double)cuda_ctx_workspace_bytes();
+    p->workspace += (double)cuda_ctx_workspace_bytes() * (c->side ? 2 : 1);
     p->total = p->weights + p->adapter + p->activations + p->workspace;
     size_t fr = 0, tot = 0;
     cudaMemGetInfo(&fr, &tot);
@@ -271,6 +271,11 @@ static void cuda_destroy(backend *be) {
             for (int i = 0; i < PROF_MAX; i++) cudaEventDestroy(c->ev[i]);
             free(c->ev);
             free(c->ev_cat);
+        }
+        if (c->side) {
+            cuda_ctx_free(c->side);
+            cudaEventDestroy(c->side_go);
+            for (int g = 0; g < GRP_COUNT; g++) cudaEventDestroy(c->side_done[g]);
         }
         if (c->wstream) {
             cudaStreamSynchronize(c->wstream);
@@ -393,6 +398,15 @@ static int create_common(backend **out, const llama_config *cfg, const char *mod
             CUDA_CHECK(cudaEventCreateWithFlags(&c->w_ready[i], cudaEventDisableTiming));
             CUDA_CHECK(cudaEventCreateWithFlags(&c->w_free[i], cudaEventDisableTiming));
         }
+    }
+    const char *ov = getenv("MOSFT_ADAPTER_OVERLAP");
+    if (!c->peer && !(ov && !strcmp(ov, "0"))) {
+        if (!(c->side = cuda_ctx_create_side())) {
+            cuda_destroy(be);
+            return MOSFT_ERR_RUNTIME;
+        }
+        CUDA_CHECK(cudaEventCreateWithFlags(&c->side_go, cudaEventDisableTiming));
+        for (int g = 0; g < GRP_COUNT; g++) CUDA_CHECK(cudaEventCreateWithFlags(&c->side_done[g], cudaEventDisableTiming));
     }
     c->model.cfg = *cfg;
     int *dq_of = NULL;

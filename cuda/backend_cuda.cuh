@@ -170,6 +170,16 @@ typedef struct {
     float *ad_gA, *ad_gB;          // [R_max][max d_in], [dout_max][R_max]
     float *ad_part;                // split-K partials of the adapter's GEMMs
     size_t ad_part_floats;
+    // The adapter's weight gradients (dL/dA, dL/dB and their scatter into grad) go to a second lane
+    // (side: its own stream, cuBLASLt workspace and scratch) so that they run beside the base
+    // input-gradient GEMMs: nothing in the backward chain waits for them, and the main stream joins the
+    // side only before it overwrites what the side reads (side_join in step_cuda.cu). NULL: one lane
+    // (MOSFT_ADAPTER_OVERLAP=0, or a peer method, whose scatter runs on the host).
+    cuda_ctx *side;
+    cudaEvent_t side_go, side_done[GRP_COUNT];  // main -> side; a group's side work done -> main
+    int side_busy[GRP_COUNT];      // group's work was queued on the side since the last join on it
+    bf16 *sd_xd;                   // the side's dropout-masked adapter input, like ad_xd
+    float *sd_gA, *sd_gB, *sd_part;  // the side's ad_gA, ad_gB, ad_part
     void *red;                     // reduction partials
     int32_t *h_targets;            // host [T_cap]
 } cuda_impl;

@@ -14,7 +14,8 @@
 
 size_t cuda_ctx_workspace_bytes(void) { return WORKSPACE_BYTES; }
 
-extern "C" cuda_ctx *cuda_ctx_create(void) {
+// high: the stream at the device's highest priority (the main stream), else at the lowest.
+static cuda_ctx *ctx_create(int high) {
     int n = 0;
     cudaError_t e = cudaGetDeviceCount(&n);
     if (e != cudaSuccess || n == 0) {
@@ -25,13 +26,14 @@ extern "C" cuda_ctx *cuda_ctx_create(void) {
     }
     cuda_ctx *ctx = (cuda_ctx *)xcalloc(1, sizeof(cuda_ctx));
     // The main stream at the highest priority: work on other streams (the next weight group's
-    // dequantization) fills the gaps the GEMMs leave instead of taking multiprocessors from them.
+    // dequantization, the adapter's weight gradients) fills the gaps the GEMMs leave instead of taking
+    // multiprocessors from them.
     int lo = 0, hi = 0;
     if (cudaDeviceGetStreamPriorityRange(&lo, &hi) != cudaSuccess) {
         cudaGetLastError();
-        hi = 0;
+        lo = hi = 0;
     }
-    CUDA_CHECK(cudaStreamCreateWithPriority(&ctx->stream, cudaStreamNonBlocking, hi));
+    CUDA_CHECK(cudaStreamCreateWithPriority(&ctx->stream, cudaStreamNonBlocking, high ? hi : lo));
     if (cublasLtCreate(&ctx->lt) != CUBLAS_STATUS_SUCCESS) {
         cudaStreamDestroy(ctx->stream);
         free(ctx);
@@ -53,6 +55,9 @@ extern "C" cuda_ctx *cuda_ctx_create(void) {
     CUDA_CHECK(cudaMallocHost((void **)&ctx->host_scratch, ctx->host_scratch_bytes));
     return ctx;
 }
+
+extern "C" cuda_ctx *cuda_ctx_create(void) { return ctx_create(1); }
+extern "C" cuda_ctx *cuda_ctx_create_side(void) { return ctx_create(0); }
 
 extern "C" void cuda_ctx_free(cuda_ctx *ctx) {
     if (!ctx) return;

@@ -38,6 +38,9 @@ extern "C" {
 typedef struct cuda_ctx cuda_ctx;
 // NULL (with the error recorded) when no device or the libraries fail.
 cuda_ctx *cuda_ctx_create(void);
+// A second context (its own stream at the lowest priority, cuBLASLt handle and workspace) for work
+// that may run beside the main stream's (the caller orders the two with events).
+cuda_ctx *cuda_ctx_create_side(void);
 void cuda_ctx_free(cuda_ctx *ctx);
 cudaStream_t cuda_ctx_stream(const cuda_ctx *ctx);
 void cuda_ctx_sync(cuda_ctx *ctx);

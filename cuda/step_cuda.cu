@@ -9,7 +9,9 @@
 //   a = silu(gate) * up                    x_out = x_mid + a Wd^T + adapter(down)
 // A frozen NF4 group is dequantized into one reused bf16 buffer right before its GEMM (forward and
 // backward); there is no weight gradient for the base. Each adapter adds s * (xd A^T) B^T into the
-// base output (beta = 1) and, in backward, scatters dL/dA, dL/dB into the fp32 gradient buffer.
+// base output (beta = 1) and, in backward, scatters dL/dA, dL/dB into the fp32 gradient buffer; those
+// weight-gradient products run on a second stream beside the base input-gradient GEMMs (side_begin,
+// side_join), since nothing in the layer's backward chain needs them.
 //
 // Recompute levels (which of cuda_acts is per layer): none keeps everything; partial keeps the layer
 // input, q/k/v, the attention output and its log-sum-exp and x_mid, and recomputes the norms and the
@@ -210,19 +212,62 @@ void cuda_acts_layout(backend *be, cuda_arena *ar, int B, int S, mem_plan *plan)
             c->ad_xd = BF(T * din);
             c->ad_gxd = F32(T * din);
         }
+        if (c->side) {
+            c->sd_gA = F32((int64_t)c->R_max * din);
+            c->sd_gB = F32((int64_t)c->dout_max * c->R_max);
+            c->sd_part = F32(mx);
+            if (be->dropout > 0) c->sd_xd = BF(T * din);
+        }
     }
 #undef BF
 #undef F32
 }
 
-// An adapter GEMM (beta = 0): split-K when the product is too skinny to fill the GPU.
-static void ad_gemm(cuda_impl *c, int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha, const bf16 *A, int64_t lda,
-                    const bf16 *B, int64_t ldb, void *D, int64_t ldd, gemm_dtype cd) {
+// Where the adapter's products run: the main lane, or the side lane (cuda_impl.side) for the weight
+// gradients, each with its own split-K partials, dL/dA, dL/dB and dropout buffers.
+typedef struct {
+    cuda_ctx *ctx;
+    float *part, *gA, *gB;
+    bf16 *xd;
+} ad_lane;
+
+static ad_lane lane_main(const cuda_impl *c) { return (ad_lane){c->ctx, c->ad_part, c->ad_gA, c->ad_gB, c->ad_xd}; }
+
+// The lane for the weight gradients of what the main stream has queued so far: the side lane starts
+// them once that work is done.
+static ad_lane side_begin(cuda_impl *c) {
+    if (!c->side) return lane_main(c);
+    CUDA_CHECK(cudaEventRecord(c->side_go, c->ctx->stream));
+    CUDA_CHECK(cudaStreamWaitEvent(cuda_ctx_stream(c->side), c->side_go, 0));
+    return (ad_lane){c->side, c->sd_part, c->sd_gA, c->sd_gB, c->sd_xd};
+}
+
+static void side_end(cuda_impl *c, int g) {
+    if (!c->side) return;
+    CUDA_CHECK(cudaEventRecord(c->side_done[g], cuda_ctx_stream(c->side)));
+    c->side_busy[g] = 1;
+}
+
+// The main stream waits for the side's work on group g (GRP_COUNT: every group): before it overwrites
+// a buffer that work reads (gxb, the q|k|v gradient, recomputed activations), and before the
+// micro-batch ends (grad complete).
+static void side_join(cuda_impl *c, int g) {
+    if (!c->side) return;
+    for (int i = 0; i < GRP_COUNT; i++)
+        if ((g == GRP_COUNT || i == g) && c->side_busy[i]) {
+            CUDA_CHECK(cudaStreamWaitEvent(c->ctx->stream, c->side_done[i], 0));
+            c->side_busy[i] = 0;
+        }
+}
+
+// An adapter GEMM (beta = 0) on lane ln: split-K when the product is too skinny to fill the GPU.
+static void ad_gemm(const cuda_impl *c, const ad_lane *ln, int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha,
+                    const bf16 *A, int64_t lda, const bf16 *B, int64_t ldb, void *D, int64_t ldd, gemm_dtype cd) {
     int s = gemm_splitk_count(M, N, K);
     if (s > 1 && (size_t)s * (size_t)(M * N) <= c->ad_part_floats)
-        gemm_splitk_cuda(c->ctx, ta, tb, M, N, K, alpha, A, lda, B, ldb, D, ldd, cd, s, c->ad_part);
+        gemm_splitk_cuda(ln->ctx, ta, tb, M, N, K, alpha, A, lda, B, ldb, D, ldd, cd, s, ln->part);
     else
-        gemm_cuda(c->ctx, ta, tb, M, N, K, alpha, A, lda, B, ldb, 0.0f, NULL, D, ldd, cd);
+        gemm_cuda(ln->ctx, ta, tb, M, N, K, alpha, A, lda, B, ldb, 0.0f, NULL, D, ldd, cd);
 }
 
 // ---- frozen weights and adapters ------------------------------------------------------------------
@@ -366,14 +411,15 @@ static void adapter_h(backend *be, const dims *d, int l, int g, bf16 *x, int64_t
     if (!ag->n) return;
     int r = c->rank;
     bf16 *h = x + ag->d_in;
+    ad_lane m = lane_main(c);
     if (!dropout_on(be, dc)) {
-        ad_gemm(c, 0, 1, d->T, ag->R, ag->d_in, 1.0f, x, ldx, ag->A[l], ag->d_in, h, ldx, GEMM_BF16);
+        ad_gemm(c, &m, 0, 1, d->T, ag->R, ag->d_in, 1.0f, x, ldx, ag->A[l], ag->d_in, h, ldx, GEMM_BF16);
         return;
     }
     for (int i = 0; i < ag->n; i++) {  // a mask per module
         drop_spec ds = drop_of(be, dc, l, ag->mod[i]);
         dropout_apply_cuda(c->ctx, c->ad_xd, x, ldx, d->T, ag->d_in, ds.key, ds.thr, ds.keep);
-        ad_gemm(c, 0, 1, d->T, r, ag->d_in, 1.0f, c->ad_xd, ag->d_in, ag->A[l] + (int64_t)i * r * ag->d_in, ag->d_in,
+        ad_gemm(c, &m, 0, 1, d->T, r, ag->d_in, 1.0f, c->ad_xd, ag->d_in, ag->A[l] + (int64_t)i * r * ag->d_in, ag->d_in,
                 h + i * r, ldx, GEMM_BF16);
     }
 }
@@ -382,11 +428,13 @@ static void adapter_h(backend *be, const dims *d, int l, int g, bf16 *x, int64_t
 // gradient: MoS and LoRA scatter on the device; the peer methods' copies go to the host (h_dfac) for
 // their own scatter after the micro-batch (cuda/peer_cuda.cu). Stream order keeps gA, gB alive until
 // the copies are done.
-static void ad_scatter(cuda_impl *c, const cuda_adapter_group *ag, int l, int i, const float *gA, const float *gB) {
+static void ad_scatter(cuda_impl *c, const ad_lane *ln, const cuda_adapter_group *ag, int l, int i, const float *gA,
+                       const float *gB) {
     if (!c->peer) {
-        lowrank_scatter_cuda(c->ctx, &ag->map[l * 3 + i], gA, gB, c->grad);
+        lowrank_scatter_cuda(ln->ctx, &ag->map[l * 3 + i], gA, gB, c->grad);
         return;
     }
+    MOSFT_ASSERT(ln->ctx == c->ctx);  // the peers' copies are ordered on the main stream (no side lane)
     int r = c->rank, di = ag->d_in;
     float *dst = c->h_dfac + c->dense_off[l * MOD_COUNT + ag->mod[i]];
     CUDA_CHECK(cudaMemcpyAsync(dst, gA, sizeof(float) * (size_t)r * di, cudaMemcpyDeviceToHost, c->ctx->stream));
@@ -398,9 +446,9 @@ static void ad_scatter(cuda_impl *c, const cuda_adapter_group *ag, int l, int i,
 static int64_t k_fwd(const cuda_impl *c, int g, int64_t d_in) { return d_in + c->grp[g].R; }
 
 // Backward of group g's adapters, before its input-gradient GEMM: gh = gy (sB) into gy's extra columns
-// (gy [T][d_out + Rp], row stride ldgy), dL/dB = s gy^T h, dL/dA = gh^T xd, both scattered into
-// c->grad. Returns the K of the input-gradient GEMM: d_out + R when gh A rides along (no dropout),
-// else d_out (adapter_dx_dropout adds the masked term after it).
+// (gy [T][d_out + Rp], row stride ldgy) on the main lane, then on the side lane dL/dB = s gy^T h,
+// dL/dA = gh^T xd, both scattered into c->grad. Returns the K of the input-gradient GEMM: d_out + R
+// when gh A rides along (no dropout), else d_out (adapter_dx_dropout adds the masked term after it).
 static int64_t adapter_grads(backend *be, const dims *d, int l, int g, const bf16 *x, int64_t ldx, bf16 *gy, int64_t ldgy,
                              const dropout_ctx *dc) {
     cuda_impl *c = (cuda_impl *)be->impl;
@@ -411,20 +459,24 @@ static int64_t adapter_grads(backend *be, const dims *d, int l, int g, const bf1
     int r = c->rank, R = ag->R;
     bf16 *gh = gy + dout;
     const bf16 *h = x + di;
-    ad_gemm(c, 0, 0, d->T, R, dout, 1.0f, gy, ldgy, ag->B[l], R, gh, ldgy, GEMM_BF16);
-    ad_gemm(c, 1, 0, dout, R, d->T, c->scaling, gy, ldgy, h, ldx, c->ad_gB, R, GEMM_F32);
+    ad_lane m = lane_main(c);
+    ad_gemm(c, &m, 0, 0, d->T, R, dout, 1.0f, gy, ldgy, ag->B[l], R, gh, ldgy, GEMM_BF16);
+    ad_lane w = side_begin(c);
+    ad_gemm(c, &w, 1, 0, dout, R, d->T, c->scaling, gy, ldgy, h, ldx, w.gB, R, GEMM_F32);
     if (!dropout_on(be, dc)) {
-        ad_gemm(c, 1, 0, R, di, d->T, 1.0f, gh, ldgy, x, ldx, c->ad_gA, di, GEMM_F32);
+        ad_gemm(c, &w, 1, 0, R, di, d->T, 1.0f, gh, ldgy, x, ldx, w.gA, di, GEMM_F32);
         for (int i = 0; i < ag->n; i++)
-            ad_scatter(c, ag, l, i, c->ad_gA + (int64_t)i * r * di, c->ad_gB + (int64_t)ag->row_off[i] * R + i * r);
+            ad_scatter(c, &w, ag, l, i, w.gA + (int64_t)i * r * di, w.gB + (int64_t)ag->row_off[i] * R + i * r);
+        side_end(c, g);
         return dout + R;
     }
     for (int i = 0; i < ag->n; i++) {
         drop_spec ds = drop_of(be, dc, l, ag->mod[i]);
-        dropout_apply_cuda(c->ctx, c->ad_xd, x, ldx, d->T, di, ds.key, ds.thr, ds.keep);
-        ad_gemm(c, 1, 0, r, di, d->T, 1.0f, gh + i * r, ldgy, c->ad_xd, di, c->ad_gA, di, GEMM_F32);
-        ad_scatter(c, ag, l, i, c->ad_gA, c->ad_gB + (int64_t)ag->row_off[i] * R + i * r);
+        dropout_apply_cuda(w.ctx, w.xd, x, ldx, d->T, di, ds.key, ds.thr, ds.keep);
+        ad_gemm(c, &w, 1, 0, r, di, d->T, 1.0f, gh + i * r, ldgy, w.xd, di, w.gA, di, GEMM_F32);
+        ad_scatter(c, &w, ag, l, i, w.gA, w.gB + (int64_t)ag->row_off[i] * R + i * r);
     }
+    side_end(c, g);
     return dout;
 }
 
@@ -544,6 +596,7 @@ static void layer_backward(backend *be, const dims *d, int l, const dropout_ctx 
     prof_mark(c, PROF_ADAPTER_BWD);
     adapter_dx_dropout(be, d, l, GRP_GU, a->gu, ld.gu, c->gh, 1, d->C, dc);
     prof_mark(c, PROF_ELEM);
+    side_join(c, GRP_DOWN);  // the down adapter's weight gradients read gxb
     rmsnorm_backward_cuda(ctx, c->gx, c->gxb, ld.gxb, c->gh, a->x_mid, L->mlp_norm, a->rstd2, d->T, d->C);
     // attention: x_mid = x_in + o(attention(rope(q(h1)), rope(k(h1)), v(h1)))
     prof_mark(c, PROF_ADAPTER_BWD);
@@ -555,6 +608,7 @@ static void layer_backward(backend *be, const dims *d, int l, const dropout_ctx 
     prof_mark(c, PROF_ADAPTER_BWD);
     adapter_dx_dropout(be, d, l, GRP_O, c->gxb, ld.gxb, gatt, 0, d->Q, dc);
     prof_mark(c, PROF_ATTN_BWD);
+    side_join(c, GRP_QKV);  // the q|k|v adapter's weight gradients of the layer above read c->qkv
     bf16 *gqkv = c->qkv;  // the q|k|v projection's gradient, RoPE undone
     attention_backward_cuda(ctx, gqkv, ld.qkv, c->cs, gatt, a->att, ld.att, a->lse, a->q, a->k, a->v, c->mask, d->B, d->S,
                             d->Hq, d->Hkv, d->D, c->delta, c->big, att_chunk(c, d), c->o_tmp, c->gq, c->gk, c->gv);
@@ -567,6 +621,7 @@ static void layer_backward(backend *be, const dims *d, int l, const dropout_ctx 
     prof_mark(c, PROF_ADAPTER_BWD);
     adapter_dx_dropout(be, d, l, GRP_QKV, gqkv, ld.qkv, c->gh, 1, d->C, dc);
     prof_mark(c, PROF_ELEM);
+    side_join(c, GRP_O);  // the o adapter's weight gradients read gxb
     rmsnorm_backward_cuda(ctx, c->gx, c->gxb, ld.gxb, c->gh, a->x_in, L->attn_norm, a->rstd1, d->T, d->C);
 }
 
@@ -687,6 +742,7 @@ int cuda_step_run(backend *be, const micro_batch *mb, float loss_scale, const dr
     rmsnorm_backward_cuda(ctx, c->gx, c->gxb, lds_of(c, &d).gxb, gxf, c->x_final, c->model.final_norm, c->rstd_f, d.T,
                           d.C);
     for (int l = d.L - 1; l >= 0; l--) {
+        if (c->recompute != RECOMPUTE_NONE) side_join(c, GRP_COUNT);  // recomputation overwrites what the side reads
         if (c->recompute == RECOMPUTE_FULL) {
             norm1_forward(be, &d, l, dc);
             attn_block_forward(be, &d, l, dc);
@@ -697,6 +753,7 @@ int cuda_step_run(backend *be, const micro_batch *mb, float loss_scale, const dr
         }
         layer_backward(be, &d, l, dc);
     }
+    side_join(c, GRP_COUNT);  // every weight gradient is in grad
     prof_mark(c, PROF_LOSS);
     *loss_sum = sum_f32_cuda(ctx, c->row_loss, d.T, c->red);  // synchronizes: the step is done
     prof_mark(c, PROF_OTHER);

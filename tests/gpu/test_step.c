@@ -365,6 +365,47 @@ START_TEST(test_determinism_resume) {
 }
 END_TEST
 
+// The adapter's weight gradients on the side stream (the default) against one stream
+// (MOSFT_ADAPTER_OVERLAP=0): the same products in the same order, so bit-identical losses and
+// parameters; a missing join would let the main stream overwrite a buffer the side still reads.
+START_TEST(test_overlap_identical) {
+    REQUIRE_SHARED();
+    ref_open();
+    batches b;
+    batches_make(&b);
+    const char *recs[] = {"none", "partial", "full"};
+    int N = 4;
+    for (int ri = 0; ri < 3; ri++)
+        for (int dr = 0; dr < 2; dr++) {
+            double l[2][4];
+            float *p[2];
+            for (int ov = 0; ov < 2; ov++) {
+                setenv("MOSFT_ADAPTER_OVERLAP", ov ? "1" : "0", 1);
+                engine e;
+                engine_open(&e, 1, "nf4", recs[ri], 1, dr ? 0.1 : 0.0);
+                train(&e, &b, 0, N, l[ov]);
+                e.be->ops->sync_to_adapter(e.be);
+                p[ov] = xmalloc(4 * e.ad->n_params);
+                memcpy(p[ov], e.ad->params, 4 * e.ad->n_params);
+                size_t n = e.ad->n_params;
+                engine_close(&e);
+                if (ov) {
+                    ck_assert_msg(memcmp(l[0], l[1], sizeof l[0]) == 0, "recompute=%s dropout=%d: losses differ with the side stream",
+                                  recs[ri], dr);
+                    ck_assert_msg(memcmp(p[0], p[1], 4 * n) == 0, "recompute=%s dropout=%d: parameters differ with the side stream",
+                                  recs[ri], dr);
+                }
+            }
+            fprintf(stderr, "side stream: recompute=%s dropout=%.1f: %d steps identical to one stream (loss %.6f)\n",
+                    recs[ri], dr ? 0.1 : 0.0, N, l[1][N - 1]);
+            free(p[0]), free(p[1]);
+        }
+    unsetenv("MOSFT_ADAPTER_OVERLAP");
+    free(b.buf);
+    st_close(&g_ref);
+}
+END_TEST
+
 // ---- the other low-rank methods (built and scattered by their host code, cuda/peer_cuda.cu) ----
 
 static adapter_spec peer_spec(const char *method, int r, double dropout) {
@@ -524,6 +565,7 @@ static Suite *step_suite(void) {
     tcase_add_test(tc, test_logits_oracle);
     tcase_add_test(tc, test_training_curve);
     tcase_add_test(tc, test_determinism_resume);
+    tcase_add_test(tc, test_overlap_identical);
     tcase_add_test(tc, test_out_of_memory);
     tcase_add_test(tc, test_peers_vs_cpu);
     tcase_add_test(tc, test_routed_refused);
