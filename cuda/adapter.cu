@@ -50,30 +50,106 @@ __global__ void scatter_b_kernel(lowrank_map mp, const float *__restrict__ gB, f
     *dst = __fadd_rn(*dst, gB[(int64_t)d * mp.ldB + k]);
 }
 
-__global__ void dropout_apply_kernel(bf16 *xd, const bf16 *__restrict__ x, int64_t ldx, int64_t T, int d_in,
-                                     uint64_t key, uint32_t thr, float keep) {
-    int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (e >= T * d_in) return;
-    int64_t t = e / d_in;
-    int c = (int)(e % d_in);
-    float m = rng_keep(key, (uint64_t)e, thr) ? keep : 0.0f;
-    xd[e] = __float2bfloat16_rn(__bfloat162float(x[t * ldx + c]) * m);
+// Dropout kernels: a thread takes the four elements of one Philox block (elements 4j .. 4j+3 of the
+// module's T x d_in stream are the four lanes of block j, as rng_u32 defines them), so one Philox
+// evaluation serves four elements (the generator, not memory, bounded the one-element version).
+// d_in % 4 == 0, so the four share a row.
+__device__ __forceinline__ void keep4(uint64_t key, int64_t j, uint32_t thr, float keep, float m[4]) {
+    uint32_t o[4];
+    rng_philox4(key, (uint64_t)j, o);
+#pragma unroll
+    for (int i = 0; i < 4; i++) m[i] = o[i] >= thr ? keep : 0.0f;
 }
 
-__global__ void dropout_backward_kernel(void *gx, int gx_f32, int64_t ldgx, const float *__restrict__ g, int64_t T,
-                                        int d_in, uint64_t key, uint32_t thr, float keep) {
-    int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+__global__ void dropout_apply_kernel(bf16 *xd, const bf16 *__restrict__ x, int64_t ldx, int64_t T, int d_in,
+                                     uint64_t key, uint32_t thr, float keep) {
+    int64_t j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x, e = 4 * j;
     if (e >= T * d_in) return;
     int64_t t = e / d_in;
     int c = (int)(e % d_in);
-    float m = rng_keep(key, (uint64_t)e, thr) ? keep : 0.0f;
-    float add = g[e] * m;
-    if (gx_f32) {
-        float *p = (float *)gx + t * ldgx + c;
-        *p += add;
-    } else {
-        bf16 *p = (bf16 *)gx + t * ldgx + c;
-        *p = __float2bfloat16_rn(__bfloat162float(*p) + add);
+    float m[4];
+    keep4(key, j, thr, keep, m);
+    uint2 raw = *(const uint2 *)(x + t * ldx + c);
+    const __nv_bfloat162 *xp = (const __nv_bfloat162 *)&raw;
+    float2 a = __bfloat1622float2(xp[0]), b = __bfloat1622float2(xp[1]);
+    __nv_bfloat162 r[2] = {__floats2bfloat162_rn(a.x * m[0], a.y * m[1]), __floats2bfloat162_rn(b.x * m[2], b.y * m[3])};
+    *(uint2 *)(xd + e) = *(const uint2 *)r;
+}
+
+// With dropout, a group's input gradient gx += sum_i mask_i * (gh_i A_i) in one pass over gx (instead
+// of a GEMM into an fp32 scratch and a masked add per module). Block: 64 rows x 64 columns, 256
+// threads; thread (ty, tx) owns rows 4ty .. 4ty+3 and the four columns 4tx .. 4tx+3, which are one
+// Philox block of each row (d_in % 4 == 0). The rank is walked in chunks of 32 through shared memory;
+// fp32 products (the ranks are small: CUDA cores, no tensor cores).
+#define DX_TILE 64
+#define DX_KC 32
+typedef struct {
+    uint64_t key[3];
+} dx_keys;
+
+__global__ void __launch_bounds__(256) lowrank_dropout_dx_kernel(void *gx, int gx_f32, int64_t ldgx, const bf16 *__restrict__ gh,
+                                                                 int64_t ldgh, const bf16 *__restrict__ A, int n, int r,
+                                                                 int64_t T, int d_in, dx_keys keys, uint32_t thr, float keep) {
+    __shared__ float Gs[DX_TILE][DX_KC + 1];  // gh chunk [rows][k]
+    __shared__ __align__(16) float As[DX_KC][DX_TILE];  // A chunk [k][cols]
+    int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    int64_t r0 = (int64_t)blockIdx.y * DX_TILE;
+    int c0 = blockIdx.x * DX_TILE, col = c0 + 4 * tx;
+    float out[4][4] = {};
+    for (int i = 0; i < n; i++) {
+        float acc[4][4] = {};
+        for (int k0 = 0; k0 < r; k0 += DX_KC) {
+            int kc = r - k0 < DX_KC ? r - k0 : DX_KC;
+            for (int e = threadIdx.x; e < DX_TILE * DX_KC; e += blockDim.x) {
+                int row = e / DX_KC, k = e % DX_KC;
+                Gs[row][k] = r0 + row < T && k < kc ? __bfloat162float(gh[(r0 + row) * ldgh + i * r + k0 + k]) : 0.0f;
+                int kk = e / DX_TILE, cc = e % DX_TILE;
+                As[kk][cc] = kk < kc && c0 + cc < d_in ? __bfloat162float(A[((int64_t)i * r + k0 + kk) * d_in + c0 + cc]) : 0.0f;
+            }
+            __syncthreads();
+            for (int k = 0; k < kc; k++) {
+                float4 b = *(const float4 *)&As[k][4 * tx];
+#pragma unroll
+                for (int a = 0; a < 4; a++) {
+                    float g = Gs[4 * ty + a][k];
+                    acc[a][0] = fmaf(g, b.x, acc[a][0]);
+                    acc[a][1] = fmaf(g, b.y, acc[a][1]);
+                    acc[a][2] = fmaf(g, b.z, acc[a][2]);
+                    acc[a][3] = fmaf(g, b.w, acc[a][3]);
+                }
+            }
+            __syncthreads();
+        }
+        if (col < d_in) {
+#pragma unroll
+            for (int a = 0; a < 4; a++) {
+                int64_t t = r0 + 4 * ty + a;
+                if (t >= T) continue;
+                float m[4];
+                keep4(keys.key[i], (t * d_in + col) / 4, thr, keep, m);
+#pragma unroll
+                for (int b = 0; b < 4; b++) out[a][b] += acc[a][b] * m[b];
+            }
+        }
+    }
+    if (col >= d_in) return;
+#pragma unroll
+    for (int a = 0; a < 4; a++) {
+        int64_t t = r0 + 4 * ty + a;
+        if (t >= T) continue;
+        if (gx_f32) {
+            float4 *p = (float4 *)((float *)gx + t * ldgx + col);
+            float4 v = *p;
+            *p = make_float4(v.x + out[a][0], v.y + out[a][1], v.z + out[a][2], v.w + out[a][3]);
+        } else {
+            uint2 *p = (uint2 *)((bf16 *)gx + t * ldgx + col);
+            uint2 raw = *p;
+            const __nv_bfloat162 *xp = (const __nv_bfloat162 *)&raw;
+            float2 u = __bfloat1622float2(xp[0]), w = __bfloat1622float2(xp[1]);
+            __nv_bfloat162 o2[2] = {__floats2bfloat162_rn(u.x + out[a][0], u.y + out[a][1]),
+                                    __floats2bfloat162_rn(w.x + out[a][2], w.y + out[a][3])};
+            *p = *(const uint2 *)o2;
+        }
     }
 }
 
@@ -155,14 +231,20 @@ extern "C" void dropout_apply_cuda(cuda_ctx *ctx, bf16 *xd, const bf16 *x, int64
                                    uint32_t thr, float keep) {
     int64_t n = T * d_in;
     if (n == 0) return;
-    dropout_apply_kernel<<<ceil_div_i(n, 256), 256, 0, ctx->stream>>>(xd, x, ldx, T, d_in, key, thr, keep);
+    MOSFT_ASSERT(d_in % 4 == 0 && ldx % 4 == 0);
+    dropout_apply_kernel<<<ceil_div_i(n / 4, 256), 256, 0, ctx->stream>>>(xd, x, ldx, T, d_in, key, thr, keep);
     CUDA_LAUNCH_CHECK();
 }
 
-extern "C" void dropout_backward_add_cuda(cuda_ctx *ctx, void *gx, int gx_f32, int64_t ldgx, const float *g, int64_t T,
-                                          int d_in, uint64_t key, uint32_t thr, float keep) {
-    int64_t n = T * d_in;
-    if (n == 0) return;
-    dropout_backward_kernel<<<ceil_div_i(n, 256), 256, 0, ctx->stream>>>(gx, gx_f32, ldgx, g, T, d_in, key, thr, keep);
+extern "C" void lowrank_dropout_dx_cuda(cuda_ctx *ctx, void *gx, int gx_f32, int64_t ldgx, const bf16 *gh, int64_t ldgh,
+                                        const bf16 *A, int n, int r, int64_t T, int d_in, const uint64_t *keys,
+                                        uint32_t thr, float keep) {
+    if (T == 0 || n == 0) return;
+    MOSFT_ASSERT(n >= 1 && n <= 3 && d_in % 4 == 0 && ldgx % 4 == 0);
+    dx_keys k;
+    memset(&k, 0, sizeof k);
+    for (int i = 0; i < n; i++) k.key[i] = keys[i];
+    dim3 grid((unsigned)ceil_div_i(d_in, DX_TILE), (unsigned)ceil_div_i(T, DX_TILE));
+    lowrank_dropout_dx_kernel<<<grid, 256, 0, ctx->stream>>>(gx, gx_f32, ldgx, gh, ldgh, A, n, r, T, d_in, k, thr, keep);
     CUDA_LAUNCH_CHECK();
 }

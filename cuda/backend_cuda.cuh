@@ -166,7 +166,6 @@ typedef struct {
     int *wseq;                     // [L * 11] the micro-batch's order of groups (layer * GRP_COUNT + group)
     int wn, wi, wpf[2];            // sequence length, next index, index prefetched into each buffer (-1: none)
     bf16 *ad_xd;                   // [T][max d_in] dropout-masked adapter input
-    float *ad_gxd;                 // [T][max d_in] (dropout backward)
     float *ad_gA, *ad_gB;          // [R_max][max d_in], [dout_max][R_max]
     float *ad_part;                // split-K partials of the adapter's GEMMs
     size_t ad_part_floats;

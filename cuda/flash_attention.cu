@@ -26,7 +26,6 @@
 //   C 16x8: c0, c1 (g, 2t..2t+1), c2, c3 (g+8, 2t..2t+1)
 // Two adjacent C tiles (16 columns) are exactly an A fragment, which is how P feeds P V (FA-2).
 #include <math.h>
-#include <stdlib.h>
 
 #include "cuda/cuda_util.cuh"
 
@@ -309,179 +308,6 @@ __global__ void __launch_bounds__(128, 2) flash_fwd_kernel(bf16 *out, int64_t ld
     }
 }
 
-// The same with 32 queries a warp (MT = 2 m-tiles, 128 queries a block) for the large head sizes: every K
-// and V fragment a warp loads from shared memory feeds MT tensor-core products instead of one (the one-
-// m-tile kernel above reads shared memory once per two products, which bounds it). Q no longer fits in
-// registers beside O and the scores, so the block's Q tile sits in shared memory and its fragments are
-// loaded per 16-column chunk. A warp whose queries all precede a key tile skips it (causal).
-// grid (ceil(S/(64 MT)), B*Hq), 128 threads.
-template <int D, int MT>
-__global__ void __launch_bounds__(128, 2) flash_fwd_mt_kernel(bf16 *out, int64_t ld, float *lse, const bf16 *__restrict__ q,
-                                                           const bf16 *__restrict__ k, const bf16 *__restrict__ v,
-                                                           const int32_t *__restrict__ mask, int S, int Hq, int Hkv,
-                                                           float scale) {
-    constexpr int P = D + 8, BM = 64 * MT;
-    extern __shared__ __align__(16) unsigned char fa_smem[];
-    bf16 *Qs = (bf16 *)fa_smem, *Ks = Qs + BM * P, *Vs = Ks + 2 * FA_BN * P;  // Q [BM][P]; K, V [2][64][P]
-    int *Ms = (int *)(Vs + 2 * FA_BN * P);                                       // [2][64]
-    int bh = blockIdx.y, b = bh / Hq, h = bh % Hq, kvh = h / (Hq / Hkv);
-    int q0 = (gridDim.x - 1 - blockIdx.x) * BM, warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane >> 2,
-        t = lane & 3;
-    const bf16 *qb = q + ((int64_t)b * Hq + h) * S * D, *kb = k + ((int64_t)b * Hkv + kvh) * S * D,
-               *vb = v + ((int64_t)b * Hkv + kvh) * S * D;
-    const int32_t *mb = mask + (int64_t)b * S;
-    int kend = q0 + BM < S ? q0 + BM : S;
-    int n_tiles = (kend + FA_BN - 1) / FA_BN;
-    auto load = [&](int j) {
-        int st = j & 1, k0 = j * FA_BN;
-        tile_async<D>(Ks + st * FA_BN * P, kb, D, k0, FA_BN, S);
-        tile_async<D>(Vs + st * FA_BN * P, vb, D, k0, FA_BN, S);
-        vec_async(Ms + st * FA_BN, mb, k0, FA_BN, S);
-        cp_commit();
-    };
-    tile_async<D>(Qs, qb, D, q0, BM, S);  // rides in the first group
-    load(0);
-    int w0 = q0 + warp * 16 * MT;  // this warp's first query; its rows: w0 + 16m + g (lo), + 8 (hi)
-    float o[MT][D / 8][4];
-    float m_lo[MT], m_hi[MT], l_lo[MT], l_hi[MT];
-#pragma unroll
-    for (int m = 0; m < MT; m++) {
-#pragma unroll
-        for (int i = 0; i < D / 8; i++) o[m][i][0] = o[m][i][1] = o[m][i][2] = o[m][i][3] = 0.0f;
-        m_lo[m] = m_hi[m] = -INFINITY;
-        l_lo[m] = l_hi[m] = 0.0f;
-    }
-    float sl2 = scale * FA_LOG2E;
-    for (int j = 0; j < n_tiles; j++) {
-        if (j + 1 < n_tiles) {
-            load(j + 1);
-            cp_wait<1>();
-        } else {
-            cp_wait<0>();
-        }
-        int st = j & 1, k0 = j * FA_BN;
-        const bf16 *Kt = Ks + st * FA_BN * P, *Vt = Vs + st * FA_BN * P;
-        const int *Mt = Ms + st * FA_BN;
-        int full = __syncthreads_and(threadIdx.x >= FA_BN || Mt[threadIdx.x] != 0);
-        if (w0 + 16 * MT - 1 >= k0) {  // else every key of the tile follows every query of this warp
-            float s[MT][FA_BN / 8][4];
-#pragma unroll
-            for (int m = 0; m < MT; m++)
-#pragma unroll
-                for (int n = 0; n < FA_BN / 8; n++) s[m][n][0] = s[m][n][1] = s[m][n][2] = s[m][n][3] = 0.0f;
-#pragma unroll
-            for (int kk = 0; kk < D / 16; kk++) {
-                uint32_t qa[MT][4];
-#pragma unroll
-                for (int m = 0; m < MT; m++) frag_a<D>(qa[m], Qs, warp * 16 * MT + 16 * m, kk * 16);
-#pragma unroll
-                for (int n = 0; n < FA_BN / 8; n += 2) {
-                    uint32_t bb[4];
-                    frag_bt<D>(bb, Kt, n * 8, kk * 16);
-#pragma unroll
-                    for (int m = 0; m < MT; m++) {
-                        mma16816(s[m][n], qa[m], bb[0], bb[1]);
-                        mma16816(s[m][n + 1], qa[m], bb[2], bb[3]);
-                    }
-                }
-            }
-            bool diag = k0 + FA_BN - 1 > w0;
-#pragma unroll
-            for (int m = 0; m < MT; m++) {
-                int r_lo = w0 + 16 * m + g, r_hi = r_lo + 8;
-                if (!full || diag) {
-#pragma unroll
-                    for (int n = 0; n < FA_BN / 8; n++)
-#pragma unroll
-                        for (int e = 0; e < 4; e++) {
-                            int kl = n * 8 + 2 * t + (e & 1), row = e < 2 ? r_lo : r_hi;
-                            if (!(Mt[kl] != 0 && (!diag || k0 + kl <= row))) s[m][n][e] = -INFINITY;
-                        }
-                }
-                float mx_lo = -INFINITY, mx_hi = -INFINITY;
-#pragma unroll
-                for (int n = 0; n < FA_BN / 8; n++) {
-                    mx_lo = fmaxf(mx_lo, fmaxf(s[m][n][0], s[m][n][1]));
-                    mx_hi = fmaxf(mx_hi, fmaxf(s[m][n][2], s[m][n][3]));
-                }
-                mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
-                mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
-                mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
-                mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
-                float mn_lo = fmaxf(m_lo[m], mx_lo), mn_hi = fmaxf(m_hi[m], mx_hi);
-                float ms_lo = mn_lo == -INFINITY ? 0.0f : mn_lo * sl2, ms_hi = mn_hi == -INFINITY ? 0.0f : mn_hi * sl2;
-                float al_lo = exp2f(fmaf(m_lo[m], sl2, -ms_lo)), al_hi = exp2f(fmaf(m_hi[m], sl2, -ms_hi));
-                m_lo[m] = mn_lo;
-                m_hi[m] = mn_hi;
-                l_lo[m] *= al_lo;
-                l_hi[m] *= al_hi;
-#pragma unroll
-                for (int i = 0; i < D / 8; i++) {
-                    o[m][i][0] *= al_lo;
-                    o[m][i][1] *= al_lo;
-                    o[m][i][2] *= al_hi;
-                    o[m][i][3] *= al_hi;
-                }
-#pragma unroll
-                for (int n = 0; n < FA_BN / 8; n++) {
-                    s[m][n][0] = exp2f(fmaf(s[m][n][0], sl2, -ms_lo));
-                    s[m][n][1] = exp2f(fmaf(s[m][n][1], sl2, -ms_lo));
-                    s[m][n][2] = exp2f(fmaf(s[m][n][2], sl2, -ms_hi));
-                    s[m][n][3] = exp2f(fmaf(s[m][n][3], sl2, -ms_hi));
-                    l_lo[m] += s[m][n][0] + s[m][n][1];
-                    l_hi[m] += s[m][n][2] + s[m][n][3];
-                }
-            }
-            // O += P V: each V fragment feeds the MT m-tiles
-#pragma unroll
-            for (int kc = 0; kc < FA_BN / 16; kc++) {
-                uint32_t pa[MT][4];
-#pragma unroll
-                for (int m = 0; m < MT; m++) {
-                    pa[m][0] = pack_bf16(s[m][2 * kc][0], s[m][2 * kc][1]);
-                    pa[m][1] = pack_bf16(s[m][2 * kc][2], s[m][2 * kc][3]);
-                    pa[m][2] = pack_bf16(s[m][2 * kc + 1][0], s[m][2 * kc + 1][1]);
-                    pa[m][3] = pack_bf16(s[m][2 * kc + 1][2], s[m][2 * kc + 1][3]);
-                }
-#pragma unroll
-                for (int dn = 0; dn < D / 8; dn += 2) {
-                    uint32_t bb[4];
-                    frag_b<D>(bb, Vt, kc * 16, dn * 8);
-#pragma unroll
-                    for (int m = 0; m < MT; m++) {
-                        mma16816(o[m][dn], pa[m], bb[0], bb[1]);
-                        mma16816(o[m][dn + 1], pa[m], bb[2], bb[3]);
-                    }
-                }
-            }
-        }
-        __syncthreads();  // the next load overwrites this stage
-    }
-#pragma unroll
-    for (int m = 0; m < MT; m++) {
-        int r_lo = w0 + 16 * m + g, r_hi = r_lo + 8;
-        float a = l_lo[m], c = l_hi[m];
-        a += __shfl_xor_sync(0xffffffffu, a, 1);
-        a += __shfl_xor_sync(0xffffffffu, a, 2);
-        c += __shfl_xor_sync(0xffffffffu, c, 1);
-        c += __shfl_xor_sync(0xffffffffu, c, 2);
-        float inv_lo = a > 0.0f ? 1.0f / a : 0.0f, inv_hi = c > 0.0f ? 1.0f / c : 0.0f;
-#pragma unroll
-        for (int dn = 0; dn < D / 8; dn++) {
-            int col = h * D + dn * 8 + 2 * t;
-            if (r_lo < S)
-                *(uint32_t *)(out + ((int64_t)b * S + r_lo) * ld + col) = pack_bf16(o[m][dn][0] * inv_lo, o[m][dn][1] * inv_lo);
-            if (r_hi < S)
-                *(uint32_t *)(out + ((int64_t)b * S + r_hi) * ld + col) = pack_bf16(o[m][dn][2] * inv_hi, o[m][dn][3] * inv_hi);
-        }
-        if (t == 0) {
-            float *L = lse + ((int64_t)b * Hq + h) * S;
-            if (r_lo < S) L[r_lo] = a > 0.0f ? m_lo[m] * scale + logf(a) : INFINITY;
-            if (r_hi < S) L[r_hi] = c > 0.0f ? m_hi[m] * scale + logf(c) : INFINITY;
-        }
-    }
-}
-
 // ---- backward: delta, then dK and dV (and dS into scratch), then dQ = dS K ----------------------------
 
 // dS of one (sequence, query head) lives in scratch as 64 x 64 tiles of the causal lower triangle:
@@ -747,32 +573,9 @@ static void smem_optin(K kernel, size_t bytes, int *done) {
     *done = 1;
 }
 
-// Queries a warp in the forward: 32 (flash_fwd_mt_kernel, MT = 2) for D >= 64, 16 for smaller heads;
-// MOSFT_FLASH_FWD_MT=1 forces the one-m-tile kernel (for comparisons, build/tests/gpu/bench_flash).
-static int fwd_mt(int D) {
-    static int env = -1;
-    if (env < 0) {
-        const char *e = getenv("MOSFT_FLASH_FWD_MT");
-        env = e && atoi(e) == 1 ? 1 : 0;
-    }
-    return D >= 64 && !env ? 2 : 1;
-}
-
 template <int D>
 static void fwd_launch(cuda_ctx *ctx, bf16 *out, int64_t ldo, float *lse, const bf16 *q, const bf16 *k, const bf16 *v,
                        const int32_t *mask, int B, int S, int Hq, int Hkv, float scale) {
-    if constexpr (D >= 64) {  // the two-m-tile kernel (its instances exist for the large heads only)
-        if (fwd_mt(D) == 2) {
-            constexpr int BM = 128;
-            size_t smem = (size_t)(BM + 4 * FA_BN) * (D + 8) * 2 + 2 * FA_BN * sizeof(int);
-            static int done2 = 0;
-            smem_optin(flash_fwd_mt_kernel<D, 2>, smem, &done2);
-            dim3 grid((unsigned)((S + BM - 1) / BM), (unsigned)(B * Hq));
-            flash_fwd_mt_kernel<D, 2><<<grid, 128, smem, ctx->stream>>>(out, ldo, lse, q, k, v, mask, S, Hq, Hkv, scale);
-            CUDA_LAUNCH_CHECK();
-            return;
-        }
-    }
     size_t smem = (size_t)4 * FA_BN * (D + 8) * 2 + 2 * FA_BN * sizeof(int);
     static int done = 0;  // per template instance
     smem_optin(flash_fwd_kernel<D>, smem, &done);

@@ -227,9 +227,13 @@ void lowrank_scatter_cuda(cuda_ctx *ctx, const lowrank_map *mp, const float *gA,
 // the multiplier `keep` = 1/(1-p)); x has row stride ldx.
 void dropout_apply_cuda(cuda_ctx *ctx, bf16 *xd, const bf16 *x, int64_t ldx, int64_t T, int d_in, uint64_t key,
                         uint32_t thr, float keep);
-// gx[T][d_in] (+=, fp32 or bf16 by gx_f32, row stride ldgx) += g[T][d_in] (fp32) * mask.
-void dropout_backward_add_cuda(cuda_ctx *ctx, void *gx, int gx_f32, int64_t ldgx, const float *g, int64_t T, int d_in,
-                               uint64_t key, uint32_t thr, float keep);
+// With dropout, the input gradient of a group of n (<= 3) modules sharing one input:
+//   gx[T][d_in] (+=, fp32 or bf16 by gx_f32, row stride ldgx) += sum_i mask_i * (gh_i A_i)
+// gh_i = columns [i r, i r + r) of gh (bf16, row stride ldgh), A_i = rows [i r, i r + r) of A [n r][d_in]
+// (bf16), mask_i from keys[i] (host array) as dropout_apply_cuda. One pass over gx, fp32 products.
+void lowrank_dropout_dx_cuda(cuda_ctx *ctx, void *gx, int gx_f32, int64_t ldgx, const bf16 *gh, int64_t ldgh,
+                             const bf16 *A, int n, int r, int64_t T, int d_in, const uint64_t *keys, uint32_t thr,
+                             float keep);
 
 // ---- device memory ----
 // A bump allocator over one cudaMalloc: every buffer of a phase comes from it, aligned to 256 bytes.

@@ -208,10 +208,7 @@ void cuda_acts_layout(backend *be, cuda_arena *ar, int B, int S, mem_plan *plan)
         }
         c->ad_part_floats = mx;
         c->ad_part = F32(mx);
-        if (be->dropout > 0) {
-            c->ad_xd = BF(T * din);
-            c->ad_gxd = F32(T * din);
-        }
+        if (be->dropout > 0) c->ad_xd = BF(T * din);
         if (c->side) {
             c->sd_gA = F32((int64_t)c->R_max * din);
             c->sd_gB = F32((int64_t)c->dout_max * c->R_max);
@@ -480,21 +477,20 @@ static int64_t adapter_grads(backend *be, const dims *d, int l, int g, const bf1
     return dout;
 }
 
-// With dropout: gx (fp32 or bf16, row stride ldgx) += (gh_m A_m) * mask_m for each module of group g.
+// With dropout: gx (fp32 or bf16, row stride ldgx) += sum_m (gh_m A_m) * mask_m over the modules of
+// group g, in one pass over gx.
 static void adapter_dx_dropout(backend *be, const dims *d, int l, int g, const bf16 *gy, int64_t ldgy, void *gx,
                                int gx_f32, int64_t ldgx, const dropout_ctx *dc) {
     cuda_impl *c = (cuda_impl *)be->impl;
     cuda_adapter_group *ag = &c->grp[g];
     if (!ag->n || !dropout_on(be, dc)) return;
-    int r = c->rank, di, dout;
+    int di, dout;
     cuda_group_dims(&be->cfg, g, &di, &dout);
-    const bf16 *gh = gy + dout;
-    for (int i = 0; i < ag->n; i++) {
-        drop_spec ds = drop_of(be, dc, l, ag->mod[i]);
-        gemm_cuda(c->ctx, 0, 0, d->T, di, r, 1.0f, gh + i * r, ldgy, ag->A[l] + (int64_t)i * r * di, di, 0.0f, NULL,
-                  c->ad_gxd, di, GEMM_F32);
-        dropout_backward_add_cuda(c->ctx, gx, gx_f32, ldgx, c->ad_gxd, d->T, di, ds.key, ds.thr, ds.keep);
-    }
+    uint64_t keys[3];
+    drop_spec ds = drop_of(be, dc, l, ag->mod[0]);
+    for (int i = 0; i < ag->n; i++) keys[i] = drop_of(be, dc, l, ag->mod[i]).key;
+    lowrank_dropout_dx_cuda(c->ctx, gx, gx_f32, ldgx, gy + dout, ldgy, ag->A[l], ag->n, c->rank, d->T, di, keys, ds.thr,
+                            ds.keep);
 }
 
 // ---- the layer --------------------------------------------------------------------------------------

@@ -723,7 +723,7 @@ START_TEST(test_dropout) {
     cuda_ctx *ctx = ctx_new();
     rng_state r;
     rng_seed(&r, 1001);
-    int64_t T = 29;
+    int64_t T = 129;  // several blocks of the 4-element kernels
     int d = 72, ldx = 80;
     float p = 0.1f;
     uint64_t key = rng_key(RNG_DROPOUT, 5, 6, 7, 8);
@@ -736,18 +736,43 @@ START_TEST(test_dropout) {
     dropout_apply_cuda(ctx, dxd, dx, ldx, T, d, key, rng_dropout_threshold(p), 1.0f / (1.0f - p));
     float *got = down_bf16(dxd, (size_t)(T * d));
     ck_assert(close_enough("dropout apply (same mask)", got, ref, (size_t)(T * d), 0, 0));
-    // backward: gx += g * mask
-    float *g = rnd_bf16(&r, (size_t)(T * d), 1.0f), *gx = rnd_bf16(&r, (size_t)(T * ldx), 1.0f);
-    float *want = xmalloc(sizeof(float) * (size_t)(T * ldx));
-    memcpy(want, gx, sizeof(float) * (size_t)(T * ldx));
+    // backward of a group of n modules: gx += sum_i mask_i * (gh_i A_i), into fp32 and into bf16
+    int n = 3, rk = 40;  // a rank that is not a multiple of the kernel's 32-chunk
+    int64_t ldgh = n * rk + 8;
+    float *gh = rnd_bf16(&r, (size_t)(T * ldgh), 1.0f), *A = rnd_bf16(&r, (size_t)(n * rk * d), 0.2f);
+    float *gx = rnd_bf16(&r, (size_t)(T * ldx), 1.0f);
+    uint64_t keys[3];
+    float *masks = xmalloc(sizeof(float) * (size_t)(n * T * d));
+    for (int i = 0; i < n; i++) {
+        keys[i] = rng_key(RNG_DROPOUT, 5, 6, 7, 20 + i);
+        adapter_dropout_mask(keys[i], p, (size_t)(T * d), masks + (size_t)i * T * d);
+    }
+    double *add = xcalloc((size_t)(T * d), sizeof(double));
+    for (int i = 0; i < n; i++)
+        for (int64_t t = 0; t < T; t++)
+            for (int c = 0; c < d; c++) {
+                double acc = 0;
+                for (int k = 0; k < rk; k++) acc += (double)gh[t * ldgh + i * rk + k] * A[((int64_t)i * rk + k) * d + c];
+                add[t * d + c] += acc * masks[(size_t)i * T * d + t * d + c];
+            }
+    float *want = xmalloc(sizeof(float) * (size_t)(T * ldx)), *wantb = xmalloc(sizeof(float) * (size_t)(T * ldx));
     for (int64_t t = 0; t < T; t++)
-        for (int c = 0; c < d; c++) want[t * ldx + c] += g[t * d + c] * mask[t * d + c];
-    float *dg = dev_up(g, 4 * (size_t)(T * d)), *dgx = dev_up(gx, 4 * (size_t)(T * ldx));
-    dropout_backward_add_cuda(ctx, dgx, 1, ldx, dg, T, d, key, rng_dropout_threshold(p), 1.0f / (1.0f - p));
+        for (int c = 0; c < ldx; c++) {
+            want[t * ldx + c] = c < d ? (float)(gx[t * ldx + c] + add[t * d + c]) : gx[t * ldx + c];
+            wantb[t * ldx + c] = c < d ? (float)(bf16_round(gx[t * ldx + c]) + add[t * d + c]) : bf16_round(gx[t * ldx + c]);
+        }
+    void *dgh = dev_bf16(gh, (size_t)(T * ldgh)), *dA = dev_bf16(A, (size_t)(n * rk * d));
+    float *dgx = dev_up(gx, 4 * (size_t)(T * ldx));
+    lowrank_dropout_dx_cuda(ctx, dgx, 1, ldx, dgh, ldgh, dA, n, rk, T, d, keys, rng_dropout_threshold(p), 1.0f / (1.0f - p));
     float *got2 = down_f32(dgx, (size_t)(T * ldx));
-    ck_assert(close_enough("dropout backward (f32 +=)", got2, want, (size_t)(T * ldx), 0, 1e-7));
-    free(x), free(mask), free(ref), free(got), free(g), free(gx), free(want), free(got2);
-    cudaFree(dx), cudaFree(dxd), cudaFree(dg), cudaFree(dgx);
+    ck_assert(close_enough("dropout dx, 3 modules (f32 +=)", got2, want, (size_t)(T * ldx), 1e-5, 1e-5));
+    void *dgb = dev_bf16(gx, (size_t)(T * ldx));
+    lowrank_dropout_dx_cuda(ctx, dgb, 0, ldx, dgh, ldgh, dA, n, rk, T, d, keys, rng_dropout_threshold(p), 1.0f / (1.0f - p));
+    float *got3 = down_bf16(dgb, (size_t)(T * ldx));
+    ck_assert(close_enough("dropout dx, 3 modules (bf16 +=)", got3, wantb, (size_t)(T * ldx), 1e-3, 1.0 / 128));
+    free(x), free(mask), free(ref), free(got), free(gh), free(A), free(gx), free(masks), free(add), free(want), free(wantb),
+        free(got2), free(got3);
+    cudaFree(dx), cudaFree(dxd), cudaFree(dgh), cudaFree(dA), cudaFree(dgx), cudaFree(dgb);
     cuda_ctx_free(ctx);
 }
 END_TEST
