@@ -565,6 +565,7 @@ static void mlp_block_forward(backend *be, const dims *d, int l, bf16 *x_out, co
               a->x_mid, x_out, d->C, GEMM_BF16);
 }
 
+// (With MOSFT_PROFILE=1 a wait for the side lane counts as "adapter bwd": the joins follow its marks.)
 // c->gx holds dL/dx_out (and c->gxb its bf16 copy) on entry, dL/dx_in on exit (except for layer 0,
 // whose input gradient nothing needs: the q|k|v input-gradient GEMM and the norm backward are skipped).
 static void layer_backward(backend *be, const dims *d, int l, const dropout_ctx *dc) {
@@ -591,8 +592,8 @@ static void layer_backward(backend *be, const dims *d, int l, const dropout_ctx 
     gemm_cuda(ctx, 0, 0, d->T, d->C, K, 1.0f, a->gu, ld.gu, w, d->C + rp(c, GRP_GU), 0.0f, NULL, c->gh, d->C, GEMM_F32);
     prof_mark(c, PROF_ADAPTER_BWD);
     adapter_dx_dropout(be, d, l, GRP_GU, a->gu, ld.gu, c->gh, 1, d->C, dc);
-    prof_mark(c, PROF_ELEM);
     side_join(c, GRP_DOWN);  // the down adapter's weight gradients read gxb
+    prof_mark(c, PROF_ELEM);
     rmsnorm_backward_cuda(ctx, c->gx, c->gxb, ld.gxb, c->gh, a->x_mid, L->mlp_norm, a->rstd2, d->T, d->C);
     // attention: x_mid = x_in + o(attention(rope(q(h1)), rope(k(h1)), v(h1)))
     prof_mark(c, PROF_ADAPTER_BWD);
@@ -603,8 +604,8 @@ static void layer_backward(backend *be, const dims *d, int l, const dropout_ctx 
     gemm_cuda(ctx, 0, 0, d->T, d->Q, K, 1.0f, c->gxb, ld.gxb, w, d->Q + rp(c, GRP_O), 0.0f, NULL, gatt, d->Q, GEMM_BF16);
     prof_mark(c, PROF_ADAPTER_BWD);
     adapter_dx_dropout(be, d, l, GRP_O, c->gxb, ld.gxb, gatt, 0, d->Q, dc);
-    prof_mark(c, PROF_ATTN_BWD);
     side_join(c, GRP_QKV);  // the q|k|v adapter's weight gradients of the layer above read c->qkv
+    prof_mark(c, PROF_ATTN_BWD);
     bf16 *gqkv = c->qkv;  // the q|k|v projection's gradient, RoPE undone
     attention_backward_cuda(ctx, gqkv, ld.qkv, c->cs, gatt, a->att, ld.att, a->lse, a->q, a->k, a->v, c->mask, d->B, d->S,
                             d->Hq, d->Hkv, d->D, c->delta, c->big, att_chunk(c, d), c->o_tmp, c->gq, c->gk, c->gv);
@@ -616,8 +617,8 @@ static void layer_backward(backend *be, const dims *d, int l, const dropout_ctx 
     gemm_cuda(ctx, 0, 0, d->T, d->C, K, 1.0f, gqkv, ld.qkv, w, d->C + rp(c, GRP_QKV), 0.0f, NULL, c->gh, d->C, GEMM_F32);
     prof_mark(c, PROF_ADAPTER_BWD);
     adapter_dx_dropout(be, d, l, GRP_QKV, gqkv, ld.qkv, c->gh, 1, d->C, dc);
-    prof_mark(c, PROF_ELEM);
     side_join(c, GRP_O);  // the o adapter's weight gradients read gxb
+    prof_mark(c, PROF_ELEM);
     rmsnorm_backward_cuda(ctx, c->gx, c->gxb, ld.gxb, c->gh, a->x_in, L->attn_norm, a->rstd1, d->T, d->C);
 }
 
