@@ -53,6 +53,9 @@ if want benchall; then
   done; done; done
   run bench_llama2-7b_mos_partial 240 "${B[@]}" --model llama2-7b --adapter mos --recompute partial
   run bench_llama2-7b_mos_none_bf16 240 "${B[@]}" --model llama2-7b --adapter mos --recompute none --quantization none
+  for m in llama2-7b llama3.2-3b; do for r in none full; do  # the paper's configs train with dropout 0.1
+    run "bench_${m}_mos_${r}_dropout" 240 "${B[@]}" --model $m --adapter mos --recompute $r --dropout 0.1
+  done; done
 fi
 if want peer; then run peer_7b 300 python3 scripts/bench_peer_hf.py --models llama2-7b --ckpt 1 --steps 3 --warmup 1; fi
 if want peerall; then run peer_all 900 python3 scripts/bench_peer_hf.py --steps 4 --warmup 1; fi
