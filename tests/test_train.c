@@ -170,6 +170,11 @@ START_TEST(test_bad_inputs_fail_before_training) {
     rc = run_capture("./build/mosft train --resume /nonexistent/run", &out);
     ck_assert_int_eq(rc, 2);
     free(out);
+    // bench checks its arguments before it looks for a GPU
+    rc = run_capture("./build/mosft bench --dropout 1.5", &out);
+    ck_assert_int_eq(rc, 2);
+    ck_assert_msg(strstr(out, "--dropout") != NULL, "%s", out);
+    free(out);
     // --dry-run prints the plan and trains nothing.
     snprintf(cmd, sizeof cmd, "./build/mosft train configs/demo.json --dry-run --set output.dir=%s/dry", g_dir);
     rc = run_capture(cmd, &out);
