@@ -54,6 +54,20 @@ __global__ void scatter_b_kernel(lowrank_map mp, const float *__restrict__ gB, f
 // module's T x d_in stream are the four lanes of block j, as rng_u32 defines them), so one Philox
 // evaluation serves four elements (the generator, not memory, bounded the one-element version).
 // d_in % 4 == 0, so the four share a row.
+// Four consecutive bf16 (8-byte aligned) to and from fp32.
+__device__ __forceinline__ void load4(const bf16 *p, float *f) {
+    uint2 u = *(const uint2 *)p;
+    const bf16 *h = (const bf16 *)&u;
+#pragma unroll
+    for (int k = 0; k < 4; k++) f[k] = __bfloat162float(h[k]);
+}
+__device__ __forceinline__ void store4(bf16 *p, const float *f) {
+    __align__(8) bf16 h[4];
+#pragma unroll
+    for (int k = 0; k < 4; k++) h[k] = __float2bfloat16_rn(f[k]);
+    *(uint2 *)p = *(const uint2 *)h;
+}
+
 __device__ __forceinline__ void keep4(uint64_t key, int64_t j, uint32_t thr, float keep, float m[4]) {
     uint32_t o[4];
     rng_philox4(key, (uint64_t)j, o);
@@ -67,13 +81,12 @@ __global__ void dropout_apply_kernel(bf16 *xd, const bf16 *__restrict__ x, int64
     if (e >= T * d_in) return;
     int64_t t = e / d_in;
     int c = (int)(e % d_in);
-    float m[4];
+    float m[4], v[4];
     keep4(key, j, thr, keep, m);
-    uint2 raw = *(const uint2 *)(x + t * ldx + c);
-    const __nv_bfloat162 *xp = (const __nv_bfloat162 *)&raw;
-    float2 a = __bfloat1622float2(xp[0]), b = __bfloat1622float2(xp[1]);
-    __nv_bfloat162 r[2] = {__floats2bfloat162_rn(a.x * m[0], a.y * m[1]), __floats2bfloat162_rn(b.x * m[2], b.y * m[3])};
-    *(uint2 *)(xd + e) = *(const uint2 *)r;
+    load4(x + t * ldx + c, v);
+#pragma unroll
+    for (int k = 0; k < 4; k++) v[k] *= m[k];
+    store4(xd + e, v);
 }
 
 // With dropout, a group's input gradient gx += sum_i mask_i * (gh_i A_i) in one pass over gx (instead
@@ -142,13 +155,12 @@ __global__ void __launch_bounds__(256) lowrank_dropout_dx_kernel(void *gx, int g
             float4 v = *p;
             *p = make_float4(v.x + out[a][0], v.y + out[a][1], v.z + out[a][2], v.w + out[a][3]);
         } else {
-            uint2 *p = (uint2 *)((bf16 *)gx + t * ldgx + col);
-            uint2 raw = *p;
-            const __nv_bfloat162 *xp = (const __nv_bfloat162 *)&raw;
-            float2 u = __bfloat1622float2(xp[0]), w = __bfloat1622float2(xp[1]);
-            __nv_bfloat162 o2[2] = {__floats2bfloat162_rn(u.x + out[a][0], u.y + out[a][1]),
-                                    __floats2bfloat162_rn(w.x + out[a][2], w.y + out[a][3])};
-            *p = *(const uint2 *)o2;
+            bf16 *p = (bf16 *)gx + t * ldgx + col;
+            float v[4];
+            load4(p, v);
+#pragma unroll
+            for (int b = 0; b < 4; b++) v[b] += out[a][b];
+            store4(p, v);
         }
     }
 }

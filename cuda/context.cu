@@ -6,7 +6,6 @@
 // (heuristic query) costs tens of microseconds and a step makes hundreds of products of a few
 // shapes, so each shape's descriptors and algorithm are cached (linear search over <= 512 plans).
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 
 #include "cuda/cuda_util.cuh"
@@ -58,10 +57,7 @@ static cuda_ctx *ctx_create(int high) {
 }
 
 extern "C" cuda_ctx *cuda_ctx_create(void) { return ctx_create(1); }
-extern "C" cuda_ctx *cuda_ctx_create_side(void) {
-    const char *e = getenv("MOSFT_SIDE_PRIORITY");  // "high": the main stream's priority (for comparisons)
-    return ctx_create(e && !strcmp(e, "high"));
-}
+extern "C" cuda_ctx *cuda_ctx_create_side(void) { return ctx_create(0); }
 
 extern "C" void cuda_ctx_free(cuda_ctx *ctx) {
     if (!ctx) return;

@@ -96,6 +96,18 @@ __device__ __forceinline__ void cp_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+// Two-stage pipeline step over tiles 0 .. n-1: start the copy of tile j + 1 (load(j + 1) commits one
+// group), then wait until tile j's group has landed (all groups on the last tile).
+template <typename L>
+__device__ __forceinline__ void stage_next(L &load, int j, int n) {
+    if (j + 1 < n) {
+        load(j + 1);
+        cp_wait<1>();
+    } else {
+        cp_wait<0>();
+    }
+}
+
 // Rows [r0, r0 + n) of a matrix with row stride ld into shared [n][D + 8], zeros past row S; all threads
 // take part. One commit group is the caller's business.
 template <int D>
@@ -203,12 +215,7 @@ __global__ void __launch_bounds__(128, 2) flash_fwd_kernel(bf16 *out, int64_t ld
     float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.0f, l_hi = 0.0f;
     float sl2 = scale * FA_LOG2E;
     for (int j = 0; j < n_tiles; j++) {
-        if (j + 1 < n_tiles) {
-            load(j + 1);
-            cp_wait<1>();
-        } else {
-            cp_wait<0>();
-        }
+        stage_next(load, j, n_tiles);
         int st = j & 1, k0 = j * FA_BN;
         const bf16 *Kt = Ks + st * FA_BN * P, *Vt = Vs + st * FA_BN * P;
         const int *Mt = Ms + st * FA_BN;
@@ -522,12 +529,7 @@ __global__ void __launch_bounds__(NWQ * 32) flash_bwd_dq_kernel(bf16 *gqkv, int6
 #pragma unroll
         for (int i = 0; i < D / 8; i++) dq[m][i][0] = dq[m][i][1] = dq[m][i][2] = dq[m][i][3] = 0.0f;
     for (int j = 0; j < n_tiles; j++) {
-        if (j + 1 < n_tiles) {
-            load(j + 1);
-            cp_wait<1>();
-        } else {
-            cp_wait<0>();
-        }
+        stage_next(load, j, n_tiles);
         __syncthreads();
         int st = j & 1;
         if (wt >= j && wt <= last) {

@@ -415,8 +415,8 @@ static void adapter_h(backend *be, const dims *d, int l, int g, bf16 *x, int64_t
     }
     for (int i = 0; i < ag->n; i++) {  // a mask per module
         drop_spec ds = drop_of(be, dc, l, ag->mod[i]);
-        dropout_apply_cuda(c->ctx, c->ad_xd, x, ldx, d->T, ag->d_in, ds.key, ds.thr, ds.keep);
-        ad_gemm(c, &m, 0, 1, d->T, r, ag->d_in, 1.0f, c->ad_xd, ag->d_in, ag->A[l] + (int64_t)i * r * ag->d_in, ag->d_in,
+        dropout_apply_cuda(m.ctx, m.xd, x, ldx, d->T, ag->d_in, ds.key, ds.thr, ds.keep);
+        ad_gemm(c, &m, 0, 1, d->T, r, ag->d_in, 1.0f, m.xd, ag->d_in, ag->A[l] + (int64_t)i * r * ag->d_in, ag->d_in,
                 h + i * r, ldx, GEMM_BF16);
     }
 }
@@ -487,8 +487,11 @@ static void adapter_dx_dropout(backend *be, const dims *d, int l, int g, const b
     int di, dout;
     cuda_group_dims(&be->cfg, g, &di, &dout);
     uint64_t keys[3];
-    drop_spec ds = drop_of(be, dc, l, ag->mod[0]);
-    for (int i = 0; i < ag->n; i++) keys[i] = drop_of(be, dc, l, ag->mod[i]).key;
+    drop_spec ds;
+    for (int i = 0; i < ag->n; i++) {
+        ds = drop_of(be, dc, l, ag->mod[i]);
+        keys[i] = ds.key;
+    }
     lowrank_dropout_dx_cuda(c->ctx, gx, gx_f32, ldgx, gy + dout, ldgy, ag->A[l], ag->n, c->rank, d->T, di, keys, ds.thr,
                             ds.keep);
 }

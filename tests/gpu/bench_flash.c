@@ -11,15 +11,8 @@
 #include "core/dtype.h"
 #include "core/rng.h"
 #include "cuda/ops_cuda.h"
+#include "tests/gpu/probe_util.h"
 
-#define CK(call)                                                                                     \
-    do {                                                                                             \
-        cudaError_t e_ = (call);                                                                     \
-        if (e_ != cudaSuccess) {                                                                     \
-            fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_));    \
-            exit(1);                                                                                 \
-        }                                                                                            \
-    } while (0)
 
 static void *dalloc(size_t n) {
     void *p;
@@ -39,11 +32,6 @@ static void *drand_bf16(rng_state *r, size_t n, float sd) {
     free(h);
     return d;
 }
-static int cmpf(const void *a, const void *b) {
-    float x = *(const float *)a, y = *(const float *)b;
-    return x < y ? -1 : x > y;
-}
-
 static void shape(const char *name, int B, int S, int Hq, int Hkv, int D, int reps, int once) {
     cuda_ctx *ctx = cuda_ctx_create();
     cudaStream_t st = cuda_ctx_stream(ctx);
@@ -79,7 +67,7 @@ static void shape(const char *name, int B, int S, int Hq, int Hkv, int D, int re
         if (i >= 2) CK(cudaEventElapsedTime(&ms[i - 2], e0, e1));
     }
     if (!once) {
-        qsort(ms, reps, sizeof(float), cmpf);
+        qsort(ms, reps, sizeof(float), probe_cmp_float);
         printf("%-6s fwd            %8.3f ms (min %.3f)\n", name, ms[reps / 2], ms[0]);
     }
     {
@@ -100,7 +88,7 @@ static void shape(const char *name, int B, int S, int Hq, int Hkv, int D, int re
             int det = !memcmp(h1, h2, 2 * T * W);
             int64_t nan = 0;
             for (int64_t i = 0; i < T * W; i++) nan += bf16_to_f32(h2[i]) != bf16_to_f32(h2[i]);  // poison left
-            qsort(ms, reps, sizeof(float), cmpf);
+            qsort(ms, reps, sizeof(float), probe_cmp_float);
             printf("%-6s bwd            %8.3f ms (min %.3f)  deterministic %s  unwritten/nan %lld\n", name, ms[reps / 2], ms[0],
                    det ? "yes" : "NO", (long long)nan);
         }

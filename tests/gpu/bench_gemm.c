@@ -11,14 +11,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define CK(call)                                                                                     \
-    do {                                                                                             \
-        cudaError_t e_ = (call);                                                                     \
-        if (e_ != cudaSuccess) {                                                                     \
-            fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_));    \
-            exit(1);                                                                                 \
-        }                                                                                            \
-    } while (0)
+#include "core/dtype.h"
+#include "tests/gpu/probe_util.h"
+
 #define CB(call)                                                                         \
     do {                                                                                 \
         cublasStatus_t s_ = (call);                                                      \
@@ -36,20 +31,12 @@ typedef struct {
     int f32_out, beta1;
 } shape;
 
-static int cmp_f(const void *a, const void *b) {
-    float x = *(const float *)a, y = *(const float *)b;
-    return (x > y) - (x < y);
-}
-
 static uint16_t *host_rand_bf16(size_t n, uint64_t seed) {
     uint16_t *h = malloc(2 * n);
     uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
     for (size_t i = 0; i < n; i++) {
         s ^= s << 13, s ^= s >> 7, s ^= s << 17;
-        float f = ((float)(s >> 40) / (float)(1 << 24) - 0.5f) * 0.1f;  // [-0.05, 0.05)
-        uint32_t u;
-        memcpy(&u, &f, 4);
-        h[i] = (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+        h[i] = f32_to_bf16(((float)(s >> 40) / (float)(1 << 24) - 0.5f) * 0.1f);  // [-0.05, 0.05)
     }
     return h;
 }
@@ -149,7 +136,7 @@ int main(int argc, char **argv) {
                 printf("  algo %2d: failed\n", a);
                 continue;
             }
-            qsort(times, (size_t)reps, sizeof(float), cmp_f);
+            qsort(times, (size_t)reps, sizeof(float), probe_cmp_float);
             float med = times[reps / 2];
             CK(cudaMemcpy(a == 0 ? ref : out, D, out_bytes, cudaMemcpyDeviceToHost));
             int same = a == 0 || !memcmp(ref, out, out_bytes);
