@@ -8,6 +8,7 @@
 
 #include "core/rng.h"
 #include "cuda/cuda_util.cuh"
+#include "cuda/mma.cuh"
 
 // ---- CUDA kernels ----------------------------------------------------------------------------------
 
@@ -90,11 +91,16 @@ __global__ void dropout_apply_kernel(bf16 *xd, const bf16 *__restrict__ x, int64
 }
 
 // With dropout, a group's input gradient gx += sum_i mask_i * (gh_i A_i) in one pass over gx (instead
-// of a GEMM into an fp32 scratch and a masked add per module). Block: 64 rows x 64 columns, 256
-// threads; thread (ty, tx) owns rows 4ty .. 4ty+3 and the four columns 4tx .. 4tx+3, which are one
-// Philox block of each row (d_in % 4 == 0). The rank is walked in chunks of 32 through shared memory;
-// fp32 products (the ranks are small: CUDA cores, no tensor cores).
-#define DX_TILE 64
+// of a GEMM into an fp32 scratch and a masked add per module). Block: 64 rows x 128 columns of gx, 8
+// warps in 2 (rows) x 4 (columns), each warp 32 x 32 (2 x 4 mma tiles, cuda/mma.cuh). The rank is walked
+// in chunks of 32 through shared memory (zeros past r); each module's product accumulates in registers
+// on the tensor cores (bf16 in, fp32 sums: the same inputs as the fp32 twin, which rounds nothing
+// before the sum either), is masked there and added to the block's sum, which is added to gx at the end.
+// The mask: Philox block j covers columns c4 .. c4+3 (c4 = 4j mod d_in) of one row; a thread holds two
+// of them in each of its rows g and g+8, so the two lanes of a pair (t even, t odd) evaluate one block
+// each (row g, row g+8) and swap halves with a shuffle: one evaluation per four elements, as keep4.
+#define DX_ROWS 64
+#define DX_COLS 128
 #define DX_KC 32
 typedef struct {
     uint64_t key[3];
@@ -102,67 +108,97 @@ typedef struct {
 
 __global__ void __launch_bounds__(256) lowrank_dropout_dx_kernel(void *gx, int gx_f32, int64_t ldgx, const bf16 *__restrict__ gh,
                                                                  int64_t ldgh, const bf16 *__restrict__ A, int n, int r,
-                                                                 int64_t T, int d_in, dx_keys keys, uint32_t thr, float keep) {
-    __shared__ float Gs[DX_TILE][DX_KC + 1];  // gh chunk [rows][k]
-    __shared__ __align__(16) float As[DX_KC][DX_TILE];  // A chunk [k][cols]
-    int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-    int64_t r0 = (int64_t)blockIdx.y * DX_TILE;
-    int c0 = blockIdx.x * DX_TILE, col = c0 + 4 * tx;
-    float out[4][4] = {};
+                                                                 int64_t T, int d_in, dx_keys keys, uint32_t thr, float keep,
+                                                                 int vec) {
+    __shared__ __align__(16) bf16 Gs[DX_ROWS][DX_KC + 8];  // gh chunk [rows][k]
+    __shared__ __align__(16) bf16 As[DX_KC][DX_COLS + 8];  // A chunk [k][columns]
+    const bf16 zero = __float2bfloat16_rn(0.0f);
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3, odd = tq & 1;
+    int wr = (warp >> 2) * 32, wc = (warp & 3) * 32;
+    int64_t r0 = (int64_t)blockIdx.y * DX_ROWS;
+    int c0 = blockIdx.x * DX_COLS;
+    float out[2][4][4] = {};
     for (int i = 0; i < n; i++) {
-        float acc[4][4] = {};
+        uint64_t key = i == 0 ? keys.key[0] : i == 1 ? keys.key[1] : keys.key[2];  // no local copy of keys
+        float acc[2][4][4] = {};
         for (int k0 = 0; k0 < r; k0 += DX_KC) {
             int kc = r - k0 < DX_KC ? r - k0 : DX_KC;
-            for (int e = threadIdx.x; e < DX_TILE * DX_KC; e += blockDim.x) {
-                int row = e / DX_KC, k = e % DX_KC;
-                Gs[row][k] = r0 + row < T && k < kc ? __bfloat162float(gh[(r0 + row) * ldgh + i * r + k0 + k]) : 0.0f;
-                int kk = e / DX_TILE, cc = e % DX_TILE;
-                As[kk][cc] = kk < kc && c0 + cc < d_in ? __bfloat162float(A[((int64_t)i * r + k0 + kk) * d_in + c0 + cc]) : 0.0f;
+            {  // gh: 64 rows x 32 k, one vector of 8 per thread
+                int row = threadIdx.x >> 2, kq = (threadIdx.x & 3) * 8;
+                int64_t t = r0 + row;
+                bf16 *dst = &Gs[row][kq];
+                const bf16 *src = gh + t * ldgh + (int64_t)i * r + k0 + kq;
+                if (vec && t < T && kq + 8 <= kc)
+                    *(uint4 *)dst = *(const uint4 *)src;
+                else
+                    for (int e = 0; e < 8; e++) dst[e] = t < T && kq + e < kc ? src[e] : zero;
+            }
+            for (int v = threadIdx.x; v < DX_KC * DX_COLS / 8; v += blockDim.x) {  // A: 32 k x 128 columns
+                int kk = v / (DX_COLS / 8), cq = (v % (DX_COLS / 8)) * 8;
+                bf16 *dst = &As[kk][cq];
+                const bf16 *src = A + ((int64_t)i * r + k0 + kk) * d_in + c0 + cq;
+                if (vec && kk < kc && c0 + cq + 8 <= d_in)
+                    *(uint4 *)dst = *(const uint4 *)src;
+                else
+                    for (int e = 0; e < 8; e++) dst[e] = kk < kc && c0 + cq + e < d_in ? src[e] : zero;
             }
             __syncthreads();
-            for (int k = 0; k < kc; k++) {
-                float4 b = *(const float4 *)&As[k][4 * tx];
+            for (int kk = 0; kk < kc; kk += 16) {
+                uint32_t a[2][4], b[2][4];
 #pragma unroll
-                for (int a = 0; a < 4; a++) {
-                    float g = Gs[4 * ty + a][k];
-                    acc[a][0] = fmaf(g, b.x, acc[a][0]);
-                    acc[a][1] = fmaf(g, b.y, acc[a][1]);
-                    acc[a][2] = fmaf(g, b.z, acc[a][2]);
-                    acc[a][3] = fmaf(g, b.w, acc[a][3]);
+                for (int mt = 0; mt < 2; mt++) ldsm4(a[mt], &Gs[wr + mt * 16 + (lane & 15)][kk + (lane >> 4) * 8]);
+#pragma unroll
+                for (int np = 0; np < 2; np++) {
+                    int m = lane >> 3;
+                    ldsm4t(b[np], &As[kk + (m & 1) * 8 + (lane & 7)][wc + np * 16 + (m >> 1) * 8]);
+                }
+#pragma unroll
+                for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+                    for (int np = 0; np < 2; np++) {
+                        mma16816(acc[mt][2 * np], a[mt], b[np][0], b[np][1]);
+                        mma16816(acc[mt][2 * np + 1], a[mt], b[np][2], b[np][3]);
+                    }
+            }
+            __syncthreads();
+        }
+#pragma unroll
+        for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+            for (int nt = 0; nt < 4; nt++) {
+                int c4 = (c0 + wc + nt * 8 + 2 * tq) & ~3;
+                int64_t t = r0 + wr + mt * 16 + g + (odd ? 8 : 0);  // the row whose block this lane evaluates
+                uint32_t o[4];
+                rng_philox4(key, (uint64_t)(t * (d_in / 4) + c4 / 4), o);
+                uint32_t x0 = __shfl_xor_sync(0xffffffffu, odd ? o[0] : o[2], 1);
+                uint32_t x1 = __shfl_xor_sync(0xffffffffu, odd ? o[1] : o[3], 1);
+                uint32_t u[4] = {odd ? x0 : o[0], odd ? x1 : o[1], odd ? o[2] : x0, odd ? o[3] : x1};
+#pragma unroll
+                for (int e = 0; e < 4; e++) out[mt][nt][e] += acc[mt][nt][e] * (u[e] >= thr ? keep : 0.0f);
+            }
+    }
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+        for (int nt = 0; nt < 4; nt++) {
+            int c = c0 + wc + nt * 8 + 2 * tq;  // columns c, c + 1 (d_in % 4 == 0: both or neither)
+            if (c >= d_in) continue;
+#pragma unroll
+            for (int hl = 0; hl < 2; hl++) {
+                int64_t t = r0 + wr + mt * 16 + g + 8 * hl;
+                if (t >= T) continue;
+                float a0 = out[mt][nt][2 * hl], a1 = out[mt][nt][2 * hl + 1];
+                if (gx_f32) {
+                    float2 *p = (float2 *)((float *)gx + t * ldgx + c);
+                    float2 v = *p;
+                    *p = make_float2(v.x + a0, v.y + a1);
+                } else {
+                    __nv_bfloat162 *p = (__nv_bfloat162 *)((bf16 *)gx + t * ldgx + c);
+                    float2 v = __bfloat1622float2(*p);
+                    *p = __floats2bfloat162_rn(v.x + a0, v.y + a1);
                 }
             }
-            __syncthreads();
         }
-        if (col < d_in) {
-#pragma unroll
-            for (int a = 0; a < 4; a++) {
-                int64_t t = r0 + 4 * ty + a;
-                if (t >= T) continue;
-                float m[4];
-                keep4(keys.key[i], (t * d_in + col) / 4, thr, keep, m);
-#pragma unroll
-                for (int b = 0; b < 4; b++) out[a][b] += acc[a][b] * m[b];
-            }
-        }
-    }
-    if (col >= d_in) return;
-#pragma unroll
-    for (int a = 0; a < 4; a++) {
-        int64_t t = r0 + 4 * ty + a;
-        if (t >= T) continue;
-        if (gx_f32) {
-            float4 *p = (float4 *)((float *)gx + t * ldgx + col);
-            float4 v = *p;
-            *p = make_float4(v.x + out[a][0], v.y + out[a][1], v.z + out[a][2], v.w + out[a][3]);
-        } else {
-            bf16 *p = (bf16 *)gx + t * ldgx + col;
-            float v[4];
-            load4(p, v);
-#pragma unroll
-            for (int b = 0; b < 4; b++) v[b] += out[a][b];
-            store4(p, v);
-        }
-    }
 }
 
 // ---- the maps, on the host ------------------------------------------------------------------------
@@ -256,7 +292,10 @@ extern "C" void lowrank_dropout_dx_cuda(cuda_ctx *ctx, void *gx, int gx_f32, int
     dx_keys k;
     memset(&k, 0, sizeof k);
     for (int i = 0; i < n; i++) k.key[i] = keys[i];
-    dim3 grid((unsigned)ceil_div_i(d_in, DX_TILE), (unsigned)ceil_div_i(T, DX_TILE));
-    lowrank_dropout_dx_kernel<<<grid, 256, 0, ctx->stream>>>(gx, gx_f32, ldgx, gh, ldgh, A, n, r, T, d_in, k, thr, keep);
+    // 16-byte loads when every row and module offset of gh and A keeps them aligned
+    int vec = r % 8 == 0 && ldgh % 8 == 0 && d_in % 8 == 0 && (uintptr_t)gh % 16 == 0 && (uintptr_t)A % 16 == 0;
+    dim3 grid((unsigned)ceil_div_i(d_in, DX_COLS), (unsigned)ceil_div_i(T, DX_ROWS));
+    lowrank_dropout_dx_kernel<<<grid, 256, 0, ctx->stream>>>(gx, gx_f32, ldgx, gh, ldgh, A, n, r, T, d_in, k, thr, keep,
+                                                             vec);
     CUDA_LAUNCH_CHECK();
 }

@@ -76,6 +76,7 @@ extern "C" void cuda_ctx_free(cuda_ctx *ctx) {
     free(ctx);
 }
 
+extern "C" void cuda_ctx_set_gemm_sms(cuda_ctx *ctx, int sms) { ctx->gemm_sms = sms > 0 ? sms : 0; }
 extern "C" cudaStream_t cuda_ctx_stream(const cuda_ctx *ctx) { return ctx->stream; }
 extern "C" void cuda_ctx_sync(cuda_ctx *ctx) { CUDA_CHECK(cudaStreamSynchronize(ctx->stream)); }
 
@@ -103,11 +104,12 @@ static cublasLtMatrixLayout_t make_layout(cudaDataType_t t, int64_t rows, int64_
 static gemm_plan *plan_get(cuda_ctx *ctx, int ta, int tb, int64_t M, int64_t N, int64_t K, int64_t lda, int64_t sa,
                            int64_t ldb, int64_t sb, int64_t ldd, int64_t sd, gemm_dtype cd, int batch, int align,
                            int beta_zero) {
+    int32_t sms = (double)M * N * K * batch >= (double)(1 << 30) ? ctx->gemm_sms : 0;
     for (int i = 0; i < ctx->n_plans; i++) {
         gemm_plan *p = &ctx->plans[i];
         if (p->ta == ta && p->tb == tb && p->M == M && p->N == N && p->K == K && p->lda == lda && p->ldb == ldb &&
             p->ldd == ldd && p->cd == (int)cd && p->batch == batch && p->sa == sa && p->sb == sb && p->sd == sd &&
-            p->align == align && p->beta_zero == beta_zero)
+            p->align == align && p->beta_zero == beta_zero && p->sms == sms)
             return p;
     }
     if (ctx->n_plans == GEMM_CACHE_MAX) {  // a pathological number of shapes: recycle the oldest half
@@ -138,11 +140,14 @@ static gemm_plan *plan_get(cuda_ctx *ctx, int ta, int tb, int64_t M, int64_t N, 
     p->batch = batch;
     p->align = align;
     p->beta_zero = beta_zero;
+    p->sms = sms;
     CUBLAS_CHECK(cublasLtMatmulDescCreate(&p->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
     // cuBLASLt's first operand is our B, its second our A (see the top of this file).
     cublasOperation_t op1 = tb ? CUBLAS_OP_T : CUBLAS_OP_N, op2 = ta ? CUBLAS_OP_T : CUBLAS_OP_N;
     CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSA, &op1, sizeof op1));
     CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSB, &op2, sizeof op2));
+    if (p->sms > 0)
+        CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET, &p->sms, sizeof p->sms));
     p->la = make_layout(CUDA_R_16BF, tb ? K : N, tb ? N : K, ldb, batch, sb);
     p->lb = make_layout(CUDA_R_16BF, ta ? M : K, ta ? K : M, lda, batch, sa);
     p->lc = make_layout(cd == GEMM_F32 ? CUDA_R_32F : CUDA_R_16BF, N, M, ldd, batch, sd);

@@ -38,6 +38,7 @@ typedef struct {
     int64_t M, N, K, lda, ldb, ldd, sa, sb, sd;
     int align;  // min alignment (bytes) of the pointers, capped at 256
     int beta_zero;
+    int32_t sms;  // the multiprocessor target (0: all)
     cublasLtMatmulDesc_t desc;
     cublasLtMatrixLayout_t la, lb, lc;
     cublasLtMatmulAlgo_t algo;
@@ -50,6 +51,7 @@ struct cuda_ctx {
     size_t workspace_bytes;
     gemm_plan plans[GEMM_CACHE_MAX];
     int n_plans;
+    int gemm_sms;  // > 0: large products target this many multiprocessors (cuda_ctx_set_gemm_sms)
     float *host_scratch;  // pinned, for small downloads
     size_t host_scratch_bytes;
 };

@@ -20,47 +20,16 @@
 // The tiles the inner loops walk over stream into shared memory with cp.async in two stages: the
 // copy of tile j + 1 is in flight while tile j is computed on.
 //
-// Fragment layouts of mma.m16n8k16 (g = lane / 4, t = lane % 4):
-//   A 16x16 row-major: a0 (g, 2t..2t+1), a1 (g+8, 2t..), a2 (g, 2t+8..), a3 (g+8, 2t+8..)
-//   B 16x8 "col": b0 (k = 2t..2t+1, n = g), b1 (k = 2t+8.., n = g)
-//   C 16x8: c0, c1 (g, 2t..2t+1), c2, c3 (g+8, 2t..2t+1)
-// Two adjacent C tiles (16 columns) are exactly an A fragment, which is how P feeds P V (FA-2).
+// Fragment layouts: cuda/mma.cuh. Two adjacent C tiles (16 columns) are exactly an A fragment, which is
+// how P feeds P V (FA-2).
 #include <math.h>
 
 #include "cuda/cuda_util.cuh"
+#include "cuda/mma.cuh"
 
 #define FA_TILE 64  // queries per block (forward)
 #define FA_BN 64    // keys per step (forward)
 #define FA_LOG2E 1.4426950408889634f
-
-__device__ __forceinline__ void mma16816(float *c, const uint32_t *a, uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *(uint32_t *)&v;
-}
-__device__ __forceinline__ uint32_t ld32(const bf16 *p) { return *(const uint32_t *)p; }
-
-// ldmatrix x4 from shared memory: lane L gives the address of row L % 8 of matrix L / 8 (8 contiguous
-// bf16, 16-byte aligned). Plain: r[i] = (M_i[g][2t], M_i[g][2t+1]); .trans: r[i] = (M_i[2t][g], M_i[2t+1][g]).
-__device__ __forceinline__ void ldsm4(uint32_t *r, const bf16 *p) {
-    unsigned a = (unsigned)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(a));
-}
-__device__ __forceinline__ void ldsm4t(uint32_t *r, const bf16 *p) {
-    unsigned a = (unsigned)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(a));
-}
 
 // B fragments of X^T for two adjacent n-tiles (rows n0 .. n0+15 of a shared [rows][D+8] tile X, the
 // k-chunk of 16 columns at c0): b[0], b[1] for rows n0..n0+7 and b[2], b[3] for rows n0+8..n0+15.
@@ -76,24 +45,6 @@ template <int D>
 __device__ __forceinline__ void frag_b(uint32_t *b, const bf16 *X, int k0, int d0) {
     int L = threadIdx.x & 31, i = L >> 3;
     ldsm4t(b, X + (k0 + (i & 1) * 8 + (L & 7)) * (D + 8) + d0 + (i >> 1) * 8);
-}
-
-// ---- asynchronous copies (cp.async, sm_80+): the next tile streams into shared memory while the
-// current one is computed on ----------------------------------------------------------------------------
-
-// 16 bytes global -> shared; !ok fills zeros (nothing is read, g must merely be a valid address).
-__device__ __forceinline__ void cp_async16(void *sm, const void *g, bool ok) {
-    unsigned s = (unsigned)__cvta_generic_to_shared(sm);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(g), "r"(ok ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async4(void *sm, const void *g, bool ok) {
-    unsigned s = (unsigned)__cvta_generic_to_shared(sm);
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(g), "r"(ok ? 4 : 0));
-}
-__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
 // Two-stage pipeline step over tiles 0 .. n-1: start the copy of tile j + 1 (load(j + 1) commits one

@@ -45,6 +45,9 @@ void cuda_ctx_free(cuda_ctx *ctx);
 cudaStream_t cuda_ctx_stream(const cuda_ctx *ctx);
 void cuda_ctx_sync(cuda_ctx *ctx);
 size_t cuda_ctx_workspace_bytes(void);
+// Products of at least 2^30 multiply-adds on this context target `sms` multiprocessors (0: all), leaving
+// the rest to kernels of other streams (cuBLASLt's SM_COUNT_TARGET). Plans made before keep theirs.
+void cuda_ctx_set_gemm_sms(cuda_ctx *ctx, int sms);
 
 typedef enum { GEMM_BF16 = 0, GEMM_F32 = 1 } gemm_dtype;
 // Row-major D[M][N] = alpha * op(A)[M][K] op(B)[K][N] + beta * C[M][N], bf16 operands, fp32
@@ -230,7 +233,8 @@ void dropout_apply_cuda(cuda_ctx *ctx, bf16 *xd, const bf16 *x, int64_t ldx, int
 // With dropout, the input gradient of a group of n (<= 3) modules sharing one input:
 //   gx[T][d_in] (+=, fp32 or bf16 by gx_f32, row stride ldgx) += sum_i mask_i * (gh_i A_i)
 // gh_i = columns [i r, i r + r) of gh (bf16, row stride ldgh), A_i = rows [i r, i r + r) of A [n r][d_in]
-// (bf16), mask_i from keys[i] (host array) as dropout_apply_cuda. One pass over gx, fp32 products.
+// (bf16), mask_i from keys[i] (host array) as dropout_apply_cuda. One pass over gx; the products on the
+// tensor cores (bf16 in, fp32 sums).
 void lowrank_dropout_dx_cuda(cuda_ctx *ctx, void *gx, int gx_f32, int64_t ldgx, const bf16 *gh, int64_t ldgh,
                              const bf16 *A, int n, int r, int64_t T, int d_in, const uint64_t *keys, uint32_t thr,
                              float keep);

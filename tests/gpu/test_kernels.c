@@ -719,28 +719,12 @@ START_TEST(test_adapter_gather_scatter) {
 }
 END_TEST
 
-START_TEST(test_dropout) {
-    cuda_ctx *ctx = ctx_new();
-    rng_state r;
-    rng_seed(&r, 1001);
-    int64_t T = 129;  // several blocks of the 4-element kernels
-    int d = 72, ldx = 80;
-    float p = 0.1f;
-    uint64_t key = rng_key(RNG_DROPOUT, 5, 6, 7, 8);
-    float *x = rnd_bf16(&r, (size_t)(T * ldx), 1.0f), *mask = xmalloc(sizeof(float) * (size_t)(T * d));
-    adapter_dropout_mask(key, p, (size_t)(T * d), mask);
-    float *ref = xmalloc(sizeof(float) * (size_t)(T * d));
-    for (int64_t t = 0; t < T; t++)
-        for (int c = 0; c < d; c++) ref[t * d + c] = bf16_round(x[t * ldx + c] * mask[t * d + c]);
-    void *dx = dev_bf16(x, (size_t)(T * ldx)), *dxd = dev_alloc(2 * (size_t)(T * d));
-    dropout_apply_cuda(ctx, dxd, dx, ldx, T, d, key, rng_dropout_threshold(p), 1.0f / (1.0f - p));
-    float *got = down_bf16(dxd, (size_t)(T * d));
-    ck_assert(close_enough("dropout apply (same mask)", got, ref, (size_t)(T * d), 0, 0));
-    // backward of a group of n modules: gx += sum_i mask_i * (gh_i A_i), into fp32 and into bf16
-    int n = 3, rk = 40;  // a rank that is not a multiple of the kernel's 32-chunk
-    int64_t ldgh = n * rk + 8;
-    float *gh = rnd_bf16(&r, (size_t)(T * ldgh), 1.0f), *A = rnd_bf16(&r, (size_t)(n * rk * d), 0.2f);
-    float *gx = rnd_bf16(&r, (size_t)(T * ldx), 1.0f);
+// Backward of a group of n modules with dropout: gx += sum_i mask_i * (gh_i A_i), into fp32 and into
+// bf16, against a double CPU sum with the CPU's masks (adapter_dropout_mask).
+static void check_dropout_dx(cuda_ctx *ctx, rng_state *r, int64_t T, int d, int ldx, int n, int rk, int ldgh, float p,
+                             const char *what) {
+    float *gh = rnd_bf16(r, (size_t)(T * ldgh), 1.0f), *A = rnd_bf16(r, (size_t)(n * rk * d), 0.2f);
+    float *gx = rnd_bf16(r, (size_t)(T * ldx), 1.0f);
     uint64_t keys[3];
     float *masks = xmalloc(sizeof(float) * (size_t)(n * T * d));
     for (int i = 0; i < n; i++) {
@@ -764,15 +748,45 @@ START_TEST(test_dropout) {
     void *dgh = dev_bf16(gh, (size_t)(T * ldgh)), *dA = dev_bf16(A, (size_t)(n * rk * d));
     float *dgx = dev_up(gx, 4 * (size_t)(T * ldx));
     lowrank_dropout_dx_cuda(ctx, dgx, 1, ldx, dgh, ldgh, dA, n, rk, T, d, keys, rng_dropout_threshold(p), 1.0f / (1.0f - p));
-    float *got2 = down_f32(dgx, (size_t)(T * ldx));
-    ck_assert(close_enough("dropout dx, 3 modules (f32 +=)", got2, want, (size_t)(T * ldx), 1e-5, 1e-5));
+    float *got = down_f32(dgx, (size_t)(T * ldx));
+    char name[128];
+    snprintf(name, sizeof name, "dropout dx, %s (f32 +=)", what);
+    ck_assert(close_enough(name, got, want, (size_t)(T * ldx), 1e-5, 1e-5));
     void *dgb = dev_bf16(gx, (size_t)(T * ldx));
     lowrank_dropout_dx_cuda(ctx, dgb, 0, ldx, dgh, ldgh, dA, n, rk, T, d, keys, rng_dropout_threshold(p), 1.0f / (1.0f - p));
-    float *got3 = down_bf16(dgb, (size_t)(T * ldx));
-    ck_assert(close_enough("dropout dx, 3 modules (bf16 +=)", got3, wantb, (size_t)(T * ldx), 1e-3, 1.0 / 128));
-    free(x), free(mask), free(ref), free(got), free(gh), free(A), free(gx), free(masks), free(add), free(want), free(wantb),
-        free(got2), free(got3);
-    cudaFree(dx), cudaFree(dxd), cudaFree(dgh), cudaFree(dA), cudaFree(dgx), cudaFree(dgb);
+    float *gotb = down_bf16(dgb, (size_t)(T * ldx));
+    snprintf(name, sizeof name, "dropout dx, %s (bf16 +=)", what);
+    ck_assert(close_enough(name, gotb, wantb, (size_t)(T * ldx), 1e-3, 1.0 / 128));
+    free(gh), free(A), free(gx), free(masks), free(add), free(want), free(wantb), free(got), free(gotb);
+    cudaFree(dgh), cudaFree(dA), cudaFree(dgx), cudaFree(dgb);
+}
+
+START_TEST(test_dropout) {
+    cuda_ctx *ctx = ctx_new();
+    rng_state r;
+    rng_seed(&r, 1001);
+    int64_t T = 129;  // several blocks of the 4-element kernels
+    int d = 72, ldx = 80;
+    float p = 0.1f;
+    uint64_t key = rng_key(RNG_DROPOUT, 5, 6, 7, 8);
+    float *x = rnd_bf16(&r, (size_t)(T * ldx), 1.0f), *mask = xmalloc(sizeof(float) * (size_t)(T * d));
+    adapter_dropout_mask(key, p, (size_t)(T * d), mask);
+    float *ref = xmalloc(sizeof(float) * (size_t)(T * d));
+    for (int64_t t = 0; t < T; t++)
+        for (int c = 0; c < d; c++) ref[t * d + c] = bf16_round(x[t * ldx + c] * mask[t * d + c]);
+    void *dx = dev_bf16(x, (size_t)(T * ldx)), *dxd = dev_alloc(2 * (size_t)(T * d));
+    dropout_apply_cuda(ctx, dxd, dx, ldx, T, d, key, rng_dropout_threshold(p), 1.0f / (1.0f - p));
+    float *got = down_bf16(dxd, (size_t)(T * d));
+    ck_assert(close_enough("dropout apply (same mask)", got, ref, (size_t)(T * d), 0, 0));
+    free(x), free(mask), free(ref), free(got);
+    cudaFree(dx), cudaFree(dxd);
+    // the masked input gradient: a rank that is not a multiple of the 32-chunk or of 16 (the mma's k),
+    // partial row and column tiles, 16-byte copies and the element-wise fallbacks (rank 12, width 36,
+    // row stride 44: neither gh, A nor a bf16 gx in 16-byte pieces), several rank chunks (r 72)
+    check_dropout_dx(ctx, &r, 129, 72, 80, 3, 40, 3 * 40 + 8, p, "3 modules, r 40, d 72");
+    check_dropout_dx(ctx, &r, 100, 36, 44, 2, 12, 2 * 12 + 3, p, "2 modules, r 12, d 36, unaligned");
+    check_dropout_dx(ctx, &r, 300, 392, 400, 1, 32, 40, 0.3f, "1 module, r 32, d 392, p 0.3");
+    check_dropout_dx(ctx, &r, 70, 256, 264, 2, 72, 2 * 72 + 8, p, "2 modules, r 72, d 256");
     cuda_ctx_free(ctx);
 }
 END_TEST
