@@ -4,14 +4,21 @@
 // against the heuristic's first choice. A probe for choosing algorithms by measurement: it shows what the
 // first choice leaves on the table and whether another choice would change any result bit.
 //   build/tests/gpu/bench_gemm [reps]
+// BENCH_GEMM_SUSTAINED=1: each algorithm runs ~150 ms first and is then timed over `reps` products back
+// to back (one event pair), as in a step, where the clocks settle under the power limit; isolated
+// products run at higher clocks and can rank the algorithms differently. BENCH_GEMM_DATA=nf4: the weight
+// operand holds dequantized-NF4-like values (a random absmax per 64 times one of the 16 NF4 levels) and
+// the activations are normal, as in the step (the power a product draws depends on its operands' bits).
 #include <cublasLt.h>
 #include <cuda_runtime_api.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "core/dtype.h"
+#include "core/nf4.h"
 #include "tests/gpu/probe_util.h"
 
 #define CB(call)                                                                         \
@@ -37,6 +44,33 @@ static uint16_t *host_rand_bf16(size_t n, uint64_t seed) {
     for (size_t i = 0; i < n; i++) {
         s ^= s << 13, s ^= s >> 7, s ^= s << 17;
         h[i] = f32_to_bf16(((float)(s >> 40) / (float)(1 << 24) - 0.5f) * 0.1f);  // [-0.05, 0.05)
+    }
+    return h;
+}
+
+// n bf16 of N(0, sd) (Box-Muller on the same xorshift stream).
+static uint16_t *host_normal_bf16(size_t n, uint64_t seed, float sd) {
+    uint16_t *h = malloc(2 * n);
+    uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
+    for (size_t i = 0; i < n; i++) {
+        s ^= s << 13, s ^= s >> 7, s ^= s << 17;
+        double u1 = ((double)(s >> 11) + 1.0) / 9007199254740993.0;
+        s ^= s << 13, s ^= s >> 7, s ^= s << 17;
+        double u2 = (double)(s >> 11) / 9007199254740992.0;
+        h[i] = f32_to_bf16((float)(sd * sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2)));
+    }
+    return h;
+}
+
+// n bf16 laid out as rows of NF4 blocks of 64: absmax in [0.02, 0.06) per block times a random level.
+static uint16_t *host_nf4_bf16(size_t n, uint64_t seed) {
+    uint16_t *h = malloc(2 * n);
+    uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
+    float amax = 0.0f;
+    for (size_t i = 0; i < n; i++) {
+        s ^= s << 13, s ^= s >> 7, s ^= s << 17;
+        if (i % NF4_BLOCK == 0) amax = 0.02f + 0.04f * (float)(s >> 40) / (float)(1 << 24);
+        h[i] = f32_to_bf16(amax * k_nf4_code[(s >> 20) & 15]);
     }
     return h;
 }
@@ -69,7 +103,12 @@ int main(int argc, char **argv) {
         if (b > b_max) b_max = b;
         if (d > d_max) d_max = d;
     }
-    uint16_t *ha = host_rand_bf16(a_max, 1), *hb = host_rand_bf16(b_max, 2), *hc = host_rand_bf16((size_t)T * C, 3);
+    const char *sus = getenv("BENCH_GEMM_SUSTAINED"), *dat = getenv("BENCH_GEMM_DATA");
+    int sustained = sus && atoi(sus) > 0, nf4 = dat && !strcmp(dat, "nf4");
+    uint16_t *ha = nf4 ? host_normal_bf16(a_max, 1, 1.0f) : host_rand_bf16(a_max, 1);
+    uint16_t *hb = nf4 ? host_nf4_bf16(b_max, 2) : host_rand_bf16(b_max, 2), *hc = host_rand_bf16((size_t)T * C, 3);
+    printf("%s products, %s operands\n", sustained ? "sustained" : "isolated",
+           nf4 ? "NF4-like weights and normal activations" : "uniform [-0.05, 0.05)");
     void *A, *B, *Cm, *D, *ws;
     size_t ws_bytes = (size_t)32 << 20;
     CK(cudaMalloc(&A, 2 * a_max));
@@ -120,7 +159,33 @@ int main(int argc, char **argv) {
         for (int a = 0; a < found; a++) {
             if (res[a].state != CUBLAS_STATUS_SUCCESS) continue;
             int ok = 1;
-            for (int r = -2; r < reps; r++) {
+            if (sustained) {  // heat up for ~150 ms, then time reps products back to back
+                CK(cudaEventRecord(e0, st));
+                for (int r = 0; r < 1000; r++) {
+                    if (cublasLtMatmul(lt, desc, &alpha, B, la, A, lb, &beta, p->beta1 ? Cm : D, lc, D, ld, &res[a].algo, ws,
+                                       ws_bytes, st) != CUBLAS_STATUS_SUCCESS) {
+                        ok = 0;
+                        break;
+                    }
+                    if (r % 8 == 7) {
+                        float ms;
+                        CK(cudaEventRecord(e1, st));
+                        CK(cudaEventSynchronize(e1));
+                        CK(cudaEventElapsedTime(&ms, e0, e1));
+                        if (ms > 150.0f) break;
+                    }
+                }
+                CK(cudaEventRecord(e0, st));
+                for (int r = 0; ok && r < reps; r++)
+                    ok = cublasLtMatmul(lt, desc, &alpha, B, la, A, lb, &beta, p->beta1 ? Cm : D, lc, D, ld, &res[a].algo, ws,
+                                        ws_bytes, st) == CUBLAS_STATUS_SUCCESS;
+                CK(cudaEventRecord(e1, st));
+                CK(cudaEventSynchronize(e1));
+                float ms = 0;
+                CK(cudaEventElapsedTime(&ms, e0, e1));
+                for (int r = 0; r < reps; r++) times[r] = ms / (float)reps;
+            }
+            for (int r = -2; !sustained && r < reps; r++) {
                 CK(cudaEventRecord(e0, st));
                 cublasStatus_t x = cublasLtMatmul(lt, desc, &alpha, B, la, A, lb, &beta, p->beta1 ? Cm : D, lc, D, ld,
                                                   &res[a].algo, ws, ws_bytes, st);
