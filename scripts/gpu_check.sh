@@ -3,6 +3,7 @@
 # is scarce). Run from a folder holding build/ (built elsewhere), tests/fixtures/stories260K, scripts/
 # and shared/ (copies of ../shared/data/nf4 and reference).
 #   scripts/gpu_check.sh [tests] [sanitize] [hf] [train] [bench] [peer] [benchall] [peerall] [profile]
+#                        [probes] [kernels]
 set -u
 # Logs go to a scratch folder; $OUT receives only logs.tgz, bench.jsonl and summary.txt (a device
 # call returns at most 8 files).
@@ -56,6 +57,28 @@ if want benchall; then
   for m in llama2-7b llama3.2-3b; do for r in none full; do  # the paper's configs train with dropout 0.1
     run "bench_${m}_mos_${r}_dropout" 240 "${B[@]}" --model $m --adapter mos --recompute $r --dropout 0.1
   done; done
+fi
+if want probes; then  # the standalone timing probes (docs/CUDA.md)
+  run probe_flash 120 build/tests/gpu/bench_flash 20
+  BENCH_GEMM_SUSTAINED=1 BENCH_GEMM_DATA=nf4 run probe_gemm_sustained 300 build/tests/gpu/bench_gemm 30
+  run probe_overlap 120 build/tests/gpu/bench_overlap 100 4
+  cat "$OUT"/probe_*.log
+fi
+if want kernels; then  # per-kernel times of one step of a 6-layer model at 7B shapes (ncu), without and with dropout
+  L6=$(mktemp -d)
+  cat > "$L6/config.json" <<'JSON'
+{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
+ "num_attention_heads": 32, "num_key_value_heads": 32, "num_hidden_layers": 6, "vocab_size": 32000,
+ "max_position_embeddings": 4096, "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "tie_word_embeddings": false,
+ "torch_dtype": "bfloat16", "hidden_act": "silu"}
+JSON
+  for dr in 0 0.1; do
+    MOSFT_CUDA_PROFILE_STEP=2 timeout 300 ncu --profile-from-start off --clock-control none \
+      --metrics gpu__time_duration.sum --csv build/mosft bench --model "$L6" --adapter mos --steps 1 --warmup 1 \
+      --dropout $dr > "$OUT/ncu_l6_dropout$dr.csv" 2>"$OUT/ncu_l6_dropout$dr.err"
+    note "ncu 6-layer 7B dropout $dr: rc=$?"
+    python3 scripts/ncu_by_kernel.py "$OUT/ncu_l6_dropout$dr.csv" 25 | tee "$OUT/kernels_dropout$dr.log"
+  done
 fi
 if want peer; then run peer_7b 300 python3 scripts/bench_peer_hf.py --models llama2-7b --ckpt 1 --steps 3 --warmup 1; fi
 if want peerall; then run peer_all 900 python3 scripts/bench_peer_hf.py --steps 4 --warmup 1; fi

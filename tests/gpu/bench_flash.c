@@ -34,6 +34,10 @@ static void *drand_bf16(rng_state *r, size_t n, float sd) {
 }
 static void shape(const char *name, int B, int S, int Hq, int Hkv, int D, int reps, int once) {
     cuda_ctx *ctx = cuda_ctx_create();
+    if (!ctx) {
+        fprintf(stderr, "bench_flash: no CUDA device\n");
+        exit(1);
+    }
     cudaStream_t st = cuda_ctx_stream(ctx);
     rng_state r;
     rng_seed(&r, 1234);

@@ -107,8 +107,8 @@ int main(int argc, char **argv) {
     int sustained = sus && atoi(sus) > 0, nf4 = dat && !strcmp(dat, "nf4");
     uint16_t *ha = nf4 ? host_normal_bf16(a_max, 1, 1.0f) : host_rand_bf16(a_max, 1);
     uint16_t *hb = nf4 ? host_nf4_bf16(b_max, 2) : host_rand_bf16(b_max, 2), *hc = host_rand_bf16((size_t)T * C, 3);
-    printf("%s products, %s operands\n", sustained ? "sustained" : "isolated",
-           nf4 ? "NF4-like weights and normal activations" : "uniform [-0.05, 0.05)");
+    printf("%s products; operands: %s\n", sustained ? "sustained" : "isolated",
+           nf4 ? "NF4-like weights, normal activations" : "uniform in [-0.05, 0.05)");
     void *A, *B, *Cm, *D, *ws;
     size_t ws_bytes = (size_t)32 << 20;
     CK(cudaMalloc(&A, 2 * a_max));
