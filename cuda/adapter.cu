@@ -55,20 +55,6 @@ __global__ void scatter_b_kernel(lowrank_map mp, const float *__restrict__ gB, f
 // module's T x d_in stream are the four lanes of block j, as rng_u32 defines them), so one Philox
 // evaluation serves four elements (the generator, not memory, bounded the one-element version).
 // d_in % 4 == 0, so the four share a row.
-// Four consecutive bf16 (8-byte aligned) to and from fp32.
-__device__ __forceinline__ void load4(const bf16 *p, float *f) {
-    uint2 u = *(const uint2 *)p;
-    const bf16 *h = (const bf16 *)&u;
-#pragma unroll
-    for (int k = 0; k < 4; k++) f[k] = __bfloat162float(h[k]);
-}
-__device__ __forceinline__ void store4(bf16 *p, const float *f) {
-    __align__(8) bf16 h[4];
-#pragma unroll
-    for (int k = 0; k < 4; k++) h[k] = __float2bfloat16_rn(f[k]);
-    *(uint2 *)p = *(const uint2 *)h;
-}
-
 __device__ __forceinline__ void keep4(uint64_t key, int64_t j, uint32_t thr, float keep, float m[4]) {
     uint32_t o[4];
     rng_philox4(key, (uint64_t)j, o);
@@ -84,10 +70,10 @@ __global__ void dropout_apply_kernel(bf16 *xd, const bf16 *__restrict__ x, int64
     int c = (int)(e % d_in);
     float m[4], v[4];
     keep4(key, j, thr, keep, m);
-    load4(x + t * ldx + c, v);
+    load_bf16<4>(x + t * ldx + c, v);
 #pragma unroll
     for (int k = 0; k < 4; k++) v[k] *= m[k];
-    store4(xd + e, v);
+    store_bf16<4>(xd + e, v);
 }
 
 // With dropout, a group's input gradient gx += sum_i mask_i * (gh_i A_i) in one pass over gx (instead

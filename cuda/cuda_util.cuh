@@ -8,6 +8,8 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <type_traits>
+
 #include "core/common.h"
 #include "cuda/ops_cuda.h"
 
@@ -57,6 +59,28 @@ struct cuda_ctx {
 };
 
 static inline int ceil_div_i(int64_t a, int64_t b) { return (int)((a + b - 1) / b); }
+
+// N consecutive bf16 (N = 4: 8-byte aligned, N = 8: 16-byte aligned) to and from fp32, in one vector
+// access.
+template <int N>
+struct bf16_vec {
+    typedef typename std::conditional<N == 8, uint4, uint2>::type type;
+    static_assert(N == 4 || N == 8, "4 or 8 bf16");
+};
+template <int N>
+__device__ __forceinline__ void load_bf16(const bf16 *p, float *f) {
+    typename bf16_vec<N>::type u = *(const typename bf16_vec<N>::type *)p;
+    const bf16 *h = (const bf16 *)&u;
+#pragma unroll
+    for (int k = 0; k < N; k++) f[k] = __bfloat162float(h[k]);
+}
+template <int N>
+__device__ __forceinline__ void store_bf16(bf16 *p, const float *f) {
+    __align__(2 * N) bf16 h[N];
+#pragma unroll
+    for (int k = 0; k < N; k++) h[k] = __float2bfloat16_rn(f[k]);
+    *(typename bf16_vec<N>::type *)p = *(const typename bf16_vec<N>::type *)h;
+}
 
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -9,19 +9,6 @@
 
 // ---- CUDA kernels ----------------------------------------------------------------------------------
 
-__device__ __forceinline__ void load8(const bf16 *p, float *f) {
-    uint4 u = *(const uint4 *)p;
-    const bf16 *h = (const bf16 *)&u;
-#pragma unroll
-    for (int k = 0; k < 8; k++) f[k] = __bfloat162float(h[k]);
-}
-__device__ __forceinline__ void store8(bf16 *p, const float *f) {
-    __align__(16) bf16 h[8];
-#pragma unroll
-    for (int k = 0; k < 8; k++) h[k] = __float2bfloat16_rn(f[k]);
-    *(uint4 *)p = *(const uint4 *)h;
-}
-
 __global__ void rmsnorm_forward_kernel(bf16 *out, int64_t ldo, float *rstd, const bf16 *__restrict__ inp,
                                        const float *__restrict__ w, int C, float eps) {
     int64_t t = blockIdx.x;
@@ -29,7 +16,7 @@ __global__ void rmsnorm_forward_kernel(bf16 *out, int64_t ldo, float *rstd, cons
     float ss = 0.0f;
     for (int c = threadIdx.x * 8; c < C; c += blockDim.x * 8) {
         float f[8];
-        load8(x + c, f);
+        load_bf16<8>(x + c, f);
 #pragma unroll
         for (int k = 0; k < 8; k++) ss += f[k] * f[k];
     }
@@ -39,10 +26,10 @@ __global__ void rmsnorm_forward_kernel(bf16 *out, int64_t ldo, float *rstd, cons
     bf16 *y = out + t * ldo;
     for (int c = threadIdx.x * 8; c < C; c += blockDim.x * 8) {
         float f[8];
-        load8(x + c, f);
+        load_bf16<8>(x + c, f);
 #pragma unroll
         for (int k = 0; k < 8; k++) f[k] = w[c + k] * (f[k] * r);
-        store8(y + c, f);
+        store_bf16<8>(y + c, f);
     }
 }
 
@@ -56,7 +43,7 @@ __global__ void rmsnorm_backward_kernel(float *ginp, bf16 *ginp_bf16, int64_t ld
     float dot = 0.0f;
     for (int c = threadIdx.x * 8; c < C; c += blockDim.x * 8) {
         float f[8];
-        load8(x + c, f);
+        load_bf16<8>(x + c, f);
 #pragma unroll
         for (int k = 0; k < 8; k++) dot += g[c + k] * w[c + k] * f[k];
     }
@@ -66,13 +53,13 @@ __global__ void rmsnorm_backward_kernel(float *ginp, bf16 *ginp_bf16, int64_t ld
     float *gx = ginp + t * C;
     for (int c = threadIdx.x * 8; c < C; c += blockDim.x * 8) {
         float f[8], o[8];
-        load8(x + c, f);
+        load_bf16<8>(x + c, f);
 #pragma unroll
         for (int k = 0; k < 8; k++) {
             o[k] = gx[c + k] + (r * (w[c + k] * g[c + k]) - coef * f[k]);
             gx[c + k] = o[k];
         }
-        if (ginp_bf16) store8(ginp_bf16 + t * ldb + c, o);
+        if (ginp_bf16) store_bf16<8>(ginp_bf16 + t * ldb + c, o);
     }
 }
 
@@ -91,7 +78,7 @@ __global__ void __launch_bounds__(128) rmsnorm_forward_reg_kernel(bf16 *out, int
     for (int v = 0; v < NV; v++) {
         int c = (v * blockDim.x + threadIdx.x) * 8;
         if (c < C) {
-            load8(x + c, f[v]);
+            load_bf16<8>(x + c, f[v]);
 #pragma unroll
             for (int k = 0; k < 8; k++) ss += f[v][k] * f[v][k];
         }
@@ -108,7 +95,7 @@ __global__ void __launch_bounds__(128) rmsnorm_forward_reg_kernel(bf16 *out, int
             float wv[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
 #pragma unroll
             for (int k = 0; k < 8; k++) f[v][k] = wv[k] * (f[v][k] * r);
-            store8(y + c, f[v]);
+            store_bf16<8>(y + c, f[v]);
         }
     }
 }
@@ -128,7 +115,7 @@ __global__ void __launch_bounds__(128) rmsnorm_backward_reg_kernel(float *ginp, 
     for (int v = 0; v < NV; v++) {
         int c = (v * blockDim.x + threadIdx.x) * 8;
         if (c < C) {
-            load8(x + c, xf[v]);
+            load_bf16<8>(x + c, xf[v]);
             float4 g0 = *(const float4 *)(g + c), g1 = *(const float4 *)(g + c + 4);
             float4 w0 = *(const float4 *)(w + c), w1 = *(const float4 *)(w + c + 4);
             float gv[8] = {g0.x, g0.y, g0.z, g0.w, g1.x, g1.y, g1.z, g1.w};
@@ -154,7 +141,7 @@ __global__ void __launch_bounds__(128) rmsnorm_backward_reg_kernel(float *ginp, 
             for (int k = 0; k < 8; k++) o[k] = o[k] + (r * gw[v][k] - coef * xf[v][k]);
             *(float4 *)(gx + c) = make_float4(o[0], o[1], o[2], o[3]);
             *(float4 *)(gx + c + 4) = make_float4(o[4], o[5], o[6], o[7]);
-            if (ginp_bf16) store8(ginp_bf16 + t * ldb + c, o);
+            if (ginp_bf16) store_bf16<8>(ginp_bf16 + t * ldb + c, o);
         }
     }
 }
@@ -168,11 +155,11 @@ __global__ void swiglu_forward_kernel(bf16 *out, int64_t ldo, const bf16 *__rest
     int64_t t = v / per_row;
     int c = (int)(v % per_row) * 8;
     float g[8], u[8];
-    load8(gu + t * ldgu + c, g);
-    load8(gu + t * ldgu + I + c, u);
+    load_bf16<8>(gu + t * ldgu + c, g);
+    load_bf16<8>(gu + t * ldgu + I + c, u);
 #pragma unroll
     for (int k = 0; k < 8; k++) g[k] = silu_f(g[k]) * u[k];
-    store8(out + t * ldo + c, g);
+    store_bf16<8>(out + t * ldo + c, g);
 }
 
 // silu'(g) = s (1 + g (1 - s)), s = sigmoid(g); in place over gu.
@@ -182,17 +169,17 @@ __global__ void swiglu_backward_kernel(bf16 *gu, int64_t ldgu, const bf16 *__res
     int64_t t = v / per_row;
     int c = (int)(v % per_row) * 8;
     float g[8], u[8], go[8], dg[8], du[8];
-    load8(gu + t * ldgu + c, g);
-    load8(gu + t * ldgu + I + c, u);
-    load8(gout + t * I + c, go);
+    load_bf16<8>(gu + t * ldgu + c, g);
+    load_bf16<8>(gu + t * ldgu + I + c, u);
+    load_bf16<8>(gout + t * I + c, go);
 #pragma unroll
     for (int k = 0; k < 8; k++) {
         float s = 1.0f / (1.0f + expf(-g[k]));
         dg[k] = go[k] * u[k] * (s * (1.0f + g[k] * (1.0f - s)));
         du[k] = go[k] * (g[k] / (1.0f + expf(-g[k])));
     }
-    store8(gu + t * ldgu + c, dg);
-    store8(gu + t * ldgu + I + c, du);
+    store_bf16<8>(gu + t * ldgu + c, dg);
+    store_bf16<8>(gu + t * ldgu + I + c, du);
 }
 
 // Any I (stories260K's 172 is not a multiple of 8): one element per thread.

@@ -38,25 +38,12 @@ typedef struct {
     int f32_out, beta1;
 } shape;
 
-static uint16_t *host_rand_bf16(size_t n, uint64_t seed) {
-    uint16_t *h = malloc(2 * n);
-    uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
-    for (size_t i = 0; i < n; i++) {
-        s ^= s << 13, s ^= s >> 7, s ^= s << 17;
-        h[i] = f32_to_bf16(((float)(s >> 40) / (float)(1 << 24) - 0.5f) * 0.1f);  // [-0.05, 0.05)
-    }
-    return h;
-}
-
 // n bf16 of N(0, sd) (Box-Muller on the same xorshift stream).
 static uint16_t *host_normal_bf16(size_t n, uint64_t seed, float sd) {
     uint16_t *h = malloc(2 * n);
-    uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
+    uint64_t s = probe_seed(seed);
     for (size_t i = 0; i < n; i++) {
-        s ^= s << 13, s ^= s >> 7, s ^= s << 17;
-        double u1 = ((double)(s >> 11) + 1.0) / 9007199254740993.0;
-        s ^= s << 13, s ^= s >> 7, s ^= s << 17;
-        double u2 = (double)(s >> 11) / 9007199254740992.0;
+        double u1 = 1.0 - probe_uniform(&s), u2 = probe_uniform(&s);  // u1 in (0, 1]
         h[i] = f32_to_bf16((float)(sd * sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2)));
     }
     return h;
@@ -65,12 +52,12 @@ static uint16_t *host_normal_bf16(size_t n, uint64_t seed, float sd) {
 // n bf16 laid out as rows of NF4 blocks of 64: absmax in [0.02, 0.06) per block times a random level.
 static uint16_t *host_nf4_bf16(size_t n, uint64_t seed) {
     uint16_t *h = malloc(2 * n);
-    uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
+    uint64_t s = probe_seed(seed);
     float amax = 0.0f;
     for (size_t i = 0; i < n; i++) {
-        s ^= s << 13, s ^= s >> 7, s ^= s << 17;
-        if (i % NF4_BLOCK == 0) amax = 0.02f + 0.04f * (float)(s >> 40) / (float)(1 << 24);
-        h[i] = f32_to_bf16(amax * k_nf4_code[(s >> 20) & 15]);
+        double u = probe_uniform(&s);
+        if (i % NF4_BLOCK == 0) amax = 0.02f + 0.04f * (float)probe_uniform(&s);
+        h[i] = f32_to_bf16(amax * k_nf4_code[(int)(u * 16)]);
     }
     return h;
 }
@@ -105,8 +92,8 @@ int main(int argc, char **argv) {
     }
     const char *sus = getenv("BENCH_GEMM_SUSTAINED"), *dat = getenv("BENCH_GEMM_DATA");
     int sustained = sus && atoi(sus) > 0, nf4 = dat && !strcmp(dat, "nf4");
-    uint16_t *ha = nf4 ? host_normal_bf16(a_max, 1, 1.0f) : host_rand_bf16(a_max, 1);
-    uint16_t *hb = nf4 ? host_nf4_bf16(b_max, 2) : host_rand_bf16(b_max, 2), *hc = host_rand_bf16((size_t)T * C, 3);
+    uint16_t *ha = nf4 ? host_normal_bf16(a_max, 1, 1.0f) : probe_uniform_bf16(a_max, 1, 0.05f);
+    uint16_t *hb = nf4 ? host_nf4_bf16(b_max, 2) : probe_uniform_bf16(b_max, 2, 0.05f), *hc = probe_uniform_bf16((size_t)T * C, 3, 0.05f);
     printf("%s products; operands: %s\n", sustained ? "sustained" : "isolated",
            nf4 ? "NF4-like weights, normal activations" : "uniform in [-0.05, 0.05)");
     void *A, *B, *Cm, *D, *ws;

@@ -17,12 +17,7 @@
 static void *dalloc(size_t n) {
     void *p;
     CK(cudaMalloc(&p, n));
-    uint16_t *h = malloc(n);
-    uint64_t s = n * 0x9E3779B97F4A7C15ull + 1;
-    for (size_t i = 0; i < n / 2; i++) {
-        s ^= s << 13, s ^= s >> 7, s ^= s << 17;
-        h[i] = f32_to_bf16((float)(s >> 40) / (float)(1 << 23) - 1.0f);
-    }
+    uint16_t *h = probe_uniform_bf16(n / 2, n, 1.0f);
     CK(cudaMemcpy(p, h, n, cudaMemcpyHostToDevice));
     free(h);
     return p;
