@@ -1,0 +1,513 @@
+// cuda_emu.cpp: the CPU side of the kernel emulator (tests/emu/cuda_emu.h): the block scheduler with its
+// fibers and barriers, the CUDA runtime calls the backend makes (memory is host memory, every call runs
+// at once, in order), and the cuBLASLt calls of cuda/context.cu as a plain column-major product.
+#include <omp.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include <map>
+#include <mutex>
+#include <vector>
+
+#include "tests/emu/cuda_emu.h"
+
+#if !defined(__x86_64__)
+#error "the kernel emulator switches fibers with x86-64 code"
+#endif
+
+static void emu_die(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "cuda emulator: ");
+    vfprintf(stderr, fmt, ap);
+    fprintf(stderr, "\n");
+    va_end(ap);
+    abort();
+}
+
+// ---- fiber switch --------------------------------------------------------------------------------
+// emu_switch(&save_sp, next_sp): pushes the callee-saved registers and the FP control words, saves the
+// stack pointer, loads the other one and pops its registers.
+extern "C" void emu_switch(void **save_sp, void *next_sp);
+asm(R"(
+    .text
+    .globl emu_switch
+    .type emu_switch, @function
+emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size emu_switch, .-emu_switch
+    .section .note.GNU-stack,"",@progbits
+    .text
+)");
+
+#define EMU_MAX_THREADS 1024
+#define EMU_STACK_BYTES (256 << 10)
+#define EMU_SMEM_DEFAULT (48 << 10)
+#define EMU_SMEM_MAX (227 << 10)
+
+struct emu_copy {
+    void *dst;
+    const void *src;
+    int bytes, ok;
+    long group;
+};
+
+struct emu_thread {
+    void *sp;
+    uint3 tid;
+    int linear, done;
+    char *stack;
+    std::vector<emu_copy> copies;  // cp.async not yet waited for
+    long groups;                   // cp.async groups committed
+};
+
+struct emu_warp {
+    int live, arrived;
+    unsigned gen;
+    uint64_t slot[32][4];
+};
+
+struct emu_block {
+    int n, live;
+    emu_thread th[EMU_MAX_THREADS];
+    emu_warp warps[EMU_MAX_THREADS / 32];
+    int bar_arrived, bar_and, and_result;
+    unsigned bar_gen;
+    const std::function<void()> *body;
+    void *sched_sp;
+    emu_thread *cur;
+    int progress;
+    unsigned char *smem;
+    size_t smem_bytes;
+};
+
+thread_local const uint3 *emu_cur_tid;
+thread_local uint3 emu_block_idx;
+thread_local dim3 emu_block_dim, emu_grid_dim;
+static thread_local emu_block *tb;  // this CPU thread's block
+
+static void emu_yield(void) { emu_switch(&tb->cur->sp, tb->sched_sp); }
+
+static void fiber_main(void) {
+    emu_block *b = tb;
+    (*b->body)();
+    emu_thread *t = b->cur;
+    t->done = 1;
+    b->live--;
+    b->progress = 1;
+    emu_warp &w = b->warps[t->linear / 32];
+    w.live--;
+    if (w.arrived > 0 && w.arrived == w.live) {  // the lanes left are all waiting for this one
+        w.arrived = 0;
+        w.gen++;
+    }
+    if (b->bar_arrived > 0 && b->bar_arrived == b->live) {
+        b->bar_arrived = 0;
+        b->and_result = b->bar_and;
+        b->bar_and = 1;
+        b->bar_gen++;
+    }
+    emu_switch(&t->sp, b->sched_sp);
+    emu_die("a finished fiber was resumed");
+}
+
+// A fresh fiber's stack: emu_switch pops the FP control words, six registers and returns into
+// fiber_main with the stack aligned as at a call.
+static void fiber_init(emu_thread *t) {
+    if (!t->stack) t->stack = (char *)aligned_alloc(64, EMU_STACK_BYTES);
+    uint64_t *top = (uint64_t *)(t->stack + EMU_STACK_BYTES);
+    *--top = 0;                          // fiber_main's return address (never used)
+    *--top = (uint64_t)(uintptr_t)fiber_main;
+    for (int i = 0; i < 6; i++) *--top = 0;
+    *--top = 0x037f00001f80ull;          // mxcsr 0x1f80, x87 control word 0x037f
+    t->sp = top;
+}
+
+static void block_barrier(void) {
+    emu_block *b = tb;
+    unsigned g = b->bar_gen;
+    b->bar_arrived++;
+    b->progress = 1;
+    if (b->bar_arrived == b->live) {
+        b->bar_arrived = 0;
+        b->and_result = b->bar_and;
+        b->bar_and = 1;
+        b->bar_gen++;
+        return;
+    }
+    while (b->bar_gen == g) emu_yield();
+    b->progress = 1;
+}
+
+void emu_syncthreads(void) { block_barrier(); }
+int emu_syncthreads_and(int pred) {
+    if (!pred) tb->bar_and = 0;
+    block_barrier();
+    return tb->and_result;
+}
+
+static void warp_barrier(void) {
+    emu_block *b = tb;
+    emu_warp &w = b->warps[b->cur->linear / 32];
+    unsigned g = w.gen;
+    w.arrived++;
+    b->progress = 1;
+    if (w.arrived == w.live) {
+        w.arrived = 0;
+        w.gen++;
+        return;
+    }
+    while (w.gen == g) emu_yield();
+    b->progress = 1;
+}
+
+void emu_syncwarp(void) { warp_barrier(); }
+int emu_lane(void) { return tb->cur->linear % 32; }
+
+const uint64_t (*emu_warp_exchange(const uint64_t mine[4]))[4] {
+    emu_warp &w = tb->warps[tb->cur->linear / 32];
+    memcpy(w.slot[tb->cur->linear % 32], mine, sizeof w.slot[0]);
+    warp_barrier();
+    return w.slot;
+}
+void emu_warp_done(void) { warp_barrier(); }  // nobody overwrites a slot before every lane has read
+
+void *emu_dyn_smem(void) { return tb->smem; }
+
+void emu_check_aligned(const void *p, int bytes, const char *what) {
+    if ((uintptr_t)p % (uintptr_t)bytes)
+        emu_die("%s %p is not %d-byte aligned (block %u,%u,%u thread %u,%u,%u)", what, p, bytes, emu_block_idx.x,
+                emu_block_idx.y, emu_block_idx.z, emu_cur_tid->x, emu_cur_tid->y, emu_cur_tid->z);
+}
+
+void emu_cp_async(void *dst, const void *src, int bytes, bool ok) {
+    emu_check_aligned(dst, bytes, "cp.async shared address");
+    if (ok) emu_check_aligned(src, bytes, "cp.async global address");
+    emu_thread *t = tb->cur;
+    t->copies.push_back({dst, src, bytes, ok, t->groups});
+}
+void emu_cp_commit(void) { tb->cur->groups++; }
+void emu_cp_wait(int newest_left) {
+    emu_thread *t = tb->cur;
+    std::vector<emu_copy> keep;
+    for (const emu_copy &c : t->copies) {
+        if (c.group < t->groups - newest_left) {  // committed, and not among the newest N groups
+            if (c.ok)
+                memcpy(c.dst, c.src, (size_t)c.bytes);
+            else
+                memset(c.dst, 0, (size_t)c.bytes);
+        } else {
+            keep.push_back(c);
+        }
+    }
+    t->copies.swap(keep);
+}
+
+// ---- the grid ----------------------------------------------------------------------------------
+static cudaError_t last_error = cudaSuccess;
+static std::mutex attr_mutex;
+static std::map<const void *, int> max_dyn_smem;  // cudaFuncAttributeMaxDynamicSharedMemorySize
+
+static void run_block(emu_block *b, uint3 bid, const emu_cfg &cfg) {
+    emu_block_idx = bid;
+    emu_block_dim = cfg.block;
+    emu_grid_dim = cfg.grid;
+    memset(b->smem, 0xff, cfg.smem);  // poison: every byte read must have been written
+    b->live = b->n;
+    b->bar_arrived = 0;
+    b->bar_and = 1;
+    for (int w = 0; w < (b->n + 31) / 32; w++) {
+        b->warps[w].live = std::min(32, b->n - 32 * w);
+        b->warps[w].arrived = 0;
+    }
+    int i = 0;
+    for (unsigned z = 0; z < cfg.block.z; z++)
+        for (unsigned y = 0; y < cfg.block.y; y++)
+            for (unsigned x = 0; x < cfg.block.x; x++, i++) {
+                emu_thread *t = &b->th[i];
+                t->tid = make_uint3(x, y, z);
+                t->linear = i;
+                t->done = 0;
+                t->copies.clear();
+                t->groups = 0;
+                fiber_init(t);
+            }
+    while (b->live > 0) {
+        b->progress = 0;
+        for (i = 0; i < b->n; i++) {
+            emu_thread *t = &b->th[i];
+            if (t->done) continue;
+            b->cur = t;
+            emu_cur_tid = &t->tid;
+            emu_switch(&b->sched_sp, t->sp);
+        }
+        if (!b->progress && b->live > 0)
+            emu_die("deadlock in block (%u,%u,%u): %d threads wait at a barrier or warp collective that the others "
+                    "never reach (a __syncthreads under a condition that is not uniform?)",
+                    bid.x, bid.y, bid.z, b->live);
+    }
+}
+
+void emu_run_grid(const void *kernel, const emu_cfg &cfg, const std::function<void()> &body) {
+    long n = (long)cfg.block.x * cfg.block.y * cfg.block.z;
+    long blocks = (long)cfg.grid.x * cfg.grid.y * cfg.grid.z;
+    int limit = EMU_SMEM_DEFAULT;
+    {
+        std::lock_guard<std::mutex> lk(attr_mutex);
+        auto it = max_dyn_smem.find(kernel);
+        if (it != max_dyn_smem.end()) limit = it->second;
+    }
+    if (n < 1 || n > EMU_MAX_THREADS || cfg.grid.y > 65535 || cfg.grid.z > 65535 || cfg.smem > (size_t)limit) {
+        last_error = cfg.smem > (size_t)limit ? cudaErrorInvalidValue : cudaErrorInvalidConfiguration;
+        return;
+    }
+    if (blocks == 0) return;
+#pragma omp parallel
+    {
+        if (!tb) {
+            tb = new emu_block();
+            tb->smem = (unsigned char *)aligned_alloc(128, EMU_SMEM_MAX);
+        }
+        tb->n = (int)n;
+        tb->body = &body;
+#pragma omp for schedule(dynamic, 1)
+        for (long k = 0; k < blocks; k++) {
+            uint3 bid = make_uint3((unsigned)(k % cfg.grid.x), (unsigned)(k / cfg.grid.x % cfg.grid.y),
+                                   (unsigned)(k / ((long)cfg.grid.x * cfg.grid.y)));
+            run_block(tb, bid, cfg);
+        }
+    }
+}
+
+// ---- the runtime API: host memory, everything synchronous -----------------------------------------
+extern "C" {
+cudaError_t cudaGetDeviceCount(int *n) { *n = 1; return cudaSuccess; }
+cudaError_t cudaGetDevice(int *d) { *d = 0; return cudaSuccess; }
+cudaError_t cudaSetDevice(int d) { return d == 0 ? cudaSuccess : cudaErrorInvalidDevice; }
+cudaError_t cudaGetDeviceProperties(struct cudaDeviceProp *p, int d) {
+    memset(p, 0, sizeof *p);
+    snprintf(p->name, sizeof p->name, "mosft CPU emulator");
+    p->major = 9;
+    p->minor = 0;
+    p->multiProcessorCount = 4;
+    p->totalGlobalMem = (size_t)8 << 30;
+    p->sharedMemPerBlockOptin = EMU_SMEM_MAX;
+    p->sharedMemPerBlock = EMU_SMEM_DEFAULT;
+    p->maxThreadsPerBlock = EMU_MAX_THREADS;
+    p->warpSize = 32;
+    return cudaSuccess;
+}
+cudaError_t cudaDeviceGetAttribute(int *v, enum cudaDeviceAttr a, int d) {
+    *v = a == cudaDevAttrMultiProcessorCount ? 4 : a == cudaDevAttrMaxSharedMemoryPerBlockOptin ? EMU_SMEM_MAX : 0;
+    return cudaSuccess;
+}
+cudaError_t cudaDeviceGetStreamPriorityRange(int *lo, int *hi) { *lo = 0; *hi = -1; return cudaSuccess; }
+cudaError_t cudaGetLastError(void) { cudaError_t e = last_error; last_error = cudaSuccess; return e; }
+cudaError_t cudaPeekAtLastError(void) { return last_error; }
+const char *cudaGetErrorString(cudaError_t e) {
+    switch (e) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidValue: return "invalid argument (emulator: more dynamic shared memory than allowed?)";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    case cudaErrorMemoryAllocation: return "out of memory";
+    default: return "emulator error";
+    }
+}
+const char *cudaGetErrorName(cudaError_t e) { return cudaGetErrorString(e); }
+
+cudaError_t cudaMalloc(void **p, size_t bytes) {
+    *p = aligned_alloc(256, (bytes + 255) / 256 * 256 + 256);
+    return *p ? cudaSuccess : cudaErrorMemoryAllocation;
+}
+cudaError_t cudaFree(void *p) { free(p); return cudaSuccess; }
+cudaError_t cudaMallocHost(void **p, size_t bytes) { return cudaMalloc(p, bytes); }
+cudaError_t cudaFreeHost(void *p) { free(p); return cudaSuccess; }
+cudaError_t cudaMemGetInfo(size_t *fr, size_t *tot) { *fr = (size_t)6 << 30; *tot = (size_t)8 << 30; return cudaSuccess; }
+cudaError_t cudaMemcpy(void *d, const void *s, size_t n, enum cudaMemcpyKind k) { memmove(d, s, n); return cudaSuccess; }
+cudaError_t cudaMemcpyAsync(void *d, const void *s, size_t n, enum cudaMemcpyKind k, cudaStream_t st) {
+    memmove(d, s, n);
+    return cudaSuccess;
+}
+cudaError_t cudaMemcpy2DAsync(void *d, size_t dp, const void *s, size_t sp, size_t w, size_t h, enum cudaMemcpyKind k,
+                              cudaStream_t st) {
+    for (size_t r = 0; r < h; r++) memmove((char *)d + r * dp, (const char *)s + r * sp, w);
+    return cudaSuccess;
+}
+cudaError_t cudaMemset(void *p, int v, size_t n) { memset(p, v, n); return cudaSuccess; }
+cudaError_t cudaMemsetAsync(void *p, int v, size_t n, cudaStream_t st) { memset(p, v, n); return cudaSuccess; }
+cudaError_t cudaMemcpyToSymbol(const void *sym, const void *src, size_t n, size_t off, enum cudaMemcpyKind k) {
+    memcpy((char *)sym + off, src, n);
+    return cudaSuccess;
+}
+cudaError_t cudaDeviceSynchronize(void) { return cudaSuccess; }
+cudaError_t cudaStreamCreate(cudaStream_t *s) { *s = (cudaStream_t)malloc(1); return cudaSuccess; }
+cudaError_t cudaStreamCreateWithFlags(cudaStream_t *s, unsigned f) { return cudaStreamCreate(s); }
+cudaError_t cudaStreamCreateWithPriority(cudaStream_t *s, unsigned f, int prio) { return cudaStreamCreate(s); }
+cudaError_t cudaStreamDestroy(cudaStream_t s) { free(s); return cudaSuccess; }
+cudaError_t cudaStreamSynchronize(cudaStream_t s) { return cudaSuccess; }
+cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned f) { return cudaSuccess; }
+cudaError_t cudaEventCreate(cudaEvent_t *e) { *e = (cudaEvent_t)malloc(sizeof(double)); return cudaSuccess; }
+cudaError_t cudaEventCreateWithFlags(cudaEvent_t *e, unsigned f) { return cudaEventCreate(e); }
+cudaError_t cudaEventDestroy(cudaEvent_t e) { free(e); return cudaSuccess; }
+cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) { *(double *)e = omp_get_wtime(); return cudaSuccess; }
+cudaError_t cudaEventSynchronize(cudaEvent_t e) { return cudaSuccess; }
+cudaError_t cudaEventQuery(cudaEvent_t e) { return cudaSuccess; }
+cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t a, cudaEvent_t b) {
+    *ms = (float)(1e3 * (*(double *)b - *(double *)a));
+    return cudaSuccess;
+}
+cudaError_t cudaFuncSetAttribute(const void *f, enum cudaFuncAttribute a, int v) {
+    if (a == cudaFuncAttributeMaxDynamicSharedMemorySize) {
+        if (v < 0 || v > EMU_SMEM_MAX) return cudaErrorInvalidValue;
+        std::lock_guard<std::mutex> lk(attr_mutex);
+        max_dyn_smem[f] = v;
+    }
+    return cudaSuccess;
+}
+cudaError_t cudaProfilerStart(void) { return cudaSuccess; }
+cudaError_t cudaProfilerStop(void) { return cudaSuccess; }
+cudaError_t cudaDriverGetVersion(int *v) { *v = 13000; return cudaSuccess; }
+cudaError_t cudaRuntimeGetVersion(int *v) { *v = 13000; return cudaSuccess; }
+}
+
+// ---- cuBLASLt: the descriptors cuda/context.cu makes, and a column-major product ----------------------
+struct emu_lt_desc {
+    cublasOperation_t ta, tb;
+};
+struct emu_lt_layout {
+    cudaDataType_t type;
+    uint64_t rows, cols;
+    int64_t ld, stride;
+    int32_t batch;
+};
+
+extern "C" {
+cublasStatus_t cublasLtCreate(cublasLtHandle_t *h) { *h = (cublasLtHandle_t)malloc(1); return CUBLAS_STATUS_SUCCESS; }
+cublasStatus_t cublasLtDestroy(cublasLtHandle_t h) { free(h); return CUBLAS_STATUS_SUCCESS; }
+cublasStatus_t cublasLtMatmulDescCreate(cublasLtMatmulDesc_t *d, cublasComputeType_t c, cudaDataType_t s) {
+    if (c != CUBLAS_COMPUTE_32F || s != CUDA_R_32F) return CUBLAS_STATUS_NOT_SUPPORTED;
+    emu_lt_desc *e = (emu_lt_desc *)calloc(1, sizeof *e);
+    e->ta = e->tb = CUBLAS_OP_N;
+    *d = (cublasLtMatmulDesc_t)e;
+    return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t cublasLtMatmulDescDestroy(cublasLtMatmulDesc_t d) { free(d); return CUBLAS_STATUS_SUCCESS; }
+cublasStatus_t cublasLtMatmulDescSetAttribute(cublasLtMatmulDesc_t d, cublasLtMatmulDescAttributes_t a, const void *v,
+                                              size_t n) {
+    emu_lt_desc *e = (emu_lt_desc *)d;
+    if (a == CUBLASLT_MATMUL_DESC_TRANSA) memcpy(&e->ta, v, sizeof e->ta);
+    else if (a == CUBLASLT_MATMUL_DESC_TRANSB) memcpy(&e->tb, v, sizeof e->tb);
+    else if (a != CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET) return CUBLAS_STATUS_NOT_SUPPORTED;  // unknown to the emulator
+    return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t cublasLtMatrixLayoutCreate(cublasLtMatrixLayout_t *l, cudaDataType t, uint64_t rows, uint64_t cols,
+                                          int64_t ld) {
+    emu_lt_layout *e = (emu_lt_layout *)calloc(1, sizeof *e);
+    *e = {t, rows, cols, ld, 0, 1};
+    if (ld < (int64_t)rows) return CUBLAS_STATUS_INVALID_VALUE;
+    *l = (cublasLtMatrixLayout_t)e;
+    return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t cublasLtMatrixLayoutDestroy(cublasLtMatrixLayout_t l) { free(l); return CUBLAS_STATUS_SUCCESS; }
+cublasStatus_t cublasLtMatrixLayoutSetAttribute(cublasLtMatrixLayout_t l, cublasLtMatrixLayoutAttribute_t a,
+                                                const void *v, size_t n) {
+    emu_lt_layout *e = (emu_lt_layout *)l;
+    if (a == CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT) memcpy(&e->batch, v, sizeof e->batch);
+    else if (a == CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET) memcpy(&e->stride, v, sizeof e->stride);
+    else return CUBLAS_STATUS_NOT_SUPPORTED;
+    return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t cublasLtMatmulPreferenceCreate(cublasLtMatmulPreference_t *p) {
+    *p = (cublasLtMatmulPreference_t)malloc(1);
+    return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t cublasLtMatmulPreferenceDestroy(cublasLtMatmulPreference_t p) { free(p); return CUBLAS_STATUS_SUCCESS; }
+cublasStatus_t cublasLtMatmulPreferenceSetAttribute(cublasLtMatmulPreference_t p, cublasLtMatmulPreferenceAttributes_t a,
+                                                    const void *v, size_t n) {
+    return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t h, cublasLtMatmulDesc_t d, cublasLtMatrixLayout_t a,
+                                              cublasLtMatrixLayout_t b, cublasLtMatrixLayout_t c,
+                                              cublasLtMatrixLayout_t dd, cublasLtMatmulPreference_t p, int n,
+                                              cublasLtMatmulHeuristicResult_t *res, int *found) {
+    memset(res, 0, sizeof *res);
+    res->state = CUBLAS_STATUS_SUCCESS;
+    *found = n > 0;
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+static float lt_load(const void *p, cudaDataType t, int64_t i) {
+    if (t == CUDA_R_32F) return ((const float *)p)[i];
+    uint16_t h = ((const uint16_t *)p)[i];
+    return __uint_as_float((uint32_t)h << 16);
+}
+static void lt_store(void *p, cudaDataType t, int64_t i, float v) {
+    if (t == CUDA_R_32F) {
+        ((float *)p)[i] = v;
+    } else {
+        __nv_bfloat16 b = __float2bfloat16_rn(v);
+        memcpy((uint16_t *)p + i, &b, 2);
+    }
+}
+
+// D = alpha op(A) op(B) + beta C, column-major: element (i, j) of a layout is at i + j ld.
+cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t desc, const void *alpha, const void *A,
+                              cublasLtMatrixLayout_t la, const void *B, cublasLtMatrixLayout_t lb, const void *beta,
+                              const void *C, cublasLtMatrixLayout_t lc, void *D, cublasLtMatrixLayout_t ld,
+                              const cublasLtMatmulAlgo_t *algo, void *ws, size_t ws_bytes, cudaStream_t st) {
+    const emu_lt_desc *e = (const emu_lt_desc *)desc;
+    const emu_lt_layout *a = (const emu_lt_layout *)la, *b = (const emu_lt_layout *)lb, *c = (const emu_lt_layout *)lc,
+                        *d = (const emu_lt_layout *)ld;
+    int64_t m = (int64_t)d->rows, n = (int64_t)d->cols;
+    int64_t k = e->ta == CUBLAS_OP_N ? (int64_t)a->cols : (int64_t)a->rows;
+    int64_t am = e->ta == CUBLAS_OP_N ? (int64_t)a->rows : (int64_t)a->cols;
+    int64_t bk = e->tb == CUBLAS_OP_N ? (int64_t)b->rows : (int64_t)b->cols;
+    int64_t bn = e->tb == CUBLAS_OP_N ? (int64_t)b->cols : (int64_t)b->rows;
+    if (am != m || bk != k || bn != n || c->rows != d->rows || c->cols != d->cols || a->batch != d->batch ||
+        b->batch != d->batch || c->batch != d->batch || a->type != CUDA_R_16BF || b->type != CUDA_R_16BF)
+        return CUBLAS_STATUS_INVALID_VALUE;
+    float al = *(const float *)alpha, be = *(const float *)beta;
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int bt = 0; bt < d->batch; bt++)
+        for (int64_t j = 0; j < n; j++) {
+            const void *Ab = (const uint16_t *)A + bt * a->stride;
+            const void *Bb = (const uint16_t *)B + bt * b->stride;
+            size_t ces = c->type == CUDA_R_32F ? 4 : 2, des = d->type == CUDA_R_32F ? 4 : 2;
+            const void *Cb = (const char *)C + bt * c->stride * ces;
+            void *Db = (char *)D + bt * d->stride * des;
+            for (int64_t i = 0; i < m; i++) {
+                float s = 0.0f;
+                for (int64_t q = 0; q < k; q++) {
+                    float x = lt_load(Ab, CUDA_R_16BF, e->ta == CUBLAS_OP_N ? i + q * a->ld : q + i * a->ld);
+                    float y = lt_load(Bb, CUDA_R_16BF, e->tb == CUBLAS_OP_N ? q + j * b->ld : j + q * b->ld);
+                    s += x * y;
+                }
+                float v = al * s;
+                if (be != 0.0f) v += be * lt_load(Cb, c->type, i + j * c->ld);
+                lt_store(Db, d->type, i + j * d->ld, v);
+            }
+        }
+    return CUBLAS_STATUS_SUCCESS;
+}
+}
