@@ -63,7 +63,7 @@ LIB := $(BUILD)/libmosft.a
 BIN := $(BUILD)/mosft
 DEPS_STAMP := $(BUILD)/.deps-ok
 
-.PHONY: all deps test test-gpu demo clean bench info-build
+.PHONY: all deps test test-emu test-gpu demo clean bench info-build
 all: $(BIN)
 
 # Debian packages: installed by our script when missing (as root), else it prints the command.
@@ -115,9 +115,44 @@ $(BUILD)/tests/gpu/%: tests/gpu/%.cu tests/test_util.h $(LIB) $(BUILD)/lib/.stam
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVCCFLAGS) -Xlinker -rpath,'$$ORIGIN/../lib' -o $@ $< $(LIB) $(CUDA_LIBS) $(DEP_LIBS) $(CHECK_LIBS)
 
-# The whole CPU suite. Every tests/test_*.c is one check program; all run, failures are summed.
-test: $(BIN) $(TEST_BINS)
-	@bash tests/run_tests.sh $(TEST_BINS)
+# ---- the CUDA code on the CPU kernel emulator (tests/emu/cuda_emu.h) -------------------------------
+# cuda/*.cu rewritten by tests/emu/emu_cu.py and compiled as C++ (g++, the toolkit's headers), linked
+# with the GPU tests: kernel logic, fragment layouts and barriers are checked where there is no GPU.
+EMU_TEST_BINS :=
+ifneq ($(NVCC),)
+EMU_CXXFLAGS := -std=c++17 -O1 -g -fopenmp -ffp-contract=off -Wall -Wno-unused-parameter -Wno-unknown-pragmas \
+                -Wno-unused-function -Wno-unused-variable -DMOSFT_CUDA_EMU -DMOSFT_WITH_CUDA -I. -I$(CUDA_HOME)/include \
+                $(DEP_CFLAGS)
+EMU_OBJS := $(CUDA_SRCS:cuda/%.cu=$(BUILD)/emu/cuda/%.o) $(BUILD)/emu/cuda_emu.o
+EMU_TEST_BINS := $(BUILD)/emu/test_kernels $(BUILD)/emu/test_step
+$(BUILD)/emu/cuda/%.cpp: cuda/%.cu tests/emu/emu_cu.py
+	@mkdir -p $(dir $@)
+	python3 tests/emu/emu_cu.py $< $@
+$(BUILD)/emu/cuda/%.o: $(BUILD)/emu/cuda/%.cpp
+	$(CXX) $(EMU_CXXFLAGS) -include tests/emu/cuda_emu.h -MMD -MP -c $< -o $@
+$(BUILD)/emu/cuda_emu.o: tests/emu/cuda_emu.cpp tests/emu/cuda_emu.h
+	@mkdir -p $(dir $@)
+	$(CXX) $(EMU_CXXFLAGS) -MMD -MP -c $< -o $@
+# the same library objects, the emulated cuda/ in place of the nvcc-built one
+$(BUILD)/emu/libmosft_emu.a: $(LIB_OBJS) $(EMU_OBJS)
+	@rm -f $@
+	ar rcs $@ $^
+$(BUILD)/emu/test_%: tests/gpu/test_%.c tests/test_util.h $(BUILD)/emu/libmosft_emu.a
+	$(CC) $(CFLAGS) -o $@.o -c $<
+	$(CXX) $(LDFLAGS) -fopenmp -o $@ $@.o $(BUILD)/emu/libmosft_emu.a $(DEP_LIBS) $(CHECK_LIBS)
+.SECONDARY: $(CUDA_SRCS:cuda/%.cu=$(BUILD)/emu/cuda/%.cpp)
+-include $(EMU_OBJS:.o=.d)
+endif
+
+# The whole CPU suite. Every tests/test_*.c is one check program; all run, failures are summed. With a
+# CUDA toolkit, the GPU tests also run on the kernel emulator.
+test: $(BIN) $(TEST_BINS) $(EMU_TEST_BINS)
+	@bash tests/run_tests.sh $(TEST_BINS) $(EMU_TEST_BINS)
+
+# Only the GPU tests on the kernel emulator.
+test-emu: $(EMU_TEST_BINS)
+	@if [ -z "$(NVCC)" ]; then echo "test-emu: needs the CUDA toolkit's headers (nvcc not found)"; exit 1; fi
+	@bash tests/run_tests.sh $(EMU_TEST_BINS)
 
 # GPU tests (need a CUDA build and a GPU).
 test-gpu: $(BIN) $(GPU_TEST_BINS)

@@ -23,7 +23,7 @@
 #include "core/dtype.h"
 #include "core/nf4.h"
 
-#ifdef __CUDACC__
+#if defined(__CUDACC__) || defined(MOSFT_CUDA_EMU)  // the emulator compiles cuda/ as C++
 #include <cuda_bf16.h>
 typedef __nv_bfloat16 bf16;
 #else

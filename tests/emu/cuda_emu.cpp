@@ -6,7 +6,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 
+#include <algorithm>
 #include <map>
+#include <string>
 #include <mutex>
 #include <vector>
 
@@ -77,6 +79,8 @@ struct emu_thread {
     void *sp;
     uint3 tid;
     int linear, done;
+    const unsigned *wait_on;  // the barrier generation it waits to change (NULL: runnable)
+    unsigned wait_gen;
     char *stack;
     std::vector<emu_copy> copies;  // cp.async not yet waited for
     long groups;                   // cp.async groups committed
@@ -85,7 +89,7 @@ struct emu_thread {
 struct emu_warp {
     int live, arrived;
     unsigned gen;
-    uint64_t slot[32][4];
+    uint64_t slot[2][32][4];  // collectives alternate between the two by barrier generation
 };
 
 struct emu_block {
@@ -98,6 +102,7 @@ struct emu_block {
     void *sched_sp;
     emu_thread *cur;
     int progress;
+    int eager_copies;  // cp.async lands at once (else at its wait_group)
     unsigned char *smem;
     size_t smem_bytes;
 };
@@ -107,7 +112,14 @@ thread_local uint3 emu_block_idx;
 thread_local dim3 emu_block_dim, emu_grid_dim;
 static thread_local emu_block *tb;  // this CPU thread's block
 
-static void emu_yield(void) { emu_switch(&tb->cur->sp, tb->sched_sp); }
+// Waits until *gen differs from g; the scheduler does not resume the fiber before.
+static void emu_wait(const unsigned *gen, unsigned g) {
+    emu_thread *t = tb->cur;
+    t->wait_on = gen;
+    t->wait_gen = g;
+    emu_switch(&t->sp, tb->sched_sp);
+    t->wait_on = NULL;
+}
 
 static void fiber_main(void) {
     emu_block *b = tb;
@@ -156,7 +168,7 @@ static void block_barrier(void) {
         b->bar_gen++;
         return;
     }
-    while (b->bar_gen == g) emu_yield();
+    emu_wait(&b->bar_gen, g);
     b->progress = 1;
 }
 
@@ -178,20 +190,22 @@ static void warp_barrier(void) {
         w.gen++;
         return;
     }
-    while (w.gen == g) emu_yield();
+    emu_wait(&w.gen, g);
     b->progress = 1;
 }
 
 void emu_syncwarp(void) { warp_barrier(); }
 int emu_lane(void) { return tb->cur->linear % 32; }
 
+// One barrier per collective: the exchange at generation g writes and reads buffer g % 2; a lane can only
+// write that buffer again at generation g + 2, after every lane has passed barrier g + 1, i.e. has read.
 const uint64_t (*emu_warp_exchange(const uint64_t mine[4]))[4] {
     emu_warp &w = tb->warps[tb->cur->linear / 32];
-    memcpy(w.slot[tb->cur->linear % 32], mine, sizeof w.slot[0]);
+    uint64_t(*buf)[4] = w.slot[w.gen & 1];
+    memcpy(buf[tb->cur->linear % 32], mine, sizeof buf[0]);
     warp_barrier();
-    return w.slot;
+    return buf;
 }
-void emu_warp_done(void) { warp_barrier(); }  // nobody overwrites a slot before every lane has read
 
 void *emu_dyn_smem(void) { return tb->smem; }
 
@@ -204,6 +218,13 @@ void emu_check_aligned(const void *p, int bytes, const char *what) {
 void emu_cp_async(void *dst, const void *src, int bytes, bool ok) {
     emu_check_aligned(dst, bytes, "cp.async shared address");
     if (ok) emu_check_aligned(src, bytes, "cp.async global address");
+    if (tb->eager_copies) {
+        if (ok)
+            memcpy(dst, src, (size_t)bytes);
+        else
+            memset(dst, 0, (size_t)bytes);
+        return;
+    }
     emu_thread *t = tb->cur;
     t->copies.push_back({dst, src, bytes, ok, t->groups});
 }
@@ -249,27 +270,91 @@ static void run_block(emu_block *b, uint3 bid, const emu_cfg &cfg) {
                 t->tid = make_uint3(x, y, z);
                 t->linear = i;
                 t->done = 0;
+                t->wait_on = NULL;
                 t->copies.clear();
                 t->groups = 0;
                 fiber_init(t);
             }
-    while (b->live > 0) {
-        b->progress = 0;
-        for (i = 0; i < b->n; i++) {
-            emu_thread *t = &b->th[i];
-            if (t->done) continue;
-            b->cur = t;
-            emu_cur_tid = &t->tid;
-            emu_switch(&b->sched_sp, t->sp);
+    // Warps run one at a time, each as far as it gets (to a __syncthreads the others have not reached, or
+    // to its end), in an order that changes from block to block: first to last, last to first, shuffled.
+    // A warp that runs ahead overwrites shared memory others still read, or reads what they have not
+    // written yet, wherever a barrier is missing. The lanes of a warp take turns between collectives.
+    // cp.async copies land at once in every other triple of blocks (a copy into a buffer other warps still
+    // read, issued without a barrier between, shows), else only at the wait_group that covers them (a read
+    // before that wait shows).
+    int nw = (b->n + 31) / 32, order[EMU_MAX_THREADS / 32];
+    long lin = (long)bid.x + (long)cfg.grid.x * (bid.y + (long)cfg.grid.y * bid.z);
+    b->eager_copies = (int)(lin / 3 % 2);
+    for (int w = 0; w < nw; w++) order[w] = lin % 3 == 1 ? nw - 1 - w : w;
+    if (lin % 3 == 2) {
+        uint64_t h = 0x9e3779b97f4a7c15ull * (uint64_t)(lin + 1);
+        for (int w = nw - 1; w > 0; w--) {
+            h ^= h >> 29;
+            h *= 0xbf58476d1ce4e5b9ull;
+            int j = (int)(h % (uint64_t)(w + 1));
+            std::swap(order[w], order[j]);
         }
-        if (!b->progress && b->live > 0)
+    }
+    while (b->live > 0) {
+        int any = 0;
+        for (int k = 0; k < nw; k++) {
+            int w = order[k];
+            do {
+                b->progress = 0;
+                for (i = 32 * w; i < std::min(b->n, 32 * w + 32); i++) {
+                    emu_thread *t = &b->th[i];
+                    if (t->done || (t->wait_on && *t->wait_on == t->wait_gen)) continue;
+                    b->cur = t;
+                    emu_cur_tid = &t->tid;
+                    emu_switch(&b->sched_sp, t->sp);
+                }
+                any |= b->progress;
+            } while (b->progress);
+        }
+        if (!any && b->live > 0)
             emu_die("deadlock in block (%u,%u,%u): %d threads wait at a barrier or warp collective that the others "
                     "never reach (a __syncthreads under a condition that is not uniform?)",
                     bid.x, bid.y, bid.z, b->live);
     }
 }
 
+// MOSFT_EMU_PROFILE=1: CPU seconds per kernel and in the products, on stderr at exit (what slows a test).
+struct emu_prof_entry {
+    long calls;
+    double secs;
+};
+static std::map<std::string, emu_prof_entry> prof;
+static emu_prof_entry prof_gemm;
+static int prof_on = -1;
+static void prof_dump(void) {
+    std::vector<std::pair<double, std::string>> v;
+    for (auto &kv : prof) v.push_back({kv.second.secs, kv.first});
+    std::sort(v.rbegin(), v.rend());
+    fprintf(stderr, "emulator profile: %8.2f s %7ld x  cuBLASLt products\n", prof_gemm.secs, prof_gemm.calls);
+    for (auto &e : v) fprintf(stderr, "emulator profile: %8.2f s %7ld x  %s\n", e.first, prof[e.second].calls, e.second.c_str());
+}
+static int prof_enabled(void) {
+    if (prof_on < 0) {
+        const char *e = getenv("MOSFT_EMU_PROFILE");
+        prof_on = e && *e && strcmp(e, "0");
+        if (prof_on) atexit(prof_dump);
+    }
+    return prof_on;
+}
+static void run_grid(const void *kernel, const emu_cfg &cfg, const std::function<void()> &body);
 void emu_run_grid(const void *kernel, const emu_cfg &cfg, const std::function<void()> &body) {
+    if (!prof_enabled()) {
+        run_grid(kernel, cfg, body);
+        return;
+    }
+    double t0 = omp_get_wtime();
+    run_grid(kernel, cfg, body);
+    emu_prof_entry &p = prof[cfg.name];
+    p.calls++;
+    p.secs += omp_get_wtime() - t0;
+}
+
+static void run_grid(const void *kernel, const emu_cfg &cfg, const std::function<void()> &body) {
     long n = (long)cfg.block.x * cfg.block.y * cfg.block.z;
     long blocks = (long)cfg.grid.x * cfg.grid.y * cfg.grid.z;
     int limit = EMU_SMEM_DEFAULT;
@@ -488,26 +573,35 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t desc, con
         b->batch != d->batch || c->batch != d->batch || a->type != CUDA_R_16BF || b->type != CUDA_R_16BF)
         return CUBLAS_STATUS_INVALID_VALUE;
     float al = *(const float *)alpha, be = *(const float *)beta;
-#pragma omp parallel for collapse(2) schedule(static)
-    for (int bt = 0; bt < d->batch; bt++)
-        for (int64_t j = 0; j < n; j++) {
-            const void *Ab = (const uint16_t *)A + bt * a->stride;
-            const void *Bb = (const uint16_t *)B + bt * b->stride;
-            size_t ces = c->type == CUDA_R_32F ? 4 : 2, des = d->type == CUDA_R_32F ? 4 : 2;
-            const void *Cb = (const char *)C + bt * c->stride * ces;
-            void *Db = (char *)D + bt * d->stride * des;
+    double t0 = prof_enabled() ? omp_get_wtime() : 0.0;
+    size_t ces = c->type == CUDA_R_32F ? 4 : 2, des = d->type == CUDA_R_32F ? 4 : 2;
+    for (int bt = 0; bt < d->batch; bt++) {
+        const void *Ab = (const uint16_t *)A + bt * a->stride, *Bb = (const uint16_t *)B + bt * b->stride;
+        const void *Cb = (const char *)C + bt * c->stride * ces;
+        void *Db = (char *)D + bt * d->stride * des;
+        // op(A) as rows [m][k] and op(B) as columns [n][k], in fp32
+        std::vector<float> ar((size_t)(m * k)), bc((size_t)(n * k));
+        for (int64_t i = 0; i < m; i++)
+            for (int64_t q = 0; q < k; q++)
+                ar[i * k + q] = lt_load(Ab, CUDA_R_16BF, e->ta == CUBLAS_OP_N ? i + q * a->ld : q + i * a->ld);
+        for (int64_t j = 0; j < n; j++)
+            for (int64_t q = 0; q < k; q++)
+                bc[j * k + q] = lt_load(Bb, CUDA_R_16BF, e->tb == CUBLAS_OP_N ? q + j * b->ld : j + q * b->ld);
+#pragma omp parallel for schedule(static) if (m * n * k > (1 << 16))
+        for (int64_t j = 0; j < n; j++)
             for (int64_t i = 0; i < m; i++) {
+                const float *x = &ar[i * k], *y = &bc[j * k];
                 float s = 0.0f;
-                for (int64_t q = 0; q < k; q++) {
-                    float x = lt_load(Ab, CUDA_R_16BF, e->ta == CUBLAS_OP_N ? i + q * a->ld : q + i * a->ld);
-                    float y = lt_load(Bb, CUDA_R_16BF, e->tb == CUBLAS_OP_N ? q + j * b->ld : j + q * b->ld);
-                    s += x * y;
-                }
+                for (int64_t q = 0; q < k; q++) s += x[q] * y[q];
                 float v = al * s;
                 if (be != 0.0f) v += be * lt_load(Cb, c->type, i + j * c->ld);
                 lt_store(Db, d->type, i + j * d->ld, v);
             }
-        }
+    }
+    if (t0 > 0.0) {
+        prof_gemm.calls++;
+        prof_gemm.secs += omp_get_wtime() - t0;
+    }
     return CUBLAS_STATUS_SUCCESS;
 }
 }

@@ -51,10 +51,9 @@ extern thread_local dim3 emu_block_dim, emu_grid_dim;
 void emu_syncthreads(void);
 int emu_syncthreads_and(int pred);
 void emu_syncwarp(void);
-// Exchanges 32 bytes per lane across the running fiber's warp: writes `mine`, waits for the warp, hands
-// `all` (lane-indexed, valid until the matching emu_warp_done) to the caller.
+// Exchanges 32 bytes per lane across the running fiber's warp: writes `mine`, waits for the warp, returns
+// every lane's (lane-indexed; valid until the lane's next warp collective).
 const uint64_t (*emu_warp_exchange(const uint64_t mine[4]))[4];
-void emu_warp_done(void);
 void *emu_dyn_smem(void);
 int emu_lane(void);
 
@@ -63,7 +62,9 @@ struct emu_cfg {
     dim3 grid, block;
     size_t smem;
     cudaStream_t stream;
-    emu_cfg(dim3 g, dim3 b, size_t s = 0, cudaStream_t st = 0) : grid(g), block(b), smem(s), stream(st) {}
+    const char *name;  // the kernel, as the launch wrote it (for the emulator's messages)
+    emu_cfg(dim3 g, dim3 b, size_t s = 0, cudaStream_t st = 0) : grid(g), block(b), smem(s), stream(st), name("?") {}
+    emu_cfg &named(const char *n) { name = n; return *this; }
 };
 void emu_run_grid(const void *kernel, const emu_cfg &cfg, const std::function<void()> &body);
 
@@ -93,7 +94,6 @@ static inline T emu_shfl(T v, int src_of_lane_xor, int mode) {
     int src = mode == 0 ? (lane ^ src_of_lane_xor) : src_of_lane_xor;  // xor / absolute lane
     T r;
     memcpy(&r, all[src & 31], sizeof r);
-    emu_warp_done();
     return r;
 }
 template <class T>

@@ -2,7 +2,7 @@
 """emu_cu.py IN.cu OUT.cpp: rewrites a CUDA source for the CPU kernel emulator (tests/emu/cuda_emu.h).
 
 Two rewrites, each keeping the line count so that compiler messages point at the original lines:
-  kernel<<<grid, block[, smem[, stream]]>>>(args)  ->  emu_launch(kernel, emu_cfg(grid, block, ...), args)
+  kernel<<<grid, block[, smem[, stream]]>>>(args)  ->  emu_launch(kernel, emu_cfg(grid, ...).named("kernel"), args)
   extern __shared__ [__align__(n)] T name[];        ->  T *name = (T *)emu_dyn_smem();
 Anything else a C++ compiler cannot take fails to compile, loudly.
 """
@@ -15,7 +15,7 @@ DYN_SMEM = re.compile(r'extern\s+__shared__\s+(?:__align__\(\s*\d+\s*\)\s+)?([A-
 
 def launch(m):
     kernel, cfg, empty = m.group(1), m.group(2), m.group(3)
-    head = 'emu_launch(%s, emu_cfg(%s)' % (kernel, cfg)
+    head = 'emu_launch(%s, emu_cfg(%s).named("%s")' % (kernel, cfg, kernel.replace('"', ''))
     return head + (')' if empty else ', ')
 
 

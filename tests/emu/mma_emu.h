@@ -39,7 +39,6 @@ static inline void mma16816(float *c, const uint32_t *a, uint32_t b0, uint32_t b
         }
         c[j] = s;
     }
-    emu_warp_done();
 }
 
 static inline uint32_t emu_bf16_bits(const void *p) {
@@ -67,7 +66,6 @@ static inline void emu_ldsm4(uint32_t *r, const void *p, bool trans) {
         }
         r[i] = emu_bf16_bits(lo) | emu_bf16_bits(hi) << 16;
     }
-    emu_warp_done();
 }
 static inline void ldsm4(uint32_t *r, const bf16 *p) { emu_ldsm4(r, p, false); }
 static inline void ldsm4t(uint32_t *r, const bf16 *p) { emu_ldsm4(r, p, true); }
