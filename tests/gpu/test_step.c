@@ -47,12 +47,14 @@ static int64_t n_supervised(const micro_batch *mb) {
     return n;
 }
 
-// LoRA r=4 with PEFT's values (the oracle's), or MoS with random nonzero pools.
-static adapter *make_adapter(const llama_config *c, int mos, double dropout) {
+// kind 0: LoRA r=4 with PEFT's values (the oracle's); 1: MoS r=4, 2: MoS r=16 (the rank of the fused
+// dropout kernels: r % 16 == 0), with random nonzero pools.
+static adapter *make_adapter(const llama_config *c, int kind, double dropout) {
+    int mos = kind > 0;
     adapter_spec s;
     memset(&s, 0, sizeof s);
     snprintf(s.method, sizeof s.method, "%s", mos ? "mos" : "lora");
-    s.r = 4;
+    s.r = kind == 2 ? 16 : 4;
     s.alpha = 16;
     s.dropout = dropout;
     s.seed = 11;
@@ -93,11 +95,11 @@ typedef struct {
     backend *be;
 } engine;
 
-static void engine_open(engine *e, int cuda, const char *quant, const char *recompute, int mos, double dropout) {
+static void engine_open(engine *e, int cuda, const char *quant, const char *recompute, int kind, double dropout) {
     memset(e, 0, sizeof *e);
     llama_config c;
     ck_assert_int_eq(llama_config_load(&c, MODEL_DIR), MOSFT_OK);
-    e->ad = make_adapter(&c, mos, dropout);
+    e->ad = make_adapter(&c, kind, dropout);
     backend_opts opt = {recompute, 0.9, 0.999, 1e-8, 0.0, 0};
     if (cuda) {
         int rc = backend_cuda_create(&e->be, MODEL_DIR, quant, 1, e->ad, &opt);
@@ -153,9 +155,11 @@ START_TEST(test_step_vs_cpu) {
     float scale = 1.0f / (float)n_supervised(&g_mb);
     dropout_ctx dc = {7, 3, 1};
     int quick = getenv("MOSFT_TEST_QUICK") != NULL;  // under compute-sanitizer: one combination
-    for (int mos = quick; mos < 2; mos++)
+    const char *kinds[] = {"lora", "mos", "mos r16"};
+    for (int mos = quick; mos < 3; mos++)
         for (int qi = quick; qi < 2; qi++)
             for (int dr = quick; dr < 2; dr++) {
+                if (mos == 2 && (qi == 0 || dr == 0)) continue;  // r 16: the NF4 base with dropout only
                 double p = dr ? 0.1 : 0.0;
                 engine cpu;
                 engine_open(&cpu, 0, quants[qi], "none", mos, p);
@@ -167,7 +171,7 @@ START_TEST(test_step_vs_cpu) {
                     engine_open(&gpu, 1, quants[qi], recs[ri], mos, p);
                     double lg = step(&gpu, &g_mb, dr ? &dc : NULL, scale);
                     char what[160];
-                    snprintf(what, sizeof what, "%s base=%s recompute=%s dropout=%.1f", mos ? "mos" : "lora", quants[qi],
+                    snprintf(what, sizeof what, "%s base=%s recompute=%s dropout=%.1f", kinds[mos], quants[qi],
                              recs[ri], p);
                     fprintf(stderr, "%-44s loss GPU %.6f CPU %.6f (rel %.2g)\n", what, lg, lc, fabs(lg - lc) / lc);
                     ck_assert_msg(fabs(lg - lc) <= 1e-2 * fabs(lc), "%s: loss %g vs %g", what, lg, lc);
@@ -376,13 +380,14 @@ START_TEST(test_overlap_identical) {
     const char *recs[] = {"none", "partial", "full"};
     int N = 4;
     for (int ri = 0; ri < 3; ri++)
-        for (int dr = 0; dr < 2; dr++) {
+        for (int ci = 0; ci < 3; ci++) {  // MoS r 4 without and with dropout, r 16 (fused dropout kernels) with
+            int dr = ci > 0, kind = ci == 2 ? 2 : 1;
             double l[2][4];
             float *p[2];
             for (int ov = 0; ov < 2; ov++) {
                 setenv("MOSFT_ADAPTER_OVERLAP", ov ? "1" : "0", 1);
                 engine e;
-                engine_open(&e, 1, "nf4", recs[ri], 1, dr ? 0.1 : 0.0);
+                engine_open(&e, 1, "nf4", recs[ri], kind, dr ? 0.1 : 0.0);
                 train(&e, &b, 0, N, l[ov]);
                 e.be->ops->sync_to_adapter(e.be);
                 p[ov] = xmalloc(4 * e.ad->n_params);
@@ -390,14 +395,14 @@ START_TEST(test_overlap_identical) {
                 size_t n = e.ad->n_params;
                 engine_close(&e);
                 if (ov) {
-                    ck_assert_msg(memcmp(l[0], l[1], sizeof l[0]) == 0, "recompute=%s dropout=%d: losses differ with the side stream",
-                                  recs[ri], dr);
-                    ck_assert_msg(memcmp(p[0], p[1], 4 * n) == 0, "recompute=%s dropout=%d: parameters differ with the side stream",
-                                  recs[ri], dr);
+                    ck_assert_msg(memcmp(l[0], l[1], sizeof l[0]) == 0, "recompute=%s case %d: losses differ with the side stream",
+                                  recs[ri], ci);
+                    ck_assert_msg(memcmp(p[0], p[1], 4 * n) == 0, "recompute=%s case %d: parameters differ with the side stream",
+                                  recs[ri], ci);
                 }
             }
-            fprintf(stderr, "side stream: recompute=%s dropout=%.1f: %d steps identical to one stream (loss %.6f)\n",
-                    recs[ri], dr ? 0.1 : 0.0, N, l[1][N - 1]);
+            fprintf(stderr, "side stream: r %d recompute=%s dropout=%.1f: %d steps identical to one stream (loss %.6f)\n",
+                    kind == 2 ? 16 : 4, recs[ri], dr ? 0.1 : 0.0, N, l[1][N - 1]);
             free(p[0]), free(p[1]);
         }
     unsetenv("MOSFT_ADAPTER_OVERLAP");
