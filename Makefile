@@ -123,6 +123,11 @@ ifneq ($(NVCC),)
 EMU_CXXFLAGS := -std=c++17 -O1 -g -fopenmp -ffp-contract=off -Wall -Wno-unused-parameter -Wno-unknown-pragmas \
                 -Wno-unused-function -Wno-unused-variable -DMOSFT_CUDA_EMU -DMOSFT_WITH_CUDA -I. -I$(CUDA_HOME)/include \
                 $(DEP_CFLAGS)
+EMU_LDFLAGS :=
+ifeq ($(EMU_ASAN),1)  # the kernels' accesses under AddressSanitizer (see EMU_ASAN_BINS below)
+EMU_CXXFLAGS += -fsanitize=address -fno-omit-frame-pointer
+EMU_LDFLAGS += -fsanitize=address
+endif
 EMU_OBJS := $(CUDA_SRCS:cuda/%.cu=$(BUILD)/emu/cuda/%.o) $(BUILD)/emu/cuda_emu.o
 EMU_TEST_BINS := $(BUILD)/emu/test_kernels $(BUILD)/emu/test_step
 $(BUILD)/emu/cuda/%.cpp: cuda/%.cu tests/emu/emu_cu.py
@@ -139,20 +144,32 @@ $(BUILD)/emu/libmosft_emu.a: $(LIB_OBJS) $(EMU_OBJS)
 	ar rcs $@ $^
 $(BUILD)/emu/test_%: tests/gpu/test_%.c tests/test_util.h $(BUILD)/emu/libmosft_emu.a
 	$(CC) $(CFLAGS) -o $@.o -c $<
-	$(CXX) $(LDFLAGS) -fopenmp -o $@ $@.o $(BUILD)/emu/libmosft_emu.a $(DEP_LIBS) $(CHECK_LIBS)
+	$(CXX) $(LDFLAGS) $(EMU_LDFLAGS) -fopenmp -o $@ $@.o $(BUILD)/emu/libmosft_emu.a $(DEP_LIBS) $(CHECK_LIBS)
 .SECONDARY: $(CUDA_SRCS:cuda/%.cu=$(BUILD)/emu/cuda/%.cpp)
 -include $(EMU_OBJS:.o=.d)
 endif
 
+# The kernel tests once more with the emulated kernels under AddressSanitizer (their own build in
+# $(BUILD)/asan): an access past a device buffer stops with the kernel's file and line.
+EMU_ASAN_BINS :=
+ifneq ($(NVCC),)
+ifneq ($(EMU_ASAN),1)
+EMU_ASAN_BINS := $(BUILD)/asan/emu/test_kernels
+.PHONY: $(EMU_ASAN_BINS)
+$(EMU_ASAN_BINS):
+	@$(MAKE) --no-print-directory BUILD=$(BUILD)/asan EMU_ASAN=1 $@
+endif
+endif
+
 # The whole CPU suite. Every tests/test_*.c is one check program; all run, failures are summed. With a
 # CUDA toolkit, the GPU tests also run on the kernel emulator.
-test: $(BIN) $(TEST_BINS) $(EMU_TEST_BINS)
-	@bash tests/run_tests.sh $(TEST_BINS) $(EMU_TEST_BINS)
+test: $(BIN) $(TEST_BINS) $(EMU_TEST_BINS) $(EMU_ASAN_BINS)
+	@bash tests/run_tests.sh $(TEST_BINS) $(EMU_TEST_BINS) $(EMU_ASAN_BINS)
 
 # Only the GPU tests on the kernel emulator.
-test-emu: $(EMU_TEST_BINS)
+test-emu: $(EMU_TEST_BINS) $(EMU_ASAN_BINS)
 	@if [ -z "$(NVCC)" ]; then echo "test-emu: needs the CUDA toolkit's headers (nvcc not found)"; exit 1; fi
-	@bash tests/run_tests.sh $(EMU_TEST_BINS)
+	@bash tests/run_tests.sh $(EMU_TEST_BINS) $(EMU_ASAN_BINS)
 
 # GPU tests (need a CUDA build and a GPU).
 test-gpu: $(BIN) $(GPU_TEST_BINS)

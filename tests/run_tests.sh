@@ -17,7 +17,8 @@ for t in "$@"; do
   summary=$(printf '%s\n' "$out" | grep -E '^[0-9]+%: Checks' | tail -1)
   skipped=$(printf '%s\n' "$out" | grep -c '^SKIPPED' || true)
   [ "$skipped" -gt 0 ] && summary="$summary [$skipped SKIPPED: $(printf '%s\n' "$out" | grep -m1 '^SKIPPED' | sed 's/^SKIPPED [^:]*: //')]"
-  printf '%-4s %-40s %s (%.1fs)\n' "$status" "$(basename "$t")" "$summary" "$secs"
+  name=${t#*/}; name=${name#tests/}  # build/tests/test_x -> test_x, build/asan/emu/test_y -> asan/emu/test_y
+  printf '%-4s %-40s %s (%.1fs)\n' "$status" "$name" "$summary" "$secs"
   if [ "$status" = FAIL ] || [ -n "${VERBOSE:-}" ]; then printf '%s\n' "$out" | sed 's/^/    /' | tail -60; fi
 done
 echo "== $((total-fail))/$total test programs passed"

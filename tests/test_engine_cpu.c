@@ -1,6 +1,6 @@
 // test_engine_cpu.c: the whole CPU training step against transformers + PEFT
-// (shared/data/reference/stories260K_lora_ref.safetensors: LoRA r = 4, alpha 16, 7 targets, fp32, on the
-// real stories260K model with a padded batch and masked labels): logits, loss, every LoRA gradient,
+// (tests/fixtures/stories260K_lora_ref.safetensors, a copy of shared/data/reference's: LoRA r = 4, alpha 16,
+// 7 targets, fp32, on the real stories260K model with a padded batch and masked labels): logits, loss, every LoRA gradient,
 // and 3 clipped AdamW steps. Then engine-level properties: recompute = full gives the same numbers,
 // finite differences through the whole model, dropout masks reproduced under recompute, NF4 base.
 #include <math.h>
@@ -28,12 +28,11 @@ typedef struct {
 // separate lm_head, eps 1e-6).
 typedef struct {
     const char *model_dir, *ref;
-    int shared;  // the reference lives in ../shared/data
 } oracle_case;
 static const oracle_case k_cases[] = {
-    {MODEL_DIR, "reference/stories260K_lora_ref.safetensors", 1},
-    {"tests/fixtures/llama3_tiny", "tests/fixtures/llama3_tiny_lora_ref.safetensors", 0},
-    {"tests/fixtures/llama2_tiny", "tests/fixtures/llama2_tiny_lora_ref.safetensors", 0},
+    {MODEL_DIR, "tests/fixtures/stories260K_lora_ref.safetensors"},  // a copy of shared/data/reference's
+    {"tests/fixtures/llama3_tiny", "tests/fixtures/llama3_tiny_lora_ref.safetensors"},
+    {"tests/fixtures/llama2_tiny", "tests/fixtures/llama2_tiny_lora_ref.safetensors"},
 };
 #define N_CASES 3
 
@@ -41,7 +40,7 @@ static const oracle_case k_cases[] = {
 static void fixture_open_case(fixture *f, const oracle_case *oc, const char *quant, const char *recompute,
                               double dropout) {
     memset(f, 0, sizeof *f);
-    ck_assert_int_eq(st_open(&f->ref, oc->shared ? shared_path(oc->ref) : oc->ref), MOSFT_OK);
+    ck_assert_int_eq(st_open(&f->ref, oc->ref), MOSFT_OK);
     ck_assert_int_eq(llama_model_load(&f->model, oc->model_dir, quant, 1), MOSFT_OK);
     adapter_spec spec;
     memset(&spec, 0, sizeof spec);
@@ -111,7 +110,6 @@ static double step_loss(fixture *f, const dropout_ctx *dc) {
 
 START_TEST(test_oracle_logits_loss_grads) {
     const oracle_case *oc = &k_cases[_i];
-    if (oc->shared) REQUIRE_SHARED();
     fprintf(stderr, "== %s\n", oc->model_dir);
     fixture f;
     fixture_open_case(&f, oc, "none", "none", 0.0);
@@ -171,7 +169,6 @@ END_TEST
 
 START_TEST(test_oracle_adamw_steps) {
     const oracle_case *oc = &k_cases[_i];
-    if (oc->shared) REQUIRE_SHARED();
     fixture f;
     fixture_open_case(&f, oc, "none", "none", 0.0);
     const st_tensor *sl = st_find(&f.ref, "step_losses"), *sn = st_find(&f.ref, "step_grad_norms");
@@ -194,7 +191,6 @@ END_TEST
 // The base model alone (B = 0): transformers' loss without the adapter.
 START_TEST(test_oracle_base_loss) {
     const oracle_case *oc = &k_cases[_i];
-    if (oc->shared) REQUIRE_SHARED();
     fixture f;
     fixture_open_case(&f, oc, "none", "none", 0.0);
     for (int i = 0; i < f.ad->n_tensors; i++) {

@@ -18,6 +18,23 @@
 #error "the kernel emulator switches fibers with x86-64 code"
 #endif
 
+// Under AddressSanitizer (make EMU_ASAN=1 test-emu: out-of-bounds accesses of the kernels to device
+// buffers, which are exact-size host allocations there) every stack switch is announced to it.
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#define EMU_ASAN 1
+#define EMU_START_SWITCH(save, bottom, size) __sanitizer_start_switch_fiber(save, bottom, size)
+#define EMU_FINISH_SWITCH(saved, bottom, size) __sanitizer_finish_switch_fiber(saved, bottom, size)
+#define EMU_UNPOISON(p, n) __asan_unpoison_memory_region(p, n)
+// the tests free what they check, not every buffer of a failed assertion: out-of-bounds only
+extern "C" const char *__asan_default_options(void) { return "detect_leaks=0"; }
+#else
+#define EMU_ASAN 0
+#define EMU_START_SWITCH(save, bottom, size) ((void)0)
+#define EMU_FINISH_SWITCH(saved, bottom, size) ((void)0)
+#define EMU_UNPOISON(p, n) ((void)0)
+#endif
+
 static void emu_die(const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
@@ -84,6 +101,7 @@ struct emu_thread {
     char *stack;
     std::vector<emu_copy> copies;  // cp.async not yet waited for
     long groups;                   // cp.async groups committed
+    void *asan_fake;               // AddressSanitizer's fake stack of the fiber while switched out
 };
 
 struct emu_warp {
@@ -105,6 +123,9 @@ struct emu_block {
     int eager_copies;  // cp.async lands at once (else at its wait_group)
     unsigned char *smem;
     size_t smem_bytes;
+    void *asan_fake;  // the scheduler's, while a fiber runs
+    const void *sched_bottom;
+    size_t sched_size;
 };
 
 thread_local const uint3 *emu_cur_tid;
@@ -117,12 +138,15 @@ static void emu_wait(const unsigned *gen, unsigned g) {
     emu_thread *t = tb->cur;
     t->wait_on = gen;
     t->wait_gen = g;
+    EMU_START_SWITCH(&t->asan_fake, tb->sched_bottom, tb->sched_size);
     emu_switch(&t->sp, tb->sched_sp);
+    EMU_FINISH_SWITCH(t->asan_fake, NULL, NULL);
     t->wait_on = NULL;
 }
 
 static void fiber_main(void) {
     emu_block *b = tb;
+    EMU_FINISH_SWITCH(NULL, &b->sched_bottom, &b->sched_size);
     (*b->body)();
     emu_thread *t = b->cur;
     t->done = 1;
@@ -140,6 +164,7 @@ static void fiber_main(void) {
         b->bar_and = 1;
         b->bar_gen++;
     }
+    EMU_START_SWITCH(NULL, b->sched_bottom, b->sched_size);
     emu_switch(&t->sp, b->sched_sp);
     emu_die("a finished fiber was resumed");
 }
@@ -148,6 +173,7 @@ static void fiber_main(void) {
 // fiber_main with the stack aligned as at a call.
 static void fiber_init(emu_thread *t) {
     if (!t->stack) t->stack = (char *)aligned_alloc(64, EMU_STACK_BYTES);
+    EMU_UNPOISON(t->stack, EMU_STACK_BYTES);  // frames of the block before
     uint64_t *top = (uint64_t *)(t->stack + EMU_STACK_BYTES);
     *--top = 0;                          // fiber_main's return address (never used)
     *--top = (uint64_t)(uintptr_t)fiber_main;
@@ -306,7 +332,9 @@ static void run_block(emu_block *b, uint3 bid, const emu_cfg &cfg) {
                     if (t->done || (t->wait_on && *t->wait_on == t->wait_gen)) continue;
                     b->cur = t;
                     emu_cur_tid = &t->tid;
+                    EMU_START_SWITCH(&b->asan_fake, t->stack, EMU_STACK_BYTES);
                     emu_switch(&b->sched_sp, t->sp);
+                    EMU_FINISH_SWITCH(b->asan_fake, NULL, NULL);
                 }
                 any |= b->progress;
             } while (b->progress);
@@ -422,8 +450,9 @@ const char *cudaGetErrorString(cudaError_t e) {
 const char *cudaGetErrorName(cudaError_t e) { return cudaGetErrorString(e); }
 
 cudaError_t cudaMalloc(void **p, size_t bytes) {
-    *p = aligned_alloc(256, (bytes + 255) / 256 * 256 + 256);
-    return *p ? cudaSuccess : cudaErrorMemoryAllocation;
+    // 256-byte aligned like the device's; the exact size, so that AddressSanitizer sees any access past it
+    if (posix_memalign(p, 256, bytes ? bytes : 1)) return cudaErrorMemoryAllocation;
+    return cudaSuccess;
 }
 cudaError_t cudaFree(void *p) { free(p); return cudaSuccess; }
 cudaError_t cudaMallocHost(void **p, size_t bytes) { return cudaMalloc(p, bytes); }

@@ -24,13 +24,15 @@
 #include "tests/gpu/gpu_util.h"
 
 #define MODEL_DIR "tests/fixtures/stories260K"
-#define REF "reference/stories260K_lora_ref.safetensors"
+// transformers + PEFT's batch, logits, loss and LoRA gradients on stories260K (a copy of
+// ../shared/data/reference/stories260K_lora_ref.safetensors, so that CI runs this on the kernel emulator)
+#define REF "tests/fixtures/stories260K_lora_ref.safetensors"
 
 static st_file g_ref;
 static micro_batch g_mb;
 
 static void ref_open(void) {
-    ck_assert_int_eq(st_open(&g_ref, shared_path(REF)), MOSFT_OK);
+    ck_assert_int_eq(st_open(&g_ref, REF), MOSFT_OK);
     const st_tensor *ti = st_find(&g_ref, "input_ids"), *tm = st_find(&g_ref, "attention_mask"),
                     *tl = st_find(&g_ref, "labels");
     g_mb.B = (int)ti->shape[0];
@@ -148,7 +150,6 @@ static void compare_grads(const char *what, engine *g, engine *c, double tol_all
 }
 
 START_TEST(test_step_vs_cpu) {
-    REQUIRE_SHARED();
     ref_open();
     const char *quants[] = {"none", "nf4"};
     const char *recs[] = {"none", "partial", "full"};
@@ -199,7 +200,6 @@ END_TEST
 
 // Logits and loss against the CPU and transformers+PEFT (the oracle file), eval loss == train loss.
 START_TEST(test_logits_oracle) {
-    REQUIRE_SHARED();
     ref_open();
     engine gpu, cpu;
     engine_open(&gpu, 1, "none", "none", 0, 0.0);
@@ -294,7 +294,6 @@ static void train(engine *e, const batches *b, int64_t from, int64_t steps, doub
 }
 
 START_TEST(test_training_curve) {
-    REQUIRE_SHARED();
     ref_open();
     batches b;
     batches_make(&b);
@@ -326,7 +325,6 @@ START_TEST(test_training_curve) {
 END_TEST
 
 START_TEST(test_determinism_resume) {
-    REQUIRE_SHARED();
     ref_open();
     batches b;
     batches_make(&b);
@@ -373,7 +371,6 @@ END_TEST
 // (MOSFT_ADAPTER_OVERLAP=0): the same products in the same order, so bit-identical losses and
 // parameters; a missing join would let the main stream overwrite a buffer the side still reads.
 START_TEST(test_overlap_identical) {
-    REQUIRE_SHARED();
     ref_open();
     batches b;
     batches_make(&b);
@@ -456,7 +453,6 @@ static void engine_open_spec(engine *e, int cuda, const char *quant, const char 
 // factors shared by every layer, memorizes the three batches down to a loss of 0.003 within 30 steps,
 // where the curve comparison measures rounding, not the engine).
 START_TEST(test_peers_vs_cpu) {
-    REQUIRE_SHARED();
     ref_open();
     batches b;
     batches_make(&b);
