@@ -62,18 +62,31 @@ __device__ __forceinline__ void keep4(uint64_t key, int64_t j, uint32_t thr, flo
     for (int i = 0; i < 4; i++) m[i] = o[i] >= thr ? keep : 0.0f;
 }
 
+// The four elements of block j are bits 4 (j % 8) .. +3 of mask word j / 8: the eight lanes of a word
+// OR their nibbles together and the first writes it (every lane takes part in the shuffles).
 __global__ void dropout_apply_kernel(bf16 *xd, const bf16 *__restrict__ x, int64_t ldx, int64_t T, int d_in,
-                                     uint64_t key, uint32_t thr, float keep) {
+                                     uint64_t key, uint32_t thr, float keep, uint32_t *bits) {
     int64_t j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x, e = 4 * j;
-    if (e >= T * d_in) return;
-    int64_t t = e / d_in;
-    int c = (int)(e % d_in);
-    float m[4], v[4];
-    keep4(key, j, thr, keep, m);
-    load_bf16<4>(x + t * ldx + c, v);
+    uint32_t nib = 0;
+    if (e < T * d_in) {
+        int64_t t = e / d_in;
+        int c = (int)(e % d_in);
+        float m[4], v[4];
+        keep4(key, j, thr, keep, m);
+        load_bf16<4>(x + t * ldx + c, v);
 #pragma unroll
-    for (int k = 0; k < 4; k++) v[k] *= m[k];
-    store_bf16<4>(xd + e, v);
+        for (int k = 0; k < 4; k++) {
+            v[k] *= m[k];
+            nib |= (m[k] != 0.0f ? 1u : 0u) << k;
+        }
+        store_bf16<4>(xd + e, v);
+    }
+    if (!bits) return;  // uniform
+    uint32_t w = nib << (4 * (threadIdx.x & 7));
+    w |= __shfl_xor_sync(0xffffffffu, w, 1);
+    w |= __shfl_xor_sync(0xffffffffu, w, 2);
+    w |= __shfl_xor_sync(0xffffffffu, w, 4);
+    if ((threadIdx.x & 7) == 0 && e < T * d_in) bits[j / 8] = w;
 }
 
 // With dropout, a group's input gradient gx += sum_i mask_i * (gh_i A_i) in one pass over gx (instead
@@ -187,6 +200,153 @@ __global__ void __launch_bounds__(256) lowrank_dropout_dx_kernel(void *gx, int g
         }
 }
 
+// dL/dA of a group's n modules with dropout in one pass over x (instead of a masked copy of x and a
+// split-K GEMM per module): gA[i r + j][c] = sum_t gh[t][i r + j] * bf16(x[t][c] * mask_i[t][c]).
+// Block: 64 columns of x (of gA) and a range of 64-token chunks (the splits of T: fp32 partials summed
+// in a fixed order afterwards); 4 warps, warp w owns columns 16w .. 16w+15 of every output row (up to 6
+// m-tiles of 16: n r <= 96, r % 16 == 0 so that a tile belongs to one module). Per chunk the gh and x
+// tiles stream in through two cp.async stages; each module's masked copy of the x tile is made in
+// shared memory (a thread takes 32 columns of one row: one mask word from the forward's kept bits, or 8
+// Philox blocks), then the products run on the tensor cores (gh^T and the masked tile both through
+// ldmatrix.trans).
+#define DA_T 64                  // tokens per chunk
+#define DA_C 64                  // columns per block
+#define DA_NR 96                 // at most n r
+#define DA_GLD (DA_NR + 8)       // gh tile row stride (bf16)
+#define DA_XLD (DA_C + 8)        // x and masked tile row stride
+typedef struct {
+    uint64_t key[3];
+    const uint32_t *bits[3];  // kept masks (NULL: the generator)
+} da_masks;
+
+static size_t da_smem_bytes(void) { return sizeof(bf16) * (size_t)(2 * DA_T * DA_GLD + 5 * DA_T * DA_XLD); }
+
+__global__ void __launch_bounds__(128) lowrank_dropout_da_kernel(float *out, int64_t split_stride, const bf16 *__restrict__ gh,
+                                                                 int64_t ldgh, const bf16 *__restrict__ x, int64_t ldx, int n,
+                                                                 int r, int64_t T, int d_in, da_masks mk, uint32_t thr,
+                                                                 float keep, int n_chunks, int splits, int vec) {
+    extern __shared__ __align__(16) unsigned char da_smem[];
+    bf16 *Gs = (bf16 *)da_smem;          // [2][64][DA_GLD]
+    bf16 *Xs = Gs + 2 * DA_T * DA_GLD;   // [2][64][DA_XLD]
+    bf16 *Ds = Xs + 2 * DA_T * DA_XLD;   // [3][64][DA_XLD]: the masked copies
+    const bf16 zero = __float2bfloat16_rn(0.0f);
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+    int c0 = blockIdx.x * DA_C, s = blockIdx.y;
+    int q0 = (int)((int64_t)s * n_chunks / splits), q1 = (int)((int64_t)(s + 1) * n_chunks / splits);
+    const int NR = n * r, n_mt = NR / 16, gper = n_mt * 2;  // m-tiles; 16-byte pieces per gh row
+    auto load = [&](int q) {
+        int st = (q - q0) & 1;
+        int64_t t0 = (int64_t)q * DA_T;
+        bf16 *gs = Gs + st * DA_T * DA_GLD, *xs = Xs + st * DA_T * DA_XLD;
+        for (int v = threadIdx.x; v < DA_T * gper; v += blockDim.x) {  // gh: 64 tokens x n r
+            int row = v / gper, cq = (v % gper) * 8;
+            int64_t t = t0 + row;
+            bf16 *dst = gs + row * DA_GLD + cq;
+            const bf16 *src = gh + t * ldgh + cq;
+            if (vec)
+                cp_async16(dst, t < T ? src : gh, t < T);
+            else
+                for (int e = 0; e < 8; e++) dst[e] = t < T ? src[e] : zero;
+        }
+        for (int v = threadIdx.x; v < DA_T * DA_C / 8; v += blockDim.x) {  // x: 64 tokens x 64 columns
+            int row = v / (DA_C / 8), cq = (v % (DA_C / 8)) * 8;
+            int64_t t = t0 + row;
+            bf16 *dst = xs + row * DA_XLD + cq;
+            const bf16 *src = x + t * ldx + c0 + cq;
+            bool ok = t < T && c0 + cq < d_in;
+            if (vec)
+                cp_async16(dst, ok ? src : x, ok);
+            else
+                for (int e = 0; e < 8; e++) dst[e] = t < T && c0 + cq + e < d_in ? src[e] : zero;
+        }
+        cp_commit();
+    };
+    float acc[6][2][4] = {};
+    if (q0 < q1) load(q0);
+    for (int q = q0; q < q1; q++) {
+        if (q + 1 < q1) {
+            load(q + 1);
+            cp_wait<1>();
+        } else {
+            cp_wait<0>();
+        }
+        __syncthreads();
+        int st = (q - q0) & 1;
+        const bf16 *gs = Gs + st * DA_T * DA_GLD, *xs = Xs + st * DA_T * DA_XLD;
+        {  // the masked copies: row tid / 2, columns 32 (tid % 2) .. +31, every module
+            int row = threadIdx.x >> 1, cb = (threadIdx.x & 1) * 32;
+            int64_t t = (int64_t)q * DA_T + row;
+            for (int i = 0; i < n; i++) {
+                const uint32_t *bits = i == 0 ? mk.bits[0] : i == 1 ? mk.bits[1] : mk.bits[2];
+                uint32_t w = 0;  // keep bits of the 32 columns
+                if (t < T && c0 + cb < d_in) {
+                    if (bits) {  // d_in % 32 == 0 (the host's condition): one word
+                        w = bits[(t * d_in + c0 + cb) >> 5];
+                    } else {
+                        uint64_t key = i == 0 ? mk.key[0] : i == 1 ? mk.key[1] : mk.key[2];
+                        for (int b = 0; b < 8; b++) {
+                            int c = c0 + cb + 4 * b;
+                            if (c >= d_in) break;
+                            uint32_t o[4];
+                            rng_philox4(key, (uint64_t)((t * d_in + c) / 4), o);
+#pragma unroll
+                            for (int k = 0; k < 4; k++) w |= (o[k] >= thr ? 1u : 0u) << (4 * b + k);
+                        }
+                    }
+                }
+                const bf16 *xr = xs + row * DA_XLD + cb;
+                bf16 *dr = Ds + i * DA_T * DA_XLD + row * DA_XLD + cb;
+#pragma unroll
+                for (int e = 0; e < 32; e += 8) {
+                    uint4 raw = *(const uint4 *)(xr + e);
+                    bf16 *h = (bf16 *)&raw;
+#pragma unroll
+                    for (int k = 0; k < 8; k++)
+                        h[k] = (w >> (e + k)) & 1u ? __float2bfloat16_rn(__bfloat162float(h[k]) * keep) : zero;
+                    *(uint4 *)(dr + e) = raw;
+                }
+            }
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < DA_T; kk += 16) {
+            uint32_t b[3][4];
+            int m = lane >> 3;
+#pragma unroll
+            for (int i = 0; i < 3; i++)
+                if (i < n)
+                    ldsm4t(b[i], Ds + i * DA_T * DA_XLD + (kk + (m & 1) * 8 + (lane & 7)) * DA_XLD + warp * 16 + (m >> 1) * 8);
+#pragma unroll
+            for (int mt = 0; mt < 6; mt++) {
+                if (mt >= n_mt) break;
+                int i = mt * 16 / r;
+                uint32_t a[4], bb[4];
+                ldsm4t(a, gs + (kk + (m >> 1) * 8 + (lane & 7)) * DA_GLD + mt * 16 + (m & 1) * 8);
+#pragma unroll
+                for (int k = 0; k < 4; k++) bb[k] = i == 0 ? b[0][k] : i == 1 ? b[1][k] : b[2][k];
+                mma16816(acc[mt][0], a, bb[0], bb[1]);
+                mma16816(acc[mt][1], a, bb[2], bb[3]);
+            }
+        }
+        __syncthreads();  // the stage and the masked copies are free for the next chunk
+    }
+    float *o = out + (int64_t)s * split_stride;
+#pragma unroll
+    for (int mt = 0; mt < 6; mt++) {
+        if (mt >= n_mt) break;
+#pragma unroll
+        for (int nt = 0; nt < 2; nt++) {
+            int c = c0 + warp * 16 + nt * 8 + 2 * tq;  // columns c, c + 1 (d_in % 4 == 0: both or neither)
+            if (c >= d_in) continue;
+#pragma unroll
+            for (int hl = 0; hl < 2; hl++) {
+                int j = mt * 16 + g + 8 * hl;
+                *(float2 *)(o + (int64_t)j * d_in + c) = make_float2(acc[mt][nt][2 * hl], acc[mt][nt][2 * hl + 1]);
+            }
+        }
+    }
+}
+
 // ---- the maps, on the host ------------------------------------------------------------------------
 
 extern "C" int lowrank_map_shards(const adapter *ad) { return !strcmp(ad->spec.method, "mos") ? ad->spec.shards : 1; }
@@ -261,13 +421,55 @@ extern "C" void lowrank_scatter_cuda(cuda_ctx *ctx, const lowrank_map *mp, const
     CUDA_LAUNCH_CHECK();
 }
 
+extern "C" int64_t dropout_mask_words(int64_t T, int d_in) { return (T * d_in + 31) / 32; }
+
 extern "C" void dropout_apply_cuda(cuda_ctx *ctx, bf16 *xd, const bf16 *x, int64_t ldx, int64_t T, int d_in, uint64_t key,
-                                   uint32_t thr, float keep) {
+                                   uint32_t thr, float keep, uint32_t *bits) {
     int64_t n = T * d_in;
     if (n == 0) return;
     MOSFT_ASSERT(d_in % 4 == 0 && ldx % 4 == 0);
-    dropout_apply_kernel<<<ceil_div_i(n / 4, 256), 256, 0, ctx->stream>>>(xd, x, ldx, T, d_in, key, thr, keep);
+    dropout_apply_kernel<<<ceil_div_i(n / 4, 256), 256, 0, ctx->stream>>>(xd, x, ldx, T, d_in, key, thr, keep, bits);
     CUDA_LAUNCH_CHECK();
+}
+
+extern "C" int lowrank_dropout_da_fits(int n, int r) { return n >= 1 && n <= 3 && r % 16 == 0 && n * r <= DA_NR; }
+
+extern "C" void lowrank_dropout_da_cuda(cuda_ctx *ctx, float *gA, const bf16 *gh, int64_t ldgh, const bf16 *x, int64_t ldx,
+                                        int n, int r, int64_t T, int d_in, const uint64_t *keys, uint32_t thr, float keep,
+                                        const uint32_t *const *bits, float *part, size_t part_floats) {
+    MOSFT_ASSERT(lowrank_dropout_da_fits(n, r) && d_in % 4 == 0 && (!bits || d_in % 32 == 0));
+    int64_t NR = (int64_t)n * r;
+    if (T == 0) {
+        CUDA_CHECK(cudaMemsetAsync(gA, 0, sizeof(float) * (size_t)(NR * d_in), ctx->stream));
+        return;
+    }
+    da_masks mk;
+    memset(&mk, 0, sizeof mk);
+    for (int i = 0; i < n; i++) {
+        mk.key[i] = keys[i];
+        mk.bits[i] = bits ? bits[i] : NULL;
+    }
+    int vec = ldgh % 8 == 0 && ldx % 8 == 0 && d_in % 8 == 0 && (uintptr_t)gh % 16 == 0 && (uintptr_t)x % 16 == 0;
+    // splits of T: about two blocks per multiprocessor, within the partials' room
+    int tiles = ceil_div_i(d_in, DA_C), n_chunks = ceil_div_i(T, DA_T), sms = 0, dev = 0;
+    CUDA_CHECK(cudaGetDevice(&dev));
+    CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    int splits = ceil_div_i(2 * sms, tiles);
+    if (splits > n_chunks) splits = n_chunks;
+    if (splits > 16) splits = 16;
+    while (splits > 1 && (!part || (size_t)splits * (size_t)(NR * d_in) > part_floats)) splits--;
+    static int attr_set = 0;
+    if (!attr_set) {  // above the 48 KiB default
+        CUDA_CHECK(cudaFuncSetAttribute(lowrank_dropout_da_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        (int)da_smem_bytes()));
+        attr_set = 1;
+    }
+    float *dst = splits > 1 ? part : gA;
+    dim3 grid((unsigned)tiles, (unsigned)splits);
+    lowrank_dropout_da_kernel<<<grid, 128, da_smem_bytes(), ctx->stream>>>(dst, NR * d_in, gh, ldgh, x, ldx, n, r, T, d_in,
+                                                                          mk, thr, keep, n_chunks, splits, vec);
+    CUDA_LAUNCH_CHECK();
+    if (splits > 1) splitk_sum_cuda(ctx, part, splits, NR, d_in, gA, d_in, GEMM_F32);
 }
 
 extern "C" void lowrank_dropout_dx_cuda(cuda_ctx *ctx, void *gx, int gx_f32, int64_t ldgx, const bf16 *gh, int64_t ldgh,

@@ -166,6 +166,11 @@ typedef struct {
     int *wseq;                     // [L * 11] the micro-batch's order of groups (layer * GRP_COUNT + group)
     int wn, wi, wpf[2];            // sequence length, next index, index prefetched into each buffer (-1: none)
     bf16 *ad_xd;                   // [T][max d_in] dropout-masked adapter input
+    // With dropout and no recomputation the forward keeps every module's mask as bits (1 bit an
+    // element, written by its masked copy) for dL/dA in backward (lowrank_dropout_da_cuda), which then
+    // reads one word per 32 elements instead of evaluating the generator again. NULL otherwise.
+    uint32_t *dbits;               // [L][dbits_layer]
+    int64_t dbits_layer, dbits_grp[GRP_COUNT], dbits_mod[GRP_COUNT];  // words: a layer, group offset, a module
     float *ad_gA, *ad_gB;          // [R_max][max d_in], [dout_max][R_max]
     float *ad_part;                // split-K partials of the adapter's GEMMs
     size_t ad_part_floats;

@@ -232,6 +232,14 @@ __global__ void splitk_reduce_kernel(const float *__restrict__ P, int splits, in
         ((bf16 *)D)[m * ldd + n] = __float2bfloat16_rn(s);
 }
 
+extern "C" void splitk_sum_cuda(cuda_ctx *ctx, const float *P, int splits, int64_t M, int64_t N, void *D, int64_t ldd,
+                                gemm_dtype cd) {
+    int64_t n = M * N;
+    if (n == 0) return;
+    splitk_reduce_kernel<<<ceil_div_i(n, 256), 256, 0, ctx->stream>>>(P, splits, M, N, D, ldd, cd == GEMM_F32);
+    CUDA_LAUNCH_CHECK();
+}
+
 extern "C" void gemm_splitk_cuda(cuda_ctx *ctx, int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha,
                                  const bf16 *A, int64_t lda, const bf16 *B, int64_t ldb, void *D, int64_t ldd, gemm_dtype cd,
                                  int splits, float *scratch) {
@@ -244,9 +252,7 @@ extern "C" void gemm_splitk_cuda(cuda_ctx *ctx, int trans_a, int trans_b, int64_
     int64_t sa = trans_a ? kc * lda : kc, sb = trans_b ? kc : kc * ldb;
     gemm_batched_cuda(ctx, trans_a, trans_b, M, N, kc, alpha, A, lda, sa, B, ldb, sb, 0.0f, scratch, N, M * N, GEMM_F32,
                       splits);
-    int64_t n = M * N;
-    splitk_reduce_kernel<<<ceil_div_i(n, 256), 256, 0, ctx->stream>>>(scratch, splits, M, N, D, ldd, cd == GEMM_F32);
-    CUDA_LAUNCH_CHECK();
+    splitk_sum_cuda(ctx, scratch, splits, M, N, D, ldd, cd);
 }
 
 // ---- arena -------------------------------------------------------------------------------------

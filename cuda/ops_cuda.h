@@ -64,6 +64,8 @@ int gemm_splitk_count(int64_t M, int64_t N, int64_t K);
 void gemm_splitk_cuda(cuda_ctx *ctx, int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha, const bf16 *A,
                       int64_t lda, const bf16 *B, int64_t ldb, void *D, int64_t ldd, gemm_dtype cd, int splits,
                       float *scratch);
+// D[M][N] (row stride ldd, bf16 or fp32) = sum over c = 0 .. splits-1 of P[c][M][N], in that order.
+void splitk_sum_cuda(cuda_ctx *ctx, const float *P, int splits, int64_t M, int64_t N, void *D, int64_t ldd, gemm_dtype cd);
 // The same over `batch` matrices at fixed element strides (sa, sb, sd) from A, B, D (C = D).
 void gemm_batched_cuda(cuda_ctx *ctx, int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha,
                        const bf16 *A, int64_t lda, int64_t sa, const bf16 *B, int64_t ldb, int64_t sb, float beta, void *D,
@@ -227,9 +229,22 @@ void lowrank_gather_cuda(cuda_ctx *ctx, const lowrank_map *mp, const float *para
 // grad += the maps of gA[r][d_in] and gB[d_out][ldB] (fp32).
 void lowrank_scatter_cuda(cuda_ctx *ctx, const lowrank_map *mp, const float *gA, const float *gB, float *grad);
 // Dropout on the adapter input: xd[T][d_in] = x * mask (mask from rng_keep(key, t*d_in + c, thr) with
-// the multiplier `keep` = 1/(1-p)); x has row stride ldx.
+// the multiplier `keep` = 1/(1-p)); x has row stride ldx. bits (NULL: none) receives the mask as bits:
+// element e = t*d_in + c kept <=> bit e % 32 of bits[e / 32] (dropout_mask_words(T, d_in) words).
 void dropout_apply_cuda(cuda_ctx *ctx, bf16 *xd, const bf16 *x, int64_t ldx, int64_t T, int d_in, uint64_t key,
-                        uint32_t thr, float keep);
+                        uint32_t thr, float keep, uint32_t *bits);
+int64_t dropout_mask_words(int64_t T, int d_in);
+// With dropout, dL/dA of a group of n modules sharing one input, in one pass over x:
+//   gA[i r + j][c] (fp32 [n r][d_in], overwritten) = sum_t gh[t][i r + j] * bf16(x[t][c] * mask_i[t][c])
+// gh bf16 (row stride ldgh, the modules' r columns side by side), x bf16 (row stride ldx); mask_i from
+// keys[i] as dropout_apply_cuda, or from bits[i] (the bits dropout_apply_cuda kept; needs d_in % 32 == 0)
+// when bits (a host array of n device pointers) is not NULL. Splits T over fp32 partials in `part`
+// (part_floats of room; NULL: no split), summed in a fixed order. lowrank_dropout_da_fits(n, r): the
+// kernel's shapes (r % 16 == 0, n r <= 96).
+int lowrank_dropout_da_fits(int n, int r);
+void lowrank_dropout_da_cuda(cuda_ctx *ctx, float *gA, const bf16 *gh, int64_t ldgh, const bf16 *x, int64_t ldx, int n,
+                             int r, int64_t T, int d_in, const uint64_t *keys, uint32_t thr, float keep,
+                             const uint32_t *const *bits, float *part, size_t part_floats);
 // With dropout, the input gradient of a group of n (<= 3) modules sharing one input:
 //   gx[T][d_in] (+=, fp32 or bf16 by gx_f32, row stride ldgx) += sum_i mask_i * (gh_i A_i)
 // gh_i = columns [i r, i r + r) of gh (bf16, row stride ldgh), A_i = rows [i r, i r + r) of A [n r][d_in]

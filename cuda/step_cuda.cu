@@ -209,6 +209,16 @@ void cuda_acts_layout(backend *be, cuda_arena *ar, int B, int S, mem_plan *plan)
         c->ad_part_floats = mx;
         c->ad_part = F32(mx);
         if (be->dropout > 0) c->ad_xd = BF(T * din);
+        c->dbits = NULL;
+        if (be->dropout > 0 && lev == RECOMPUTE_NONE) {  // the masks, kept from forward to backward
+            c->dbits_layer = 0;
+            for (int g = 0; g < GRP_COUNT; g++) {
+                c->dbits_grp[g] = c->dbits_layer;
+                c->dbits_mod[g] = (dropout_mask_words(T, c->grp[g].d_in) + 3) & ~(int64_t)3;
+                c->dbits_layer += c->grp[g].n * c->dbits_mod[g];
+            }
+            c->dbits = (uint32_t *)take(ar, (size_t)(d.L * c->dbits_layer) * 4, plan, CAT_ACTS);
+        }
         if (c->side) {
             c->sd_gA = F32((int64_t)c->R_max * din);
             c->sd_gB = F32((int64_t)c->dout_max * c->R_max);
@@ -400,6 +410,11 @@ static drop_spec drop_of(const backend *be, const dropout_ctx *dc, int l, int m)
 
 static int dropout_on(const backend *be, const dropout_ctx *dc) { return dc && be->dropout > 0.0f; }
 
+// Module i of group g in layer l: where its mask bits are kept (NULL: not kept, see cuda_impl.dbits).
+static uint32_t *mask_bits(const cuda_impl *c, int l, int g, int i) {
+    return c->dbits ? c->dbits + l * c->dbits_layer + c->dbits_grp[g] + i * c->dbits_mod[g] : NULL;
+}
+
 // h = dropout(x) A^T of every adapted module of group g, into x's extra columns (x [T][d_in + Rp] with
 // row stride ldx): the left operand of the group's K-augmented GEMM.
 static void adapter_h(backend *be, const dims *d, int l, int g, bf16 *x, int64_t ldx, const dropout_ctx *dc) {
@@ -415,7 +430,7 @@ static void adapter_h(backend *be, const dims *d, int l, int g, bf16 *x, int64_t
     }
     for (int i = 0; i < ag->n; i++) {  // a mask per module
         drop_spec ds = drop_of(be, dc, l, ag->mod[i]);
-        dropout_apply_cuda(m.ctx, m.xd, x, ldx, d->T, ag->d_in, ds.key, ds.thr, ds.keep);
+        dropout_apply_cuda(m.ctx, m.xd, x, ldx, d->T, ag->d_in, ds.key, ds.thr, ds.keep, mask_bits(c, l, g, i));
         ad_gemm(c, &m, 0, 1, d->T, r, ag->d_in, 1.0f, m.xd, ag->d_in, ag->A[l] + (int64_t)i * r * ag->d_in, ag->d_in,
                 h + i * r, ldx, GEMM_BF16);
     }
@@ -467,9 +482,25 @@ static int64_t adapter_grads(backend *be, const dims *d, int l, int g, const bf1
         side_end(c, g);
         return dout + R;
     }
-    for (int i = 0; i < ag->n; i++) {
+    if (lowrank_dropout_da_fits(ag->n, r)) {  // every module's masked dL/dA in one pass over x
+        uint64_t keys[3];
+        const uint32_t *bits[3];
+        drop_spec ds;
+        for (int i = 0; i < ag->n; i++) {
+            ds = drop_of(be, dc, l, ag->mod[i]);
+            keys[i] = ds.key;
+            bits[i] = mask_bits(c, l, g, i);
+        }
+        lowrank_dropout_da_cuda(w.ctx, w.gA, gh, ldgy, x, ldx, ag->n, r, d->T, di, keys, ds.thr, ds.keep,
+                                c->dbits && di % 32 == 0 ? bits : NULL, w.part, c->ad_part_floats);
+        for (int i = 0; i < ag->n; i++)
+            ad_scatter(c, &w, ag, l, i, w.gA + (int64_t)i * r * di, w.gB + (int64_t)ag->row_off[i] * R + i * r);
+        side_end(c, g);
+        return dout;
+    }
+    for (int i = 0; i < ag->n; i++) {  // other shapes: a masked copy and a GEMM per module
         drop_spec ds = drop_of(be, dc, l, ag->mod[i]);
-        dropout_apply_cuda(w.ctx, w.xd, x, ldx, d->T, di, ds.key, ds.thr, ds.keep);
+        dropout_apply_cuda(w.ctx, w.xd, x, ldx, d->T, di, ds.key, ds.thr, ds.keep, NULL);
         ad_gemm(c, &w, 1, 0, r, di, d->T, 1.0f, gh + i * r, ldgy, w.xd, di, w.gA, di, GEMM_F32);
         ad_scatter(c, &w, ag, l, i, w.gA, w.gB + (int64_t)ag->row_off[i] * R + i * r);
     }

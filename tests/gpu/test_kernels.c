@@ -761,6 +761,65 @@ static void check_dropout_dx(cuda_ctx *ctx, rng_state *r, int64_t T, int d, int 
     cudaFree(dgh), cudaFree(dA), cudaFree(dgx), cudaFree(dgb);
 }
 
+// dL/dA of a group of n modules with dropout in one pass over x: gA[i r + j][c] = sum_t gh[t][i r + j] *
+// bf16(x[t][c] mask_i[t][c]), against a double CPU sum with the CPU's masks; from the generator and (when
+// d % 32 == 0) from the bits dropout_apply_cuda keeps (bit-identical); with and without T splits.
+static void check_dropout_da(cuda_ctx *ctx, rng_state *r, int64_t T, int d, int ldx, int n, int rk, int ldgh, float p,
+                             const char *what) {
+    ck_assert(lowrank_dropout_da_fits(n, rk));
+    float keep = 1.0f / (1.0f - p);
+    uint32_t thr = rng_dropout_threshold(p);
+    float *gh = rnd_bf16(r, (size_t)(T * ldgh), 1.0f), *x = rnd_bf16(r, (size_t)(T * ldx), 1.0f);
+    uint64_t keys[3];
+    float *masks = xmalloc(sizeof(float) * (size_t)(n * T * d));
+    for (int i = 0; i < n; i++) {
+        keys[i] = rng_key(RNG_DROPOUT, 9, 8, 7, 40 + i);
+        adapter_dropout_mask(keys[i], p, (size_t)(T * d), masks + (size_t)i * T * d);
+    }
+    int64_t NR = (int64_t)n * rk;
+    float *want = xmalloc(sizeof(float) * (size_t)(NR * d));
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j < rk; j++)
+            for (int c = 0; c < d; c++) {
+                double acc = 0;
+                for (int64_t t = 0; t < T; t++)
+                    acc += (double)gh[t * ldgh + i * rk + j] * bf16_round(x[t * ldx + c] * masks[(size_t)i * T * d + t * d + c]);
+                want[(i * rk + j) * d + c] = (float)acc;
+            }
+    void *dgh = dev_bf16(gh, (size_t)(T * ldgh)), *dx = dev_bf16(x, (size_t)(T * ldx));
+    float *dgA = dev_alloc(4 * (size_t)(NR * d));
+    size_t part_floats = (size_t)16 * NR * d;
+    float *part = dev_alloc(4 * part_floats);
+    char name[160];
+    lowrank_dropout_da_cuda(ctx, dgA, dgh, ldgh, dx, ldx, n, rk, T, d, keys, thr, keep, NULL, part, part_floats);
+    float *got = down_f32(dgA, (size_t)(NR * d));
+    snprintf(name, sizeof name, "dropout dA, %s (T splits)", what);
+    ck_assert(close_enough(name, got, want, (size_t)(NR * d), 1e-5, 1e-5));
+    lowrank_dropout_da_cuda(ctx, dgA, dgh, ldgh, dx, ldx, n, rk, T, d, keys, thr, keep, NULL, NULL, 0);
+    float *got1 = down_f32(dgA, (size_t)(NR * d));
+    snprintf(name, sizeof name, "dropout dA, %s (one split)", what);
+    ck_assert(close_enough(name, got1, want, (size_t)(NR * d), 1e-5, 1e-5));
+    free(got1);
+    if (d % 32 == 0) {  // the masks from the bits the forward's masked copy keeps
+        int64_t nw = dropout_mask_words(T, d);
+        uint32_t *dbits = dev_alloc(4 * (size_t)(n * nw));
+        void *scratch = dev_alloc(2 * (size_t)(T * d));
+        const uint32_t *bp[3];
+        for (int i = 0; i < n; i++) {
+            bp[i] = dbits + i * nw;
+            dropout_apply_cuda(ctx, scratch, dx, ldx, T, d, keys[i], thr, keep, dbits + i * nw);
+        }
+        lowrank_dropout_da_cuda(ctx, dgA, dgh, ldgh, dx, ldx, n, rk, T, d, keys, thr, keep, bp, part, part_floats);
+        float *gotb = down_f32(dgA, (size_t)(NR * d));
+        ck_assert_msg(memcmp(gotb, got, 4 * (size_t)(NR * d)) == 0, "dropout dA, %s: kept bits differ from the generator",
+                      what);
+        free(gotb);
+        cudaFree(dbits), cudaFree(scratch);
+    }
+    free(gh), free(x), free(masks), free(want), free(got);
+    cudaFree(dgh), cudaFree(dx), cudaFree(dgA), cudaFree(part);
+}
+
 START_TEST(test_dropout) {
     cuda_ctx *ctx = ctx_new();
     rng_state r;
@@ -775,11 +834,20 @@ START_TEST(test_dropout) {
     for (int64_t t = 0; t < T; t++)
         for (int c = 0; c < d; c++) ref[t * d + c] = bf16_round(x[t * ldx + c] * mask[t * d + c]);
     void *dx = dev_bf16(x, (size_t)(T * ldx)), *dxd = dev_alloc(2 * (size_t)(T * d));
-    dropout_apply_cuda(ctx, dxd, dx, ldx, T, d, key, rng_dropout_threshold(p), 1.0f / (1.0f - p));
+    int64_t nw = dropout_mask_words(T, d);
+    uint32_t *dbits = dev_alloc(4 * (size_t)nw);
+    dropout_apply_cuda(ctx, dxd, dx, ldx, T, d, key, rng_dropout_threshold(p), 1.0f / (1.0f - p), dbits);
     float *got = down_bf16(dxd, (size_t)(T * d));
     ck_assert(close_enough("dropout apply (same mask)", got, ref, (size_t)(T * d), 0, 0));
-    free(x), free(mask), free(ref), free(got);
-    cudaFree(dx), cudaFree(dxd);
+    // the kept bits: bit e of the stream set <=> element e kept; the tail of the last word clear
+    uint32_t *bits = xmalloc(4 * (size_t)nw);
+    CK_CUDA(cudaMemcpy(bits, dbits, 4 * (size_t)nw, cudaMemcpyDeviceToHost));
+    int64_t bad = 0;
+    for (int64_t e = 0; e < T * d; e++) bad += (int)((bits[e / 32] >> (e % 32)) & 1) != (mask[e] != 0.0f);
+    for (int64_t e = T * d; e < 32 * nw; e++) bad += (bits[e / 32] >> (e % 32)) & 1;
+    ck_assert_msg(bad == 0, "dropout mask bits: %lld of %lld wrong", (long long)bad, (long long)(T * d));
+    free(x), free(mask), free(ref), free(got), free(bits);
+    cudaFree(dx), cudaFree(dxd), cudaFree(dbits);
     // the masked input gradient: a rank that is not a multiple of the 32-chunk or of 16 (the mma's k),
     // partial row and column tiles, 16-byte copies and the element-wise fallbacks (rank 12, width 36,
     // row stride 44: neither gh, A nor a bf16 gx in 16-byte pieces), several rank chunks (r 72)
@@ -787,6 +855,12 @@ START_TEST(test_dropout) {
     check_dropout_dx(ctx, &r, 100, 36, 44, 2, 12, 2 * 12 + 3, p, "2 modules, r 12, d 36, unaligned");
     check_dropout_dx(ctx, &r, 300, 392, 400, 1, 32, 40, 0.3f, "1 module, r 32, d 392, p 0.3");
     check_dropout_dx(ctx, &r, 70, 256, 264, 2, 72, 2 * 72 + 8, p, "2 modules, r 72, d 256");
+    // dL/dA: 16-byte copies with generator and kept-bit masks and T splits (3 x 32, d 256), partial
+    // column tiles (d 72), the element-wise fallback (row strides 44 and 36), one module of 64
+    check_dropout_da(ctx, &r, 300, 256, 264, 3, 32, 3 * 32 + 8, p, "3 modules, r 32, d 256");
+    check_dropout_da(ctx, &r, 129, 72, 80, 2, 16, 40, p, "2 modules, r 16, d 72");
+    check_dropout_da(ctx, &r, 70, 36, 44, 1, 32, 36, 0.3f, "1 module, r 32, d 36, unaligned, p 0.3");
+    check_dropout_da(ctx, &r, 200, 128, 128, 1, 64, 64, p, "1 module, r 64, d 128");
     cuda_ctx_free(ctx);
 }
 END_TEST
