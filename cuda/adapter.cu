@@ -347,6 +347,144 @@ __global__ void __launch_bounds__(128) lowrank_dropout_da_kernel(float *out, int
     }
 }
 
+// h of a group's n modules with dropout in one pass over x (instead of a masked copy of x and a GEMM
+// per module): h[t][i r + j] = bf16(sum_c bf16(x[t][c] * mask_i[t][c]) * A_i[j][c]). Block: 64 tokens
+// and a range of 64-column chunks of x (the splits of d_in: fp32 partials summed in a fixed order
+// afterwards); 4 warps, warp w owns tokens 16w .. 16w+15 and every output column (up to 12 n-tiles).
+// Per chunk the x tile and the factors' columns stream in through two cp.async stages; each module's
+// masked copy of the x tile is made in shared memory (a thread takes 32 columns of one token: 8 Philox
+// blocks, one mask word, which it also writes out as the kept bits when asked), then the products run
+// on the tensor cores.
+#define DH_T 64                  // tokens per block
+#define DH_K 64                  // columns of x per chunk
+#define DH_LD (DH_K + 8)         // row stride of the x tile, the factors' chunk and the masked copies
+
+static size_t dh_smem_bytes(void) { return sizeof(bf16) * (size_t)((2 * DH_T + 2 * DA_NR + 3 * DH_T) * DH_LD); }
+
+__global__ void __launch_bounds__(128) lowrank_dropout_h_kernel(float *part, bf16 *h, int64_t ldh, const bf16 *__restrict__ x,
+                                                                int64_t ldx, const bf16 *__restrict__ A, int n, int r,
+                                                                int64_t T, int d_in, da_masks mk, uint32_t *bits0,
+                                                                uint32_t *bits1, uint32_t *bits2, uint32_t thr, float keep,
+                                                                int n_chunks, int splits, int vec) {
+    extern __shared__ __align__(16) unsigned char dh_smem[];
+    bf16 *Xs = (bf16 *)dh_smem;          // [2][64][DH_LD]
+    bf16 *As = Xs + 2 * DH_T * DH_LD;    // [2][96][DH_LD]: A_i's rows, columns of the chunk
+    bf16 *Ds = As + 2 * DA_NR * DH_LD;   // [3][64][DH_LD]: the masked copies
+    const bf16 zero = __float2bfloat16_rn(0.0f);
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+    int64_t t0 = (int64_t)blockIdx.x * DH_T;
+    int s = blockIdx.y;
+    int q0 = (int)((int64_t)s * n_chunks / splits), q1 = (int)((int64_t)(s + 1) * n_chunks / splits);
+    const int NR = n * r, n_np = NR / 16;  // pairs of n-tiles
+    auto load = [&](int q) {
+        int st = (q - q0) & 1, k0 = q * DH_K;
+        bf16 *xs = Xs + st * DH_T * DH_LD, *as = As + st * DA_NR * DH_LD;
+        for (int v = threadIdx.x; v < DH_T * DH_K / 8; v += blockDim.x) {  // x: 64 tokens x 64 columns
+            int row = v / (DH_K / 8), cq = (v % (DH_K / 8)) * 8;
+            int64_t t = t0 + row;
+            bf16 *dst = xs + row * DH_LD + cq;
+            const bf16 *src = x + t * ldx + k0 + cq;
+            bool ok = t < T && k0 + cq < d_in;
+            if (vec)
+                cp_async16(dst, ok ? src : x, ok);
+            else
+                for (int e = 0; e < 8; e++) dst[e] = t < T && k0 + cq + e < d_in ? src[e] : zero;
+        }
+        for (int v = threadIdx.x; v < NR * DH_K / 8; v += blockDim.x) {  // A: n r rows x 64 columns
+            int row = v / (DH_K / 8), cq = (v % (DH_K / 8)) * 8;
+            bf16 *dst = as + row * DH_LD + cq;
+            const bf16 *src = A + (int64_t)row * d_in + k0 + cq;
+            bool ok = k0 + cq < d_in;
+            if (vec)
+                cp_async16(dst, ok ? src : A, ok);
+            else
+                for (int e = 0; e < 8; e++) dst[e] = k0 + cq + e < d_in ? src[e] : zero;
+        }
+        cp_commit();
+    };
+    float acc[12][4] = {};
+    if (q0 < q1) load(q0);
+    for (int q = q0; q < q1; q++) {
+        if (q + 1 < q1) {
+            load(q + 1);
+            cp_wait<1>();
+        } else {
+            cp_wait<0>();
+        }
+        __syncthreads();
+        int st = (q - q0) & 1;
+        const bf16 *xs = Xs + st * DH_T * DH_LD, *as = As + st * DA_NR * DH_LD;
+        {  // the masked copies: token tid / 2, columns 32 (tid % 2) .. +31 of the chunk, every module
+            int row = threadIdx.x >> 1, cb = (threadIdx.x & 1) * 32;
+            int64_t t = t0 + row;
+            int kc = q * DH_K + cb;
+            for (int i = 0; i < n; i++) {
+                uint64_t key = i == 0 ? mk.key[0] : i == 1 ? mk.key[1] : mk.key[2];
+                uint32_t *bits = i == 0 ? bits0 : i == 1 ? bits1 : bits2;
+                uint32_t w = 0;  // keep bits of the 32 columns
+                if (t < T && kc < d_in) {
+                    for (int b = 0; b < 8; b++) {
+                        int c = kc + 4 * b;
+                        if (c >= d_in) break;
+                        uint32_t o[4];
+                        rng_philox4(key, (uint64_t)((t * d_in + c) / 4), o);
+#pragma unroll
+                        for (int k = 0; k < 4; k++) w |= (o[k] >= thr ? 1u : 0u) << (4 * b + k);
+                    }
+                    if (bits) bits[(t * d_in + kc) >> 5] = w;  // d_in % 32 == 0 (the host's condition)
+                }
+                const bf16 *xr = xs + row * DH_LD + cb;
+                bf16 *dr = Ds + i * DH_T * DH_LD + row * DH_LD + cb;
+#pragma unroll
+                for (int e = 0; e < 32; e += 8) {
+                    uint4 raw = *(const uint4 *)(xr + e);
+                    bf16 *hv = (bf16 *)&raw;
+#pragma unroll
+                    for (int k = 0; k < 8; k++)
+                        hv[k] = (w >> (e + k)) & 1u ? __float2bfloat16_rn(__bfloat162float(hv[k]) * keep) : zero;
+                    *(uint4 *)(dr + e) = raw;
+                }
+            }
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < DH_K; kk += 16) {
+            uint32_t a[3][4];
+#pragma unroll
+            for (int i = 0; i < 3; i++)
+                if (i < n) ldsm4(a[i], Ds + i * DH_T * DH_LD + (warp * 16 + (lane & 15)) * DH_LD + kk + (lane >> 4) * 8);
+            int m = lane >> 3;
+#pragma unroll
+            for (int np = 0; np < 6; np++) {
+                if (np >= n_np) break;
+                int i = np * 16 / r;
+                uint32_t b[4], aa[4];
+                ldsm4(b, as + (np * 16 + (m >> 1) * 8 + (lane & 7)) * DH_LD + kk + (m & 1) * 8);
+#pragma unroll
+                for (int k = 0; k < 4; k++) aa[k] = i == 0 ? a[0][k] : i == 1 ? a[1][k] : a[2][k];
+                mma16816(acc[2 * np], aa, b[0], b[1]);
+                mma16816(acc[2 * np + 1], aa, b[2], b[3]);
+            }
+        }
+        __syncthreads();  // the stage and the masked copies are free for the next chunk
+    }
+#pragma unroll
+    for (int nt = 0; nt < 12; nt++) {
+        if (nt >= 2 * n_np) break;
+        int j = nt * 8 + 2 * tq;  // output columns j, j + 1
+#pragma unroll
+        for (int hl = 0; hl < 2; hl++) {
+            int64_t t = t0 + warp * 16 + g + 8 * hl;
+            if (t >= T) continue;
+            float v0 = acc[nt][2 * hl], v1 = acc[nt][2 * hl + 1];
+            if (part)
+                *(float2 *)(part + ((int64_t)s * T + t) * NR + j) = make_float2(v0, v1);
+            else
+                *(__nv_bfloat162 *)(h + t * ldh + j) = __floats2bfloat162_rn(v0, v1);
+        }
+    }
+}
+
 // ---- the maps, on the host ------------------------------------------------------------------------
 
 extern "C" int lowrank_map_shards(const adapter *ad) { return !strcmp(ad->spec.method, "mos") ? ad->spec.shards : 1; }
@@ -432,12 +570,46 @@ extern "C" void dropout_apply_cuda(cuda_ctx *ctx, bf16 *xd, const bf16 *x, int64
     CUDA_LAUNCH_CHECK();
 }
 
-extern "C" int lowrank_dropout_da_fits(int n, int r) { return n >= 1 && n <= 3 && r % 16 == 0 && n * r <= DA_NR; }
+extern "C" int lowrank_dropout_fused_fits(int n, int r) { return n >= 1 && n <= 3 && r % 16 == 0 && n * r <= DA_NR; }
+
+extern "C" void lowrank_dropout_h_cuda(cuda_ctx *ctx, bf16 *h, int64_t ldh, const bf16 *x, int64_t ldx, const bf16 *A, int n,
+                                       int r, int64_t T, int d_in, const uint64_t *keys, uint32_t thr, float keep,
+                                       uint32_t *const *bits, float *part, size_t part_floats) {
+    MOSFT_ASSERT(lowrank_dropout_fused_fits(n, r) && d_in % 4 == 0 && ldh % 2 == 0 && (!bits || d_in % 32 == 0));
+    if (T == 0) return;
+    int64_t NR = (int64_t)n * r;
+    da_masks mk;
+    memset(&mk, 0, sizeof mk);
+    for (int i = 0; i < n; i++) mk.key[i] = keys[i];
+    uint32_t *b[3] = {NULL, NULL, NULL};
+    for (int i = 0; bits && i < n; i++) b[i] = bits[i];
+    int vec = ldx % 8 == 0 && d_in % 8 == 0 && (uintptr_t)x % 16 == 0 && (uintptr_t)A % 16 == 0;
+    // splits of d_in: about two blocks per multiprocessor, within the partials' room
+    int rows = ceil_div_i(T, DH_T), n_chunks = ceil_div_i(d_in, DH_K), sms = 0, dev = 0;
+    CUDA_CHECK(cudaGetDevice(&dev));
+    CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    int splits = ceil_div_i(2 * sms, rows);
+    if (splits > n_chunks) splits = n_chunks;
+    if (splits > 16) splits = 16;
+    while (splits > 1 && (!part || (size_t)splits * (size_t)(T * NR) > part_floats)) splits--;
+    static int attr_set = 0;
+    if (!attr_set) {  // above the 48 KiB default
+        CUDA_CHECK(cudaFuncSetAttribute(lowrank_dropout_h_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        (int)dh_smem_bytes()));
+        attr_set = 1;
+    }
+    dim3 grid((unsigned)rows, (unsigned)splits);
+    lowrank_dropout_h_kernel<<<grid, 128, dh_smem_bytes(), ctx->stream>>>(splits > 1 ? part : NULL, h, ldh, x, ldx, A, n, r, T,
+                                                                         d_in, mk, b[0], b[1], b[2], thr, keep, n_chunks,
+                                                                         splits, vec);
+    CUDA_LAUNCH_CHECK();
+    if (splits > 1) splitk_sum_cuda(ctx, part, splits, T, NR, h, ldh, GEMM_BF16);
+}
 
 extern "C" void lowrank_dropout_da_cuda(cuda_ctx *ctx, float *gA, const bf16 *gh, int64_t ldgh, const bf16 *x, int64_t ldx,
                                         int n, int r, int64_t T, int d_in, const uint64_t *keys, uint32_t thr, float keep,
                                         const uint32_t *const *bits, float *part, size_t part_floats) {
-    MOSFT_ASSERT(lowrank_dropout_da_fits(n, r) && d_in % 4 == 0 && (!bits || d_in % 32 == 0));
+    MOSFT_ASSERT(lowrank_dropout_fused_fits(n, r) && d_in % 4 == 0 && (!bits || d_in % 32 == 0));
     int64_t NR = (int64_t)n * r;
     if (T == 0) {
         CUDA_CHECK(cudaMemsetAsync(gA, 0, sizeof(float) * (size_t)(NR * d_in), ctx->stream));

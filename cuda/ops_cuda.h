@@ -239,12 +239,20 @@ int64_t dropout_mask_words(int64_t T, int d_in);
 // gh bf16 (row stride ldgh, the modules' r columns side by side), x bf16 (row stride ldx); mask_i from
 // keys[i] as dropout_apply_cuda, or from bits[i] (the bits dropout_apply_cuda kept; needs d_in % 32 == 0)
 // when bits (a host array of n device pointers) is not NULL. Splits T over fp32 partials in `part`
-// (part_floats of room; NULL: no split), summed in a fixed order. lowrank_dropout_da_fits(n, r): the
-// kernel's shapes (r % 16 == 0, n r <= 96).
-int lowrank_dropout_da_fits(int n, int r);
+// (part_floats of room; NULL: no split), summed in a fixed order. lowrank_dropout_fused_fits(n, r): the
+// shapes of this kernel and the next (r % 16 == 0, n r <= 96).
+int lowrank_dropout_fused_fits(int n, int r);
 void lowrank_dropout_da_cuda(cuda_ctx *ctx, float *gA, const bf16 *gh, int64_t ldgh, const bf16 *x, int64_t ldx, int n,
                              int r, int64_t T, int d_in, const uint64_t *keys, uint32_t thr, float keep,
                              const uint32_t *const *bits, float *part, size_t part_floats);
+// With dropout, the adapter inputs h of a group of n modules sharing one input, in one pass over x:
+//   h[t][i r + j] (bf16, row stride ldh) = bf16(sum_c bf16(x[t][c] * mask_i[t][c]) * A_i[j][c])
+// A [n r][d_in] bf16 (A_i = rows [i r, i r + r)), masks from keys as dropout_apply_cuda; bits (NULL: none;
+// d_in % 32 == 0) receives each module's mask as dropout_apply_cuda would keep it. Splits d_in over fp32
+// partials in `part` (part_floats of room; NULL: no split), summed in a fixed order.
+void lowrank_dropout_h_cuda(cuda_ctx *ctx, bf16 *h, int64_t ldh, const bf16 *x, int64_t ldx, const bf16 *A, int n, int r,
+                            int64_t T, int d_in, const uint64_t *keys, uint32_t thr, float keep, uint32_t *const *bits,
+                            float *part, size_t part_floats);
 // With dropout, the input gradient of a group of n (<= 3) modules sharing one input:
 //   gx[T][d_in] (+=, fp32 or bf16 by gx_f32, row stride ldgx) += sum_i mask_i * (gh_i A_i)
 // gh_i = columns [i r, i r + r) of gh (bf16, row stride ldgh), A_i = rows [i r, i r + r) of A [n r][d_in]

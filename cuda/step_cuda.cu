@@ -428,9 +428,22 @@ static void adapter_h(backend *be, const dims *d, int l, int g, bf16 *x, int64_t
         ad_gemm(c, &m, 0, 1, d->T, ag->R, ag->d_in, 1.0f, x, ldx, ag->A[l], ag->d_in, h, ldx, GEMM_BF16);
         return;
     }
-    for (int i = 0; i < ag->n; i++) {  // a mask per module
+    if (lowrank_dropout_fused_fits(ag->n, r)) {  // every module's masked product in one pass over x
+        uint64_t keys[3];
+        uint32_t *bits[3];
+        drop_spec ds;
+        for (int i = 0; i < ag->n; i++) {
+            ds = drop_of(be, dc, l, ag->mod[i]);
+            keys[i] = ds.key;
+            bits[i] = mask_bits(c, l, g, i);
+        }
+        lowrank_dropout_h_cuda(m.ctx, h, ldx, x, ldx, ag->A[l], ag->n, r, d->T, ag->d_in, keys, ds.thr, ds.keep,
+                               c->dbits && ag->d_in % 32 == 0 ? bits : NULL, m.part, c->ad_part_floats);
+        return;
+    }
+    for (int i = 0; i < ag->n; i++) {  // other shapes: a masked copy and a GEMM per module
         drop_spec ds = drop_of(be, dc, l, ag->mod[i]);
-        dropout_apply_cuda(m.ctx, m.xd, x, ldx, d->T, ag->d_in, ds.key, ds.thr, ds.keep, mask_bits(c, l, g, i));
+        dropout_apply_cuda(m.ctx, m.xd, x, ldx, d->T, ag->d_in, ds.key, ds.thr, ds.keep, NULL);
         ad_gemm(c, &m, 0, 1, d->T, r, ag->d_in, 1.0f, m.xd, ag->d_in, ag->A[l] + (int64_t)i * r * ag->d_in, ag->d_in,
                 h + i * r, ldx, GEMM_BF16);
     }
@@ -482,7 +495,7 @@ static int64_t adapter_grads(backend *be, const dims *d, int l, int g, const bf1
         side_end(c, g);
         return dout + R;
     }
-    if (lowrank_dropout_da_fits(ag->n, r)) {  // every module's masked dL/dA in one pass over x
+    if (lowrank_dropout_fused_fits(ag->n, r)) {  // every module's masked dL/dA in one pass over x
         uint64_t keys[3];
         const uint32_t *bits[3];
         drop_spec ds;
