@@ -91,76 +91,106 @@ __global__ void dropout_apply_kernel(bf16 *xd, const bf16 *__restrict__ x, int64
 
 // With dropout, a group's input gradient gx += sum_i mask_i * (gh_i A_i) in one pass over gx (instead
 // of a GEMM into an fp32 scratch and a masked add per module). Block: 64 rows x 128 columns of gx, 8
-// warps in 2 (rows) x 4 (columns), each warp 32 x 32 (2 x 4 mma tiles, cuda/mma.cuh). The rank is walked
-// in chunks of 32 through shared memory (zeros past r); each module's product accumulates in registers
-// on the tensor cores (bf16 in, fp32 sums: the same inputs as the fp32 twin, which rounds nothing
-// before the sum either), is masked there and added to the block's sum, which is added to gx at the end.
+// warps in 2 (rows) x 4 (columns), each warp 32 x 32 (2 x 4 mma tiles, cuda/mma.cuh). The rank of each
+// module is walked in chunks of 32 (zeros past r) that stream through two shared-memory stages
+// (cp.async), and the block's gx tile is fetched into shared memory at the start, so that its read
+// overlaps the products instead of following them. Each module's product accumulates in registers on
+// the tensor cores (bf16 in, fp32 sums: the same inputs as the fp32 twin), is masked there and added to
+// the block's sum, which is added to gx at the end.
 // The mask: Philox block j covers columns c4 .. c4+3 (c4 = 4j mod d_in) of one row; a thread holds two
 // of them in each of its rows g and g+8, so the two lanes of a pair (t even, t odd) evaluate one block
 // each (row g, row g+8) and swap halves with a shuffle: one evaluation per four elements, as keep4.
 #define DX_ROWS 64
 #define DX_COLS 128
 #define DX_KC 32
+#define DX_GS (DX_ROWS * (DX_KC + 8))  // bf16 per gh stage
+#define DX_AS (DX_KC * (DX_COLS + 8))  // bf16 per A stage
 typedef struct {
     uint64_t key[3];
 } dx_keys;
 
-__global__ void __launch_bounds__(256) lowrank_dropout_dx_kernel(void *gx, int gx_f32, int64_t ldgx, const bf16 *__restrict__ gh,
+static size_t dx_smem_bytes(int gx_f32) {
+    return 2 * sizeof(bf16) * (DX_GS + DX_AS) + (size_t)DX_ROWS * (DX_COLS * (gx_f32 ? 4 : 2) + 16);
+}
+
+// vec: gh and A allow 16-byte copies (r, ldgh, d_in multiples of 8, aligned bases); gvec: gx does.
+__global__ void __launch_bounds__(256, 2) lowrank_dropout_dx_kernel(void *gx, int gx_f32, int64_t ldgx, const bf16 *__restrict__ gh,
                                                                  int64_t ldgh, const bf16 *__restrict__ A, int n, int r,
                                                                  int64_t T, int d_in, dx_keys keys, uint32_t thr, float keep,
-                                                                 int vec) {
-    __shared__ __align__(16) bf16 Gs[DX_ROWS][DX_KC + 8];  // gh chunk [rows][k]
-    __shared__ __align__(16) bf16 As[DX_KC][DX_COLS + 8];  // A chunk [k][columns]
+                                                                 int vec, int gvec) {
+    extern __shared__ __align__(16) unsigned char dx_smem[];
+    bf16 *Gs = (bf16 *)dx_smem, *As = Gs + 2 * DX_GS;  // [2][64][40], [2][32][136]
+    unsigned char *Xs = (unsigned char *)(As + 2 * DX_AS);  // the gx tile: [64][128 * es + 16] bytes
+    const int es = gx_f32 ? 4 : 2, xrow = DX_COLS * es + 16;
     const bf16 zero = __float2bfloat16_rn(0.0f);
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3, odd = tq & 1;
     int wr = (warp >> 2) * 32, wc = (warp & 3) * 32;
     int64_t r0 = (int64_t)blockIdx.y * DX_ROWS;
     int c0 = blockIdx.x * DX_COLS;
-    float out[2][4][4] = {};
-    for (int i = 0; i < n; i++) {
-        uint64_t key = i == 0 ? keys.key[0] : i == 1 ? keys.key[1] : keys.key[2];  // no local copy of keys
-        float acc[2][4][4] = {};
-        for (int k0 = 0; k0 < r; k0 += DX_KC) {
-            int kc = r - k0 < DX_KC ? r - k0 : DX_KC;
-            {  // gh: 64 rows x 32 k, one vector of 8 per thread
-                int row = threadIdx.x >> 2, kq = (threadIdx.x & 3) * 8;
-                int64_t t = r0 + row;
-                bf16 *dst = &Gs[row][kq];
-                const bf16 *src = gh + t * ldgh + (int64_t)i * r + k0 + kq;
-                if (vec && t < T && kq + 8 <= kc)
-                    *(uint4 *)dst = *(const uint4 *)src;
-                else
-                    for (int e = 0; e < 8; e++) dst[e] = t < T && kq + e < kc ? src[e] : zero;
-            }
-            for (int v = threadIdx.x; v < DX_KC * DX_COLS / 8; v += blockDim.x) {  // A: 32 k x 128 columns
-                int kk = v / (DX_COLS / 8), cq = (v % (DX_COLS / 8)) * 8;
-                bf16 *dst = &As[kk][cq];
-                const bf16 *src = A + ((int64_t)i * r + k0 + kk) * d_in + c0 + cq;
-                if (vec && kk < kc && c0 + cq + 8 <= d_in)
-                    *(uint4 *)dst = *(const uint4 *)src;
-                else
-                    for (int e = 0; e < 8; e++) dst[e] = kk < kc && c0 + cq + e < d_in ? src[e] : zero;
-            }
-            __syncthreads();
-            for (int kk = 0; kk < kc; kk += 16) {
-                uint32_t a[2][4], b[2][4];
+    if (gvec) {  // the gx tile, first: 16-byte pieces (4 fp32 or 8 bf16, never straddling d_in)
+        const int per_row = DX_COLS * es / 16;
+        for (int v = threadIdx.x; v < DX_ROWS * per_row; v += blockDim.x) {
+            int row = v / per_row, cb = (v % per_row) * 16;
+            int64_t t = r0 + row;
+            bool ok = t < T && c0 + cb / es < d_in;
+            cp_async16(Xs + row * xrow + cb, ok ? (const unsigned char *)gx + (t * ldgx + c0) * es + cb : (const unsigned char *)gx,
+                       ok);
+        }
+        cp_commit();
+    }
+    const int nk = (r + DX_KC - 1) / DX_KC, nq = n * nk;
+    auto load = [&](int q) {  // chunk q: module q / nk, ranks k0 .. k0 + 31
+        int i = q / nk, k0 = (q % nk) * DX_KC, kc = r - k0 < DX_KC ? r - k0 : DX_KC;
+        bf16 *gs = Gs + (q & 1) * DX_GS, *as = As + (q & 1) * DX_AS;
+        {  // gh: 64 rows x 32 ranks, one piece of 8 per thread
+            int row = threadIdx.x >> 2, kq = (threadIdx.x & 3) * 8;
+            int64_t t = r0 + row;
+            bf16 *dst = gs + row * (DX_KC + 8) + kq;
+            const bf16 *src = gh + t * ldgh + (int64_t)i * r + k0 + kq;
+            if (vec)
+                cp_async16(dst, t < T && kq < kc ? src : gh, t < T && kq < kc);
+            else
+                for (int e = 0; e < 8; e++) dst[e] = t < T && kq + e < kc ? src[e] : zero;
+        }
+        for (int v = threadIdx.x; v < DX_KC * DX_COLS / 8; v += blockDim.x) {  // A: 32 ranks x 128 columns
+            int kk = v / (DX_COLS / 8), cq = (v % (DX_COLS / 8)) * 8;
+            bf16 *dst = as + kk * (DX_COLS + 8) + cq;
+            const bf16 *src = A + ((int64_t)i * r + k0 + kk) * d_in + c0 + cq;
+            bool ok = kk < kc && c0 + cq < d_in;
+            if (vec)
+                cp_async16(dst, ok ? src : A, ok);
+            else
+                for (int e = 0; e < 8; e++) dst[e] = kk < kc && c0 + cq + e < d_in ? src[e] : zero;
+        }
+        cp_commit();
+    };
+    float out[2][4][4] = {}, acc[2][4][4] = {};
+    load(0);
+    for (int q = 0; q < nq; q++) {
+        stage_next(load, q, nq);
+        __syncthreads();
+        int i = q / nk, kc = r - (q % nk) * DX_KC < DX_KC ? r - (q % nk) * DX_KC : DX_KC;
+        const bf16 *gs = Gs + (q & 1) * DX_GS, *as = As + (q & 1) * DX_AS;
+        for (int kk = 0; kk < kc; kk += 16) {
+            uint32_t a[2][4], b[2][4];
 #pragma unroll
-                for (int mt = 0; mt < 2; mt++) ldsm4(a[mt], &Gs[wr + mt * 16 + (lane & 15)][kk + (lane >> 4) * 8]);
+            for (int mt = 0; mt < 2; mt++) ldsm4(a[mt], gs + (wr + mt * 16 + (lane & 15)) * (DX_KC + 8) + kk + (lane >> 4) * 8);
+#pragma unroll
+            for (int np = 0; np < 2; np++) {
+                int m = lane >> 3;
+                ldsm4t(b[np], as + (kk + (m & 1) * 8 + (lane & 7)) * (DX_COLS + 8) + wc + np * 16 + (m >> 1) * 8);
+            }
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++)
 #pragma unroll
                 for (int np = 0; np < 2; np++) {
-                    int m = lane >> 3;
-                    ldsm4t(b[np], &As[kk + (m & 1) * 8 + (lane & 7)][wc + np * 16 + (m >> 1) * 8]);
+                    mma16816(acc[mt][2 * np], a[mt], b[np][0], b[np][1]);
+                    mma16816(acc[mt][2 * np + 1], a[mt], b[np][2], b[np][3]);
                 }
-#pragma unroll
-                for (int mt = 0; mt < 2; mt++)
-#pragma unroll
-                    for (int np = 0; np < 2; np++) {
-                        mma16816(acc[mt][2 * np], a[mt], b[np][0], b[np][1]);
-                        mma16816(acc[mt][2 * np + 1], a[mt], b[np][2], b[np][3]);
-                    }
-            }
-            __syncthreads();
         }
+        __syncthreads();  // the stage is free for chunk q + 2
+        if (q % nk != nk - 1) continue;
+        uint64_t key = i == 0 ? keys.key[0] : i == 1 ? keys.key[1] : keys.key[2];  // no local copy of keys
 #pragma unroll
         for (int mt = 0; mt < 2; mt++)
 #pragma unroll
@@ -173,27 +203,35 @@ __global__ void __launch_bounds__(256) lowrank_dropout_dx_kernel(void *gx, int g
                 uint32_t x1 = __shfl_xor_sync(0xffffffffu, odd ? o[1] : o[3], 1);
                 uint32_t u[4] = {odd ? x0 : o[0], odd ? x1 : o[1], odd ? o[2] : x0, odd ? o[3] : x1};
 #pragma unroll
-                for (int e = 0; e < 4; e++) out[mt][nt][e] += acc[mt][nt][e] * (u[e] >= thr ? keep : 0.0f);
+                for (int e = 0; e < 4; e++) {
+                    out[mt][nt][e] += acc[mt][nt][e] * (u[e] >= thr ? keep : 0.0f);
+                    acc[mt][nt][e] = 0.0f;
+                }
             }
+    }
+    if (gvec) {
+        cp_wait<0>();
+        __syncthreads();
     }
 #pragma unroll
     for (int mt = 0; mt < 2; mt++)
 #pragma unroll
         for (int nt = 0; nt < 4; nt++) {
-            int c = c0 + wc + nt * 8 + 2 * tq;  // columns c, c + 1 (d_in % 4 == 0: both or neither)
+            int cl = wc + nt * 8 + 2 * tq, c = c0 + cl;  // columns c, c + 1 (d_in % 4 == 0: both or neither)
             if (c >= d_in) continue;
 #pragma unroll
             for (int hl = 0; hl < 2; hl++) {
-                int64_t t = r0 + wr + mt * 16 + g + 8 * hl;
+                int rl = wr + mt * 16 + g + 8 * hl;
+                int64_t t = r0 + rl;
                 if (t >= T) continue;
                 float a0 = out[mt][nt][2 * hl], a1 = out[mt][nt][2 * hl + 1];
                 if (gx_f32) {
                     float2 *p = (float2 *)((float *)gx + t * ldgx + c);
-                    float2 v = *p;
+                    float2 v = gvec ? *(const float2 *)(Xs + rl * xrow + cl * 4) : *p;
                     *p = make_float2(v.x + a0, v.y + a1);
                 } else {
                     __nv_bfloat162 *p = (__nv_bfloat162 *)((bf16 *)gx + t * ldgx + c);
-                    float2 v = __bfloat1622float2(*p);
+                    float2 v = __bfloat1622float2(gvec ? *(const __nv_bfloat162 *)(Xs + rl * xrow + cl * 2) : *p);
                     *p = __floats2bfloat162_rn(v.x + a0, v.y + a1);
                 }
             }
@@ -652,10 +690,18 @@ extern "C" void lowrank_dropout_dx_cuda(cuda_ctx *ctx, void *gx, int gx_f32, int
     dx_keys k;
     memset(&k, 0, sizeof k);
     for (int i = 0; i < n; i++) k.key[i] = keys[i];
-    // 16-byte loads when every row and module offset of gh and A keeps them aligned
+    // 16-byte copies where every row and module offset keeps them aligned
     int vec = r % 8 == 0 && ldgh % 8 == 0 && d_in % 8 == 0 && (uintptr_t)gh % 16 == 0 && (uintptr_t)A % 16 == 0;
+    int gvec = (uintptr_t)gx % 16 == 0 && (gx_f32 || (ldgx % 8 == 0 && d_in % 8 == 0));
+    size_t smem = dx_smem_bytes(gx_f32);
+    static int attr_set = 0;
+    if (!attr_set) {  // above the 48 KiB default (fp32 tile: 60 KiB)
+        CUDA_CHECK(cudaFuncSetAttribute(lowrank_dropout_dx_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        (int)dx_smem_bytes(1)));
+        attr_set = 1;
+    }
     dim3 grid((unsigned)ceil_div_i(d_in, DX_COLS), (unsigned)ceil_div_i(T, DX_ROWS));
-    lowrank_dropout_dx_kernel<<<grid, 256, 0, ctx->stream>>>(gx, gx_f32, ldgx, gh, ldgh, A, n, r, T, d_in, k, thr, keep,
-                                                             vec);
+    lowrank_dropout_dx_kernel<<<grid, 256, smem, ctx->stream>>>(gx, gx_f32, ldgx, gh, ldgh, A, n, r, T, d_in, k, thr, keep,
+                                                                vec, gvec);
     CUDA_LAUNCH_CHECK();
 }

@@ -47,18 +47,6 @@ __device__ __forceinline__ void frag_b(uint32_t *b, const bf16 *X, int k0, int d
     ldsm4t(b, X + (k0 + (i & 1) * 8 + (L & 7)) * (D + 8) + d0 + (i >> 1) * 8);
 }
 
-// Two-stage pipeline step over tiles 0 .. n-1: start the copy of tile j + 1 (load(j + 1) commits one
-// group), then wait until tile j's group has landed (all groups on the last tile).
-template <typename L>
-__device__ __forceinline__ void stage_next(L &load, int j, int n) {
-    if (j + 1 < n) {
-        load(j + 1);
-        cp_wait<1>();
-    } else {
-        cp_wait<0>();
-    }
-}
-
 // Rows [r0, r0 + n) of a matrix with row stride ld into shared [n][D + 8], zeros past row S; all threads
 // take part. One commit group is the caller's business.
 template <int D>

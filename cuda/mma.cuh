@@ -60,4 +60,16 @@ __device__ __forceinline__ void cp_wait() {
 }
 #endif
 
+// Two-stage pipeline step over tiles 0 .. n-1: start the copy of tile j + 1 (load(j + 1) commits one
+// group), then wait until tile j's group has landed (all groups on the last tile).
+template <typename L>
+__device__ __forceinline__ void stage_next(L &load, int j, int n) {
+    if (j + 1 < n) {
+        load(j + 1);
+        cp_wait<1>();
+    } else {
+        cp_wait<0>();
+    }
+}
+
 #endif
