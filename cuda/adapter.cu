@@ -302,12 +302,7 @@ __global__ void __launch_bounds__(128) lowrank_dropout_da_kernel(float *out, int
     float acc[6][2][4] = {};
     if (q0 < q1) load(q0);
     for (int q = q0; q < q1; q++) {
-        if (q + 1 < q1) {
-            load(q + 1);
-            cp_wait<1>();
-        } else {
-            cp_wait<0>();
-        }
+        stage_next(load, q, q1);
         __syncthreads();
         int st = (q - q0) & 1;
         const bf16 *gs = Gs + st * DA_T * DA_GLD, *xs = Xs + st * DA_T * DA_XLD;
@@ -443,12 +438,7 @@ __global__ void __launch_bounds__(128) lowrank_dropout_h_kernel(float *part, bf1
     float acc[12][4] = {};
     if (q0 < q1) load(q0);
     for (int q = q0; q < q1; q++) {
-        if (q + 1 < q1) {
-            load(q + 1);
-            cp_wait<1>();
-        } else {
-            cp_wait<0>();
-        }
+        stage_next(load, q, q1);
         __syncthreads();
         int st = (q - q0) & 1;
         const bf16 *xs = Xs + st * DH_T * DH_LD, *as = As + st * DA_NR * DH_LD;
