@@ -1,8 +1,9 @@
 // bench.c: `mosft bench` (see bench.h). The step timed is the training loop's: forward and backward
 // of one micro-batch, the global gradient norm, AdamW; the wall time between the starts of
 // consecutive steps (each step synchronizes on its loss and norm), median over the timed steps.
-// MFU counts the model FLOPs as the training progress line does (core/train.c): 4 x (linear + lm_head
-// parameters) + attention scores both ways per token, recomputation not counted.
+// MFU counts the model FLOPs as the training progress line does (core/train.c): 4 x the linear
+// parameters + attention scores both ways per token, 4 x the lm_head parameters per supervised token
+// (lm_head + CE run on those rows alone), recomputation not counted.
 #include "core/bench.h"
 
 #include <math.h>
@@ -59,10 +60,11 @@ int bench_model_config(const char *name, llama_config *c) {
     return llama_config_load(c, name);
 }
 
-static double flops_per_token(const llama_config *c, double S) {
-    double n = (double)llama_linear_param_count(c) + (double)c->vocab * c->hidden;
+// sup: the share of tokens with a loss; lm_head + CE runs on those rows alone.
+static double flops_per_token(const llama_config *c, double S, double sup) {
+    double lin = (double)llama_linear_param_count(c), head = (double)c->vocab * c->hidden;
     double att = 2.0 * 2.0 * (double)c->n_layers * (double)c->n_heads * c->head_dim * S;
-    return 4.0 * n + 2.0 * att;
+    return 4.0 * lin + 4.0 * head * sup + 2.0 * att;
 }
 
 static int cmp_double(const void *a, const void *b) {
@@ -78,6 +80,8 @@ int bench_run(const bench_args *a) {
                                  a->model);
     if (a->batch < 1 || a->seq < 2 || a->steps < 1 || a->warmup < 0)
         return mosft_fail(MOSFT_ERR_INPUT, "bench: expected --batch >= 1, --seq >= 2, --steps >= 1, --warmup >= 0");
+    if (!(a->supervised > 0.0 && a->supervised <= 1.0))
+        return mosft_fail(MOSFT_ERR_INPUT, "--supervised: expected a share in (0, 1], got %g", a->supervised);
     if (!(a->dropout >= 0.0 && a->dropout < 1.0))
         return mosft_fail(MOSFT_ERR_INPUT, "--dropout: expected a probability in [0, 1), got %g", a->dropout);
     adapter_spec s;
@@ -128,14 +132,17 @@ int bench_run(const bench_args *a) {
     size_t T = (size_t)B * S;
     mem_plan plan;
     be->ops->memory_plan(be, B, S, &plan);
-    int32_t *ids = xmalloc(sizeof(int32_t) * T), *mask = xmalloc(sizeof(int32_t) * T);
+    int32_t *ids = xmalloc(sizeof(int32_t) * T), *labels = xmalloc(sizeof(int32_t) * T), *mask = xmalloc(sizeof(int32_t) * T);
     rng_state r;
     rng_seed(&r, a->seed + 1);
+    int prompt = S - (int)lround(a->supervised * S);  // each sequence: a prompt (no loss), then its answer
     for (size_t i = 0; i < T; i++) {
         ids[i] = (int32_t)rng_next_below(&r, (uint64_t)cfg.vocab);
+        labels[i] = (int)(i % (size_t)S) < prompt ? -100 : ids[i];
         mask[i] = 1;
     }
-    micro_batch mb = {B, S, ids, ids, mask};
+    micro_batch mb = {B, S, ids, labels, mask};
+    int64_t n_sup = 0;  // rows with a loss (targets are labels shifted by one)
     int n = a->warmup + a->steps;
     double *t = xmalloc(sizeof(double) * (size_t)(n + 1)), loss = 0;
     for (int i = 0; i < n && !rc; i++) {
@@ -145,7 +152,8 @@ int bench_run(const bench_args *a) {
         dropout_ctx dc = {a->seed, i, 0};
         rc = be->ops->forward_backward(be, &mb, 1.0f / (float)(T - B), &dc, &ls, &cnt);
         if (rc) break;
-        loss = ls / (double)cnt;
+        loss = cnt ? ls / (double)cnt : 0.0;
+        n_sup = cnt;
         double norm = be->ops->grad_norm(be);
         be->ops->optimizer_step(be, 1e-5f, norm > 1.0 ? (float)(1.0 / norm) : 1.0f, i + 1);
     }
@@ -156,26 +164,28 @@ int bench_run(const bench_args *a) {
         for (int i = 0; i < a->steps; i++) dt[i] = t[a->warmup + i + 1] - t[a->warmup + i];
         qsort(dt, (size_t)a->steps, sizeof(double), cmp_double);
         double med = dt[a->steps / 2], tps = (double)T / med;
-        double mfu = be->flops_peak > 0 ? tps * flops_per_token(&cfg, S) / be->flops_peak : 0;
+        double fpt = flops_per_token(&cfg, S, (double)n_sup / (double)T);
+        double mfu = be->flops_peak > 0 ? tps * fpt / be->flops_peak : 0;
         double used = be->ops->memory_used ? be->ops->memory_used(be) : 0;
         char mem[32], pl[32];
         mosft_fmt_bytes(mem, sizeof mem, used);
         mosft_fmt_bytes(pl, sizeof pl, plan.total);
-        printf("bench %s %s base=%s recompute=%s dropout=%g %dx%d: %.1f ms/step | %.0f tok/s | MFU %.1f%% | GPU memory %s (plan %s) | "
+        printf("bench %s %s base=%s recompute=%s dropout=%g supervised=%g %dx%d: %.1f ms/step | %.0f tok/s | MFU %.1f%% | GPU memory %s (plan %s) | "
                "loss %.3f | %s\n",
-               a->model, a->adapter, a->quantization, a->recompute, a->dropout, B, S, med * 1e3, tps, 100 * mfu, mem, pl, loss,
+               a->model, a->adapter, a->quantization, a->recompute, a->dropout, a->supervised, B, S, med * 1e3, tps, 100 * mfu, mem, pl, loss,
                be->device_name);
         printf("{\"bench\": \"mosft\", \"model\": \"%s\", \"adapter\": \"%s\", \"quantization\": \"%s\", \"recompute\": \"%s\", "
-               "\"dropout\": %g, \"batch\": %d, \"seq\": %d, \"ms_per_step\": %.2f, \"ms_min\": %.2f, \"tokens_per_s\": %.1f, \"mfu\": %.4f, "
+               "\"dropout\": %g, \"supervised\": %g, \"batch\": %d, \"seq\": %d, \"ms_per_step\": %.2f, \"ms_min\": %.2f, \"tokens_per_s\": %.1f, \"mfu\": %.4f, "
                "\"gpu_memory_bytes\": %.0f, \"plan_bytes\": %.0f, \"adapter_params\": %zu, \"setup_s\": %.1f, "
                "\"device\": \"%s\"}\n",
-               a->model, a->adapter, a->quantization, a->recompute, a->dropout, B, S, med * 1e3, dt[0] * 1e3, tps, mfu, used,
+               a->model, a->adapter, a->quantization, a->recompute, a->dropout, a->supervised, B, S, med * 1e3, dt[0] * 1e3, tps, mfu, used,
                plan.total, ad->n_params, t_load, be->device_name);
         fflush(stdout);
         free(dt);
     }
     free(t);
     free(ids);
+    free(labels);
     free(mask);
     backend_destroy(be);
     adapter_free(ad);

@@ -20,6 +20,7 @@ typedef struct {
     int steps, warmup;         // timed steps (median reported) after warm-up steps
     uint64_t seed;
     double dropout;            // the adapter's input dropout, in [0, 1)
+    double supervised;         // share of each sequence with a loss (its end), in (0, 1]
 } bench_args;
 
 // The HF config of a known model name; MOSFT_ERR_INPUT listing the names otherwise.

@@ -205,12 +205,14 @@ static int run_eval(backend *be, train_data *data, int max_batches, double *loss
 }
 
 // Model FLOPs per token of one training step (frozen base: forward + input-gradient backward = 4N,
-// attention scores both ways), for MFU. Recomputation is not counted (it is overhead).
+// attention scores both ways), for MFU, without lm_head: lm_head + CE runs on the supervised tokens
+// alone (head_flops_per_supervised). Recomputation is not counted (it is overhead).
 static double flops_per_token(const llama_config *c, double S) {
-    double n = (double)llama_linear_param_count(c) + (double)c->vocab * c->hidden;
+    double n = (double)llama_linear_param_count(c);
     double att = 2.0 * 2.0 * (double)c->n_layers * (double)c->n_heads * c->head_dim * S;  // QK^T and PV, causal ~ /2 *2
     return 4.0 * n + 2.0 * att;
 }
+static double head_flops_per_supervised(const llama_config *c) { return 4.0 * (double)c->vocab * c->hidden; }
 
 // ---- the loop ------------------------------------------------------------------------------------------
 
@@ -323,8 +325,8 @@ int train_run(mosft_config *cfg, const train_args *args) {
     int n_micro = accum;
     mb_copy *step_mbs = xcalloc((size_t)n_micro, sizeof(mb_copy));
     double t_run0 = mosft_now() - meta.elapsed_s, t_log = mosft_now(), t_proc0 = mosft_now();
-    int64_t tok_log = 0, start_step = meta.step, steps_here = 0;
-    double fpt = flops_per_token(&mc, cfg->data.max_seq_len);
+    int64_t tok_log = 0, sup_log = 0, start_step = meta.step, steps_here = 0;
+    double fpt = flops_per_token(&mc, cfg->data.max_seq_len), fph = head_flops_per_supervised(&mc);
     be->ops->zero_grad(be);
     if (!resume_ckpt && cfg->train.eval_every > 0 && data->n_eval(data) > 0) {  // the starting point
         double el_loss;
@@ -394,6 +396,7 @@ int train_run(mosft_config *cfg, const train_args *args) {
         meta.tokens_seen += ntok;
         meta.elapsed_s = mosft_now() - t_run0;
         tok_log += ntok;
+        sup_log += nsup;
         steps_here++;
         fprintf(metrics,
                 "{\"step\": %lld, \"loss\": %.6f, \"grad_norm\": %.6f, \"lr\": %.6e, \"tokens\": %lld, "
@@ -421,7 +424,7 @@ int train_run(mosft_config *cfg, const train_args *args) {
             else snprintf(tk, sizeof tk, "%.0f", tps);
             char mfu[32] = "";
             if (be->flops_peak > 0) {
-                double pct = 100.0 * tps * fpt / be->flops_peak;
+                double pct = span > 0 ? 100.0 * ((double)tok_log * fpt + (double)sup_log * fph) / span / be->flops_peak : 0;
                 if (pct < 0.1) snprintf(mfu, sizeof mfu, " | MFU <0.1%%");  // tiny models: not "0.0%"
                 else snprintf(mfu, sizeof mfu, " | MFU %4.1f%%", pct);
             }
@@ -429,6 +432,7 @@ int train_run(mosft_config *cfg, const train_args *args) {
                     (long long)meta.step, cfg->train.steps, loss, norm, lr, dt * 1000.0, tk, mfu, mem, el, eta);
             t_log = now;
             tok_log = 0;
+            sup_log = 0;
         }
         if (cfg->train.eval_every > 0 && (meta.step % cfg->train.eval_every == 0 || last) && data->n_eval(data) > 0) {
             double el_loss;

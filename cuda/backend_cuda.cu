@@ -303,6 +303,7 @@ static void cuda_destroy(backend *be) {
         free(c->h_grad);
         free(c->dense_off);
         free(c->h_targets);
+        free(c->h_ce_list);
         cuda_ctx_free(c->ctx);
         free(c);
     }

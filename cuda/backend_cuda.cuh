@@ -157,6 +157,7 @@ typedef struct {
     int64_t ce_rows;
     float *row_loss;               // [T]
     int32_t *ids, *targets, *mask; // [T]
+    int32_t *ce_list;              // [T] the rows that go through lm_head + CE (supervised ones), ascending
     float *cs;                     // [S_cap][D/2][2] rope table
     // NF4 base: the groups' weights are dequantized one group ahead on a second stream (group_weight)
     int wpipe;                     // the pipeline is on (MOSFT_WEIGHT_PREFETCH=0 turns it off)
@@ -186,6 +187,7 @@ typedef struct {
     float *sd_gA, *sd_gB, *sd_part;  // the side's ad_gA, ad_gB, ad_part
     void *red;                     // reduction partials
     int32_t *h_targets;            // host [T_cap]
+    int32_t *h_ce_list;            // host [T_cap]
 } cuda_impl;
 
 static inline void prof_mark(cuda_impl *c, int cat) {

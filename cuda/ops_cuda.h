@@ -179,14 +179,17 @@ void flash_attention_backward_cuda(cuda_ctx *ctx, bf16 *gqkv, int64_t ldg, float
 // ---- lm_head + cross-entropy (cuda/loss.cu) ----
 // Rows per chunk so that the chunk's logits (fp32) and dlogits (bf16) take at most `budget` bytes.
 int64_t lmhead_ce_chunk_rows(size_t budget, int V);
-size_t lmhead_ce_scratch_bytes(int64_t chunk_rows, int V);
+size_t lmhead_ce_scratch_bytes(int64_t chunk_rows, int C, int V);
 // Chunked lm_head + causal-LM cross-entropy (lmhead_ce_forward_backward_cpu): for each chunk of rows,
 // logits = h W^T (fp32), per-row loss, and with gh: dlogits = scale * (softmax - onehot) (bf16) and
 // gh[rows] = dlogits W (fp32, overwritten). targets[T] already shifted (-100 = ignored: loss 0, no
-// gradient). row_loss[T] (fp32) receives each row's loss. logits_host (host, [T][V], NULL normally)
-// receives every row's logits (synchronizes).
+// gradient). row_loss[T] (fp32) receives each row's loss. rows[n_rows] (device, ascending; NULL: all
+// T rows) lists the rows to compute, normally the supervised ones: the others get loss 0 and a zero
+// gh row without a GEMM. logits_host (host, [T][V], NULL normally; only with rows == NULL) receives
+// every row's logits (synchronizes).
 void lmhead_ce_cuda(cuda_ctx *ctx, const bf16 *h, const bf16 *W, const int32_t *targets, int64_t T, int C, int V,
-                    float scale, float *gh, float *row_loss, float *logits_host, void *scratch, int64_t chunk_rows);
+                    float scale, float *gh, float *row_loss, float *logits_host, void *scratch, int64_t chunk_rows,
+                    const int32_t *rows, int64_t n_rows);
 
 // ---- optimizer and reductions (cuda/optim.cu) ----
 // AdamW (adamw_update_cpu bit for bit) on param[n] with grad*grad_scale; moments m, v in place.

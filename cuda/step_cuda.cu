@@ -172,12 +172,13 @@ void cuda_acts_layout(backend *be, cuda_arena *ar, int B, int S, mem_plan *plan)
     if (c->ce_rows > T) c->ce_rows = T;
     // the flash backward keeps the dS tiles of at least one sequence (it shares the lm_head's scratch)
     size_t att = flash_attention_supported(d.D) ? flash_attention_scratch_bytes(1, S, d.Hq) : attention_scratch_bytes(bc, S, d.Hq);
-    size_t ce = lmhead_ce_scratch_bytes(c->ce_rows, d.V);
+    size_t ce = lmhead_ce_scratch_bytes(c->ce_rows, d.C, d.V);
     c->big_bytes = att > ce ? att : ce;
     c->big = take(ar, c->big_bytes, plan, CAT_WORK);
     c->row_loss = F32(T);
     c->ids = (int32_t *)take(ar, (size_t)T * 4, plan, CAT_WORK);
     c->targets = (int32_t *)take(ar, (size_t)T * 4, plan, CAT_WORK);
+    c->ce_list = (int32_t *)take(ar, (size_t)T * 4, plan, CAT_WORK);
     c->mask = (int32_t *)take(ar, (size_t)T * 4, plan, CAT_WORK);
     c->cs = F32((int64_t)S * d.D);
     if (c->model.nf4) {  // the largest group with its adapter blocks: [d_out + Rp][d_in + Rp]
@@ -711,7 +712,9 @@ static int ensure_acts(backend *be, int B, int S) {
     free(inv);
     free(invd);
     free(c->h_targets);
+    free(c->h_ce_list);
     c->h_targets = (int32_t *)xmalloc(sizeof(int32_t) * (size_t)Bn * Sn);
+    c->h_ce_list = (int32_t *)xmalloc(sizeof(int32_t) * (size_t)Bn * Sn);
     return MOSFT_OK;
 }
 
@@ -749,9 +752,14 @@ int cuda_step_run(backend *be, const micro_batch *mb, float loss_scale, const dr
         for (int t = 0; t < mb->S; t++) {
             int64_t i = (int64_t)b * mb->S + t;
             c->h_targets[i] = t + 1 < mb->S ? mb->labels[i + 1] : OPS_IGNORE_INDEX;
-            cnt += c->h_targets[i] != OPS_IGNORE_INDEX;
+            if (c->h_targets[i] != OPS_IGNORE_INDEX) c->h_ce_list[cnt++] = (int32_t)i;
         }
     size_t nb = sizeof(int32_t) * (size_t)d.T;
+    // lm_head + CE computes the supervised rows alone (prompt and padding rows have no loss), unless
+    // every row's logits are wanted
+    if (!logits_host && cnt)
+        CUDA_CHECK(cudaMemcpyAsync(c->ce_list, c->h_ce_list, sizeof(int32_t) * (size_t)cnt, cudaMemcpyHostToDevice,
+                                   ctx->stream));
     CUDA_CHECK(cudaMemcpyAsync(c->ids, mb->input_ids, nb, cudaMemcpyHostToDevice, ctx->stream));
     CUDA_CHECK(cudaMemcpyAsync(c->targets, c->h_targets, nb, cudaMemcpyHostToDevice, ctx->stream));
     CUDA_CHECK(cudaMemcpyAsync(c->mask, mb->attn_mask, nb, cudaMemcpyHostToDevice, ctx->stream));
@@ -772,7 +780,7 @@ int cuda_step_run(backend *be, const micro_batch *mb, float loss_scale, const dr
     float *gxf = backward ? c->gh : NULL;
     prof_mark(c, PROF_LOSS);
     lmhead_ce_cuda(ctx, c->xf, c->model.lm_head, c->targets, d.T, d.C, d.V, loss_scale, gxf, c->row_loss, logits_host,
-                   c->big, c->ce_rows);
+                   c->big, c->ce_rows, logits_host ? NULL : c->ce_list, cnt);
     *n_tokens = cnt;
     if (!backward) {
         *loss_sum = sum_f32_cuda(ctx, c->row_loss, d.T, c->red);

@@ -57,6 +57,9 @@ if want benchall; then
   for m in llama2-7b llama3.2-3b; do for r in none full; do  # the paper's configs train with dropout 0.1
     run "bench_${m}_mos_${r}_dropout" 240 "${B[@]}" --model $m --adapter mos --recompute $r --dropout 0.1
   done; done
+  for m in llama2-7b llama3.2-3b; do for f in 0.6 0.03; do  # chat data: a loss on the answer alone
+    run "bench_${m}_mos_none_sup$f" 240 "${B[@]}" --model $m --adapter mos --recompute none --supervised $f
+  done; done
 fi
 if want probes; then  # the standalone timing probes (docs/CUDA.md)
   run probe_flash 120 build/tests/gpu/bench_flash 20

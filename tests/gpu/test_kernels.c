@@ -553,9 +553,9 @@ START_TEST(test_lmhead_ce) {
     int32_t *dtg = dev_up(tg, sizeof(int32_t) * (size_t)T);
     float *dgh = dev_alloc(4 * (size_t)(T * C)), *drl = dev_alloc(4 * (size_t)T);
     int64_t rows = 16;  // several chunks, the last partial
-    void *scratch = dev_alloc(lmhead_ce_scratch_bytes(rows, V));
+    void *scratch = dev_alloc(lmhead_ce_scratch_bytes(rows, C, V));
     float *glg = xmalloc(sizeof(float) * (size_t)(T * V));
-    lmhead_ce_cuda(ctx, dh, dW, dtg, T, C, V, scale, dgh, drl, glg, scratch, rows);
+    lmhead_ce_cuda(ctx, dh, dW, dtg, T, C, V, scale, dgh, drl, glg, scratch, rows, NULL, 0);
     float *rl = down_f32(drl, (size_t)T), *ggh = down_f32(dgh, (size_t)T * C);
     double gl = 0;
     for (int64_t t = 0; t < T; t++) gl += rl[t];
@@ -565,6 +565,35 @@ START_TEST(test_lmhead_ce) {
         close_enough("lm_head logits (f32)", glg, lg, (size_t)(T * V), 1e-5 * max_abs(lg, (size_t)(T * V)), 1e-5));
     ck_assert(close_enough("lm_head CE dh", ggh, gh, (size_t)(T * C), 2e-2 * max_abs(gh, (size_t)(T * C)), 1.0 / 64));
     ck_assert(rel_l2(ggh, gh, (size_t)(T * C)) < 1e-2);
+    // The training path: only the supervised rows (gathered, then their dh scattered back); the other
+    // rows of row_loss and gh must come out zero although both start as garbage (NaN bytes).
+    int32_t *list = xmalloc(sizeof(int32_t) * (size_t)T);
+    int64_t n = 0;
+    for (int64_t t = 0; t < T; t++)
+        if (tg[t] != OPS_IGNORE_INDEX) list[n++] = (int32_t)t;
+    ck_assert_int_eq(n, cnt);
+    int32_t *dlist = dev_up(list, sizeof(int32_t) * (size_t)n);
+    memset(gh, 0, sizeof(float) * (size_t)(T * C));
+    double loss2 = lmhead_ce_forward_backward_cpu(h, W, tg, T, C, V, scale, gh, NULL, NULL);
+    CK_CUDA(cudaMemset(dgh, 0xff, 4 * (size_t)(T * C)));
+    CK_CUDA(cudaMemset(drl, 0xff, 4 * (size_t)T));
+    lmhead_ce_cuda(ctx, dh, dW, dtg, T, C, V, scale, dgh, drl, NULL, scratch, rows, dlist, n);
+    free(rl), free(ggh);
+    rl = down_f32(drl, (size_t)T), ggh = down_f32(dgh, (size_t)T * C);
+    gl = 0;
+    for (int64_t t = 0; t < T; t++) {
+        gl += rl[t];
+        if (tg[t] == OPS_IGNORE_INDEX) {
+            ck_assert_msg(rl[t] == 0.0f, "row %lld left out: loss %g", (long long)t, rl[t]);
+            for (int i = 0; i < C; i++) ck_assert_msg(ggh[t * C + i] == 0.0f, "row %lld left out: dh %g", (long long)t, ggh[t * C + i]);
+        }
+    }
+    fprintf(stderr, "lm_head CE loss, supervised rows only: GPU %.9g, CPU %.9g\n", gl, loss2);
+    ck_assert_msg(fabs(gl - loss2) <= 1e-5 * fabs(loss2), "loss %.9g vs %.9g", gl, loss2);
+    ck_assert(close_enough("lm_head CE dh (rows)", ggh, gh, (size_t)(T * C), 2e-2 * max_abs(gh, (size_t)(T * C)), 1.0 / 64));
+    ck_assert(rel_l2(ggh, gh, (size_t)(T * C)) < 1e-2);
+    free(list);
+    cudaFree(dlist);
     free(h), free(W), free(tg), free(gh), free(lg), free(glg), free(rl), free(ggh);
     cudaFree(dh), cudaFree(dW), cudaFree(dtg), cudaFree(dgh), cudaFree(drl), cudaFree(scratch);
     cuda_ctx_free(ctx);
