@@ -34,6 +34,7 @@ static inline const char *cuda_hint(cudaError_t e) {
     } while (0)
 
 #define GEMM_CACHE_MAX 512
+#define GEMM_TUNE_CANDIDATES 8
 
 typedef struct {
     int ta, tb, cd, batch, same_cd;
@@ -43,7 +44,10 @@ typedef struct {
     int32_t sms;  // the multiprocessor target (0: all)
     cublasLtMatmulDesc_t desc;
     cublasLtMatrixLayout_t la, lb, lc;
-    cublasLtMatmulAlgo_t algo;
+    cublasLtMatmulAlgo_t algo;    // the one that runs: cands[0], or the fastest bit-identical one once tuned
+    cublasLtMatmulAlgo_t cands[GEMM_TUNE_CANDIDATES];  // the heuristic's candidates, its first choice first
+    int n_cands;
+    int tuned;                    // chosen by measurement (or found not worth it): see gemm_tune in context.cu
 } gemm_plan;
 
 struct cuda_ctx {

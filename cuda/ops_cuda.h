@@ -176,6 +176,15 @@ void flash_attention_backward_cuda(cuda_ctx *ctx, bf16 *gqkv, int64_t ldg, float
                                    const bf16 *v, const int32_t *mask, const float *cs, int B, int S, int Hq, int Hkv,
                                    int D, void *scratch, int bc);
 
+// ---- GEMM algorithm choice (cuda/context.cu) ----
+// Products of at least `flop` (2 M N K; default 5e10) choose their cuBLASLt algorithm by measurement
+// the first time they run (see gemm_tune); tests lower it to reach small shapes.
+void gemm_tune_set_min_flop(double flop);
+// An order-independent 64-bit hash of rows x wpr 32-bit words with row stride ldw (words): the CUDA
+// kernel (part: 256 words of device scratch; synchronizes) and its CPU twin give the same value.
+uint64_t bits_hash_cuda(cuda_ctx *ctx, const uint32_t *d, int64_t rows, int64_t wpr, int64_t ldw, uint64_t *part);
+uint64_t bits_hash_cpu(const uint32_t *d, int64_t rows, int64_t wpr, int64_t ldw);
+
 // ---- lm_head + cross-entropy (cuda/loss.cu) ----
 // Rows per chunk so that the chunk's logits (fp32) and dlogits (bf16) take at most `budget` bytes.
 int64_t lmhead_ce_chunk_rows(size_t budget, int V);

@@ -270,6 +270,75 @@ START_TEST(test_gemm) {
 }
 END_TEST
 
+// The algorithm choice by measurement: the bit hash against its CPU twin, then products tuned (every
+// size tunes here) against the same products on the heuristic's first choice: identical bits, and
+// within tolerance of the CPU product. On the GPU cuBLASLt offers several candidates for these shapes.
+START_TEST(test_gemm_tune) {
+    rng_state r;
+    rng_seed(&r, 212);
+    int64_t rows = 37, wpr = 53, ldw = 61;
+    uint32_t *w = xmalloc(sizeof(uint32_t) * (size_t)(rows * ldw));
+    for (int64_t i = 0; i < rows * ldw; i++) w[i] = (uint32_t)rng_next(&r);
+    cuda_ctx *ctx = ctx_new();
+    uint32_t *dw = dev_up(w, sizeof(uint32_t) * (size_t)(rows * ldw));
+    uint64_t *part = dev_alloc(sizeof(uint64_t) * 256);
+    uint64_t hc = bits_hash_cpu(w, rows, wpr, ldw), hg = bits_hash_cuda(ctx, dw, rows, wpr, ldw, part);
+    ck_assert_msg(hc == hg, "bits hash: GPU %016llx, CPU %016llx", (unsigned long long)hg, (unsigned long long)hc);
+    w[5 * ldw + 7] ^= 1u << 13;  // one bit inside the rows: another hash; one in the row padding: the same
+    w[3 * ldw + wpr + 2] ^= 1u;
+    CK_CUDA(cudaMemcpy(dw, w, sizeof(uint32_t) * (size_t)(rows * ldw), cudaMemcpyHostToDevice));
+    uint64_t hc2 = bits_hash_cpu(w, rows, wpr, ldw), hg2 = bits_hash_cuda(ctx, dw, rows, wpr, ldw, part);
+    ck_assert(hc2 == hg2 && hc2 != hc);
+    w[5 * ldw + 7] ^= 1u << 13;
+    ck_assert(bits_hash_cpu(w, rows, wpr, ldw) == hc);
+    cudaFree(dw), cudaFree(part), free(w);
+    int64_t M = 512, N = 384, K = 320;
+    for (int out32 = 0; out32 < 2; out32++)
+        for (int acc = 0; acc < 2; acc++) {
+            int64_t ldd = N + 8;
+            float *A = rnd_bf16(&r, (size_t)(M * K), 1.0f), *B = rnd_bf16(&r, (size_t)(N * K), 1.0f);
+            float *C0 = rnd_bf16(&r, (size_t)(M * ldd), 1.0f);
+            size_t es = out32 ? 4 : 2;
+            void *dA = dev_bf16(A, (size_t)(M * K)), *dB = dev_bf16(B, (size_t)(N * K));
+            void *dC = out32 ? dev_up(C0, 4 * (size_t)(M * ldd)) : dev_bf16(C0, (size_t)(M * ldd));
+            void *d0 = dev_alloc(es * (size_t)(M * ldd)), *d1 = dev_alloc(es * (size_t)(M * ldd));
+            CK_CUDA(cudaMemset(d0, 0, es * (size_t)(M * ldd)));
+            CK_CUDA(cudaMemset(d1, 0, es * (size_t)(M * ldd)));
+            cuda_ctx *c0 = ctx_new(), *c1 = ctx_new();
+            gemm_tune_set_min_flop(1e300);  // c0: the heuristic's first choice
+            gemm_cuda(c0, 0, 1, M, N, K, 0.5f, dA, K, dB, K, acc ? 1.0f : 0.0f, acc ? dC : NULL, d0, ldd,
+                      out32 ? GEMM_F32 : GEMM_BF16);
+            gemm_tune_set_min_flop(0);  // c1: chosen by measurement
+            gemm_cuda(c1, 0, 1, M, N, K, 0.5f, dA, K, dB, K, acc ? 1.0f : 0.0f, acc ? dC : NULL, d1, ldd,
+                      out32 ? GEMM_F32 : GEMM_BF16);
+            gemm_tune_set_min_flop(5e10);
+            CK_CUDA(cudaDeviceSynchronize());
+            uint8_t *h0 = xmalloc(es * (size_t)(M * ldd)), *h1 = xmalloc(es * (size_t)(M * ldd));
+            dev_down(h0, d0, es * (size_t)(M * ldd));
+            dev_down(h1, d1, es * (size_t)(M * ldd));
+            ck_assert_msg(!memcmp(h0, h1, es * (size_t)(M * ldd)), "tuned product %s%s differs from the first choice's",
+                          out32 ? "f32" : "bf16", acc ? " +C" : "");
+            float *ref = xcalloc((size_t)(M * N), sizeof(float)), *got = xmalloc(sizeof(float) * (size_t)(M * N));
+            gemm_cpu(0, 1, M, N, K, A, K, B, K, ref, N, 0);
+            float *g = out32 ? down_f32(d1, (size_t)(M * ldd)) : down_bf16(d1, (size_t)(M * ldd));
+            for (int64_t i = 0; i < M; i++)
+                for (int64_t j = 0; j < N; j++) {
+                    ref[i * N + j] = 0.5f * ref[i * N + j] + (acc ? C0[i * ldd + j] : 0.0f);
+                    got[i * N + j] = g[i * ldd + j];
+                }
+            char what[64];
+            snprintf(what, sizeof what, "gemm tuned %s%s", out32 ? "f32" : "bf16", acc ? " +C" : "");
+            double mx = max_abs(ref, (size_t)(M * N));
+            ck_assert(out32 ? close_enough(what, got, ref, (size_t)(M * N), 1e-5 * mx, 1e-5)
+                            : close_enough(what, got, ref, (size_t)(M * N), 1e-3 * mx, RT));
+            free(A), free(B), free(C0), free(h0), free(h1), free(ref), free(got), free(g);
+            cudaFree(dA), cudaFree(dB), cudaFree(dC), cudaFree(d0), cudaFree(d1);
+            cuda_ctx_free(c0), cuda_ctx_free(c1);
+        }
+    cuda_ctx_free(ctx);
+}
+END_TEST
+
 // ---- norms, activations, embedding -----------------------------------------------------------------
 
 START_TEST(test_rmsnorm) {
@@ -969,6 +1038,7 @@ static Suite *kernels_suite(void) {
     tcase_add_test(tc, test_nf4_random);
     tcase_add_test(tc, test_nf4_oracles);
     tcase_add_test(tc, test_gemm);
+    tcase_add_test(tc, test_gemm_tune);
     tcase_add_test(tc, test_rmsnorm);
     tcase_add_test(tc, test_swiglu_embedding);
     tcase_add_test(tc, test_rope);
