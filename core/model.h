@@ -24,6 +24,7 @@ typedef struct {
     int head_dim;         // head_dim (default hidden / n_heads)
     int vocab;            // vocab_size
     int max_pos;          // max_position_embeddings
+    int sliding_window;   // model_type "mistral": its sliding_window (0: null, or llama)
     double rms_eps;       // rms_norm_eps
     double rope_theta;    // rope_theta (default 10000)
     int tie_embeddings;   // tie_word_embeddings
@@ -38,6 +39,10 @@ typedef struct {
 
 // Parse an HF config.json (a file, or a folder holding one). Errors name the file and the key.
 int llama_config_load(llama_config *c, const char *path);
+// Whether sequences of max_seq_len tokens suit the model (cfg_path names the training config): a
+// Mistral sliding window shorter than max_seq_len is MOSFT_ERR_INPUT (mosft's attention is full causal);
+// max_seq_len beyond max_position_embeddings is a warning (positions the model was not trained on).
+int llama_check_seq_len(const llama_config *c, int max_seq_len, const char *cfg_path);
 // Input and output width of an adapted linear type (MOD_Q ... MOD_DOWN).
 void llama_module_dims(const llama_config *c, int module, int *d_in, int *d_out);
 // Frozen parameters of the whole model (embedding, all linears, norms, lm_head when untied).

@@ -80,6 +80,15 @@ int llama_config_load(llama_config *c, const char *path_in) {
     if ((rc = get_int(root, path, "num_key_value_heads", 0, c->n_heads, &c->n_kv_heads))) goto done;
     if ((rc = get_int(root, path, "vocab_size", 1, 0, &c->vocab))) goto done;
     if ((rc = get_int(root, path, "max_position_embeddings", 0, 4096, &c->max_pos))) goto done;
+    c->sliding_window = 0;
+    if (!strcmp(c->model_type, "mistral")) {  // Mistral 7B v0.1 attends within 4096 tokens; v0.2+ write null
+        const cJSON *sw = cJSON_GetObjectItemCaseSensitive(root, "sliding_window");
+        if (sw && !cJSON_IsNull(sw) && (!cJSON_IsNumber(sw) || sw->valuedouble < 1)) {
+            rc = mosft_fail(MOSFT_ERR_INPUT, "%s: sliding_window: expected a positive integer or null", path);
+            goto done;
+        }
+        if (cJSON_IsNumber(sw)) c->sliding_window = sw->valuedouble > 1e9 ? 1000000000 : (int)sw->valuedouble;
+    }
     if (c->hidden % c->n_heads != 0 && !cJSON_GetObjectItemCaseSensitive(root, "head_dim")) {
         rc = mosft_fail(MOSFT_ERR_INPUT, "%s: hidden_size (%d) must be a multiple of num_attention_heads (%d)", path,
                         c->hidden, c->n_heads);
@@ -209,4 +218,17 @@ void llama_rope_inv_freq(const llama_config *c, double *inv) {
             inv[i] = (1.0 - smooth) * inv[i] / c->rope_factor + smooth * inv[i];
         }
     }
+}
+
+int llama_check_seq_len(const llama_config *c, int max_seq_len, const char *cfg_path) {
+    if (c->sliding_window > 0 && max_seq_len > c->sliding_window)
+        return mosft_fail_hint(MOSFT_ERR_INPUT, "set data.max_seq_len to at most the window",
+                               "%s: data.max_seq_len: expected at most the model's sliding_window (%d tokens; mosft's "
+                               "attention is full causal), got %d",
+                               cfg_path, c->sliding_window, max_seq_len);
+    if (c->max_pos > 0 && max_seq_len > c->max_pos)
+        mosft_log("warning: %s: data.max_seq_len (%d) exceeds the model's max_position_embeddings (%d): positions "
+                  "beyond it were not pretrained\n",
+                  cfg_path, max_seq_len, c->max_pos);
+    return MOSFT_OK;
 }

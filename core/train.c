@@ -227,6 +227,7 @@ int train_run(mosft_config *cfg, const train_args *args) {
                           cfg->source_path[0] ? cfg->source_path : "config");
     llama_config mc;
     if ((rc = llama_config_load(&mc, cfg->model.path))) return rc;
+    if ((rc = llama_check_seq_len(&mc, cfg->data.max_seq_len, cfg->source_path[0] ? cfg->source_path : "config"))) return rc;
     adapter_spec spec;
     adapter_spec_from_config(&spec, cfg);
     if ((rc = adapter_spec_check(&spec, &mc))) return rc;
@@ -509,6 +510,7 @@ int train_eval(mosft_config *cfg, const eval_args *args) {
                           cfg->source_path[0] ? cfg->source_path : "config");
     llama_config mc;
     if ((rc = llama_config_load(&mc, cfg->model.path))) return rc;
+    if ((rc = llama_check_seq_len(&mc, cfg->data.max_seq_len, cfg->source_path[0] ? cfg->source_path : "config"))) return rc;
     train_data *data = NULL;
     int pad_id = 0;
     if ((rc = train_data_open(&data, cfg, &pad_id))) return rc;

@@ -165,6 +165,25 @@ START_TEST(test_bad_config) {
     ck_assert_int_eq(llama_config_load(&c, p), MOSFT_OK);
     ck_assert_int_eq(c.n_kv_heads, 8);  // absent: = num_attention_heads
     ck_assert_int_eq(c.head_dim, 8);
+    ck_assert_int_eq(c.sliding_window, 0);
+    ck_assert_int_eq(llama_check_seq_len(&c, 8192, "run.json"), MOSFT_OK);  // beyond max_pos: a warning
+    // Mistral: its sliding window bounds the sequence length (mosft's attention is full causal)
+    const char *mis = "\"model_type\": \"mistral\", \"intermediate_size\": 172, \"num_hidden_layers\": 5, "
+                      "\"num_attention_heads\": 8, \"vocab_size\": 512, \"hidden_size\": 64";
+    snprintf(buf, sizeof buf, "{%s, \"sliding_window\": \"4k\"}", mis);
+    expect_bad_config(dir, buf, "sliding_window");
+    snprintf(buf, sizeof buf, "{%s, \"sliding_window\": 256}", mis);
+    atomic_write_file(p, buf, strlen(buf));
+    ck_assert_int_eq(llama_config_load(&c, p), MOSFT_OK);
+    ck_assert_int_eq(c.sliding_window, 256);
+    ck_assert_int_eq(llama_check_seq_len(&c, 256, "run.json"), MOSFT_OK);
+    ck_assert_int_eq(llama_check_seq_len(&c, 512, "run.json"), MOSFT_ERR_INPUT);
+    ck_assert_msg(strstr(mosft_error(), "run.json: data.max_seq_len") && strstr(mosft_error(), "sliding_window (256"),
+                  "%s", mosft_error());
+    snprintf(buf, sizeof buf, "{%s, \"sliding_window\": null}", mis);  // Mistral v0.2+
+    atomic_write_file(p, buf, strlen(buf));
+    ck_assert_int_eq(llama_config_load(&c, p), MOSFT_OK);
+    ck_assert_int_eq(llama_check_seq_len(&c, 4096, "run.json"), MOSFT_OK);
     free(p);
     rm_rf(dir);
 }
