@@ -264,6 +264,10 @@ static void gemm_tune(cuda_ctx *ctx, gemm_plan *p, const float *alpha, const voi
     p->tuned = 1;
     int64_t wpr = p->N * (int64_t)es / 4, ldw = p->ldd * (int64_t)es / 4;
     if (p->n_cands < 2 || p->batch != 1 || (p->N * es) % 4 || (p->ldd * es) % 4 || (C == D && !p->beta_zero)) return;
+    static int said;
+    if (!said++)
+        mosft_log("timing cuBLASLt's algorithms for the step's matrix products, once (~8 s of the first step at 7B; "
+                  "MOSFT_GEMM_TUNE=0 skips it)\n");
     uint64_t *part;
     CUDA_CHECK(cudaMalloc((void **)&part, sizeof(uint64_t) * HASH_BLOCKS));
     cudaEvent_t e0, e1;
