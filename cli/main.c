@@ -23,7 +23,8 @@ static const char *k_usage =
     "  tokenize                 encode or decode text with a tokenizer.json (debugging aid)\n"
     "  bench                    measure training speed and memory on random weights\n"
     "  version                  print the version and the build (CPU-only or CUDA)\n"
-    "  help [TOPIC]             this text; `mosft help config` lists every config key\n"
+    "  help [TOPIC]             this text; `mosft help config` lists every config key, `mosft help env`\n"
+    "                           the environment variables\n"
     "\n"
     "Run `mosft <command> --help` for the options of one command.\n"
     "Exit codes: 0 ok, 1 runtime failure, 2 bad input (config, file, record, URL, argument).\n"
@@ -44,7 +45,31 @@ static int cmd_version(int argc, char **argv) {
     return 0;
 }
 
+static const char *k_env =
+    "Environment variables (all optional; for tuning, profiling and tests):\n"
+    "\n"
+    "  MOSFT_THREADS=N            CPU threads of the CPU backend's ops and of NF4 quantization at load\n"
+    "                             (default: all cores)\n"
+    "  MOSFT_GEMM_SSE=1           CPU backend: the SSE matrix micro-kernel even where AVX2 is there (testing)\n"
+    "  MOSFT_PROFILE=1            CUDA: time each phase of every micro-batch with events; the table comes\n"
+    "                             when the backend closes (costs a few ms a step)\n"
+    "  MOSFT_CUDA_PROFILE_STEP=N  CUDA: run micro-batch N between cudaProfilerStart/Stop, for\n"
+    "                             `ncu --profile-from-start off` (docs/CUDA.md)\n"
+    "  MOSFT_GEMM_TUNE=0|1|2      CUDA: choose each large product's cuBLASLt algorithm by timing its\n"
+    "                             bit-identical candidates once, in the first step (1, default; ~8 s at 7B),\n"
+    "                             keep the heuristic's first choice (0), or choose and print the choices (2)\n"
+    "  MOSFT_WEIGHT_PREFETCH=0    CUDA: dequantize each NF4 weight group on the main stream instead of one\n"
+    "                             group ahead on a second stream\n"
+    "  MOSFT_ADAPTER_OVERLAP=0    CUDA: the adapter's weight gradients on the main stream instead of a side\n"
+    "                             stream (bit-identical either way)\n"
+    "  MOSFT_ATTENTION=gemm       CUDA: batched-GEMM attention instead of the flash kernels\n"
+    "  MOSFT_TEST_KILL_AT=P:S     tests only: kill the process at checkpoint point P of step S\n";
+
 static int cmd_help(int argc, char **argv) {
+    if (argc >= 2 && !strcmp(argv[1], "env")) {
+        fputs(k_env, stdout);
+        return 0;
+    }
     if (argc >= 2 && !strcmp(argv[1], "config")) {
         char *doc = config_doc_markdown();
         printf("Config keys (JSON; override any with --set key=value):\n\n%s", doc);
@@ -52,7 +77,7 @@ static int cmd_help(int argc, char **argv) {
         return 0;
     }
     if (argc >= 2) {
-        fprintf(stderr, "error: help: unknown topic \"%s\"\nhint: `mosft help config` lists every config key; "
+        fprintf(stderr, "error: help: unknown topic \"%s\"\nhint: `mosft help config` lists every config key, `mosft help env` the environment variables; "
                         "`mosft <command> --help` explains one command\n", argv[1]);
         return 2;
     }
