@@ -62,6 +62,34 @@ __device__ __forceinline__ void keep4(uint64_t key, int64_t j, uint32_t thr, flo
     for (int i = 0; i < 4; i++) m[i] = o[i] >= thr ? keep : 0.0f;
 }
 
+// The keep bits of columns c .. c+31 of row t of a T x d_in mask stream (bit k: column c + k; 0 past
+// d_in), from the generator: one Philox block per four columns, as keep4. c % 4 == 0.
+__device__ __forceinline__ uint32_t keep_word(uint64_t key, int64_t t, int c, int d_in, uint32_t thr) {
+    uint32_t w = 0;
+    for (int b = 0; b < 8; b++) {
+        int cb = c + 4 * b;
+        if (cb >= d_in) break;
+        uint32_t o[4];
+        rng_philox4(key, (uint64_t)((t * d_in + cb) / 4), o);
+#pragma unroll
+        for (int k = 0; k < 4; k++) w |= (o[k] >= thr ? 1u : 0u) << (4 * b + k);
+    }
+    return w;
+}
+
+// 32 bf16 of shared memory, masked: dst[k] = bit k of w ? bf16(src[k] * keep) : 0 (16-byte pieces).
+__device__ __forceinline__ void mask_copy32(bf16 *dst, const bf16 *src, uint32_t w, float keep) {
+    const bf16 zero = __float2bfloat16_rn(0.0f);
+#pragma unroll
+    for (int e = 0; e < 32; e += 8) {
+        uint4 raw = *(const uint4 *)(src + e);
+        bf16 *v = (bf16 *)&raw;
+#pragma unroll
+        for (int k = 0; k < 8; k++) v[k] = (w >> (e + k)) & 1u ? __float2bfloat16_rn(__bfloat162float(v[k]) * keep) : zero;
+        *(uint4 *)(dst + e) = raw;
+    }
+}
+
 // The four elements of block j are bits 4 (j % 8) .. +3 of mask word j / 8: the eight lanes of a word
 // OR their nibbles together and the first writes it (every lane takes part in the shuffles).
 __global__ void dropout_apply_kernel(bf16 *xd, const bf16 *__restrict__ x, int64_t ldx, int64_t T, int d_in,
@@ -317,27 +345,10 @@ __global__ void __launch_bounds__(128) lowrank_dropout_da_kernel(float *out, int
                         w = bits[(t * d_in + c0 + cb) >> 5];
                     } else {
                         uint64_t key = i == 0 ? mk.key[0] : i == 1 ? mk.key[1] : mk.key[2];
-                        for (int b = 0; b < 8; b++) {
-                            int c = c0 + cb + 4 * b;
-                            if (c >= d_in) break;
-                            uint32_t o[4];
-                            rng_philox4(key, (uint64_t)((t * d_in + c) / 4), o);
-#pragma unroll
-                            for (int k = 0; k < 4; k++) w |= (o[k] >= thr ? 1u : 0u) << (4 * b + k);
-                        }
+                        w = keep_word(key, t, c0 + cb, d_in, thr);
                     }
                 }
-                const bf16 *xr = xs + row * DA_XLD + cb;
-                bf16 *dr = Ds + i * DA_T * DA_XLD + row * DA_XLD + cb;
-#pragma unroll
-                for (int e = 0; e < 32; e += 8) {
-                    uint4 raw = *(const uint4 *)(xr + e);
-                    bf16 *h = (bf16 *)&raw;
-#pragma unroll
-                    for (int k = 0; k < 8; k++)
-                        h[k] = (w >> (e + k)) & 1u ? __float2bfloat16_rn(__bfloat162float(h[k]) * keep) : zero;
-                    *(uint4 *)(dr + e) = raw;
-                }
+                mask_copy32(Ds + i * DA_T * DA_XLD + row * DA_XLD + cb, xs + row * DA_XLD + cb, w, keep);
             }
         }
         __syncthreads();
@@ -451,27 +462,10 @@ __global__ void __launch_bounds__(128) lowrank_dropout_h_kernel(float *part, bf1
                 uint32_t *bits = i == 0 ? bits0 : i == 1 ? bits1 : bits2;
                 uint32_t w = 0;  // keep bits of the 32 columns
                 if (t < T && kc < d_in) {
-                    for (int b = 0; b < 8; b++) {
-                        int c = kc + 4 * b;
-                        if (c >= d_in) break;
-                        uint32_t o[4];
-                        rng_philox4(key, (uint64_t)((t * d_in + c) / 4), o);
-#pragma unroll
-                        for (int k = 0; k < 4; k++) w |= (o[k] >= thr ? 1u : 0u) << (4 * b + k);
-                    }
+                    w = keep_word(key, t, kc, d_in, thr);
                     if (bits) bits[(t * d_in + kc) >> 5] = w;  // d_in % 32 == 0 (the host's condition)
                 }
-                const bf16 *xr = xs + row * DH_LD + cb;
-                bf16 *dr = Ds + i * DH_T * DH_LD + row * DH_LD + cb;
-#pragma unroll
-                for (int e = 0; e < 32; e += 8) {
-                    uint4 raw = *(const uint4 *)(xr + e);
-                    bf16 *hv = (bf16 *)&raw;
-#pragma unroll
-                    for (int k = 0; k < 8; k++)
-                        hv[k] = (w >> (e + k)) & 1u ? __float2bfloat16_rn(__bfloat162float(hv[k]) * keep) : zero;
-                    *(uint4 *)(dr + e) = raw;
-                }
+                mask_copy32(Ds + i * DH_T * DH_LD + row * DH_LD + cb, xs + row * DH_LD + cb, w, keep);
             }
         }
         __syncthreads();
