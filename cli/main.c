@@ -56,7 +56,7 @@ static const char *k_env =
     "  MOSFT_CUDA_PROFILE_STEP=N  CUDA: run micro-batch N between cudaProfilerStart/Stop, for\n"
     "                             `ncu --profile-from-start off` (docs/CUDA.md)\n"
     "  MOSFT_GEMM_TUNE=0|1|2      CUDA: choose each large product's cuBLASLt algorithm by timing its\n"
-    "                             bit-identical candidates once, in the first step (1, default; ~8 s at 7B),\n"
+    "                             bit-identical candidates once, in the second step (1, default; ~8 s at 7B),\n"
     "                             keep the heuristic's first choice (0), or choose and print the choices (2)\n"
     "  MOSFT_WEIGHT_PREFETCH=0    CUDA: dequantize each NF4 weight group on the main stream instead of one\n"
     "                             group ahead on a second stream\n"

@@ -183,9 +183,10 @@ static gemm_plan *plan_get(cuda_ctx *ctx, int ta, int tb, int64_t M, int64_t N, 
 // cuBLASLt's heuristic ranks its candidates by a model. In a training step the products run back to back
 // at the clocks the power limit allows, and there the ranking differs: tests/gpu/bench_gemm
 // (BENCH_GEMM_SUSTAINED=1, NF4-like operands) measured a 7B layer's 8 products at 9.79 ms with the first
-// choices and 9.38 ms with the fastest ones. So the first time a large product's plan runs, each
-// candidate runs warm for ~TUNE_HEAT_MS and is then timed back to back, on the step's own operands, and
-// the fastest is kept. Only candidates whose output is bit-identical to the first choice's (a hash of
+// choices and 9.38 ms with the fastest ones. So the second time a large product's plan runs (its shape
+// recurs: every step's products do, a one-off shape is not worth the time), each candidate runs warm
+// for ~TUNE_HEAT_MS and is then timed back to back, on the step's own operands, and the fastest is
+// kept. Only candidates whose output is bit-identical to the first choice's (a hash of
 // D's bits) are eligible, so results never depend on the timing: runs stay deterministic, and a run and
 // its resume may choose differently and still agree bit for bit. MOSFT_GEMM_TUNE=0 keeps the first
 // choices; MOSFT_GEMM_TUNE=2 prints each choice on stderr.
@@ -266,7 +267,7 @@ static void gemm_tune(cuda_ctx *ctx, gemm_plan *p, const float *alpha, const voi
     if (p->n_cands < 2 || p->batch != 1 || (p->N * es) % 4 || (p->ldd * es) % 4 || (C == D && !p->beta_zero)) return;
     static int said;
     if (!said++)
-        mosft_log("timing cuBLASLt's algorithms for the step's matrix products, once (~8 s of the first step at 7B; "
+        mosft_log("timing cuBLASLt's algorithms for the step's matrix products, once (~8 s of the second step at 7B; "
                   "MOSFT_GEMM_TUNE=0 skips it)\n");
     uint64_t *part;
     CUDA_CHECK(cudaMalloc((void **)&part, sizeof(uint64_t) * HASH_BLOCKS));
@@ -333,7 +334,7 @@ static void gemm_run(cuda_ctx *ctx, int ta, int tb, int64_t M, int64_t N, int64_
         if (s3 < align) align = s3;
     }
     gemm_plan *p = plan_get(ctx, ta, tb, M, N, K, lda, sa, ldb, sb, ldd, sd, cd, batch, align, beta == 0.0f);
-    if (!p->tuned) {
+    if (!p->tuned && ++p->uses >= 2) {
         if (tune_level() > 0 && 2.0 * M * N * K * batch >= g_tune_min_flop)
             gemm_tune(ctx, p, &alpha, A, B, &beta, C, D, es);
         p->tuned = 1;

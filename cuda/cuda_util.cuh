@@ -47,6 +47,7 @@ typedef struct {
     cublasLtMatmulAlgo_t algo;    // the one that runs: cands[0], or the fastest bit-identical one once tuned
     cublasLtMatmulAlgo_t cands[GEMM_TUNE_CANDIDATES];  // the heuristic's candidates, its first choice first
     int n_cands;
+    int uses;                     // runs so far (a plan is timed at its second run: it recurs)
     int tuned;                    // chosen by measurement (or found not worth it): see gemm_tune in context.cu
 } gemm_plan;
 

@@ -23,14 +23,16 @@ __device__ __forceinline__ void lse_merge(float &m, float &s, float m2, float s2
 }
 
 // One block per row of the chunk: row i of logits/dlogits is row r of the batch (rows[r0 + i], or
-// r0 + i without a row list), whose target and loss are targets[r] and row_loss[r].
+// r0 + i without a row list), whose target and loss are targets[r] and row_loss[r]. List entries from
+// n_rows on only pad the chunk: zero gradient, nothing written for their row.
 __global__ void ce_kernel(const float *__restrict__ logits, bf16 *dlogits, const int32_t *__restrict__ targets,
-                          const int32_t *__restrict__ rows, int64_t r0, int V, float scale, float *row_loss) {
+                          const int32_t *__restrict__ rows, int64_t r0, int64_t n_rows, int V, float scale,
+                          float *row_loss) {
     int64_t i = blockIdx.x, r = rows ? rows[r0 + i] : r0 + i;
-    int y = targets[r];
+    int y = r0 + i < n_rows ? targets[r] : CE_IGNORE;
     const float *l = logits + i * V;
-    if (y == CE_IGNORE) {  // only with every row (the logits were wanted): no loss, no gradient
-        if (threadIdx.x == 0) row_loss[r] = 0.0f;
+    if (y == CE_IGNORE) {  // a pad, or every row was asked for (the logits were wanted): no loss, no gradient
+        if (threadIdx.x == 0 && r0 + i < n_rows) row_loss[r] = 0.0f;
         if (dlogits)
             for (int j = threadIdx.x; j < V; j += blockDim.x) dlogits[i * V + j] = __float2bfloat16_rn(0.0f);
         return;
@@ -106,13 +108,13 @@ extern "C" size_t lmhead_ce_scratch_bytes(int64_t chunk_rows, int C, int V) {
 
 extern "C" void lmhead_ce_cuda(cuda_ctx *ctx, const bf16 *h, const bf16 *W, const int32_t *targets, int64_t T, int C, int V,
                                float scale, float *gh, float *row_loss, float *logits_host, void *scratch,
-                               int64_t chunk_rows, const int32_t *rows, int64_t n_rows) {
+                               int64_t chunk_rows, const int32_t *rows, int64_t n_rows, int64_t n_list) {
     char *p = (char *)scratch;
     float *lg = (float *)p;                                        // [chunk][V]
     bf16 *dl = (bf16 *)(p += cuda_align((size_t)chunk_rows * V * 4));  // [chunk][V]
     bf16 *hc = (bf16 *)(p += cuda_align((size_t)chunk_rows * V * 2));  // [chunk][C]
     float *ghc = (float *)(p + cuda_align((size_t)chunk_rows * C * 2));  // [chunk][C]
-    if (!rows) n_rows = T;
+    if (!rows) n_rows = n_list = T;
     if (rows && logits_host) {  // a programming error: every row's logits need every row
         fprintf(stderr, "lmhead_ce_cuda: logits_host needs rows == NULL\n");
         abort();
@@ -121,8 +123,8 @@ extern "C" void lmhead_ce_cuda(cuda_ctx *ctx, const bf16 *h, const bf16 *W, cons
         CUDA_CHECK(cudaMemsetAsync(row_loss, 0, sizeof(float) * (size_t)T, ctx->stream));
         if (gh) CUDA_CHECK(cudaMemsetAsync(gh, 0, sizeof(float) * (size_t)(T * C), ctx->stream));
     }
-    for (int64_t r0 = 0; r0 < n_rows; r0 += chunk_rows) {
-        int64_t n = n_rows - r0 < chunk_rows ? n_rows - r0 : chunk_rows;
+    for (int64_t r0 = 0; r0 < n_list; r0 += chunk_rows) {
+        int64_t n = n_list - r0 < chunk_rows ? n_list - r0 : chunk_rows;
         const bf16 *hx = h + r0 * C;  // [n][C]: the chunk's rows of h
         if (rows) {
             gather_rows_kernel<<<(unsigned)n, 128, 0, ctx->stream>>>(h, rows + r0, hc, C);
@@ -133,12 +135,14 @@ extern "C" void lmhead_ce_cuda(cuda_ctx *ctx, const bf16 *h, const bf16 *W, cons
         if (logits_host)
             CUDA_CHECK(cudaMemcpyAsync(logits_host + r0 * V, lg, sizeof(float) * (size_t)(n * V), cudaMemcpyDeviceToHost,
                                        ctx->stream));
-        ce_kernel<<<(unsigned)n, CE_THREADS, 0, ctx->stream>>>(lg, gh ? dl : NULL, targets, rows, r0, V, scale, row_loss);
+        ce_kernel<<<(unsigned)n, CE_THREADS, 0, ctx->stream>>>(lg, gh ? dl : NULL, targets, rows, r0, n_rows, V, scale,
+                                                               row_loss);
         CUDA_LAUNCH_CHECK();
         if (!gh) continue;
         gemm_cuda(ctx, 0, 0, n, C, V, 1.0f, dl, V, W, C, 0.0f, NULL, rows ? ghc : gh + r0 * C, C, GEMM_F32);
-        if (rows) {
-            scatter_rows_kernel<<<(unsigned)n, 128, 0, ctx->stream>>>(ghc, rows + r0, gh, C);
+        int64_t real = n_rows - r0 < n ? n_rows - r0 : n;  // the pads' dh (zero) stays out of gh
+        if (rows && real > 0) {
+            scatter_rows_kernel<<<(unsigned)real, 128, 0, ctx->stream>>>(ghc, rows + r0, gh, C);
             CUDA_LAUNCH_CHECK();
         }
     }

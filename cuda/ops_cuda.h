@@ -178,7 +178,7 @@ void flash_attention_backward_cuda(cuda_ctx *ctx, bf16 *gqkv, int64_t ldg, float
 
 // ---- GEMM algorithm choice (cuda/context.cu) ----
 // Products of at least `flop` (2 M N K; default 5e10) choose their cuBLASLt algorithm by measurement
-// the first time they run (see gemm_tune); tests lower it to reach small shapes.
+// the second time they run (see gemm_tune); tests lower it to reach small shapes.
 void gemm_tune_set_min_flop(double flop);
 // An order-independent 64-bit hash of rows x wpr 32-bit words with row stride ldw (words): the CUDA
 // kernel (part: 256 words of device scratch; synchronizes) and its CPU twin give the same value.
@@ -192,13 +192,15 @@ size_t lmhead_ce_scratch_bytes(int64_t chunk_rows, int C, int V);
 // Chunked lm_head + causal-LM cross-entropy (lmhead_ce_forward_backward_cpu): for each chunk of rows,
 // logits = h W^T (fp32), per-row loss, and with gh: dlogits = scale * (softmax - onehot) (bf16) and
 // gh[rows] = dlogits W (fp32, overwritten). targets[T] already shifted (-100 = ignored: loss 0, no
-// gradient). row_loss[T] (fp32) receives each row's loss. rows[n_rows] (device, ascending; NULL: all
-// T rows) lists the rows to compute, normally the supervised ones: the others get loss 0 and a zero
-// gh row without a GEMM. logits_host (host, [T][V], NULL normally; only with rows == NULL) receives
-// every row's logits (synchronizes).
+// gradient). row_loss[T] (fp32) receives each row's loss. rows[n_list] (device; NULL: all T rows)
+// lists the rows to compute, normally the supervised ones, in its first n_rows entries (ascending);
+// the entries after them (any valid row) only pad the list, so that the chunks' shapes recur from
+// batch to batch (see CE_ROW_QUANTUM in step_cuda.cu). Rows not listed get loss 0 and a zero gh row
+// without a GEMM. logits_host (host, [T][V], NULL normally; only with rows == NULL) receives every
+// row's logits (synchronizes).
 void lmhead_ce_cuda(cuda_ctx *ctx, const bf16 *h, const bf16 *W, const int32_t *targets, int64_t T, int C, int V,
                     float scale, float *gh, float *row_loss, float *logits_host, void *scratch, int64_t chunk_rows,
-                    const int32_t *rows, int64_t n_rows);
+                    const int32_t *rows, int64_t n_rows, int64_t n_list);
 
 // ---- optimizer and reductions (cuda/optim.cu) ----
 // AdamW (adamw_update_cpu bit for bit) on param[n] with grad*grad_scale; moments m, v in place.

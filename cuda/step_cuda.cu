@@ -30,6 +30,9 @@
 
 #define ATT_BUDGET ((size_t)512 << 20)  // attention scores of a chunk of sequences
 #define CE_BUDGET ((size_t)512 << 20)   // logits of a chunk of rows
+// The supervised rows' list is padded to a multiple of this: their number changes from batch to batch,
+// and a new lm_head shape every batch would mean a new GEMM plan (and a cache that churns) each time.
+#define CE_ROW_QUANTUM 128
 
 typedef struct {
     int64_t T;
@@ -757,8 +760,11 @@ int cuda_step_run(backend *be, const micro_batch *mb, float loss_scale, const dr
     size_t nb = sizeof(int32_t) * (size_t)d.T;
     // lm_head + CE computes the supervised rows alone (prompt and padding rows have no loss), unless
     // every row's logits are wanted
-    if (!logits_host && cnt)
-        CUDA_CHECK(cudaMemcpyAsync(c->ce_list, c->h_ce_list, sizeof(int32_t) * (size_t)cnt, cudaMemcpyHostToDevice,
+    int64_t n_list = cnt ? (cnt + CE_ROW_QUANTUM - 1) / CE_ROW_QUANTUM * CE_ROW_QUANTUM : 0;
+    if (n_list > d.T) n_list = d.T;
+    for (int64_t i = cnt; i < n_list; i++) c->h_ce_list[i] = c->h_ce_list[0];  // pads (they write nothing)
+    if (!logits_host && n_list)
+        CUDA_CHECK(cudaMemcpyAsync(c->ce_list, c->h_ce_list, sizeof(int32_t) * (size_t)n_list, cudaMemcpyHostToDevice,
                                    ctx->stream));
     CUDA_CHECK(cudaMemcpyAsync(c->ids, mb->input_ids, nb, cudaMemcpyHostToDevice, ctx->stream));
     CUDA_CHECK(cudaMemcpyAsync(c->targets, c->h_targets, nb, cudaMemcpyHostToDevice, ctx->stream));
@@ -780,7 +786,7 @@ int cuda_step_run(backend *be, const micro_batch *mb, float loss_scale, const dr
     float *gxf = backward ? c->gh : NULL;
     prof_mark(c, PROF_LOSS);
     lmhead_ce_cuda(ctx, c->xf, c->model.lm_head, c->targets, d.T, d.C, d.V, loss_scale, gxf, c->row_loss, logits_host,
-                   c->big, c->ce_rows, logits_host ? NULL : c->ce_list, cnt);
+                   c->big, c->ce_rows, logits_host ? NULL : c->ce_list, cnt, n_list);
     *n_tokens = cnt;
     if (!backward) {
         *loss_sum = sum_f32_cuda(ctx, c->row_loss, d.T, c->red);
