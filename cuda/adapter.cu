@@ -128,6 +128,8 @@ __global__ void dropout_apply_kernel(bf16 *xd, const bf16 *__restrict__ x, int64
 // The mask: Philox block j covers columns c4 .. c4+3 (c4 = 4j mod d_in) of one row; a thread holds two
 // of them in each of its rows g and g+8, so the two lanes of a pair (t even, t odd) evaluate one block
 // each (row g, row g+8) and swap halves with a shuffle: one evaluation per four elements, as keep4.
+// When the forward kept the module's mask as bits (recompute none), the lane reads them instead: the
+// warp's 32 columns of a row are one word.
 #define DX_ROWS 64
 #define DX_COLS 128
 #define DX_KC 32
@@ -135,6 +137,7 @@ __global__ void dropout_apply_kernel(bf16 *xd, const bf16 *__restrict__ x, int64
 #define DX_AS (DX_KC * (DX_COLS + 8))  // bf16 per A stage
 typedef struct {
     uint64_t key[3];
+    const uint32_t *bits[3];  // the masks the forward kept (1 bit an element, d_in % 32 == 0), or NULL
 } dx_keys;
 
 static size_t dx_smem_bytes(int gx_f32) {
@@ -218,6 +221,29 @@ __global__ void __launch_bounds__(256, 2) lowrank_dropout_dx_kernel(void *gx, in
         }
         __syncthreads();  // the stage is free for chunk q + 2
         if (q % nk != nk - 1) continue;
+        const uint32_t *bits = i == 0 ? keys.bits[0] : i == 1 ? keys.bits[1] : keys.bits[2];
+        if (bits) {
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++) {
+                uint32_t w[2];  // rows g, g + 8: the keep bits of the warp's 32 columns
+#pragma unroll
+                for (int hl = 0; hl < 2; hl++) {
+                    int64_t t = r0 + wr + mt * 16 + g + 8 * hl;
+                    w[hl] = t < T && c0 + wc < d_in ? bits[(t * d_in + c0 + wc) >> 5] : 0u;
+                }
+#pragma unroll
+                for (int nt = 0; nt < 4; nt++) {
+                    int sh = nt * 8 + 2 * tq;
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        uint32_t kb = (w[e >> 1] >> (sh + (e & 1))) & 1u;
+                        out[mt][nt][e] += acc[mt][nt][e] * (kb ? keep : 0.0f);
+                        acc[mt][nt][e] = 0.0f;
+                    }
+                }
+            }
+            continue;
+        }
         uint64_t key = i == 0 ? keys.key[0] : i == 1 ? keys.key[1] : keys.key[2];  // no local copy of keys
 #pragma unroll
         for (int mt = 0; mt < 2; mt++)
@@ -668,12 +694,15 @@ extern "C" void lowrank_dropout_da_cuda(cuda_ctx *ctx, float *gA, const bf16 *gh
 
 extern "C" void lowrank_dropout_dx_cuda(cuda_ctx *ctx, void *gx, int gx_f32, int64_t ldgx, const bf16 *gh, int64_t ldgh,
                                         const bf16 *A, int n, int r, int64_t T, int d_in, const uint64_t *keys,
-                                        uint32_t thr, float keep) {
+                                        uint32_t thr, float keep, const uint32_t *const *bits) {
     if (T == 0 || n == 0) return;
-    MOSFT_ASSERT(n >= 1 && n <= 3 && d_in % 4 == 0 && ldgx % 4 == 0);
+    MOSFT_ASSERT(n >= 1 && n <= 3 && d_in % 4 == 0 && ldgx % 4 == 0 && (!bits || d_in % 32 == 0));
     dx_keys k;
     memset(&k, 0, sizeof k);
-    for (int i = 0; i < n; i++) k.key[i] = keys[i];
+    for (int i = 0; i < n; i++) {
+        k.key[i] = keys[i];
+        k.bits[i] = bits ? bits[i] : NULL;
+    }
     // 16-byte copies where every row and module offset keeps them aligned
     int vec = r % 8 == 0 && ldgh % 8 == 0 && d_in % 8 == 0 && (uintptr_t)gh % 16 == 0 && (uintptr_t)A % 16 == 0;
     int gvec = (uintptr_t)gx % 16 == 0 && (gx_f32 || (ldgx % 8 == 0 && d_in % 8 == 0));

@@ -270,11 +270,12 @@ void lowrank_dropout_h_cuda(cuda_ctx *ctx, bf16 *h, int64_t ldh, const bf16 *x, 
 // With dropout, the input gradient of a group of n (<= 3) modules sharing one input:
 //   gx[T][d_in] (+=, fp32 or bf16 by gx_f32, row stride ldgx) += sum_i mask_i * (gh_i A_i)
 // gh_i = columns [i r, i r + r) of gh (bf16, row stride ldgh), A_i = rows [i r, i r + r) of A [n r][d_in]
-// (bf16), mask_i from keys[i] (host array) as dropout_apply_cuda. One pass over gx; the products on the
-// tensor cores (bf16 in, fp32 sums).
+// (bf16), mask_i from keys[i] (host array) as dropout_apply_cuda, or read from bits[i] (host array of
+// device pointers, NULL: none; d_in % 32 == 0) where the forward kept them. One pass over gx; the
+// products on the tensor cores (bf16 in, fp32 sums).
 void lowrank_dropout_dx_cuda(cuda_ctx *ctx, void *gx, int gx_f32, int64_t ldgx, const bf16 *gh, int64_t ldgh,
                              const bf16 *A, int n, int r, int64_t T, int d_in, const uint64_t *keys, uint32_t thr,
-                             float keep);
+                             float keep, const uint32_t *const *bits);
 
 // ---- device memory ----
 // A bump allocator over one cudaMalloc: every buffer of a phase comes from it, aligned to 256 bytes.

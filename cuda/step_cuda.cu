@@ -535,13 +535,17 @@ static void adapter_dx_dropout(backend *be, const dims *d, int l, int g, const b
     int di, dout;
     cuda_group_dims(&be->cfg, g, &di, &dout);
     uint64_t keys[3];
+    const uint32_t *bits[3];
     drop_spec ds;
     for (int i = 0; i < ag->n; i++) {
         ds = drop_of(be, dc, l, ag->mod[i]);
         keys[i] = ds.key;
+        bits[i] = mask_bits(c, l, g, i);
     }
+    // the masks the forward kept (the fused h kernel writes them; see adapter_h), else the generator
+    int kept = c->dbits && di % 32 == 0 && lowrank_dropout_fused_fits(ag->n, c->rank);
     lowrank_dropout_dx_cuda(c->ctx, gx, gx_f32, ldgx, gy + dout, ldgy, ag->A[l], ag->n, c->rank, d->T, di, keys, ds.thr,
-                            ds.keep);
+                            ds.keep, kept ? bits : NULL);
 }
 
 // ---- the layer --------------------------------------------------------------------------------------

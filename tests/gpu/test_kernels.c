@@ -849,19 +849,38 @@ static void check_dropout_dx(cuda_ctx *ctx, rng_state *r, int64_t T, int d, int 
             wantb[t * ldx + c] = c < d ? (float)(bf16_round(gx[t * ldx + c]) + add[t * d + c]) : bf16_round(gx[t * ldx + c]);
         }
     void *dgh = dev_bf16(gh, (size_t)(T * ldgh)), *dA = dev_bf16(A, (size_t)(n * rk * d));
-    float *dgx = dev_up(gx, 4 * (size_t)(T * ldx));
-    lowrank_dropout_dx_cuda(ctx, dgx, 1, ldx, dgh, ldgh, dA, n, rk, T, d, keys, rng_dropout_threshold(p), 1.0f / (1.0f - p));
-    float *got = down_f32(dgx, (size_t)(T * ldx));
-    char name[128];
-    snprintf(name, sizeof name, "dropout dx, %s (f32 +=)", what);
-    ck_assert(close_enough(name, got, want, (size_t)(T * ldx), 1e-5, 1e-5));
-    void *dgb = dev_bf16(gx, (size_t)(T * ldx));
-    lowrank_dropout_dx_cuda(ctx, dgb, 0, ldx, dgh, ldgh, dA, n, rk, T, d, keys, rng_dropout_threshold(p), 1.0f / (1.0f - p));
-    float *gotb = down_bf16(dgb, (size_t)(T * ldx));
-    snprintf(name, sizeof name, "dropout dx, %s (bf16 +=)", what);
-    ck_assert(close_enough(name, gotb, wantb, (size_t)(T * ldx), 1e-3, 1.0 / 128));
-    free(gh), free(A), free(gx), free(masks), free(add), free(want), free(wantb), free(got), free(gotb);
-    cudaFree(dgh), cudaFree(dA), cudaFree(dgx), cudaFree(dgb);
+    // from the generator, and (d % 32 == 0) from the masks as kept bits (packed here from the CPU's masks)
+    uint32_t *dbits[3] = {NULL, NULL, NULL};
+    int64_t words = dropout_mask_words(T, d);
+    if (d % 32 == 0)
+        for (int i = 0; i < n; i++) {
+            uint32_t *hb = xcalloc((size_t)words, sizeof(uint32_t));
+            for (int64_t e = 0; e < T * d; e++)
+                if (masks[(size_t)i * T * d + e] != 0.0f) hb[e >> 5] |= 1u << (e & 31);
+            dbits[i] = dev_up(hb, sizeof(uint32_t) * (size_t)words);
+            free(hb);
+        }
+    for (int from_bits = 0; from_bits <= (d % 32 == 0); from_bits++) {
+        const uint32_t *const *bp = from_bits ? (const uint32_t *const *)dbits : NULL;
+        float *dgx = dev_up(gx, 4 * (size_t)(T * ldx));
+        lowrank_dropout_dx_cuda(ctx, dgx, 1, ldx, dgh, ldgh, dA, n, rk, T, d, keys, rng_dropout_threshold(p),
+                                1.0f / (1.0f - p), bp);
+        float *got = down_f32(dgx, (size_t)(T * ldx));
+        char name[160];
+        snprintf(name, sizeof name, "dropout dx, %s (f32 +=%s)", what, from_bits ? ", kept bits" : "");
+        ck_assert(close_enough(name, got, want, (size_t)(T * ldx), 1e-5, 1e-5));
+        void *dgb = dev_bf16(gx, (size_t)(T * ldx));
+        lowrank_dropout_dx_cuda(ctx, dgb, 0, ldx, dgh, ldgh, dA, n, rk, T, d, keys, rng_dropout_threshold(p),
+                                1.0f / (1.0f - p), bp);
+        float *gotb = down_bf16(dgb, (size_t)(T * ldx));
+        snprintf(name, sizeof name, "dropout dx, %s (bf16 +=%s)", what, from_bits ? ", kept bits" : "");
+        ck_assert(close_enough(name, gotb, wantb, (size_t)(T * ldx), 1e-3, 1.0 / 128));
+        free(got), free(gotb);
+        cudaFree(dgx), cudaFree(dgb);
+    }
+    for (int i = 0; i < 3; i++) cudaFree(dbits[i]);
+    free(gh), free(A), free(gx), free(masks), free(add), free(want), free(wantb);
+    cudaFree(dgh), cudaFree(dA);
 }
 
 // dL/dA of a group of n modules with dropout in one pass over x: gA[i r + j][c] = sum_t gh[t][i r + j] *
@@ -1020,6 +1039,7 @@ START_TEST(test_dropout) {
     check_dropout_dx(ctx, &r, 100, 36, 44, 2, 12, 2 * 12 + 3, p, "2 modules, r 12, d 36, unaligned");
     check_dropout_dx(ctx, &r, 300, 392, 400, 1, 32, 40, 0.3f, "1 module, r 32, d 392, p 0.3");
     check_dropout_dx(ctx, &r, 70, 256, 264, 2, 72, 2 * 72 + 8, p, "2 modules, r 72, d 256");
+    check_dropout_dx(ctx, &r, 130, 320, 328, 3, 32, 3 * 32 + 8, p, "3 modules, r 32, d 320");
     // dL/dA: 16-byte copies with generator and kept-bit masks and T splits (3 x 32, d 256), partial
     // column tiles (d 72), the element-wise fallback (row strides 44 and 36), one module of 64
     check_dropout_da(ctx, &r, 300, 256, 264, 3, 32, 3 * 32 + 8, p, "3 modules, r 32, d 256");
