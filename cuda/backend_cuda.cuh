@@ -170,8 +170,13 @@ typedef struct {
     // With dropout and no recomputation the forward keeps every module's mask as bits (1 bit an
     // element, written by its masked copy) for dL/dA in backward (lowrank_dropout_da_cuda), which then
     // reads one word per 32 elements instead of evaluating the generator again. NULL otherwise.
-    uint32_t *dbits;               // [L][dbits_layer]
+    // With recomputation the same store holds one layer: the layer being recomputed writes its masks
+    // there (only during that recomputation) and its backward reads them; dbits_of[g] says which
+    // layer's masks of group g are in it (-1: none).
+    uint32_t *dbits;               // [L or 1][dbits_layer]
     int64_t dbits_layer, dbits_grp[GRP_COUNT], dbits_mod[GRP_COUNT];  // words: a layer, group offset, a module
+    int dbits_of[GRP_COUNT];
+    int recomputing;               // 1 while the backward recomputes a layer's forward
     float *ad_gA, *ad_gB;          // [R_max][max d_in], [dout_max][R_max]
     float *ad_part;                // split-K partials of the adapter's GEMMs
     size_t ad_part_floats;

@@ -214,14 +214,16 @@ void cuda_acts_layout(backend *be, cuda_arena *ar, int B, int S, mem_plan *plan)
         c->ad_part = F32(mx);
         if (be->dropout > 0) c->ad_xd = BF(T * din);
         c->dbits = NULL;
-        if (be->dropout > 0 && lev == RECOMPUTE_NONE) {  // the masks, kept from forward to backward
+        if (be->dropout > 0) {  // the masks, kept from forward (or the recomputed forward) to backward
             c->dbits_layer = 0;
             for (int g = 0; g < GRP_COUNT; g++) {
                 c->dbits_grp[g] = c->dbits_layer;
                 c->dbits_mod[g] = (dropout_mask_words(T, c->grp[g].d_in) + 3) & ~(int64_t)3;
                 c->dbits_layer += c->grp[g].n * c->dbits_mod[g];
             }
-            c->dbits = (uint32_t *)take(ar, (size_t)(d.L * c->dbits_layer) * 4, plan, CAT_ACTS);
+            int layers = lev == RECOMPUTE_NONE ? d.L : 1;
+            c->dbits = (uint32_t *)take(ar, (size_t)(layers * c->dbits_layer) * 4, plan, CAT_ACTS);
+            for (int g = 0; g < GRP_COUNT; g++) c->dbits_of[g] = -1;
         }
         if (c->side) {
             c->sd_gA = F32((int64_t)c->R_max * din);
@@ -414,9 +416,26 @@ static drop_spec drop_of(const backend *be, const dropout_ctx *dc, int l, int m)
 
 static int dropout_on(const backend *be, const dropout_ctx *dc) { return dc && be->dropout > 0.0f; }
 
-// Module i of group g in layer l: where its mask bits are kept (NULL: not kept, see cuda_impl.dbits).
+// Module i of group g in layer l: where its mask bits are kept (see cuda_impl.dbits).
 static uint32_t *mask_bits(const cuda_impl *c, int l, int g, int i) {
-    return c->dbits ? c->dbits + l * c->dbits_layer + c->dbits_grp[g] + i * c->dbits_mod[g] : NULL;
+    int64_t layer = c->recompute == RECOMPUTE_NONE ? l : 0;
+    return c->dbits + layer * c->dbits_layer + c->dbits_grp[g] + i * c->dbits_mod[g];
+}
+
+// Whether the forward of group g in layer l keeps its masks as bits now (and says so in dbits_of):
+// without recomputation always; with it, only while the backward recomputes the layer.
+static int mask_bits_write(cuda_impl *c, int l, int g) {
+    if (!c->dbits || c->grp[g].d_in % 32 != 0) return 0;
+    if (c->recompute == RECOMPUTE_NONE) return 1;
+    if (!c->recomputing) return 0;
+    c->dbits_of[g] = l;
+    return 1;
+}
+
+// Whether the backward of group g in layer l finds its masks as bits.
+static int mask_bits_read(const cuda_impl *c, int l, int g) {
+    if (!c->dbits || c->grp[g].d_in % 32 != 0) return 0;
+    return c->recompute == RECOMPUTE_NONE || c->dbits_of[g] == l;
 }
 
 // h = dropout(x) A^T of every adapted module of group g, into x's extra columns (x [T][d_in + Rp] with
@@ -442,7 +461,7 @@ static void adapter_h(backend *be, const dims *d, int l, int g, bf16 *x, int64_t
             bits[i] = mask_bits(c, l, g, i);
         }
         lowrank_dropout_h_cuda(m.ctx, h, ldx, x, ldx, ag->A[l], ag->n, r, d->T, ag->d_in, keys, ds.thr, ds.keep,
-                               c->dbits && ag->d_in % 32 == 0 ? bits : NULL, m.part, c->ad_part_floats);
+                               mask_bits_write(c, l, g) ? bits : NULL, m.part, c->ad_part_floats);
         return;
     }
     for (int i = 0; i < ag->n; i++) {  // other shapes: a masked copy and a GEMM per module
@@ -509,7 +528,7 @@ static int64_t adapter_grads(backend *be, const dims *d, int l, int g, const bf1
             bits[i] = mask_bits(c, l, g, i);
         }
         lowrank_dropout_da_cuda(w.ctx, w.gA, gh, ldgy, x, ldx, ag->n, r, d->T, di, keys, ds.thr, ds.keep,
-                                c->dbits && di % 32 == 0 ? bits : NULL, w.part, c->ad_part_floats);
+                                mask_bits_read(c, l, g) ? bits : NULL, w.part, c->ad_part_floats);
         for (int i = 0; i < ag->n; i++)
             ad_scatter(c, &w, ag, l, i, w.gA + (int64_t)i * r * di, w.gB + (int64_t)ag->row_off[i] * R + i * r);
         side_end(c, g);
@@ -543,7 +562,7 @@ static void adapter_dx_dropout(backend *be, const dims *d, int l, int g, const b
         bits[i] = mask_bits(c, l, g, i);
     }
     // the masks the forward kept (the fused h kernel writes them; see adapter_h), else the generator
-    int kept = c->dbits && di % 32 == 0 && lowrank_dropout_fused_fits(ag->n, c->rank);
+    int kept = mask_bits_read(c, l, g) && lowrank_dropout_fused_fits(ag->n, c->rank);
     lowrank_dropout_dx_cuda(c->ctx, gx, gx_f32, ldgx, gy + dout, ldgy, ag->A[l], ag->n, c->rank, d->T, di, keys, ds.thr,
                             ds.keep, kept ? bits : NULL);
 }
@@ -776,6 +795,7 @@ int cuda_step_run(backend *be, const micro_batch *mb, float loss_scale, const dr
     prof_mark(c, PROF_ADAPTER);
     cuda_build_factors(be);
     weight_sequence(c, d.L, backward);
+    for (int g = 0; g < GRP_COUNT; g++) c->dbits_of[g] = -1;  // no recomputed layer's masks yet
     // forward
     prof_mark(c, PROF_ELEM);
     embedding_forward_cuda(ctx, c->acts[0].x_in, c->ids, c->model.embed, d.T, d.C);
@@ -805,6 +825,7 @@ int cuda_step_run(backend *be, const micro_batch *mb, float loss_scale, const dr
                           d.C);
     for (int l = d.L - 1; l >= 0; l--) {
         if (c->recompute != RECOMPUTE_NONE) side_join(c, GRP_COUNT);  // recomputation overwrites what the side reads
+        c->recomputing = 1;  // the recomputed forward keeps this layer's masks for its backward
         if (c->recompute == RECOMPUTE_FULL) {
             norm1_forward(be, &d, l, dc);
             attn_block_forward(be, &d, l, dc);
@@ -813,6 +834,7 @@ int cuda_step_run(backend *be, const micro_batch *mb, float loss_scale, const dr
             norm1_forward(be, &d, l, dc);
             mlp_block_forward(be, &d, l, NULL, dc);
         }
+        c->recomputing = 0;
         layer_backward(be, &d, l, dc);
     }
     side_join(c, GRP_COUNT);  // every weight gradient is in grad
