@@ -391,16 +391,16 @@ void adapter_dropout_mask(uint64_t key, float p, size_t n, float *mask) {
         for (size_t i = 0; i < n; i++) mask[i] = 1.0f;
         return;
     }
-    uint32_t thr = rng_dropout_threshold(p);
+    uint32_t thr = rng_dropout_threshold16(p);
     float keep = 1.0f / (1.0f - p);
-    // Element i is lane i % 4 of Philox block i / 4 (rng_u32): one block gives four elements.
+    // Element i is half i % 8 of Philox block i / 8 (rng_keep16): one block gives eight elements.
     size_t i = 0;
-    for (; i + 4 <= n; i += 4) {
+    for (; i + 8 <= n; i += 8) {
         uint32_t o[4];
-        rng_philox4(key, i >> 2, o);
-        for (int l = 0; l < 4; l++) mask[i + l] = o[l] >= thr ? keep : 0.0f;
+        rng_philox4(key, i >> 3, o);
+        for (int l = 0; l < 8; l++) mask[i + l] = rng_half16(o, l) >= thr ? keep : 0.0f;
     }
-    for (; i < n; i++) mask[i] = rng_keep(key, i, thr) ? keep : 0.0f;
+    for (; i < n; i++) mask[i] = rng_keep16(key, i, thr) ? keep : 0.0f;
 }
 
 int adapter_check_buffers_finite(adapter *a) {

@@ -82,6 +82,20 @@ MOSFT_HD uint32_t rng_dropout_threshold(float p) {
 }
 MOSFT_HD int rng_keep(uint64_t key, uint64_t i, uint32_t threshold) { return rng_u32(key, i) >= threshold; }
 
+// The adapter's dropout draws 16 bits a decision, so one Philox block serves eight elements: element i
+// of a mask stream is half i % 2 (low half first) of word (i % 8) / 2 of block i / 8, kept when that
+// half is >= rng_dropout_threshold16(p) (dropped with probability floor(p 65536) / 65536).
+MOSFT_HD uint32_t rng_dropout_threshold16(float p) {
+    double t = (double)p * 65536.0;
+    return t >= 65535.0 ? 65535u : (uint32_t)t;
+}
+MOSFT_HD uint32_t rng_half16(const uint32_t o[4], int k) { return (o[k >> 1] >> (16 * (k & 1))) & 0xffffu; }
+MOSFT_HD int rng_keep16(uint64_t key, uint64_t i, uint32_t threshold16) {
+    uint32_t o[4];
+    rng_philox4(key, i >> 3, o);
+    return rng_half16(o, (int)(i & 7)) >= threshold16;
+}
+
 // Standard normal from two uniforms (Box-Muller); element i uses u32 lanes 2i, 2i+1 of the stream.
 #if !defined(__CUDACC__)
 #include <math.h>

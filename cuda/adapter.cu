@@ -51,30 +51,37 @@ __global__ void scatter_b_kernel(lowrank_map mp, const float *__restrict__ gB, f
     *dst = __fadd_rn(*dst, gB[(int64_t)d * mp.ldB + k]);
 }
 
-// Dropout kernels: a thread takes the four elements of one Philox block (elements 4j .. 4j+3 of the
-// module's T x d_in stream are the four lanes of block j, as rng_u32 defines them), so one Philox
-// evaluation serves four elements (the generator, not memory, bounded the one-element version).
-// d_in % 4 == 0, so the four share a row.
+// Dropout kernels: the masks are rng_keep16's (16 bits a decision, eight elements a Philox block).
+// dropout_apply: a thread takes four elements (4j .. 4j+3 of the module's T x d_in stream, one row since
+// d_in % 4 == 0), half of Philox block j / 2.
 __device__ __forceinline__ void keep4(uint64_t key, int64_t j, uint32_t thr, float keep, float m[4]) {
     uint32_t o[4];
-    rng_philox4(key, (uint64_t)j, o);
+    rng_philox4(key, (uint64_t)(j >> 1), o);
 #pragma unroll
-    for (int i = 0; i < 4; i++) m[i] = o[i] >= thr ? keep : 0.0f;
+    for (int i = 0; i < 4; i++) m[i] = rng_half16(o, 4 * (int)(j & 1) + i) >= thr ? keep : 0.0f;
+}
+
+// The keep bits of n (<= 32) consecutive elements e0 .. e0+n-1 of a mask stream (bit k: element e0 + k):
+// four Philox blocks when e0 % 8 == 0, five otherwise.
+__device__ __forceinline__ uint32_t keep_bits32(uint64_t key, uint64_t e0, int n, uint32_t thr) {
+    uint32_t w = 0;
+    for (uint64_t j = e0 >> 3; j <= (e0 + (uint64_t)n - 1) >> 3; j++) {
+        uint32_t o[4];
+        rng_philox4(key, j, o);
+        int base = (int)((int64_t)(j * 8) - (int64_t)e0);  // the bit of the block's element 0 (may be < 0)
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            int b = base + k;
+            if (b >= 0 && b < n && rng_half16(o, k) >= thr) w |= 1u << b;
+        }
+    }
+    return w;
 }
 
 // The keep bits of columns c .. c+31 of row t of a T x d_in mask stream (bit k: column c + k; 0 past
-// d_in), from the generator: one Philox block per four columns, as keep4. c % 4 == 0.
+// d_in), from the generator (keep_bits32).
 __device__ __forceinline__ uint32_t keep_word(uint64_t key, int64_t t, int c, int d_in, uint32_t thr) {
-    uint32_t w = 0;
-    for (int b = 0; b < 8; b++) {
-        int cb = c + 4 * b;
-        if (cb >= d_in) break;
-        uint32_t o[4];
-        rng_philox4(key, (uint64_t)((t * d_in + cb) / 4), o);
-#pragma unroll
-        for (int k = 0; k < 4; k++) w |= (o[k] >= thr ? 1u : 0u) << (4 * b + k);
-    }
-    return w;
+    return keep_bits32(key, (uint64_t)(t * d_in + c), d_in - c < 32 ? d_in - c : 32, thr);
 }
 
 // 32 bf16 of shared memory, masked: dst[k] = bit k of w ? bf16(src[k] * keep) : 0 (16-byte pieces).
@@ -125,9 +132,10 @@ __global__ void dropout_apply_kernel(bf16 *xd, const bf16 *__restrict__ x, int64
 // overlaps the products instead of following them. Each module's product accumulates in registers on
 // the tensor cores (bf16 in, fp32 sums: the same inputs as the fp32 twin), is masked there and added to
 // the block's sum, which is added to gx at the end.
-// The mask: Philox block j covers columns c4 .. c4+3 (c4 = 4j mod d_in) of one row; a thread holds two
-// of them in each of its rows g and g+8, so the two lanes of a pair (t even, t odd) evaluate one block
-// each (row g, row g+8) and swap halves with a shuffle: one evaluation per four elements, as keep4.
+// The mask: a lane holds columns c, c+1 of its rows g and g+8; the lane pair (tq even, tq odd) holds
+// columns c4 .. c4+3 (c4 = c & ~3), which are two words of one Philox block in each row (eight elements
+// a block, d_in % 4 == 0). The even lane evaluates row g's block, the odd lane row g+8's, and each
+// sends its partner the word of the partner's columns: one evaluation a lane, as before.
 // When the forward kept the module's mask as bits (recompute none), the lane reads them instead: the
 // warp's 32 columns of a row are one word.
 #define DX_ROWS 64
@@ -251,11 +259,14 @@ __global__ void __launch_bounds__(256, 2) lowrank_dropout_dx_kernel(void *gx, in
             for (int nt = 0; nt < 4; nt++) {
                 int c4 = (c0 + wc + nt * 8 + 2 * tq) & ~3;
                 int64_t t = r0 + wr + mt * 16 + g + (odd ? 8 : 0);  // the row whose block this lane evaluates
+                uint64_t e4 = (uint64_t)(t * d_in + c4);              // the pair's first element in that row
                 uint32_t o[4];
-                rng_philox4(key, (uint64_t)(t * (d_in / 4) + c4 / 4), o);
-                uint32_t x0 = __shfl_xor_sync(0xffffffffu, odd ? o[0] : o[2], 1);
-                uint32_t x1 = __shfl_xor_sync(0xffffffffu, odd ? o[1] : o[3], 1);
-                uint32_t u[4] = {odd ? x0 : o[0], odd ? x1 : o[1], odd ? o[2] : x0, odd ? o[3] : x1};
+                rng_philox4(key, e4 >> 3, o);
+                int sub = (int)(e4 & 4) >> 1;  // the pair's words: sub (even lane's columns), sub + 1 (odd's)
+                uint32_t w_even = sub ? o[2] : o[0], w_odd = sub ? o[3] : o[1];
+                uint32_t x = __shfl_xor_sync(0xffffffffu, odd ? w_even : w_odd, 1);
+                uint32_t wg = odd ? x : w_even, wg8 = odd ? w_odd : x;  // this lane's columns in rows g, g + 8
+                uint32_t u[4] = {wg & 0xffffu, wg >> 16, wg8 & 0xffffu, wg8 >> 16};
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
                     out[mt][nt][e] += acc[mt][nt][e] * (u[e] >= thr ? keep : 0.0f);

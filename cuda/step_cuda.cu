@@ -409,7 +409,7 @@ static drop_spec drop_of(const backend *be, const dropout_ctx *dc, int l, int m)
     if (!dc || be->dropout <= 0.0f) return s;
     s.on = 1;
     s.key = rng_key(RNG_DROPOUT, dc->seed, (uint64_t)dc->step, (uint64_t)dc->micro, (uint64_t)(l * 8 + m));
-    s.thr = rng_dropout_threshold(be->dropout);
+    s.thr = rng_dropout_threshold16(be->dropout);
     s.keep = 1.0f / (1.0f - be->dropout);
     return s;
 }

@@ -227,6 +227,14 @@ START_TEST(test_dropout_mask) {
         kept += m[i] != 0;
     }
     ck_assert(fabs((double)kept / n - 0.9) < 0.005);
+    // 16 bits a decision: element i is rng_keep16's, and the two halves of a word are independent
+    // (both dropped in ~p^2 of the pairs)
+    size_t both = 0;
+    for (size_t i = 0; i < n; i++) {
+        ck_assert_int_eq(m[i] != 0.0f, rng_keep16(key, i, rng_dropout_threshold16(0.1f)));
+        if (i % 2 == 0) both += m[i] == 0.0f && m[i + 1] == 0.0f;
+    }
+    ck_assert_msg(fabs((double)both / (n / 2) - 0.01) < 0.003, "both halves dropped in %.4f of the pairs", (double)both / (n / 2));
     adapter_dropout_mask(key, 0.0f, n, m);
     for (size_t i = 0; i < n; i++) ck_assert(m[i] == 1.0f);
     free(m);

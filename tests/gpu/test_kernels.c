@@ -863,14 +863,14 @@ static void check_dropout_dx(cuda_ctx *ctx, rng_state *r, int64_t T, int d, int 
     for (int from_bits = 0; from_bits <= (d % 32 == 0); from_bits++) {
         const uint32_t *const *bp = from_bits ? (const uint32_t *const *)dbits : NULL;
         float *dgx = dev_up(gx, 4 * (size_t)(T * ldx));
-        lowrank_dropout_dx_cuda(ctx, dgx, 1, ldx, dgh, ldgh, dA, n, rk, T, d, keys, rng_dropout_threshold(p),
+        lowrank_dropout_dx_cuda(ctx, dgx, 1, ldx, dgh, ldgh, dA, n, rk, T, d, keys, rng_dropout_threshold16(p),
                                 1.0f / (1.0f - p), bp);
         float *got = down_f32(dgx, (size_t)(T * ldx));
         char name[160];
         snprintf(name, sizeof name, "dropout dx, %s (f32 +=%s)", what, from_bits ? ", kept bits" : "");
         ck_assert(close_enough(name, got, want, (size_t)(T * ldx), 1e-5, 1e-5));
         void *dgb = dev_bf16(gx, (size_t)(T * ldx));
-        lowrank_dropout_dx_cuda(ctx, dgb, 0, ldx, dgh, ldgh, dA, n, rk, T, d, keys, rng_dropout_threshold(p),
+        lowrank_dropout_dx_cuda(ctx, dgb, 0, ldx, dgh, ldgh, dA, n, rk, T, d, keys, rng_dropout_threshold16(p),
                                 1.0f / (1.0f - p), bp);
         float *gotb = down_bf16(dgb, (size_t)(T * ldx));
         snprintf(name, sizeof name, "dropout dx, %s (bf16 +=%s)", what, from_bits ? ", kept bits" : "");
@@ -890,7 +890,7 @@ static void check_dropout_da(cuda_ctx *ctx, rng_state *r, int64_t T, int d, int 
                              const char *what) {
     ck_assert(lowrank_dropout_fused_fits(n, rk));
     float keep = 1.0f / (1.0f - p);
-    uint32_t thr = rng_dropout_threshold(p);
+    uint32_t thr = rng_dropout_threshold16(p);
     float *gh = rnd_bf16(r, (size_t)(T * ldgh), 1.0f), *x = rnd_bf16(r, (size_t)(T * ldx), 1.0f);
     uint64_t keys[3];
     float *masks = xmalloc(sizeof(float) * (size_t)(n * T * d));
@@ -948,7 +948,7 @@ static void check_dropout_da(cuda_ctx *ctx, rng_state *r, int64_t T, int d, int 
 static void check_dropout_h(cuda_ctx *ctx, rng_state *r, int64_t T, int d, int n, int rk, float p, const char *what) {
     ck_assert(lowrank_dropout_fused_fits(n, rk));
     float keep = 1.0f / (1.0f - p);
-    uint32_t thr = rng_dropout_threshold(p);
+    uint32_t thr = rng_dropout_threshold16(p);
     int64_t NR = (int64_t)n * rk, ldx = d + NR + 8;  // x [T][d | h | 8 spare], as the step lays it out
     float *x = rnd_bf16(r, (size_t)(T * ldx), 1.0f), *A = rnd_bf16(r, (size_t)(NR * d), 0.2f);
     uint64_t keys[3];
@@ -1020,7 +1020,7 @@ START_TEST(test_dropout) {
     void *dx = dev_bf16(x, (size_t)(T * ldx)), *dxd = dev_alloc(2 * (size_t)(T * d));
     int64_t nw = dropout_mask_words(T, d);
     uint32_t *dbits = dev_alloc(4 * (size_t)nw);
-    dropout_apply_cuda(ctx, dxd, dx, ldx, T, d, key, rng_dropout_threshold(p), 1.0f / (1.0f - p), dbits);
+    dropout_apply_cuda(ctx, dxd, dx, ldx, T, d, key, rng_dropout_threshold16(p), 1.0f / (1.0f - p), dbits);
     float *got = down_bf16(dxd, (size_t)(T * d));
     ck_assert(close_enough("dropout apply (same mask)", got, ref, (size_t)(T * d), 0, 0));
     // the kept bits: bit e of the stream set <=> element e kept; the tail of the last word clear

@@ -312,7 +312,7 @@ START_TEST(test_training_curve) {
         double d = fabs(lg[s] - lc[s]) / (fabs(lc[s]) + 0.01);
         worst = fmax(worst, d);
         mean += d / N;
-        if (s % 25 == 0 || s == N - 1) fprintf(stderr, "step %3d: loss GPU %.5f CPU %.5f\n", s + 1, lg[s], lc[s]);
+        if (s % 25 == 0 || s == N - 1 || d > 0.04) fprintf(stderr, "step %3d: loss GPU %.5f CPU %.5f\n", s + 1, lg[s], lc[s]);
     }
     fprintf(stderr, "loss curve: |d| / (|cpu| + 0.01): worst %.3g, mean %.3g over %d steps\n", worst, mean, N);
     ck_assert_msg(worst <= 0.08 && mean <= 0.02, "the GPU loss curve leaves the CPU's: worst %g, mean %g", worst, mean);
