@@ -57,8 +57,10 @@ __global__ void scatter_b_kernel(lowrank_map mp, const float *__restrict__ gB, f
 __device__ __forceinline__ void keep4(uint64_t key, int64_t j, uint32_t thr, float keep, float m[4]) {
     uint32_t o[4];
     rng_philox4(key, (uint64_t)(j >> 1), o);
+    uint32_t w0 = j & 1 ? o[2] : o[0], w1 = j & 1 ? o[3] : o[1];  // elements 4j .. 4j+3: two words' halves
+    uint32_t u[4] = {w0 & 0xffffu, w0 >> 16, w1 & 0xffffu, w1 >> 16};
 #pragma unroll
-    for (int i = 0; i < 4; i++) m[i] = rng_half16(o, 4 * (int)(j & 1) + i) >= thr ? keep : 0.0f;
+    for (int i = 0; i < 4; i++) m[i] = u[i] >= thr ? keep : 0.0f;
 }
 
 // The keep bits of n (<= 32) consecutive elements e0 .. e0+n-1 of a mask stream (bit k: element e0 + k):
