@@ -242,7 +242,7 @@ int lowrank_map_shards(const adapter *ad);
 void lowrank_gather_cuda(cuda_ctx *ctx, const lowrank_map *mp, const float *params, bf16 *A, bf16 *B);
 // grad += the maps of gA[r][d_in] and gB[d_out][ldB] (fp32).
 void lowrank_scatter_cuda(cuda_ctx *ctx, const lowrank_map *mp, const float *gA, const float *gB, float *grad);
-// Dropout on the adapter input: xd[T][d_in] = x * mask (mask from rng_keep(key, t*d_in + c, thr) with
+// Dropout on the adapter input: xd[T][d_in] = x * mask (mask from rng_keep16(key, t*d_in + c, thr) with
 // the multiplier `keep` = 1/(1-p)); x has row stride ldx. bits (NULL: none) receives the mask as bits:
 // element e = t*d_in + c kept <=> bit e % 32 of bits[e / 32] (dropout_mask_words(T, d_in) words).
 void dropout_apply_cuda(cuda_ctx *ctx, bf16 *xd, const bf16 *x, int64_t ldx, int64_t T, int d_in, uint64_t key,

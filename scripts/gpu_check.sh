@@ -76,8 +76,9 @@ if want kernels; then  # per-kernel times of one step of a 6-layer model at 7B s
  "torch_dtype": "bfloat16", "hidden_act": "silu"}
 JSON
   for dr in 0 0.1; do
-    MOSFT_CUDA_PROFILE_STEP=2 timeout 300 ncu --profile-from-start off --clock-control none \
-      --metrics gpu__time_duration.sum --csv build/mosft bench --model "$L6" --adapter mos --steps 1 --warmup 1 \
+    # step 3: the GEMM algorithm choice times its candidates at a product's second run (step 2)
+    MOSFT_CUDA_PROFILE_STEP=3 timeout 300 ncu --profile-from-start off --clock-control none \
+      --metrics gpu__time_duration.sum --csv build/mosft bench --model "$L6" --adapter mos --steps 2 --warmup 1 \
       --dropout $dr > "$OUT/ncu_l6_dropout$dr.csv" 2>"$OUT/ncu_l6_dropout$dr.err"
     note "ncu 6-layer 7B dropout $dr: rc=$?"
     python3 scripts/ncu_by_kernel.py "$OUT/ncu_l6_dropout$dr.csv" 25 | tee "$OUT/kernels_dropout$dr.log"
