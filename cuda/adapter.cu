@@ -205,7 +205,21 @@ __global__ void __launch_bounds__(256, 2) lowrank_dropout_dx_kernel(void *gx, in
         }
         cp_commit();
     };
+    // Kept bits (rows g, g + 8 of each m-tile: the warp's 32 columns are one word) are read one module
+    // ahead into registers, so that their latency hides behind the module's products.
+    uint32_t wb[2][2] = {};
+    auto fetch_bits = [&](int i) {
+        const uint32_t *bits = i == 0 ? keys.bits[0] : i == 1 ? keys.bits[1] : keys.bits[2];
+#pragma unroll
+        for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+            for (int hl = 0; hl < 2; hl++) {
+                int64_t t = r0 + wr + mt * 16 + g + 8 * hl;
+                wb[mt][hl] = bits && t < T && c0 + wc < d_in ? bits[(t * d_in + c0 + wc) >> 5] : 0u;
+            }
+    };
     float out[2][4][4] = {}, acc[2][4][4] = {};
+    fetch_bits(0);
     load(0);
     for (int q = 0; q < nq; q++) {
         stage_next(load, q, nq);
@@ -235,12 +249,7 @@ __global__ void __launch_bounds__(256, 2) lowrank_dropout_dx_kernel(void *gx, in
         if (bits) {
 #pragma unroll
             for (int mt = 0; mt < 2; mt++) {
-                uint32_t w[2];  // rows g, g + 8: the keep bits of the warp's 32 columns
-#pragma unroll
-                for (int hl = 0; hl < 2; hl++) {
-                    int64_t t = r0 + wr + mt * 16 + g + 8 * hl;
-                    w[hl] = t < T && c0 + wc < d_in ? bits[(t * d_in + c0 + wc) >> 5] : 0u;
-                }
+                uint32_t w[2] = {wb[mt][0], wb[mt][1]};  // rows g, g + 8: the keep bits of the warp's 32 columns
 #pragma unroll
                 for (int nt = 0; nt < 4; nt++) {
                     int sh = nt * 8 + 2 * tq;
@@ -252,6 +261,7 @@ __global__ void __launch_bounds__(256, 2) lowrank_dropout_dx_kernel(void *gx, in
                     }
                 }
             }
+            if (i + 1 < n) fetch_bits(i + 1);
             continue;
         }
         uint64_t key = i == 0 ? keys.key[0] : i == 1 ? keys.key[1] : keys.key[2];  // no local copy of keys
@@ -366,28 +376,44 @@ __global__ void __launch_bounds__(128) lowrank_dropout_da_kernel(float *out, int
         }
         cp_commit();
     };
+    // The masked copies: a thread takes row tid / 2, columns 32 (tid % 2) .. +31 of the chunk, every
+    // module. Kept bits (d_in % 32 == 0, the host's condition: one word a module) are read one chunk
+    // ahead into registers, so that their latency hides behind the chunk's products.
+    const int mrow = threadIdx.x >> 1, mcb = (threadIdx.x & 1) * 32;
+    uint32_t wnext[3] = {0u, 0u, 0u};
+    auto fetch_bits = [&](int q) {
+        int64_t t = (int64_t)q * DA_T + mrow;
+        bool ok = t < T && c0 + mcb < d_in;
+#pragma unroll
+        for (int i = 0; i < 3; i++) {
+            const uint32_t *bits = i == 0 ? mk.bits[0] : i == 1 ? mk.bits[1] : mk.bits[2];
+            wnext[i] = i < n && bits && ok ? bits[(t * d_in + c0 + mcb) >> 5] : 0u;
+        }
+    };
     float acc[6][2][4] = {};
-    if (q0 < q1) load(q0);
+    if (q0 < q1) {
+        load(q0);
+        fetch_bits(q0);
+    }
     for (int q = q0; q < q1; q++) {
         stage_next(load, q, q1);
         __syncthreads();
         int st = (q - q0) & 1;
         const bf16 *gs = Gs + st * DA_T * DA_GLD, *xs = Xs + st * DA_T * DA_XLD;
-        {  // the masked copies: row tid / 2, columns 32 (tid % 2) .. +31, every module
-            int row = threadIdx.x >> 1, cb = (threadIdx.x & 1) * 32;
-            int64_t t = (int64_t)q * DA_T + row;
-            for (int i = 0; i < n; i++) {
+        {
+            int64_t t = (int64_t)q * DA_T + mrow;
+            uint32_t wcur[3] = {wnext[0], wnext[1], wnext[2]};
+            if (q + 1 < q1) fetch_bits(q + 1);
+#pragma unroll
+            for (int i = 0; i < 3; i++) {
+                if (i >= n) break;
                 const uint32_t *bits = i == 0 ? mk.bits[0] : i == 1 ? mk.bits[1] : mk.bits[2];
-                uint32_t w = 0;  // keep bits of the 32 columns
-                if (t < T && c0 + cb < d_in) {
-                    if (bits) {  // d_in % 32 == 0 (the host's condition): one word
-                        w = bits[(t * d_in + c0 + cb) >> 5];
-                    } else {
-                        uint64_t key = i == 0 ? mk.key[0] : i == 1 ? mk.key[1] : mk.key[2];
-                        w = keep_word(key, t, c0 + cb, d_in, thr);
-                    }
+                uint32_t w = wcur[i];  // keep bits of the 32 columns
+                if (!bits && t < T && c0 + mcb < d_in) {
+                    uint64_t key = i == 0 ? mk.key[0] : i == 1 ? mk.key[1] : mk.key[2];
+                    w = keep_word(key, t, c0 + mcb, d_in, thr);
                 }
-                mask_copy32(Ds + i * DA_T * DA_XLD + row * DA_XLD + cb, xs + row * DA_XLD + cb, w, keep);
+                mask_copy32(Ds + i * DA_T * DA_XLD + mrow * DA_XLD + mcb, xs + mrow * DA_XLD + mcb, w, keep);
             }
         }
         __syncthreads();
