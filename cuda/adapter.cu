@@ -327,36 +327,41 @@ __global__ void __launch_bounds__(256, 2) lowrank_dropout_dx_kernel(void *gx, in
 #define DA_T 64                  // tokens per chunk
 #define DA_C 64                  // columns per block
 #define DA_NR 96                 // at most n r
-#define DA_GLD (DA_NR + 8)       // gh tile row stride (bf16)
 #define DA_XLD (DA_C + 8)        // x and masked tile row stride
 typedef struct {
     uint64_t key[3];
     const uint32_t *bits[3];  // kept masks (NULL: the generator)
 } da_masks;
 
-static size_t da_smem_bytes(void) { return sizeof(bf16) * (size_t)(2 * DA_T * DA_GLD + 5 * DA_T * DA_XLD); }
+// Shared memory by the group's shape, so that groups of one or two modules fit more blocks per
+// multiprocessor (the kernel is latency-bound: ncu showed 3 warps a scheduler at the fixed 72.7 KB).
+// The gh tile's row stride n r + 8 keeps ldmatrix free of bank conflicts for n r % 16 == 0.
+static size_t da_smem_bytes(int n, int NR) {
+    return sizeof(bf16) * (size_t)(2 * DA_T * (NR + 8) + (2 + n) * DA_T * DA_XLD);
+}
 
 __global__ void __launch_bounds__(128) lowrank_dropout_da_kernel(float *out, int64_t split_stride, const bf16 *__restrict__ gh,
                                                                  int64_t ldgh, const bf16 *__restrict__ x, int64_t ldx, int n,
                                                                  int r, int64_t T, int d_in, da_masks mk, uint32_t thr,
                                                                  float keep, int n_chunks, int splits, int vec) {
     extern __shared__ __align__(16) unsigned char da_smem[];
-    bf16 *Gs = (bf16 *)da_smem;          // [2][64][DA_GLD]
-    bf16 *Xs = Gs + 2 * DA_T * DA_GLD;   // [2][64][DA_XLD]
-    bf16 *Ds = Xs + 2 * DA_T * DA_XLD;   // [3][64][DA_XLD]: the masked copies
+    const int NR = n * r, n_mt = NR / 16, gper = n_mt * 2;  // m-tiles; 16-byte pieces per gh row
+    const int gld = NR + 8;                                  // gh tile row stride (bf16)
+    bf16 *Gs = (bf16 *)da_smem;          // [2][64][gld]
+    bf16 *Xs = Gs + 2 * DA_T * gld;      // [2][64][DA_XLD]
+    bf16 *Ds = Xs + 2 * DA_T * DA_XLD;   // [n][64][DA_XLD]: the masked copies
     const bf16 zero = __float2bfloat16_rn(0.0f);
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
     int c0 = blockIdx.x * DA_C, s = blockIdx.y;
     int q0 = (int)((int64_t)s * n_chunks / splits), q1 = (int)((int64_t)(s + 1) * n_chunks / splits);
-    const int NR = n * r, n_mt = NR / 16, gper = n_mt * 2;  // m-tiles; 16-byte pieces per gh row
     auto load = [&](int q) {
         int st = (q - q0) & 1;
         int64_t t0 = (int64_t)q * DA_T;
-        bf16 *gs = Gs + st * DA_T * DA_GLD, *xs = Xs + st * DA_T * DA_XLD;
+        bf16 *gs = Gs + st * DA_T * gld, *xs = Xs + st * DA_T * DA_XLD;
         for (int v = threadIdx.x; v < DA_T * gper; v += blockDim.x) {  // gh: 64 tokens x n r
             int row = v / gper, cq = (v % gper) * 8;
             int64_t t = t0 + row;
-            bf16 *dst = gs + row * DA_GLD + cq;
+            bf16 *dst = gs + row * gld + cq;
             const bf16 *src = gh + t * ldgh + cq;
             if (vec)
                 cp_async16(dst, t < T ? src : gh, t < T);
@@ -399,7 +404,7 @@ __global__ void __launch_bounds__(128) lowrank_dropout_da_kernel(float *out, int
         stage_next(load, q, q1);
         __syncthreads();
         int st = (q - q0) & 1;
-        const bf16 *gs = Gs + st * DA_T * DA_GLD, *xs = Xs + st * DA_T * DA_XLD;
+        const bf16 *gs = Gs + st * DA_T * gld, *xs = Xs + st * DA_T * DA_XLD;
         {
             int64_t t = (int64_t)q * DA_T + mrow;
             uint32_t wcur[3] = {wnext[0], wnext[1], wnext[2]};
@@ -430,7 +435,7 @@ __global__ void __launch_bounds__(128) lowrank_dropout_da_kernel(float *out, int
                 if (mt >= n_mt) break;
                 int i = mt * 16 / r;
                 uint32_t a[4], bb[4];
-                ldsm4t(a, gs + (kk + (m >> 1) * 8 + (lane & 7)) * DA_GLD + mt * 16 + (m & 1) * 8);
+                ldsm4t(a, gs + (kk + (m >> 1) * 8 + (lane & 7)) * gld + mt * 16 + (m & 1) * 8);
 #pragma unroll
                 for (int k = 0; k < 4; k++) bb[k] = i == 0 ? b[0][k] : i == 1 ? b[1][k] : b[2][k];
                 mma16816(acc[mt][0], a, bb[0], bb[1]);
@@ -468,7 +473,8 @@ __global__ void __launch_bounds__(128) lowrank_dropout_da_kernel(float *out, int
 #define DH_K 64                  // columns of x per chunk
 #define DH_LD (DH_K + 8)         // row stride of the x tile, the factors' chunk and the masked copies
 
-static size_t dh_smem_bytes(void) { return sizeof(bf16) * (size_t)((2 * DH_T + 2 * DA_NR + 3 * DH_T) * DH_LD); }
+// Shared memory by the group's shape, as da_smem_bytes.
+static size_t dh_smem_bytes(int n, int NR) { return sizeof(bf16) * (size_t)((2 * DH_T + 2 * NR + n * DH_T) * DH_LD); }
 
 __global__ void __launch_bounds__(128) lowrank_dropout_h_kernel(float *part, bf16 *h, int64_t ldh, const bf16 *__restrict__ x,
                                                                 int64_t ldx, const bf16 *__restrict__ A, int n, int r,
@@ -476,18 +482,18 @@ __global__ void __launch_bounds__(128) lowrank_dropout_h_kernel(float *part, bf1
                                                                 uint32_t *bits1, uint32_t *bits2, uint32_t thr, float keep,
                                                                 int n_chunks, int splits, int vec) {
     extern __shared__ __align__(16) unsigned char dh_smem[];
+    const int NR = n * r, n_np = NR / 16;  // pairs of n-tiles
     bf16 *Xs = (bf16 *)dh_smem;          // [2][64][DH_LD]
-    bf16 *As = Xs + 2 * DH_T * DH_LD;    // [2][96][DH_LD]: A_i's rows, columns of the chunk
-    bf16 *Ds = As + 2 * DA_NR * DH_LD;   // [3][64][DH_LD]: the masked copies
+    bf16 *As = Xs + 2 * DH_T * DH_LD;    // [2][NR][DH_LD]: A_i's rows, columns of the chunk
+    bf16 *Ds = As + 2 * NR * DH_LD;      // [n][64][DH_LD]: the masked copies
     const bf16 zero = __float2bfloat16_rn(0.0f);
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
     int64_t t0 = (int64_t)blockIdx.x * DH_T;
     int s = blockIdx.y;
     int q0 = (int)((int64_t)s * n_chunks / splits), q1 = (int)((int64_t)(s + 1) * n_chunks / splits);
-    const int NR = n * r, n_np = NR / 16;  // pairs of n-tiles
     auto load = [&](int q) {
         int st = (q - q0) & 1, k0 = q * DH_K;
-        bf16 *xs = Xs + st * DH_T * DH_LD, *as = As + st * DA_NR * DH_LD;
+        bf16 *xs = Xs + st * DH_T * DH_LD, *as = As + st * NR * DH_LD;
         for (int v = threadIdx.x; v < DH_T * DH_K / 8; v += blockDim.x) {  // x: 64 tokens x 64 columns
             int row = v / (DH_K / 8), cq = (v % (DH_K / 8)) * 8;
             int64_t t = t0 + row;
@@ -517,7 +523,7 @@ __global__ void __launch_bounds__(128) lowrank_dropout_h_kernel(float *part, bf1
         stage_next(load, q, q1);
         __syncthreads();
         int st = (q - q0) & 1;
-        const bf16 *xs = Xs + st * DH_T * DH_LD, *as = As + st * DA_NR * DH_LD;
+        const bf16 *xs = Xs + st * DH_T * DH_LD, *as = As + st * NR * DH_LD;
         {  // the masked copies: token tid / 2, columns 32 (tid % 2) .. +31 of the chunk, every module
             int row = threadIdx.x >> 1, cb = (threadIdx.x & 1) * 32;
             int64_t t = t0 + row;
@@ -657,6 +663,21 @@ extern "C" void dropout_apply_cuda(cuda_ctx *ctx, bf16 *xd, const bf16 *x, int64
     CUDA_LAUNCH_CHECK();
 }
 
+// Splits of the reduced dimension for a grid of `tiles` x splits blocks of 128 threads: as many as one
+// wave of resident blocks holds (the fused dropout kernels are latency-bound, so every resident slot
+// counts, and a second, partial wave would only add a tail), at least 1, at most n_chunks and 16.
+template <class K>
+static int dropout_splits(K kernel, size_t smem, int tiles, int n_chunks) {
+    int sms = 0, dev = 0, per_sm = 0;
+    CUDA_CHECK(cudaGetDevice(&dev));
+    CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, 128, smem));
+    int splits = per_sm * sms / tiles;
+    if (splits > n_chunks) splits = n_chunks;
+    if (splits > 16) splits = 16;
+    return splits < 1 ? 1 : splits;
+}
+
 extern "C" int lowrank_dropout_fused_fits(int n, int r) { return n >= 1 && n <= 3 && r % 16 == 0 && n * r <= DA_NR; }
 
 extern "C" void lowrank_dropout_h_cuda(cuda_ctx *ctx, bf16 *h, int64_t ldh, const bf16 *x, int64_t ldx, const bf16 *A, int n,
@@ -671,22 +692,19 @@ extern "C" void lowrank_dropout_h_cuda(cuda_ctx *ctx, bf16 *h, int64_t ldh, cons
     uint32_t *b[3] = {NULL, NULL, NULL};
     for (int i = 0; bits && i < n; i++) b[i] = bits[i];
     int vec = ldx % 8 == 0 && d_in % 8 == 0 && (uintptr_t)x % 16 == 0 && (uintptr_t)A % 16 == 0;
-    // splits of d_in: about two blocks per multiprocessor, within the partials' room
-    int rows = ceil_div_i(T, DH_T), n_chunks = ceil_div_i(d_in, DH_K), sms = 0, dev = 0;
-    CUDA_CHECK(cudaGetDevice(&dev));
-    CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    int splits = ceil_div_i(2 * sms, rows);
-    if (splits > n_chunks) splits = n_chunks;
-    if (splits > 16) splits = 16;
-    while (splits > 1 && (!part || (size_t)splits * (size_t)(T * NR) > part_floats)) splits--;
     static int attr_set = 0;
     if (!attr_set) {  // above the 48 KiB default
         CUDA_CHECK(cudaFuncSetAttribute(lowrank_dropout_h_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        (int)dh_smem_bytes()));
+                                        (int)dh_smem_bytes(3, DA_NR)));
         attr_set = 1;
     }
+    // splits of d_in: one wave of resident blocks, within the partials' room
+    size_t smem = dh_smem_bytes(n, (int)NR);
+    int rows = ceil_div_i(T, DH_T), n_chunks = ceil_div_i(d_in, DH_K);
+    int splits = dropout_splits(lowrank_dropout_h_kernel, smem, rows, n_chunks);
+    while (splits > 1 && (!part || (size_t)splits * (size_t)(T * NR) > part_floats)) splits--;
     dim3 grid((unsigned)rows, (unsigned)splits);
-    lowrank_dropout_h_kernel<<<grid, 128, dh_smem_bytes(), ctx->stream>>>(splits > 1 ? part : NULL, h, ldh, x, ldx, A, n, r, T,
+    lowrank_dropout_h_kernel<<<grid, 128, smem, ctx->stream>>>(splits > 1 ? part : NULL, h, ldh, x, ldx, A, n, r, T,
                                                                          d_in, mk, b[0], b[1], b[2], thr, keep, n_chunks,
                                                                          splits, vec);
     CUDA_LAUNCH_CHECK();
@@ -709,23 +727,20 @@ extern "C" void lowrank_dropout_da_cuda(cuda_ctx *ctx, float *gA, const bf16 *gh
         mk.bits[i] = bits ? bits[i] : NULL;
     }
     int vec = ldgh % 8 == 0 && ldx % 8 == 0 && d_in % 8 == 0 && (uintptr_t)gh % 16 == 0 && (uintptr_t)x % 16 == 0;
-    // splits of T: about two blocks per multiprocessor, within the partials' room
-    int tiles = ceil_div_i(d_in, DA_C), n_chunks = ceil_div_i(T, DA_T), sms = 0, dev = 0;
-    CUDA_CHECK(cudaGetDevice(&dev));
-    CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    int splits = ceil_div_i(2 * sms, tiles);
-    if (splits > n_chunks) splits = n_chunks;
-    if (splits > 16) splits = 16;
-    while (splits > 1 && (!part || (size_t)splits * (size_t)(NR * d_in) > part_floats)) splits--;
     static int attr_set = 0;
     if (!attr_set) {  // above the 48 KiB default
         CUDA_CHECK(cudaFuncSetAttribute(lowrank_dropout_da_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        (int)da_smem_bytes()));
+                                        (int)da_smem_bytes(3, DA_NR)));
         attr_set = 1;
     }
+    // splits of T: one wave of resident blocks, within the partials' room
+    size_t smem = da_smem_bytes(n, (int)NR);
+    int tiles = ceil_div_i(d_in, DA_C), n_chunks = ceil_div_i(T, DA_T);
+    int splits = dropout_splits(lowrank_dropout_da_kernel, smem, tiles, n_chunks);
+    while (splits > 1 && (!part || (size_t)splits * (size_t)(NR * d_in) > part_floats)) splits--;
     float *dst = splits > 1 ? part : gA;
     dim3 grid((unsigned)tiles, (unsigned)splits);
-    lowrank_dropout_da_kernel<<<grid, 128, da_smem_bytes(), ctx->stream>>>(dst, NR * d_in, gh, ldgh, x, ldx, n, r, T, d_in,
+    lowrank_dropout_da_kernel<<<grid, 128, smem, ctx->stream>>>(dst, NR * d_in, gh, ldgh, x, ldx, n, r, T, d_in,
                                                                           mk, thr, keep, n_chunks, splits, vec);
     CUDA_LAUNCH_CHECK();
     if (splits > 1) splitk_sum_cuda(ctx, part, splits, NR, d_in, gA, d_in, GEMM_F32);

@@ -499,6 +499,15 @@ cudaError_t cudaFuncSetAttribute(const void *f, enum cudaFuncAttribute a, int v)
     }
     return cudaSuccess;
 }
+// An H100-like answer (228 KiB of shared memory, 2048 threads and 32 blocks a multiprocessor; the
+// registers are not known here), so that launchers that size their grids by it take their real paths.
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int *n, const void *f, int threads, size_t smem) {
+    if (threads <= 0 || threads > EMU_MAX_THREADS) return cudaErrorInvalidValue;
+    int by_threads = 2048 / threads, by_smem = smem ? (int)((228u << 10) / (smem + 1024)) : 32;
+    *n = by_threads < by_smem ? by_threads : by_smem;
+    if (*n > 32) *n = 32;
+    return cudaSuccess;
+}
 cudaError_t cudaProfilerStart(void) { return cudaSuccess; }
 cudaError_t cudaProfilerStop(void) { return cudaSuccess; }
 cudaError_t cudaDriverGetVersion(int *v) { *v = 13000; return cudaSuccess; }

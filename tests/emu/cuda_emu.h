@@ -78,6 +78,10 @@ template <class T>
 static inline cudaError_t cudaFuncSetAttribute(T *kernel, enum cudaFuncAttribute a, int v) {
     return cudaFuncSetAttribute((const void *)kernel, a, v);
 }
+template <class T>
+static inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int *n, T *kernel, int threads, size_t smem) {
+    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(n, (const void *)kernel, threads, smem);
+}
 
 // ---- device intrinsics --------------------------------------------------------------------------
 #define __syncthreads() emu_syncthreads()
