@@ -756,6 +756,7 @@ extern "C" void lowrank_dropout_dx_cuda(cuda_ctx *ctx, void *gx, int gx_f32, int
     for (int i = 0; i < n; i++) {
         k.key[i] = keys[i];
         k.bits[i] = bits ? bits[i] : NULL;
+        MOSFT_ASSERT(!bits || bits[i]);  // all or none: the kernel reads the next module's bits ahead
     }
     // 16-byte copies where every row and module offset keeps them aligned
     int vec = r % 8 == 0 && ldgh % 8 == 0 && d_in % 8 == 0 && (uintptr_t)gh % 16 == 0 && (uintptr_t)A % 16 == 0;
