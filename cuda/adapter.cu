@@ -663,11 +663,19 @@ extern "C" void dropout_apply_cuda(cuda_ctx *ctx, bf16 *xd, const bf16 *x, int64
     CUDA_LAUNCH_CHECK();
 }
 
-// Splits of the reduced dimension for a grid of `tiles` x splits blocks of 128 threads: as many as one
-// wave of resident blocks holds (the fused dropout kernels are latency-bound, so every resident slot
-// counts, and a second, partial wave would only add a tail), at least 1, at most n_chunks and 16.
+// Splits of the reduced dimension for a grid of `tiles` x splits blocks of 128 threads with smem bytes
+// of shared memory (the kernel's limit raised to smem_max once): as many as one wave of resident blocks
+// holds (the fused dropout kernels are latency-bound, so every resident slot counts, and a second,
+// partial wave would only add a tail), at most n_chunks and 16, and while more than one, each split's
+// split_floats of fp32 partials within part's part_floats.
 template <class K>
-static int dropout_splits(K kernel, size_t smem, int tiles, int n_chunks) {
+static int dropout_splits(K kernel, size_t smem_max, size_t smem, int tiles, int n_chunks, size_t split_floats,
+                          const float *part, size_t part_floats) {
+    static int attr_set = 0;  // one per kernel (template instance)
+    if (!attr_set) {           // above the 48 KiB default
+        CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_max));
+        attr_set = 1;
+    }
     int sms = 0, dev = 0, per_sm = 0;
     CUDA_CHECK(cudaGetDevice(&dev));
     CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
@@ -675,6 +683,7 @@ static int dropout_splits(K kernel, size_t smem, int tiles, int n_chunks) {
     int splits = per_sm * sms / tiles;
     if (splits > n_chunks) splits = n_chunks;
     if (splits > 16) splits = 16;
+    while (splits > 1 && (!part || (size_t)splits * split_floats > part_floats)) splits--;
     return splits < 1 ? 1 : splits;
 }
 
@@ -692,17 +701,11 @@ extern "C" void lowrank_dropout_h_cuda(cuda_ctx *ctx, bf16 *h, int64_t ldh, cons
     uint32_t *b[3] = {NULL, NULL, NULL};
     for (int i = 0; bits && i < n; i++) b[i] = bits[i];
     int vec = ldx % 8 == 0 && d_in % 8 == 0 && (uintptr_t)x % 16 == 0 && (uintptr_t)A % 16 == 0;
-    static int attr_set = 0;
-    if (!attr_set) {  // above the 48 KiB default
-        CUDA_CHECK(cudaFuncSetAttribute(lowrank_dropout_h_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        (int)dh_smem_bytes(3, DA_NR)));
-        attr_set = 1;
-    }
     // splits of d_in: one wave of resident blocks, within the partials' room
     size_t smem = dh_smem_bytes(n, (int)NR);
     int rows = ceil_div_i(T, DH_T), n_chunks = ceil_div_i(d_in, DH_K);
-    int splits = dropout_splits(lowrank_dropout_h_kernel, smem, rows, n_chunks);
-    while (splits > 1 && (!part || (size_t)splits * (size_t)(T * NR) > part_floats)) splits--;
+    int splits = dropout_splits(lowrank_dropout_h_kernel, dh_smem_bytes(3, DA_NR), smem, rows, n_chunks,
+                                (size_t)(T * NR), part, part_floats);
     dim3 grid((unsigned)rows, (unsigned)splits);
     lowrank_dropout_h_kernel<<<grid, 128, smem, ctx->stream>>>(splits > 1 ? part : NULL, h, ldh, x, ldx, A, n, r, T,
                                                                          d_in, mk, b[0], b[1], b[2], thr, keep, n_chunks,
@@ -727,17 +730,11 @@ extern "C" void lowrank_dropout_da_cuda(cuda_ctx *ctx, float *gA, const bf16 *gh
         mk.bits[i] = bits ? bits[i] : NULL;
     }
     int vec = ldgh % 8 == 0 && ldx % 8 == 0 && d_in % 8 == 0 && (uintptr_t)gh % 16 == 0 && (uintptr_t)x % 16 == 0;
-    static int attr_set = 0;
-    if (!attr_set) {  // above the 48 KiB default
-        CUDA_CHECK(cudaFuncSetAttribute(lowrank_dropout_da_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        (int)da_smem_bytes(3, DA_NR)));
-        attr_set = 1;
-    }
     // splits of T: one wave of resident blocks, within the partials' room
     size_t smem = da_smem_bytes(n, (int)NR);
     int tiles = ceil_div_i(d_in, DA_C), n_chunks = ceil_div_i(T, DA_T);
-    int splits = dropout_splits(lowrank_dropout_da_kernel, smem, tiles, n_chunks);
-    while (splits > 1 && (!part || (size_t)splits * (size_t)(NR * d_in) > part_floats)) splits--;
+    int splits = dropout_splits(lowrank_dropout_da_kernel, da_smem_bytes(3, DA_NR), smem, tiles, n_chunks,
+                                (size_t)(NR * d_in), part, part_floats);
     float *dst = splits > 1 ? part : gA;
     dim3 grid((unsigned)tiles, (unsigned)splits);
     lowrank_dropout_da_kernel<<<grid, 128, smem, ctx->stream>>>(dst, NR * d_in, gh, ldgh, x, ldx, n, r, T, d_in,

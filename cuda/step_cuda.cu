@@ -422,6 +422,19 @@ static uint32_t *mask_bits(const cuda_impl *c, int l, int g, int i) {
     return c->dbits + layer * c->dbits_layer + c->dbits_grp[g] + i * c->dbits_mod[g];
 }
 
+// The masks of group g's modules in layer l: keys[i] and bit stores bits[i] of module i; returns the
+// threshold and multiplier they share.
+static drop_spec group_masks(const backend *be, const dropout_ctx *dc, int l, int g, uint64_t keys[3], uint32_t *bits[3]) {
+    const cuda_impl *c = (const cuda_impl *)be->impl;
+    drop_spec ds = {0, 0, 0, 1.0f};
+    for (int i = 0; i < c->grp[g].n; i++) {
+        ds = drop_of(be, dc, l, c->grp[g].mod[i]);
+        keys[i] = ds.key;
+        bits[i] = mask_bits(c, l, g, i);
+    }
+    return ds;
+}
+
 // Whether the forward of group g in layer l keeps its masks as bits now (and says so in dbits_of):
 // without recomputation always; with it, only while the backward recomputes the layer.
 static int mask_bits_write(cuda_impl *c, int l, int g) {
@@ -454,12 +467,7 @@ static void adapter_h(backend *be, const dims *d, int l, int g, bf16 *x, int64_t
     if (lowrank_dropout_fused_fits(ag->n, r)) {  // every module's masked product in one pass over x
         uint64_t keys[3];
         uint32_t *bits[3];
-        drop_spec ds;
-        for (int i = 0; i < ag->n; i++) {
-            ds = drop_of(be, dc, l, ag->mod[i]);
-            keys[i] = ds.key;
-            bits[i] = mask_bits(c, l, g, i);
-        }
+        drop_spec ds = group_masks(be, dc, l, g, keys, bits);
         lowrank_dropout_h_cuda(m.ctx, h, ldx, x, ldx, ag->A[l], ag->n, r, d->T, ag->d_in, keys, ds.thr, ds.keep,
                                mask_bits_write(c, l, g) ? bits : NULL, m.part, c->ad_part_floats);
         return;
@@ -520,13 +528,8 @@ static int64_t adapter_grads(backend *be, const dims *d, int l, int g, const bf1
     }
     if (lowrank_dropout_fused_fits(ag->n, r)) {  // every module's masked dL/dA in one pass over x
         uint64_t keys[3];
-        const uint32_t *bits[3];
-        drop_spec ds;
-        for (int i = 0; i < ag->n; i++) {
-            ds = drop_of(be, dc, l, ag->mod[i]);
-            keys[i] = ds.key;
-            bits[i] = mask_bits(c, l, g, i);
-        }
+        uint32_t *bits[3];
+        drop_spec ds = group_masks(be, dc, l, g, keys, bits);
         lowrank_dropout_da_cuda(w.ctx, w.gA, gh, ldgy, x, ldx, ag->n, r, d->T, di, keys, ds.thr, ds.keep,
                                 mask_bits_read(c, l, g) ? bits : NULL, w.part, c->ad_part_floats);
         for (int i = 0; i < ag->n; i++)
@@ -554,13 +557,8 @@ static void adapter_dx_dropout(backend *be, const dims *d, int l, int g, const b
     int di, dout;
     cuda_group_dims(&be->cfg, g, &di, &dout);
     uint64_t keys[3];
-    const uint32_t *bits[3];
-    drop_spec ds;
-    for (int i = 0; i < ag->n; i++) {
-        ds = drop_of(be, dc, l, ag->mod[i]);
-        keys[i] = ds.key;
-        bits[i] = mask_bits(c, l, g, i);
-    }
+    uint32_t *bits[3];
+    drop_spec ds = group_masks(be, dc, l, g, keys, bits);
     // the masks the forward kept (the fused h kernel writes them; see adapter_h), else the generator
     int kept = mask_bits_read(c, l, g) && lowrank_dropout_fused_fits(ag->n, c->rank);
     lowrank_dropout_dx_cuda(c->ctx, gx, gx_f32, ldgx, gy + dout, ldgy, ag->A[l], ag->n, c->rank, d->T, di, keys, ds.thr,
