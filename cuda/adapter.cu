@@ -578,6 +578,170 @@ __global__ void __launch_bounds__(128) lowrank_dropout_h_kernel(float *part, bf1
     }
 }
 
+// SwiGLU with the adapter product that reads its result, in one pass (instead of the elementwise kernel
+// and a skinny GEMM that reads its T x I output again):
+//   forward  (the down group, no dropout): a = silu(gate) * up, h = a A^T           A [R][I]
+//   backward (the gate|up group):          dgate | dup (in place over gate | up),
+//                                          gh = dgate sB_gate + dup sB_up            sB [2I][R]
+// where the gate|up group's sB is block-structured: the gate module's r columns (from c_gate) on the
+// gate rows, the up module's (from c_up) on the up rows, zeros elsewhere; only those blocks are
+// multiplied. Block: 64 tokens and a range of 64-column chunks of I (the splits: fp32 partials summed in
+// a fixed order afterwards); 4 warps, warp w owns tokens 16w .. 16w+15. Per chunk the gate, up (and
+// output-gradient) tiles and the factor's chunk stream in through two cp.async stages; each thread makes
+// the elementwise results of 8 columns at a time, writes them out and back into the gate / up tiles
+// (bf16: the values a GEMM would read), then the products run on the tensor cores.
+#define SW_T 64           // tokens per block
+#define SW_K 64           // columns of I per chunk
+#define SW_LD (SW_K + 8)  // row stride of the tiles
+#define SW_R 64           // at most R (forward) and r (backward)
+
+static size_t sw_smem_bytes(int bwd, int R, int r) {
+    size_t tiles = (size_t)(bwd ? 3 : 2) * SW_T * SW_LD;
+    size_t fac = bwd ? (size_t)2 * SW_K * (r + 8) : (size_t)R * SW_LD;
+    return sizeof(bf16) * 2 * (tiles + fac);
+}
+
+template <bool BWD>
+__global__ void __launch_bounds__(128) swiglu_lowrank_kernel(float *part, bf16 *gu, int64_t ldgu,
+                                                             const bf16 *__restrict__ gout, bf16 *out, int64_t ldo,
+                                                             bf16 *h, int64_t ldh, const bf16 *__restrict__ M, int R,
+                                                             int r, int c_gate, int c_up, int64_t T, int I,
+                                                             int n_chunks, int splits) {
+    extern __shared__ __align__(16) unsigned char sw_smem[];
+    constexpr int NX = BWD ? 3 : 2;  // tiles a stage: gate, up (, the output gradient)
+    const int FLD = BWD ? r + 8 : SW_LD;            // row stride of the factor's chunk
+    const int FN = BWD ? 2 * SW_K * FLD : R * FLD;  // its elements a stage
+    bf16 *Xs = (bf16 *)sw_smem;                     // [2][NX][64][SW_LD]
+    bf16 *Fs = Xs + 2 * NX * SW_T * SW_LD;          // [2][FN]: A's rows (forward), sB's gate, up blocks (backward)
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+    int64_t t0 = (int64_t)blockIdx.x * SW_T;
+    int s = blockIdx.y;
+    int q0 = (int)((int64_t)s * n_chunks / splits), q1 = (int)((int64_t)(s + 1) * n_chunks / splits);
+    auto load = [&](int q) {
+        int st = (q - q0) & 1, k0 = q * SW_K;
+        bf16 *xs = Xs + st * NX * SW_T * SW_LD, *fs = Fs + st * FN;
+        for (int v = threadIdx.x; v < NX * SW_T * (SW_K / 8); v += blockDim.x) {  // 64 tokens x 64 columns each
+            int x = v / (SW_T * SW_K / 8), row = (v / (SW_K / 8)) % SW_T, cq = (v % (SW_K / 8)) * 8;
+            int64_t t = t0 + row;
+            bool ok = t < T && k0 + cq < I;
+            const bf16 *src = x == 2 ? gout + t * I + k0 + cq : gu + t * ldgu + (x ? I : 0) + k0 + cq;
+            cp_async16(xs + (x * SW_T + row) * SW_LD + cq, ok ? src : gu, ok);
+        }
+        if (BWD) {  // sB rows k0 .. k0+63 of the gate and of the up half, the module's r columns
+            int vr = r / 8;
+            for (int v = threadIdx.x; v < 2 * SW_K * vr; v += blockDim.x) {
+                int m = v / (SW_K * vr), kr = (v / vr) % SW_K, cq = (v % vr) * 8;
+                int c = m ? c_up : c_gate;
+                bool ok = c >= 0 && k0 + kr < I;
+                const bf16 *src = M + ((int64_t)m * I + k0 + kr) * R + c + cq;
+                cp_async16(fs + (m * SW_K + kr) * FLD + cq, ok ? src : M, ok);
+            }
+        } else {  // A's R rows, columns k0 .. k0+63
+            for (int v = threadIdx.x; v < R * (SW_K / 8); v += blockDim.x) {
+                int row = v / (SW_K / 8), cq = (v % (SW_K / 8)) * 8;
+                bool ok = k0 + cq < I;
+                cp_async16(fs + row * FLD + cq, ok ? M + (int64_t)row * I + k0 + cq : M, ok);
+            }
+        }
+        cp_commit();
+    };
+    float acc[2 * SW_R / 8][4] = {};  // forward: R / 8 n-tiles; backward: gate's r / 8, then up's at SW_R / 8
+    if (q0 < q1) load(q0);
+    for (int q = q0; q < q1; q++) {
+        stage_next(load, q, q1);
+        __syncthreads();
+        int st = (q - q0) & 1, k0 = q * SW_K;
+        bf16 *xs = Xs + st * NX * SW_T * SW_LD;
+        const bf16 *fs = Fs + st * FN;
+        for (int v = threadIdx.x; v < SW_T * (SW_K / 8); v += blockDim.x) {  // the elementwise part
+            int row = v / (SW_K / 8), cq = (v % (SW_K / 8)) * 8;
+            int64_t t = t0 + row;
+            bf16 *gs = xs + row * SW_LD + cq, *us = gs + SW_T * SW_LD;
+            float gf[8], uf[8];
+            load_bf16<8>(gs, gf);
+            load_bf16<8>(us, uf);
+            bool ok = t < T && k0 + cq < I;
+            if (BWD) {
+                float go[8], dg[8], du[8];
+                load_bf16<8>(us + SW_T * SW_LD, go);
+#pragma unroll
+                for (int k = 0; k < 8; k++) {  // as swiglu_backward_kernel
+                    float sg = 1.0f / (1.0f + expf(-gf[k]));
+                    dg[k] = go[k] * uf[k] * (sg * (1.0f + gf[k] * (1.0f - sg)));
+                    du[k] = go[k] * (gf[k] / (1.0f + expf(-gf[k])));
+                }
+                store_bf16<8>(gs, dg);
+                store_bf16<8>(us, du);
+                if (ok) {
+                    *(uint4 *)(gu + t * ldgu + k0 + cq) = *(const uint4 *)gs;
+                    *(uint4 *)(gu + t * ldgu + I + k0 + cq) = *(const uint4 *)us;
+                }
+            } else {
+#pragma unroll
+                for (int k = 0; k < 8; k++) gf[k] = gf[k] / (1.0f + expf(-gf[k])) * uf[k];  // as swiglu_forward_kernel
+                store_bf16<8>(gs, gf);
+                if (ok) *(uint4 *)(out + t * ldo + k0 + cq) = *(const uint4 *)gs;
+            }
+        }
+        __syncthreads();
+        int L = lane, i4 = L >> 3;
+#pragma unroll
+        for (int kk = 0; kk < SW_K; kk += 16) {
+            if (BWD) {
+#pragma unroll
+                for (int m = 0; m < 2; m++) {
+                    if ((m ? c_up : c_gate) < 0) continue;
+                    uint32_t a[4];
+                    ldsm4(a, xs + (m * SW_T + warp * 16 + (L & 15)) * SW_LD + kk + (L >> 4) * 8);
+                    const bf16 *fm = fs + m * SW_K * FLD;
+#pragma unroll
+                    for (int np = 0; np < SW_R / 16; np++) {
+                        if (np >= r / 16) break;
+                        uint32_t b[4];  // B[k][n] = sB chunk [k][n]: .trans
+                        ldsm4t(b, fm + (kk + (i4 & 1) * 8 + (L & 7)) * FLD + np * 16 + (i4 >> 1) * 8);
+                        mma16816(acc[m * (SW_R / 8) + 2 * np], a, b[0], b[1]);
+                        mma16816(acc[m * (SW_R / 8) + 2 * np + 1], a, b[2], b[3]);
+                    }
+                }
+            } else {
+                uint32_t a[4];
+                ldsm4(a, xs + (warp * 16 + (L & 15)) * SW_LD + kk + (L >> 4) * 8);
+#pragma unroll
+                for (int np = 0; np < SW_R / 16; np++) {
+                    if (np >= R / 16) break;
+                    uint32_t b[4];  // B[k][n] = A[n][k]
+                    ldsm4(b, fs + (np * 16 + (i4 >> 1) * 8 + (L & 7)) * FLD + kk + (i4 & 1) * 8);
+                    mma16816(acc[2 * np], a, b[0], b[1]);
+                    mma16816(acc[2 * np + 1], a, b[2], b[3]);
+                }
+            }
+        }
+        __syncthreads();  // the stage is free for the chunk after next
+    }
+#pragma unroll
+    for (int nt = 0; nt < 2 * SW_R / 8; nt++) {
+        int m = nt / (SW_R / 8), j;  // output column j, j + 1
+        if (BWD) {
+            int c = m ? c_up : c_gate;
+            if (c < 0 || nt % (SW_R / 8) >= r / 8) continue;
+            j = c + (nt % (SW_R / 8)) * 8 + 2 * tq;
+        } else {
+            if (nt >= R / 8) continue;
+            j = nt * 8 + 2 * tq;
+        }
+#pragma unroll
+        for (int hl = 0; hl < 2; hl++) {
+            int64_t t = t0 + warp * 16 + g + 8 * hl;
+            if (t >= T) continue;
+            float v0 = acc[nt][2 * hl], v1 = acc[nt][2 * hl + 1];
+            if (part)
+                *(float2 *)(part + ((int64_t)s * T + t) * R + j) = make_float2(v0, v1);
+            else
+                *(__nv_bfloat162 *)(h + t * ldh + j) = __floats2bfloat162_rn(v0, v1);
+        }
+    }
+}
+
 // ---- the maps, on the host ------------------------------------------------------------------------
 
 extern "C" int lowrank_map_shards(const adapter *ad) { return !strcmp(ad->spec.method, "mos") ? ad->spec.shards : 1; }
@@ -671,10 +835,13 @@ extern "C" void dropout_apply_cuda(cuda_ctx *ctx, bf16 *xd, const bf16 *x, int64
 template <class K>
 static int dropout_splits(K kernel, size_t smem_max, size_t smem, int tiles, int n_chunks, size_t split_floats,
                           const float *part, size_t part_floats) {
-    static int attr_set = 0;  // one per kernel (template instance)
-    if (!attr_set) {           // above the 48 KiB default
+    static const void *attr_set[8];  // the kernels whose limit is raised (above the 48 KiB default)
+    int k = 0;
+    while (k < 8 && attr_set[k] && attr_set[k] != (const void *)kernel) k++;
+    MOSFT_ASSERT(k < 8);
+    if (!attr_set[k]) {
         CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_max));
-        attr_set = 1;
+        attr_set[k] = (const void *)kernel;
     }
     int sms = 0, dev = 0, per_sm = 0;
     CUDA_CHECK(cudaGetDevice(&dev));
@@ -769,4 +936,44 @@ extern "C" void lowrank_dropout_dx_cuda(cuda_ctx *ctx, void *gx, int gx_f32, int
     lowrank_dropout_dx_kernel<<<grid, 256, smem, ctx->stream>>>(gx, gx_f32, ldgx, gh, ldgh, A, n, r, T, d_in, k, thr, keep,
                                                                 vec, gvec);
     CUDA_LAUNCH_CHECK();
+}
+
+extern "C" int swiglu_lowrank_fits(int I, int64_t ldgu, int R, int r) {
+    return I % 8 == 0 && ldgu % 8 == 0 && R % 16 == 0 && r % 16 == 0 && r >= 16 && r <= SW_R && R <= 3 * SW_R;
+}
+
+// The chunks of I split over blocks.y (fp32 partials [splits][T][R] summed in order), one wave as the
+// dropout kernels.
+template <bool BWD>
+static void swiglu_lowrank_launch(cuda_ctx *ctx, float *part, size_t part_floats, bf16 *gu, int64_t ldgu,
+                                  const bf16 *gout, bf16 *out, int64_t ldo, bf16 *h, int64_t ldh, const bf16 *M, int R,
+                                  int r, int c_gate, int c_up, int64_t T, int I) {
+    size_t smem = sw_smem_bytes(BWD, R, r);
+    int rows = ceil_div_i(T, SW_T), n_chunks = ceil_div_i(I, SW_K);
+    int splits = dropout_splits(swiglu_lowrank_kernel<BWD>, BWD ? sw_smem_bytes(1, 0, SW_R) : sw_smem_bytes(0, SW_R, 0),
+                                smem, rows, n_chunks, (size_t)(T * R), part, part_floats);
+    dim3 grid((unsigned)rows, (unsigned)splits);
+    swiglu_lowrank_kernel<BWD><<<grid, 128, smem, ctx->stream>>>(splits > 1 ? part : NULL, gu, ldgu, gout, out, ldo, h,
+                                                                 ldh, M, R, r, c_gate, c_up, T, I, n_chunks, splits);
+    CUDA_LAUNCH_CHECK();
+    if (splits > 1) splitk_sum_cuda(ctx, part, splits, T, R, h, ldh, GEMM_BF16);
+}
+
+extern "C" void swiglu_lowrank_forward_cuda(cuda_ctx *ctx, bf16 *out, int64_t ldo, bf16 *h, int64_t ldh, const bf16 *gu,
+                                            int64_t ldgu, const bf16 *A, int R, int64_t T, int I, float *part,
+                                            size_t part_floats) {
+    MOSFT_ASSERT(swiglu_lowrank_fits(I, ldgu, R, 16) && R <= SW_R && ldo % 8 == 0 && ldh % 2 == 0);
+    MOSFT_ASSERT((uintptr_t)gu % 16 == 0 && (uintptr_t)out % 16 == 0 && (uintptr_t)A % 16 == 0);
+    if (T == 0) return;
+    swiglu_lowrank_launch<false>(ctx, part, part_floats, (bf16 *)gu, ldgu, NULL, out, ldo, h, ldh, A, R, 0, -1, -1, T, I);
+}
+
+extern "C" void swiglu_lowrank_backward_cuda(cuda_ctx *ctx, bf16 *gu, int64_t ldgu, const bf16 *gout, bf16 *gh, int64_t ldh,
+                                             const bf16 *B, int R, int r, int c_gate, int c_up, int64_t T, int I,
+                                             float *part, size_t part_floats) {
+    MOSFT_ASSERT(swiglu_lowrank_fits(I, ldgu, R, r) && ldh % 2 == 0 && (c_gate >= 0 || c_up >= 0));
+    MOSFT_ASSERT((c_gate < 0 || (c_gate % 8 == 0 && c_gate + r <= R)) && (c_up < 0 || (c_up % 8 == 0 && c_up + r <= R)));
+    MOSFT_ASSERT((uintptr_t)gu % 16 == 0 && (uintptr_t)gout % 16 == 0 && (uintptr_t)B % 16 == 0);
+    if (T == 0) return;
+    swiglu_lowrank_launch<true>(ctx, part, part_floats, gu, ldgu, gout, NULL, 0, gh, ldh, B, R, r, c_gate, c_up, T, I);
 }

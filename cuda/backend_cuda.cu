@@ -400,6 +400,8 @@ static int create_common(backend **out, const llama_config *cfg, const char *mod
             CUDA_CHECK(cudaEventCreateWithFlags(&c->w_free[i], cudaEventDisableTiming));
         }
     }
+    const char *sf = getenv("MOSFT_SWIGLU_FUSED");
+    c->swiglu_fused = !(sf && !strcmp(sf, "0"));
     const char *ov = getenv("MOSFT_ADAPTER_OVERLAP");
     if (!c->peer && !(ov && !strcmp(ov, "0"))) {
         if (!(c->side = cuda_ctx_create_side())) {

@@ -161,6 +161,7 @@ typedef struct {
     float *cs;                     // [S_cap][D/2][2] rope table
     // NF4 base: the groups' weights are dequantized one group ahead on a second stream (group_weight)
     int wpipe;                     // the pipeline is on (MOSFT_WEIGHT_PREFETCH=0 turns it off)
+    int swiglu_fused;              // SwiGLU with the adapter's h / gh in one pass (MOSFT_SWIGLU_FUSED=0 turns it off)
     bf16 *wbufs[2];                // dequantized weight groups (the same buffer twice when wpipe is off)
     cudaStream_t wstream;
     cudaEvent_t w_ready[2], w_free[2];  // buffer filled (weight stream) / its readers done (main stream)

@@ -121,6 +121,19 @@ void rmsnorm_backward_cuda(cuda_ctx *ctx, float *ginp, bf16 *ginp_bf16, int64_t 
 void swiglu_forward_cuda(cuda_ctx *ctx, bf16 *out, int64_t ldo, const bf16 *gu, int64_t ldgu, int64_t T, int I);
 // In place: gu[T][2I] becomes (dL/dgate | dL/dup) from gout[T][I] (overwrites, no accumulation).
 void swiglu_backward_cuda(cuda_ctx *ctx, bf16 *gu, int64_t ldgu, const bf16 *gout, int64_t T, int I);
+// The same two with the adapter product that reads their output, in one pass (cuda/adapter.cu):
+// forward: out as swiglu_forward_cuda and h[T][R] (bf16, row stride ldh) = out A^T, A [R][I] bf16;
+// backward: gu as swiglu_backward_cuda and gh[T][R] (bf16, row stride ldh) = dgate sB[0:I] + dup sB[I:2I]
+// over the r columns from c_gate (gate rows) and from c_up (up rows) only (-1: no such module), sB [2I][R]
+// bf16. Splits I over fp32 partials in `part` (part_floats of room; NULL: no split), summed in a fixed
+// order. swiglu_lowrank_fits: the shapes they take (I, ldgu % 8 == 0, R and r % 16 == 0, 16 <= r <= 64;
+// forward R <= 64).
+int swiglu_lowrank_fits(int I, int64_t ldgu, int R, int r);
+void swiglu_lowrank_forward_cuda(cuda_ctx *ctx, bf16 *out, int64_t ldo, bf16 *h, int64_t ldh, const bf16 *gu,
+                                 int64_t ldgu, const bf16 *A, int R, int64_t T, int I, float *part, size_t part_floats);
+void swiglu_lowrank_backward_cuda(cuda_ctx *ctx, bf16 *gu, int64_t ldgu, const bf16 *gout, bf16 *gh, int64_t ldh,
+                                  const bf16 *B, int R, int r, int c_gate, int c_up, int64_t T, int I, float *part,
+                                  size_t part_floats);
 // out[T][C] = table[ids[t]]; ids[T] device, in [0, V) (checked on the host).
 void embedding_forward_cuda(cuda_ctx *ctx, bf16 *out, const int32_t *ids, const bf16 *table, int64_t T, int C);
 

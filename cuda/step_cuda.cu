@@ -502,11 +502,11 @@ static void ad_scatter(cuda_impl *c, const ad_lane *ln, const cuda_adapter_group
 static int64_t k_fwd(const cuda_impl *c, int g, int64_t d_in) { return d_in + c->grp[g].R; }
 
 // Backward of group g's adapters, before its input-gradient GEMM: gh = gy (sB) into gy's extra columns
-// (gy [T][d_out + Rp], row stride ldgy) on the main lane, then on the side lane dL/dB = s gy^T h,
+// (gy [T][d_out + Rp], row stride ldgy) on the main lane (unless gh_done: the SwiGLU backward made it), then on the side lane dL/dB = s gy^T h,
 // dL/dA = gh^T xd, both scattered into c->grad. Returns the K of the input-gradient GEMM: d_out + R
 // when gh A rides along (no dropout), else d_out (adapter_dx_dropout adds the masked term after it).
 static int64_t adapter_grads(backend *be, const dims *d, int l, int g, const bf16 *x, int64_t ldx, bf16 *gy, int64_t ldgy,
-                             const dropout_ctx *dc) {
+                             const dropout_ctx *dc, int gh_done) {
     cuda_impl *c = (cuda_impl *)be->impl;
     cuda_adapter_group *ag = &c->grp[g];
     int di, dout;
@@ -516,7 +516,7 @@ static int64_t adapter_grads(backend *be, const dims *d, int l, int g, const bf1
     bf16 *gh = gy + dout;
     const bf16 *h = x + di;
     ad_lane m = lane_main(c);
-    ad_gemm(c, &m, 0, 0, d->T, R, dout, 1.0f, gy, ldgy, ag->B[l], R, gh, ldgy, GEMM_BF16);
+    if (!gh_done) ad_gemm(c, &m, 0, 0, d->T, R, dout, 1.0f, gy, ldgy, ag->B[l], R, gh, ldgy, GEMM_BF16);
     ad_lane w = side_begin(c);
     ad_gemm(c, &w, 1, 0, dout, R, d->T, c->scaling, gy, ldgy, h, ldx, w.gB, R, GEMM_F32);
     if (!dropout_on(be, dc)) {
@@ -563,6 +563,41 @@ static void adapter_dx_dropout(backend *be, const dims *d, int l, int g, const b
     int kept = mask_bits_read(c, l, g) && lowrank_dropout_fused_fits(ag->n, c->rank);
     lowrank_dropout_dx_cuda(c->ctx, gx, gx_f32, ldgx, gy + dout, ldgy, ag->A[l], ag->n, c->rank, d->T, di, keys, ds.thr,
                             ds.keep, kept ? bits : NULL);
+}
+
+// a = silu(gate) * up of layer l with the down adapter's h = a A^T in one pass, when the shapes allow and
+// there is no dropout (the fused dropout kernel makes h from a then). Returns whether it did.
+static int swiglu_forward_h(backend *be, const dims *d, int l, const dropout_ctx *dc) {
+    cuda_impl *c = (cuda_impl *)be->impl;
+    const cuda_adapter_group *ag = &c->grp[GRP_DOWN];
+    lds ld = lds_of(c, d);
+    if (!c->swiglu_fused || !ag->n || dropout_on(be, dc) || ag->R > 64 || !swiglu_lowrank_fits(d->I, ld.gu, ag->R, c->rank))
+        return 0;
+    cuda_acts *a = &c->acts[l];
+    swiglu_lowrank_forward_cuda(c->ctx, a->a, ld.a, a->a + d->I, ld.a, a->gu, ld.gu, ag->A[l], ag->R, d->T, d->I, c->ad_part,
+                                c->ad_part_floats);
+    return 1;
+}
+
+// dL/dgate | dL/dup (in place over layer l's gate | up, from ga = dL/da) with the gate|up adapter's
+// gh = [dgate | dup] sB in one pass, when the shapes allow. Returns whether gh was made (else only the
+// SwiGLU backward ran).
+static int swiglu_backward_gh(cuda_impl *c, const dims *d, int l, const bf16 *ga) {
+    const cuda_adapter_group *ag = &c->grp[GRP_GU];
+    cuda_acts *a = &c->acts[l];
+    lds ld = lds_of(c, d);
+    if (!c->swiglu_fused || !ag->n || !swiglu_lowrank_fits(d->I, ld.gu, ag->R, c->rank)) {
+        swiglu_backward_cuda(c->ctx, a->gu, ld.gu, ga, d->T, d->I);
+        return 0;
+    }
+    int cg = -1, cu = -1;  // the gate and up modules' columns of R
+    for (int i = 0; i < ag->n; i++) {
+        if (ag->mod[i] == MOD_GATE) cg = i * c->rank;
+        if (ag->mod[i] == MOD_UP) cu = i * c->rank;
+    }
+    swiglu_lowrank_backward_cuda(c->ctx, a->gu, ld.gu, ga, a->gu + 2 * (int64_t)d->I, ld.gu, ag->B[l], ag->R, c->rank, cg, cu,
+                                 d->T, d->I, c->ad_part, c->ad_part_floats);
+    return 1;
 }
 
 // ---- the layer --------------------------------------------------------------------------------------
@@ -627,9 +662,11 @@ static void mlp_block_forward(backend *be, const dims *d, int l, bf16 *x_out, co
     gemm_cuda(ctx, 0, 1, d->T, 2 * (int64_t)d->I, k_fwd(c, GRP_GU, d->C), 1.0f, a->h2, ld.h2, w, d->C + rp(c, GRP_GU),
               0.0f, NULL, a->gu, ld.gu, GEMM_BF16);
     prof_mark(c, PROF_ELEM);
-    swiglu_forward_cuda(ctx, a->a, ld.a, a->gu, ld.gu, d->T, d->I);
-    prof_mark(c, PROF_ADAPTER);
-    adapter_h(be, d, l, GRP_DOWN, a->a, ld.a, dc);  // saved for backward even when x_out is not needed
+    if (!swiglu_forward_h(be, d, l, dc)) {
+        swiglu_forward_cuda(ctx, a->a, ld.a, a->gu, ld.gu, d->T, d->I);
+        prof_mark(c, PROF_ADAPTER);
+        adapter_h(be, d, l, GRP_DOWN, a->a, ld.a, dc);  // saved for backward even when x_out is not needed
+    }
     if (!x_out) return;
     w = group_weight(c, d, l, GRP_DOWN);
     prof_mark(c, PROF_GEMM);
@@ -648,7 +685,7 @@ static void layer_backward(backend *be, const dims *d, int l, const dropout_ctx 
     lds ld = lds_of(c, d);
     // MLP: x_out = x_mid + down(silu(gate(h2)) * up(h2))
     prof_mark(c, PROF_ADAPTER_BWD);
-    int64_t K = adapter_grads(be, d, l, GRP_DOWN, a->a, ld.a, c->gxb, ld.gxb, dc);
+    int64_t K = adapter_grads(be, d, l, GRP_DOWN, a->a, ld.a, c->gxb, ld.gxb, dc, 0);
     const bf16 *w = group_weight(c, d, l, GRP_DOWN);
     bf16 *ga = c->gbig;  // [T][I]
     prof_mark(c, PROF_GEMM_BWD);
@@ -656,9 +693,9 @@ static void layer_backward(backend *be, const dims *d, int l, const dropout_ctx 
     prof_mark(c, PROF_ADAPTER_BWD);
     adapter_dx_dropout(be, d, l, GRP_DOWN, c->gxb, ld.gxb, ga, 0, d->I, dc);
     prof_mark(c, PROF_ELEM);
-    swiglu_backward_cuda(ctx, a->gu, ld.gu, ga, d->T, d->I);  // a->gu now holds dL/dgate | dL/dup
+    int gh_done = swiglu_backward_gh(c, d, l, ga);  // a->gu now holds dL/dgate | dL/dup (| gh)
     prof_mark(c, PROF_ADAPTER_BWD);
-    K = adapter_grads(be, d, l, GRP_GU, a->h2, ld.h2, a->gu, ld.gu, dc);
+    K = adapter_grads(be, d, l, GRP_GU, a->h2, ld.h2, a->gu, ld.gu, dc, gh_done);
     w = group_weight(c, d, l, GRP_GU);
     prof_mark(c, PROF_GEMM_BWD);
     gemm_cuda(ctx, 0, 0, d->T, d->C, K, 1.0f, a->gu, ld.gu, w, d->C + rp(c, GRP_GU), 0.0f, NULL, c->gh, d->C, GEMM_F32);
@@ -669,7 +706,7 @@ static void layer_backward(backend *be, const dims *d, int l, const dropout_ctx 
     rmsnorm_backward_cuda(ctx, c->gx, c->gxb, ld.gxb, c->gh, a->x_mid, L->mlp_norm, a->rstd2, d->T, d->C);
     // attention: x_mid = x_in + o(attention(rope(q(h1)), rope(k(h1)), v(h1)))
     prof_mark(c, PROF_ADAPTER_BWD);
-    K = adapter_grads(be, d, l, GRP_O, a->att, ld.att, c->gxb, ld.gxb, dc);
+    K = adapter_grads(be, d, l, GRP_O, a->att, ld.att, c->gxb, ld.gxb, dc, 0);
     w = group_weight(c, d, l, GRP_O);
     bf16 *gatt = c->gbig;  // [T][Q]
     prof_mark(c, PROF_GEMM_BWD);
@@ -682,7 +719,7 @@ static void layer_backward(backend *be, const dims *d, int l, const dropout_ctx 
     attention_backward_cuda(ctx, gqkv, ld.qkv, c->cs, gatt, a->att, ld.att, a->lse, a->q, a->k, a->v, c->mask, d->B, d->S,
                             d->Hq, d->Hkv, d->D, c->delta, c->big, att_chunk(c, d), c->o_tmp, c->gq, c->gk, c->gv);
     prof_mark(c, PROF_ADAPTER_BWD);
-    K = adapter_grads(be, d, l, GRP_QKV, a->h1, ld.h1, gqkv, ld.qkv, dc);
+    K = adapter_grads(be, d, l, GRP_QKV, a->h1, ld.h1, gqkv, ld.qkv, dc, 0);
     if (l == 0) return;  // dL/dx_in of layer 0 would only reach the embedding, which is frozen
     w = group_weight(c, d, l, GRP_QKV);
     prof_mark(c, PROF_GEMM_BWD);

@@ -1004,6 +1004,102 @@ static void check_dropout_h(cuda_ctx *ctx, rng_state *r, int64_t T, int d, int n
     cudaFree(dx), cudaFree(dA), cudaFree(part);
 }
 
+// SwiGLU with the adapter product in one pass. Forward: a against swiglu_forward_cpu, h = a A^T against a
+// double sum over the kernel's own bf16 a; backward: dgate | dup against swiglu_backward_cpu, gh over the
+// gate / up blocks of sB against a double sum over the kernel's own bf16 dgate | dup; with and without
+// splits of I, T and I not multiples of the tiles, columns outside the outputs untouched.
+static void check_swiglu_lowrank(cuda_ctx *ctx, rng_state *r, int64_t T, int I, int rk, int cg, int cu, int R) {
+    ck_assert(swiglu_lowrank_fits(I, 2 * I + R + 8, R, rk));
+    int64_t ldgu = 2 * (int64_t)I + R + 8, lda = I + R + 8;  // [gate | up | gh | 8 spare], [a | h | 8 spare]
+    size_t ngu = (size_t)(T * ldgu), na = (size_t)(T * lda), n = (size_t)(T * I);
+    float *gu = rnd_bf16(r, ngu, 2.0f), *go = rnd_bf16(r, n, 0.5f), *a0 = rnd_bf16(r, na, 1.0f);
+    float *A = rnd_bf16(r, (size_t)R * I, 0.2f), *B = rnd_bf16(r, (size_t)(2 * I) * R, 0.2f);
+    float *g = xmalloc(sizeof(float) * n), *u = xmalloc(sizeof(float) * n);
+    for (int64_t t = 0; t < T; t++)
+        for (int i = 0; i < I; i++) g[t * I + i] = gu[t * ldgu + i], u[t * I + i] = gu[t * ldgu + I + i];
+    float *a = xmalloc(sizeof(float) * n), *dg = xcalloc(n, sizeof(float)), *du = xcalloc(n, sizeof(float));
+    swiglu_forward_cpu(a, g, u, (int64_t)n);
+    swiglu_backward_cpu(dg, du, go, g, u, (int64_t)n);
+    size_t part_floats = (size_t)16 * T * R;
+    float *part = dev_alloc(4 * part_floats);
+    void *dA = dev_bf16(A, (size_t)R * I), *dB = dev_bf16(B, (size_t)(2 * I) * R), *dgo = dev_bf16(go, n);
+    char name[160];
+    for (int split = 1; split >= 0; split--) {
+        float *part_ = split ? part : NULL;
+        size_t pf = split ? part_floats : 0;
+        // forward (R columns of h; the down group's R is at most 64)
+        void *dgu = dev_bf16(gu, ngu), *da = dev_bf16(a0, na);
+        int64_t touched = 0;
+        if (R <= 64) {
+        swiglu_lowrank_forward_cuda(ctx, da, lda, (bf16 *)da + I, lda, dgu, ldgu, dA, R, T, I, part_, pf);
+        float *ga = down_bf16(da, na), *got = xmalloc(sizeof(float) * n), *gh = xmalloc(sizeof(float) * (size_t)(T * R));
+        float *want = xmalloc(sizeof(float) * (size_t)(T * R));
+        for (int64_t t = 0; t < T; t++) {
+            for (int i = 0; i < I; i++) got[t * I + i] = ga[t * lda + i];
+            for (int j = 0; j < R; j++) {
+                double acc = 0;
+                for (int i = 0; i < I; i++) acc += (double)ga[t * lda + i] * A[(int64_t)j * I + i];
+                want[t * R + j] = (float)acc, gh[t * R + j] = ga[t * lda + I + j];
+            }
+            for (int64_t c = I + R; c < lda; c++) touched += ga[t * lda + c] != bf16_round(a0[t * lda + c]);
+        }
+        snprintf(name, sizeof name, "swiglu+h fwd a, T %lld I %d R %d (%s)", (long long)T, I, R, split ? "splits" : "one split");
+        ck_assert(close_enough(name, got, a, n, 1e-3 * max_abs(a, n), RT));
+        snprintf(name, sizeof name, "swiglu+h fwd h, T %lld I %d R %d (%s)", (long long)T, I, R, split ? "splits" : "one split");
+        ck_assert(close_enough(name, gh, want, (size_t)(T * R), 1e-3, RT));
+        ck_assert_msg(touched == 0, "swiglu+h fwd: %lld spare values changed", (long long)touched);
+        free(ga), free(got), free(gh), free(want);
+        }
+        cudaFree(da);
+        // backward (gh of the gate / up blocks)
+        swiglu_lowrank_backward_cuda(ctx, dgu, ldgu, dgo, (bf16 *)dgu + 2 * I, ldgu, dB, R, rk, cg, cu, T, I, part_, pf);
+        float *gg = down_bf16(dgu, ngu), *gga = xmalloc(sizeof(float) * n), *ggb = xmalloc(sizeof(float) * n);
+        float *ghw = xcalloc((size_t)(T * R), sizeof(float)), *ghg = xmalloc(sizeof(float) * (size_t)(T * R));
+        touched = 0;
+        for (int64_t t = 0; t < T; t++) {
+            for (int i = 0; i < I; i++) gga[t * I + i] = gg[t * ldgu + i], ggb[t * I + i] = gg[t * ldgu + I + i];
+            for (int m = 0; m < 2; m++) {
+                int c0 = m ? cu : cg;
+                for (int j = 0; c0 >= 0 && j < rk; j++) {
+                    double acc = 0;
+                    for (int i = 0; i < I; i++)
+                        acc += (double)gg[t * ldgu + m * I + i] * B[(int64_t)(m * I + i) * R + c0 + j];
+                    ghw[t * R + c0 + j] = (float)acc;
+                }
+            }
+            for (int j = 0; j < R; j++) {
+                ghg[t * R + j] = gg[t * ldgu + 2 * I + j];
+                int mine = (cg >= 0 && j >= cg && j < cg + rk) || (cu >= 0 && j >= cu && j < cu + rk);
+                if (!mine) ghg[t * R + j] = ghw[t * R + j] = 0, touched += gg[t * ldgu + 2 * I + j] != bf16_round(gu[t * ldgu + 2 * I + j]);
+            }
+            for (int64_t c = 2 * I + R; c < ldgu; c++) touched += gg[t * ldgu + c] != bf16_round(gu[t * ldgu + c]);
+        }
+        snprintf(name, sizeof name, "swiglu+gh bwd dgate, T %lld I %d (%s)", (long long)T, I, split ? "splits" : "one split");
+        ck_assert(close_enough(name, gga, dg, n, 1e-3 * max_abs(dg, n), RT));
+        snprintf(name, sizeof name, "swiglu+gh bwd dup, T %lld I %d (%s)", (long long)T, I, split ? "splits" : "one split");
+        ck_assert(close_enough(name, ggb, du, n, 1e-3 * max_abs(du, n), RT));
+        snprintf(name, sizeof name, "swiglu+gh bwd gh, r %d gate %d up %d R %d (%s)", rk, cg, cu, R, split ? "splits" : "one split");
+        ck_assert(close_enough(name, ghg, ghw, (size_t)(T * R), 1e-3, RT));
+        ck_assert_msg(touched == 0, "swiglu+gh bwd: %lld values outside the outputs changed", (long long)touched);
+        free(gg), free(gga), free(ggb), free(ghw), free(ghg);
+        cudaFree(dgu);
+    }
+    free(gu), free(go), free(a0), free(A), free(B), free(g), free(u), free(a), free(dg), free(du);
+    cudaFree(part), cudaFree(dA), cudaFree(dB), cudaFree(dgo);
+}
+
+START_TEST(test_swiglu_lowrank) {
+    cuda_ctx *ctx = ctx_new();
+    rng_state r;
+    rng_seed(&r, 4242);
+    check_swiglu_lowrank(ctx, &r, 100, 200, 32, 0, 32, 64);   // MoS r 32: gate and up
+    check_swiglu_lowrank(ctx, &r, 64, 128, 16, -1, 0, 16);    // up only
+    check_swiglu_lowrank(ctx, &r, 70, 136, 64, 0, -1, 64);    // gate only, LoRA r 64
+    check_swiglu_lowrank(ctx, &r, 33, 256, 48, 48, 0, 96);    // up before gate in R
+    cuda_ctx_free(ctx);
+}
+END_TEST
+
 START_TEST(test_dropout) {
     cuda_ctx *ctx = ctx_new();
     rng_state r;
@@ -1066,6 +1162,7 @@ static Suite *kernels_suite(void) {
     tcase_add_test(tc, test_gemm_tune);
     tcase_add_test(tc, test_rmsnorm);
     tcase_add_test(tc, test_swiglu_embedding);
+    tcase_add_test(tc, test_swiglu_lowrank);
     tcase_add_test(tc, test_rope);
     tcase_add_test(tc, test_attention);
     tcase_add_test(tc, test_lmhead_ce);

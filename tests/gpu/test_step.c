@@ -376,6 +376,60 @@ END_TEST
 // The adapter's weight gradients on the side stream (the default) against one stream
 // (MOSFT_ADAPTER_OVERLAP=0): the same products in the same order, so bit-identical losses and
 // parameters; a missing join would let the main stream overwrite a buffer the side still reads.
+// SwiGLU with the adapter's h (forward) and gh (backward) in one pass against the separate kernel and
+// GEMM (MOSFT_SWIGLU_FUSED=0), on random weights at stories260K's shapes but an intermediate size the
+// fused kernels take (176; stories260K's 172 is not a multiple of 8) and MoS r 16: loss and gradients
+// of one step within bf16 rounding (the products sum in another order), for every recompute level,
+// without and with dropout (then only the backward is fused).
+START_TEST(test_swiglu_fused_step) {
+    ref_open();
+    llama_config c;
+    ck_assert_int_eq(llama_config_load(&c, MODEL_DIR), MOSFT_OK);
+    c.intermediate = 176;
+    float scale = 1.0f / (float)n_supervised(&g_mb);
+    dropout_ctx dc = {7, 3, 1};
+    const char *recs[] = {"none", "partial", "full"};
+    for (int dr = 0; dr < 2; dr++)
+        for (int ri = 0; ri < 3; ri++) {
+            double l[2];
+            float *g[2];
+            size_t n = 0;
+            for (int fu = 0; fu < 2; fu++) {
+                setenv("MOSFT_SWIGLU_FUSED", fu ? "1" : "0", 1);
+                adapter *ad = make_adapter(&c, 2, dr ? 0.1 : 0.0);
+                backend_opts opt = {recs[ri], 0.9, 0.999, 1e-8, 0.0, 0};
+                backend *be;
+                int rc = backend_cuda_create_random(&be, &c, "nf4", 1, 5, ad, &opt);
+                ck_assert_msg(rc == MOSFT_OK, "cuda backend: %s", mosft_error());
+                double s = 0;
+                int64_t nt = 0;
+                ck_assert_msg(be->ops->forward_backward(be, &g_mb, scale, dr ? &dc : NULL, &s, &nt) == MOSFT_OK, "%s",
+                              mosft_error());
+                l[fu] = s / (double)nt;
+                n = ad->n_params;
+                g[fu] = xmalloc(sizeof(float) * n);
+                be->ops->get_grads(be, g[fu]);
+                backend_destroy(be);
+                adapter_free(ad);
+            }
+            double num = 0, den = 0;
+            for (size_t i = 0; i < n; i++) {
+                double d = (double)g[1][i] - g[0][i];
+                num += d * d;
+                den += (double)g[0][i] * g[0][i];
+            }
+            double e = sqrt(num / den);
+            fprintf(stderr, "swiglu fused: recompute=%s dropout=%.1f loss %.6f vs %.6f, grads rel L2 %.3g\n", recs[ri],
+                    dr ? 0.1 : 0.0, l[1], l[0], e);
+            ck_assert_msg(fabs(l[1] - l[0]) <= 1e-3 * fabs(l[0]), "loss %g vs %g", l[1], l[0]);
+            ck_assert_msg(den > 0 && e <= 1e-2, "gradients rel L2 %g from the unfused step", e);
+            free(g[0]), free(g[1]);
+        }
+    unsetenv("MOSFT_SWIGLU_FUSED");
+    st_close(&g_ref);
+}
+END_TEST
+
 START_TEST(test_overlap_identical) {
     ref_open();
     batches b;
@@ -573,6 +627,7 @@ static Suite *step_suite(void) {
     tcase_add_test(tc, test_training_curve);
     tcase_add_test(tc, test_determinism_resume);
     tcase_add_test(tc, test_overlap_identical);
+    tcase_add_test(tc, test_swiglu_fused_step);
     tcase_add_test(tc, test_out_of_memory);
     tcase_add_test(tc, test_peers_vs_cpu);
     tcase_add_test(tc, test_routed_refused);
