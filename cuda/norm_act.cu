@@ -33,30 +33,41 @@ __global__ void rmsnorm_forward_kernel(bf16 *out, int64_t ldo, float *rstd, cons
     }
 }
 
+// 8 elements of the norm's output gradient (fp32 from the lm_head's loss, bf16 from the layers' input-
+// gradient GEMMs) as floats.
+__device__ __forceinline__ void load_g8(const float *g, float *f) {
+    float4 a = *(const float4 *)g, b = *(const float4 *)(g + 4);
+    f[0] = a.x, f[1] = a.y, f[2] = a.z, f[3] = a.w, f[4] = b.x, f[5] = b.y, f[6] = b.z, f[7] = b.w;
+}
+__device__ __forceinline__ void load_g8(const bf16 *g, float *f) { load_bf16<8>(g, f); }
+
 // dL/dx_j = r w_j g_j - (r^3 / C) x_j sum_i g_i w_i x_i
-__global__ void rmsnorm_backward_kernel(float *ginp, bf16 *ginp_bf16, int64_t ldb, const float *__restrict__ gout,
+template <typename TG>
+__global__ void rmsnorm_backward_kernel(float *ginp, bf16 *ginp_bf16, int64_t ldb, const TG *__restrict__ gout,
                                         const bf16 *__restrict__ inp, const float *__restrict__ w,
                                         const float *__restrict__ rstd, int C) {
     int64_t t = blockIdx.x;
     const bf16 *x = inp + t * C;
-    const float *g = gout + t * C;
+    const TG *g = gout + t * C;
     float dot = 0.0f;
     for (int c = threadIdx.x * 8; c < C; c += blockDim.x * 8) {
-        float f[8];
+        float f[8], gv[8];
         load_bf16<8>(x + c, f);
+        load_g8(g + c, gv);
 #pragma unroll
-        for (int k = 0; k < 8; k++) dot += g[c + k] * w[c + k] * f[k];
+        for (int k = 0; k < 8; k++) dot += gv[k] * w[c + k] * f[k];
     }
     dot = block_sum(dot);
     float r = rstd[t];
     float coef = r * r * r * dot / (float)C;
     float *gx = ginp + t * C;
     for (int c = threadIdx.x * 8; c < C; c += blockDim.x * 8) {
-        float f[8], o[8];
+        float f[8], o[8], gv[8];
         load_bf16<8>(x + c, f);
+        load_g8(g + c, gv);
 #pragma unroll
         for (int k = 0; k < 8; k++) {
-            o[k] = gx[c + k] + (r * (w[c + k] * g[c + k]) - coef * f[k]);
+            o[k] = gx[c + k] + (r * (w[c + k] * gv[k]) - coef * f[k]);
             gx[c + k] = o[k];
         }
         if (ginp_bf16) store_bf16<8>(ginp_bf16 + t * ldb + c, o);
@@ -100,15 +111,15 @@ __global__ void __launch_bounds__(128) rmsnorm_forward_reg_kernel(bf16 *out, int
     }
 }
 
-template <int NV>
+template <int NV, typename TG>
 __global__ void __launch_bounds__(128) rmsnorm_backward_reg_kernel(float *ginp, bf16 *ginp_bf16, int64_t ldb,
-                                                                   const float *__restrict__ gout,
+                                                                   const TG *__restrict__ gout,
                                                                    const bf16 *__restrict__ inp,
                                                                    const float *__restrict__ w,
                                                                    const float *__restrict__ rstd, int C) {
     int64_t t = blockIdx.x;
     const bf16 *x = inp + t * C;
-    const float *g = gout + t * C;
+    const TG *g = gout + t * C;
     float xf[NV][8], gw[NV][8];
     float dot = 0.0f;
 #pragma unroll
@@ -116,9 +127,9 @@ __global__ void __launch_bounds__(128) rmsnorm_backward_reg_kernel(float *ginp, 
         int c = (v * blockDim.x + threadIdx.x) * 8;
         if (c < C) {
             load_bf16<8>(x + c, xf[v]);
-            float4 g0 = *(const float4 *)(g + c), g1 = *(const float4 *)(g + c + 4);
+            float gv[8];
+            load_g8(g + c, gv);
             float4 w0 = *(const float4 *)(w + c), w1 = *(const float4 *)(w + c + 4);
-            float gv[8] = {g0.x, g0.y, g0.z, g0.w, g1.x, g1.y, g1.z, g1.w};
             float wv[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
 #pragma unroll
             for (int k = 0; k < 8; k++) {
@@ -242,21 +253,30 @@ extern "C" void rmsnorm_forward_cuda(cuda_ctx *ctx, bf16 *out, int64_t ldo, floa
     CUDA_LAUNCH_CHECK();
 }
 
-extern "C" void rmsnorm_backward_cuda(cuda_ctx *ctx, float *ginp, bf16 *ginp_bf16, int64_t ldb, const float *gout,
-                                      const bf16 *inp, const float *weight, const float *rstd, int64_t T, int C) {
-    MOSFT_ASSERT(C % 8 == 0 && ldb % 8 == 0);
-    if (T == 0) return;
+template <typename TG>
+static void rmsnorm_backward_launch(cudaStream_t st, float *ginp, bf16 *ginp_bf16, int64_t ldb, const TG *gout,
+                                    const bf16 *inp, const float *weight, const float *rstd, int64_t T, int C) {
     int th = row_threads(C);
-    cudaStream_t st = ctx->stream;
     switch (row_vectors(C, th)) {
-#define RN_CASE(n)                                                                                                   \
-    case n:                                                                                                          \
-        rmsnorm_backward_reg_kernel<n><<<(unsigned)T, th, 0, st>>>(ginp, ginp_bf16, ldb, gout, inp, weight, rstd, C); \
+#define RN_CASE(n)                                                                                                       \
+    case n:                                                                                                              \
+        rmsnorm_backward_reg_kernel<n, TG><<<(unsigned)T, th, 0, st>>>(ginp, ginp_bf16, ldb, gout, inp, weight, rstd, C); \
         break;
         RN_CASE(1) RN_CASE(2) RN_CASE(3) RN_CASE(4) RN_CASE(5) RN_CASE(6) RN_CASE(7) RN_CASE(8)
 #undef RN_CASE
-    default: rmsnorm_backward_kernel<<<(unsigned)T, th, 0, st>>>(ginp, ginp_bf16, ldb, gout, inp, weight, rstd, C); break;
+    default: rmsnorm_backward_kernel<TG><<<(unsigned)T, th, 0, st>>>(ginp, ginp_bf16, ldb, gout, inp, weight, rstd, C); break;
     }
+}
+
+extern "C" void rmsnorm_backward_cuda(cuda_ctx *ctx, float *ginp, bf16 *ginp_bf16, int64_t ldb, const void *gout,
+                                      int gout_f32, const bf16 *inp, const float *weight, const float *rstd, int64_t T,
+                                      int C) {
+    MOSFT_ASSERT(C % 8 == 0 && ldb % 8 == 0);
+    if (T == 0) return;
+    if (gout_f32)
+        rmsnorm_backward_launch(ctx->stream, ginp, ginp_bf16, ldb, (const float *)gout, inp, weight, rstd, T, C);
+    else
+        rmsnorm_backward_launch(ctx->stream, ginp, ginp_bf16, ldb, (const bf16 *)gout, inp, weight, rstd, T, C);
     CUDA_LAUNCH_CHECK();
 }
 

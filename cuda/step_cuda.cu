@@ -698,12 +698,12 @@ static void layer_backward(backend *be, const dims *d, int l, const dropout_ctx 
     K = adapter_grads(be, d, l, GRP_GU, a->h2, ld.h2, a->gu, ld.gu, dc, gh_done);
     w = group_weight(c, d, l, GRP_GU);
     prof_mark(c, PROF_GEMM_BWD);
-    gemm_cuda(ctx, 0, 0, d->T, d->C, K, 1.0f, a->gu, ld.gu, w, d->C + rp(c, GRP_GU), 0.0f, NULL, c->gh, d->C, GEMM_F32);
+    gemm_cuda(ctx, 0, 0, d->T, d->C, K, 1.0f, a->gu, ld.gu, w, d->C + rp(c, GRP_GU), 0.0f, NULL, c->gh, d->C, GEMM_BF16);
     prof_mark(c, PROF_ADAPTER_BWD);
-    adapter_dx_dropout(be, d, l, GRP_GU, a->gu, ld.gu, c->gh, 1, d->C, dc);
+    adapter_dx_dropout(be, d, l, GRP_GU, a->gu, ld.gu, c->gh, 0, d->C, dc);
     side_join(c, GRP_DOWN);  // the down adapter's weight gradients read gxb
     prof_mark(c, PROF_ELEM);
-    rmsnorm_backward_cuda(ctx, c->gx, c->gxb, ld.gxb, c->gh, a->x_mid, L->mlp_norm, a->rstd2, d->T, d->C);
+    rmsnorm_backward_cuda(ctx, c->gx, c->gxb, ld.gxb, c->gh, 0, a->x_mid, L->mlp_norm, a->rstd2, d->T, d->C);
     // attention: x_mid = x_in + o(attention(rope(q(h1)), rope(k(h1)), v(h1)))
     prof_mark(c, PROF_ADAPTER_BWD);
     K = adapter_grads(be, d, l, GRP_O, a->att, ld.att, c->gxb, ld.gxb, dc, 0);
@@ -723,12 +723,12 @@ static void layer_backward(backend *be, const dims *d, int l, const dropout_ctx 
     if (l == 0) return;  // dL/dx_in of layer 0 would only reach the embedding, which is frozen
     w = group_weight(c, d, l, GRP_QKV);
     prof_mark(c, PROF_GEMM_BWD);
-    gemm_cuda(ctx, 0, 0, d->T, d->C, K, 1.0f, gqkv, ld.qkv, w, d->C + rp(c, GRP_QKV), 0.0f, NULL, c->gh, d->C, GEMM_F32);
+    gemm_cuda(ctx, 0, 0, d->T, d->C, K, 1.0f, gqkv, ld.qkv, w, d->C + rp(c, GRP_QKV), 0.0f, NULL, c->gh, d->C, GEMM_BF16);
     prof_mark(c, PROF_ADAPTER_BWD);
-    adapter_dx_dropout(be, d, l, GRP_QKV, gqkv, ld.qkv, c->gh, 1, d->C, dc);
+    adapter_dx_dropout(be, d, l, GRP_QKV, gqkv, ld.qkv, c->gh, 0, d->C, dc);
     side_join(c, GRP_O);  // the o adapter's weight gradients read gxb
     prof_mark(c, PROF_ELEM);
-    rmsnorm_backward_cuda(ctx, c->gx, c->gxb, ld.gxb, c->gh, a->x_in, L->attn_norm, a->rstd1, d->T, d->C);
+    rmsnorm_backward_cuda(ctx, c->gx, c->gxb, ld.gxb, c->gh, 0, a->x_in, L->attn_norm, a->rstd1, d->T, d->C);
 }
 
 // ---- one micro-batch --------------------------------------------------------------------------------
@@ -856,7 +856,7 @@ int cuda_step_run(backend *be, const micro_batch *mb, float loss_scale, const dr
     // backward
     prof_mark(c, PROF_ELEM);
     CUDA_CHECK(cudaMemsetAsync(c->gx, 0, sizeof(float) * (size_t)(d.T * d.C), ctx->stream));
-    rmsnorm_backward_cuda(ctx, c->gx, c->gxb, lds_of(c, &d).gxb, gxf, c->x_final, c->model.final_norm, c->rstd_f, d.T,
+    rmsnorm_backward_cuda(ctx, c->gx, c->gxb, lds_of(c, &d).gxb, gxf, 1, c->x_final, c->model.final_norm, c->rstd_f, d.T,
                           d.C);
     for (int l = d.L - 1; l >= 0; l--) {
         if (c->recompute != RECOMPUTE_NONE) side_join(c, GRP_COUNT);  // recomputation overwrites what the side reads

@@ -368,12 +368,21 @@ START_TEST(test_rmsnorm) {
         ck_assert(close_enough("rmsnorm fwd rstd", grs, rs, (size_t)T, 0, 1e-5));
         float *dg = dev_up(g, sizeof(float) * n), *dgx = dev_up(gx0, sizeof(float) * n);
         void *dgxb = dev_alloc(2 * (size_t)(T * ld));
-        rmsnorm_backward_cuda(ctx, dgx, dgxb, ld, dg, dx, dw, drs, T, C);
+        rmsnorm_backward_cuda(ctx, dgx, dgxb, ld, dg, 1, dx, dw, drs, T, C);
         float *ggx = down_f32(dgx, n), *ggxbl = down_bf16(dgxb, (size_t)(T * ld)), *ggxb = xmalloc(sizeof(float) * n);
         for (int64_t t = 0; t < T; t++) memcpy(ggxb + t * C, ggxbl + t * ld, sizeof(float) * (size_t)C);
         free(gyl), free(ggxbl);
         ck_assert(close_enough("rmsnorm bwd gin (f32, +=)", ggx, gx, n, 1e-5 * max_abs(gx, n), 1e-4));
         ck_assert(close_enough("rmsnorm bwd gin bf16 copy", ggxb, gx, n, 1e-5 * max_abs(gx, n), RT));
+        // the output gradient in bf16 (what the layers' input-gradient GEMMs write): g is bf16-exact, so
+        // the same result
+        void *dgb = dev_bf16(g, n);
+        CK_CUDA(cudaMemcpy(dgx, gx0, sizeof(float) * n, cudaMemcpyHostToDevice));
+        rmsnorm_backward_cuda(ctx, dgx, NULL, ld, dgb, 0, dx, dw, drs, T, C);
+        free(ggx);
+        ggx = down_f32(dgx, n);
+        ck_assert(close_enough("rmsnorm bwd gin (bf16 gout, +=)", ggx, gx, n, 1e-5 * max_abs(gx, n), 1e-4));
+        cudaFree(dgb);
         free(x), free(w), free(g), free(gx0), free(y), free(rs), free(gx), free(gy), free(grs), free(ggx), free(ggxb);
         cudaFree(dx), cudaFree(dy), cudaFree(dw), cudaFree(drs), cudaFree(dg), cudaFree(dgx), cudaFree(dgxb);
     }
