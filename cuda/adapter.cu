@@ -586,10 +586,13 @@ __global__ void __launch_bounds__(128) lowrank_dropout_h_kernel(float *part, bf1
 // where the gate|up group's sB is block-structured: the gate module's r columns (from c_gate) on the
 // gate rows, the up module's (from c_up) on the up rows, zeros elsewhere; only those blocks are
 // multiplied. Block: 64 tokens and a range of 64-column chunks of I (the splits: fp32 partials summed in
-// a fixed order afterwards); 4 warps, warp w owns tokens 16w .. 16w+15. Per chunk the gate, up (and
-// output-gradient) tiles and the factor's chunk stream in through two cp.async stages; each thread makes
-// the elementwise results of 8 columns at a time, writes them out and back into the gate / up tiles
-// (bf16: the values a GEMM would read), then the products run on the tensor cores.
+// a fixed order afterwards); 8 warps. Per chunk the gate, up (and output-gradient) tiles and the
+// factor's chunk stream in through two cp.async stages; each thread makes the elementwise results of 8
+// columns at a time (one __expf and one approximate reciprocal an element: with a quarter of the
+// elementwise kernel's threads a multiprocessor, exact expf and division made this the bottleneck),
+// writes them out and back into the gate / up tiles (bf16: the values a GEMM would read), then the
+// products run on the tensor cores: warp w owns tokens 16 (w % 4) .. +15 and, backward, the gate module
+// (w < 4) or the up module, forward every other pair of n-tiles.
 #define SW_T 64           // tokens per block
 #define SW_K 64           // columns of I per chunk
 #define SW_LD (SW_K + 8)  // row stride of the tiles
@@ -602,7 +605,7 @@ static size_t sw_smem_bytes(int bwd, int R, int r) {
 }
 
 template <bool BWD>
-__global__ void __launch_bounds__(128) swiglu_lowrank_kernel(float *part, bf16 *gu, int64_t ldgu,
+__global__ void __launch_bounds__(256, 2) swiglu_lowrank_kernel(float *part, bf16 *gu, int64_t ldgu,
                                                              const bf16 *__restrict__ gout, bf16 *out, int64_t ldo,
                                                              bf16 *h, int64_t ldh, const bf16 *__restrict__ M, int R,
                                                              int r, int c_gate, int c_up, int64_t T, int I,
@@ -614,6 +617,7 @@ __global__ void __launch_bounds__(128) swiglu_lowrank_kernel(float *part, bf16 *
     bf16 *Xs = (bf16 *)sw_smem;                     // [2][NX][64][SW_LD]
     bf16 *Fs = Xs + 2 * NX * SW_T * SW_LD;          // [2][FN]: A's rows (forward), sB's gate, up blocks (backward)
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+    int half = warp >> 2, wr = warp & 3;  // module (backward) or n-tile pairs (forward); the warp's 16 tokens
     int64_t t0 = (int64_t)blockIdx.x * SW_T;
     int s = blockIdx.y;
     int q0 = (int)((int64_t)s * n_chunks / splits), q1 = (int)((int64_t)(s + 1) * n_chunks / splits);
@@ -645,7 +649,7 @@ __global__ void __launch_bounds__(128) swiglu_lowrank_kernel(float *part, bf16 *
         }
         cp_commit();
     };
-    float acc[2 * SW_R / 8][4] = {};  // forward: R / 8 n-tiles; backward: gate's r / 8, then up's at SW_R / 8
+    float acc[SW_R / 8][4] = {};  // backward: the module's r / 8 n-tiles; forward: 2 of every 4
     if (q0 < q1) load(q0);
     for (int q = q0; q < q1; q++) {
         stage_next(load, q, q1);
@@ -666,9 +670,9 @@ __global__ void __launch_bounds__(128) swiglu_lowrank_kernel(float *part, bf16 *
                 load_bf16<8>(us + SW_T * SW_LD, go);
 #pragma unroll
                 for (int k = 0; k < 8; k++) {  // as swiglu_backward_kernel
-                    float sg = 1.0f / (1.0f + expf(-gf[k]));
+                    float sg = __fdividef(1.0f, 1.0f + __expf(-gf[k]));
                     dg[k] = go[k] * uf[k] * (sg * (1.0f + gf[k] * (1.0f - sg)));
-                    du[k] = go[k] * (gf[k] / (1.0f + expf(-gf[k])));
+                    du[k] = go[k] * (gf[k] * sg);
                 }
                 store_bf16<8>(gs, dg);
                 store_bf16<8>(us, du);
@@ -678,7 +682,7 @@ __global__ void __launch_bounds__(128) swiglu_lowrank_kernel(float *part, bf16 *
                 }
             } else {
 #pragma unroll
-                for (int k = 0; k < 8; k++) gf[k] = gf[k] / (1.0f + expf(-gf[k])) * uf[k];  // as swiglu_forward_kernel
+                for (int k = 0; k < 8; k++) gf[k] = gf[k] * __fdividef(1.0f, 1.0f + __expf(-gf[k])) * uf[k];
                 store_bf16<8>(gs, gf);
                 if (ok) *(uint4 *)(out + t * ldo + k0 + cq) = *(const uint4 *)gs;
             }
@@ -688,50 +692,50 @@ __global__ void __launch_bounds__(128) swiglu_lowrank_kernel(float *part, bf16 *
 #pragma unroll
         for (int kk = 0; kk < SW_K; kk += 16) {
             if (BWD) {
-#pragma unroll
-                for (int m = 0; m < 2; m++) {
-                    if ((m ? c_up : c_gate) < 0) continue;
+                if ((half ? c_up : c_gate) >= 0) {
                     uint32_t a[4];
-                    ldsm4(a, xs + (m * SW_T + warp * 16 + (L & 15)) * SW_LD + kk + (L >> 4) * 8);
-                    const bf16 *fm = fs + m * SW_K * FLD;
+                    ldsm4(a, xs + (half * SW_T + wr * 16 + (L & 15)) * SW_LD + kk + (L >> 4) * 8);
+                    const bf16 *fm = fs + half * SW_K * FLD;
 #pragma unroll
                     for (int np = 0; np < SW_R / 16; np++) {
                         if (np >= r / 16) break;
                         uint32_t b[4];  // B[k][n] = sB chunk [k][n]: .trans
                         ldsm4t(b, fm + (kk + (i4 & 1) * 8 + (L & 7)) * FLD + np * 16 + (i4 >> 1) * 8);
-                        mma16816(acc[m * (SW_R / 8) + 2 * np], a, b[0], b[1]);
-                        mma16816(acc[m * (SW_R / 8) + 2 * np + 1], a, b[2], b[3]);
+                        mma16816(acc[2 * np], a, b[0], b[1]);
+                        mma16816(acc[2 * np + 1], a, b[2], b[3]);
                     }
                 }
             } else {
                 uint32_t a[4];
-                ldsm4(a, xs + (warp * 16 + (L & 15)) * SW_LD + kk + (L >> 4) * 8);
+                ldsm4(a, xs + (wr * 16 + (L & 15)) * SW_LD + kk + (L >> 4) * 8);
 #pragma unroll
-                for (int np = 0; np < SW_R / 16; np++) {
+                for (int lp = 0; lp < SW_R / 32; lp++) {
+                    int np = 2 * lp + half;
                     if (np >= R / 16) break;
                     uint32_t b[4];  // B[k][n] = A[n][k]
                     ldsm4(b, fs + (np * 16 + (i4 >> 1) * 8 + (L & 7)) * FLD + kk + (i4 & 1) * 8);
-                    mma16816(acc[2 * np], a, b[0], b[1]);
-                    mma16816(acc[2 * np + 1], a, b[2], b[3]);
+                    mma16816(acc[2 * lp], a, b[0], b[1]);
+                    mma16816(acc[2 * lp + 1], a, b[2], b[3]);
                 }
             }
         }
         __syncthreads();  // the stage is free for the chunk after next
     }
 #pragma unroll
-    for (int nt = 0; nt < 2 * SW_R / 8; nt++) {
-        int m = nt / (SW_R / 8), j;  // output column j, j + 1
+    for (int nt = 0; nt < SW_R / 8; nt++) {
+        int j;  // output column j, j + 1
         if (BWD) {
-            int c = m ? c_up : c_gate;
-            if (c < 0 || nt % (SW_R / 8) >= r / 8) continue;
-            j = c + (nt % (SW_R / 8)) * 8 + 2 * tq;
+            int c = half ? c_up : c_gate;
+            if (c < 0 || nt >= r / 8) continue;
+            j = c + nt * 8 + 2 * tq;
         } else {
-            if (nt >= R / 8) continue;
-            j = nt * 8 + 2 * tq;
+            int np = 2 * (nt / 2) + half;  // acc[nt]: pair nt / 2 of this half, n-tile nt % 2 of it
+            if (nt >= 4 || np >= R / 16) continue;
+            j = np * 16 + (nt % 2) * 8 + 2 * tq;
         }
 #pragma unroll
         for (int hl = 0; hl < 2; hl++) {
-            int64_t t = t0 + warp * 16 + g + 8 * hl;
+            int64_t t = t0 + wr * 16 + g + 8 * hl;
             if (t >= T) continue;
             float v0 = acc[nt][2 * hl], v1 = acc[nt][2 * hl + 1];
             if (part)
@@ -827,14 +831,14 @@ extern "C" void dropout_apply_cuda(cuda_ctx *ctx, bf16 *xd, const bf16 *x, int64
     CUDA_LAUNCH_CHECK();
 }
 
-// Splits of the reduced dimension for a grid of `tiles` x splits blocks of 128 threads with smem bytes
+// Splits of the reduced dimension for a grid of `tiles` x splits blocks of `threads` threads with smem bytes
 // of shared memory (the kernel's limit raised to smem_max once): as many as one wave of resident blocks
 // holds (the fused dropout kernels are latency-bound, so every resident slot counts, and a second,
 // partial wave would only add a tail), at most n_chunks and 16, and while more than one, each split's
 // split_floats of fp32 partials within part's part_floats.
 template <class K>
 static int dropout_splits(K kernel, size_t smem_max, size_t smem, int tiles, int n_chunks, size_t split_floats,
-                          const float *part, size_t part_floats) {
+                          const float *part, size_t part_floats, int threads = 128) {
     static const void *attr_set[8];  // the kernels whose limit is raised (above the 48 KiB default)
     int k = 0;
     while (k < 8 && attr_set[k] && attr_set[k] != (const void *)kernel) k++;
@@ -846,7 +850,7 @@ static int dropout_splits(K kernel, size_t smem_max, size_t smem, int tiles, int
     int sms = 0, dev = 0, per_sm = 0;
     CUDA_CHECK(cudaGetDevice(&dev));
     CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, 128, smem));
+    CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
     int splits = per_sm * sms / tiles;
     if (splits > n_chunks) splits = n_chunks;
     if (splits > 16) splits = 16;
@@ -951,9 +955,9 @@ static void swiglu_lowrank_launch(cuda_ctx *ctx, float *part, size_t part_floats
     size_t smem = sw_smem_bytes(BWD, R, r);
     int rows = ceil_div_i(T, SW_T), n_chunks = ceil_div_i(I, SW_K);
     int splits = dropout_splits(swiglu_lowrank_kernel<BWD>, BWD ? sw_smem_bytes(1, 0, SW_R) : sw_smem_bytes(0, SW_R, 0),
-                                smem, rows, n_chunks, (size_t)(T * R), part, part_floats);
+                                smem, rows, n_chunks, (size_t)(T * R), part, part_floats, 256);
     dim3 grid((unsigned)rows, (unsigned)splits);
-    swiglu_lowrank_kernel<BWD><<<grid, 128, smem, ctx->stream>>>(splits > 1 ? part : NULL, gu, ldgu, gout, out, ldo, h,
+    swiglu_lowrank_kernel<BWD><<<grid, 256, smem, ctx->stream>>>(splits > 1 ? part : NULL, gu, ldgu, gout, out, ldo, h,
                                                                  ldh, M, R, r, c_gate, c_up, T, I, n_chunks, splits);
     CUDA_LAUNCH_CHECK();
     if (splits > 1) splitk_sum_cuda(ctx, part, splits, T, R, h, ldh, GEMM_BF16);

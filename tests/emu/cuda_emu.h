@@ -118,6 +118,7 @@ static inline float __fdiv_rn(float a, float b) { return a / b; }
 static inline float __fsqrt_rn(float a) { return sqrtf(a); }
 static inline float __frcp_rn(float a) { return 1.0f / a; }
 static inline float __fdividef(float a, float b) { return a / b; }
+#define __expf(a) expf(a)  // the device's is ex2.approx (a few ulp); glibc declares its own __expf
 static inline float rsqrtf(float a) { return 1.0f / sqrtf(a); }
 static inline float __saturatef(float a) { return a < 0.0f ? 0.0f : a > 1.0f ? 1.0f : a; }
 static inline float __int_as_float(int v) { float f; memcpy(&f, &v, 4); return f; }
