@@ -1105,6 +1105,7 @@ START_TEST(test_swiglu_lowrank) {
     check_swiglu_lowrank(ctx, &r, 64, 128, 16, -1, 0, 16);    // up only
     check_swiglu_lowrank(ctx, &r, 70, 136, 64, 0, -1, 64);    // gate only, LoRA r 64
     check_swiglu_lowrank(ctx, &r, 33, 256, 48, 48, 0, 96);    // up before gate in R
+    check_swiglu_lowrank(ctx, &r, 130, 392, 32, 0, 32, 64);   // several chunks and row blocks
     cuda_ctx_free(ctx);
 }
 END_TEST
