@@ -62,6 +62,8 @@ static const char *k_env =
     "                             group ahead on a second stream\n"
     "  MOSFT_ADAPTER_OVERLAP=0    CUDA: the adapter's weight gradients on the main stream instead of a side\n"
     "                             stream (bit-identical either way)\n"
+    "  MOSFT_SWIGLU_FUSED=0       CUDA: SwiGLU and the adapter products that read its output (the down\n"
+    "                             adapter's h, the gate|up adapter's gh) as separate kernels and GEMMs\n"
     "  MOSFT_ATTENTION=gemm       CUDA: batched-GEMM attention instead of the flash kernels\n"
     "  MOSFT_TEST_KILL_AT=P:S     tests only: kill the process at checkpoint point P of step S\n";
 
