@@ -502,8 +502,8 @@ static void ad_scatter(cuda_impl *c, const ad_lane *ln, const cuda_adapter_group
 static int64_t k_fwd(const cuda_impl *c, int g, int64_t d_in) { return d_in + c->grp[g].R; }
 
 // Backward of group g's adapters, before its input-gradient GEMM: gh = gy (sB) into gy's extra columns
-// (gy [T][d_out + Rp], row stride ldgy) on the main lane (unless gh_done: the SwiGLU backward made it), then on the side lane dL/dB = s gy^T h,
-// dL/dA = gh^T xd, both scattered into c->grad. Returns the K of the input-gradient GEMM: d_out + R
+// (gy [T][d_out + Rp], row stride ldgy) on the main lane (unless gh_done: the SwiGLU backward made it),
+// then on the side lane dL/dB = s gy^T h, dL/dA = gh^T xd, both scattered into c->grad. Returns the K of the input-gradient GEMM: d_out + R
 // when gh A rides along (no dropout), else d_out (adapter_dx_dropout adds the masked term after it).
 static int64_t adapter_grads(backend *be, const dims *d, int l, int g, const bf16 *x, int64_t ldx, bf16 *gy, int64_t ldgy,
                              const dropout_ctx *dc, int gh_done) {
