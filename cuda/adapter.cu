@@ -461,6 +461,20 @@ __global__ void __launch_bounds__(128) lowrank_dropout_da_kernel(float *out, int
     }
 }
 
+// One accumulator tile's columns j, j + 1 of rows t and t + 8 (< T) of a [T][W] result: into split s of
+// the fp32 partials part [splits][T][W], or (part NULL: no split) bf16 into h (row stride ldh).
+__device__ __forceinline__ void store_acc_rows(const float *c, float *part, int s, int W, bf16 *h, int64_t ldh,
+                                               int64_t t, int64_t T, int j) {
+#pragma unroll
+    for (int hl = 0; hl < 2; hl++, t += 8) {
+        if (t >= T) continue;
+        if (part)
+            *(float2 *)(part + ((int64_t)s * T + t) * W + j) = make_float2(c[2 * hl], c[2 * hl + 1]);
+        else
+            *(__nv_bfloat162 *)(h + t * ldh + j) = __floats2bfloat162_rn(c[2 * hl], c[2 * hl + 1]);
+    }
+}
+
 // h of a group's n modules with dropout in one pass over x (instead of a masked copy of x and a GEMM
 // per module): h[t][i r + j] = bf16(sum_c bf16(x[t][c] * mask_i[t][c]) * A_i[j][c]). Block: 64 tokens
 // and a range of 64-column chunks of x (the splits of d_in: fp32 partials summed in a fixed order
@@ -565,16 +579,7 @@ __global__ void __launch_bounds__(128) lowrank_dropout_h_kernel(float *part, bf1
     for (int nt = 0; nt < 12; nt++) {
         if (nt >= 2 * n_np) break;
         int j = nt * 8 + 2 * tq;  // output columns j, j + 1
-#pragma unroll
-        for (int hl = 0; hl < 2; hl++) {
-            int64_t t = t0 + warp * 16 + g + 8 * hl;
-            if (t >= T) continue;
-            float v0 = acc[nt][2 * hl], v1 = acc[nt][2 * hl + 1];
-            if (part)
-                *(float2 *)(part + ((int64_t)s * T + t) * NR + j) = make_float2(v0, v1);
-            else
-                *(__nv_bfloat162 *)(h + t * ldh + j) = __floats2bfloat162_rn(v0, v1);
-        }
+        store_acc_rows(acc[nt], part, s, NR, h, ldh, t0 + warp * 16 + g, T, j);
     }
 }
 
@@ -737,16 +742,7 @@ __global__ void __launch_bounds__(256, 2) swiglu_lowrank_kernel(float *part, bf1
             if (nt >= 4 || np >= R / 16) continue;
             j = np * 16 + (nt % 2) * 8 + 2 * tq;
         }
-#pragma unroll
-        for (int hl = 0; hl < 2; hl++) {
-            int64_t t = t0 + wr * 16 + g + 8 * hl;
-            if (t >= T) continue;
-            float v0 = acc[nt][2 * hl], v1 = acc[nt][2 * hl + 1];
-            if (part)
-                *(float2 *)(part + ((int64_t)s * T + t) * R + j) = make_float2(v0, v1);
-            else
-                *(__nv_bfloat162 *)(h + t * ldh + j) = __floats2bfloat162_rn(v0, v1);
-        }
+        store_acc_rows(acc[nt], part, s, R, h, ldh, t0 + wr * 16 + g, T, j);
     }
 }
 
@@ -837,11 +833,11 @@ extern "C" void dropout_apply_cuda(cuda_ctx *ctx, bf16 *xd, const bf16 *x, int64
 
 // Splits of the reduced dimension for a grid of `tiles` x splits blocks of `threads` threads with smem bytes
 // of shared memory (the kernel's limit raised to smem_max once): as many as one wave of resident blocks
-// holds (the fused dropout kernels are latency-bound, so every resident slot counts, and a second,
+// holds (the fused dropout and SwiGLU kernels are latency-bound, so every resident slot counts, and a second,
 // partial wave would only add a tail), at most n_chunks and 16, and while more than one, each split's
 // split_floats of fp32 partials within part's part_floats.
 template <class K>
-static int dropout_splits(K kernel, size_t smem_max, size_t smem, int tiles, int n_chunks, size_t split_floats,
+static int wave_splits(K kernel, size_t smem_max, size_t smem, int tiles, int n_chunks, size_t split_floats,
                           const float *part, size_t part_floats, int threads = 128) {
     static const void *attr_set[8];  // the kernels whose limit is raised (above the 48 KiB default)
     int k = 0;
@@ -879,7 +875,7 @@ extern "C" void lowrank_dropout_h_cuda(cuda_ctx *ctx, bf16 *h, int64_t ldh, cons
     // splits of d_in: one wave of resident blocks, within the partials' room
     size_t smem = dh_smem_bytes(n, (int)NR);
     int rows = ceil_div_i(T, DH_T), n_chunks = ceil_div_i(d_in, DH_K);
-    int splits = dropout_splits(lowrank_dropout_h_kernel, dh_smem_bytes(3, DA_NR), smem, rows, n_chunks,
+    int splits = wave_splits(lowrank_dropout_h_kernel, dh_smem_bytes(3, DA_NR), smem, rows, n_chunks,
                                 (size_t)(T * NR), part, part_floats);
     dim3 grid((unsigned)rows, (unsigned)splits);
     lowrank_dropout_h_kernel<<<grid, 128, smem, ctx->stream>>>(splits > 1 ? part : NULL, h, ldh, x, ldx, A, n, r, T,
@@ -908,7 +904,7 @@ extern "C" void lowrank_dropout_da_cuda(cuda_ctx *ctx, float *gA, const bf16 *gh
     // splits of T: one wave of resident blocks, within the partials' room
     size_t smem = da_smem_bytes(n, (int)NR);
     int tiles = ceil_div_i(d_in, DA_C), n_chunks = ceil_div_i(T, DA_T);
-    int splits = dropout_splits(lowrank_dropout_da_kernel, da_smem_bytes(3, DA_NR), smem, tiles, n_chunks,
+    int splits = wave_splits(lowrank_dropout_da_kernel, da_smem_bytes(3, DA_NR), smem, tiles, n_chunks,
                                 (size_t)(NR * d_in), part, part_floats);
     float *dst = splits > 1 ? part : gA;
     dim3 grid((unsigned)tiles, (unsigned)splits);
@@ -946,8 +942,9 @@ extern "C" void lowrank_dropout_dx_cuda(cuda_ctx *ctx, void *gx, int gx_f32, int
     CUDA_LAUNCH_CHECK();
 }
 
-extern "C" int swiglu_lowrank_fits(int I, int64_t ldgu, int R, int r) {
-    return I % 8 == 0 && ldgu % 8 == 0 && R % 16 == 0 && r % 16 == 0 && r >= 16 && r <= SW_R && R <= 3 * SW_R;
+extern "C" int swiglu_lowrank_fits(int bwd, int I, int64_t ldgu, int R, int r) {
+    return I % 8 == 0 && ldgu % 8 == 0 && R % 16 == 0 && r % 16 == 0 && r >= 16 && r <= SW_R &&
+           R <= (bwd ? 3 * SW_R : SW_R);
 }
 
 // The chunks of I split over blocks.y (fp32 partials [splits][T][R] summed in order), one wave as the
@@ -958,7 +955,7 @@ static void swiglu_lowrank_launch(cuda_ctx *ctx, float *part, size_t part_floats
                                   int r, int c_gate, int c_up, int64_t T, int I) {
     size_t smem = sw_smem_bytes(BWD, R, r);
     int rows = ceil_div_i(T, SW_T), n_chunks = ceil_div_i(I, SW_K);
-    int splits = dropout_splits(swiglu_lowrank_kernel<BWD>, BWD ? sw_smem_bytes(1, 0, SW_R) : sw_smem_bytes(0, SW_R, 0),
+    int splits = wave_splits(swiglu_lowrank_kernel<BWD>, BWD ? sw_smem_bytes(1, 0, SW_R) : sw_smem_bytes(0, SW_R, 0),
                                 smem, rows, n_chunks, (size_t)(T * R), part, part_floats, 256);
     dim3 grid((unsigned)rows, (unsigned)splits);
     swiglu_lowrank_kernel<BWD><<<grid, 256, smem, ctx->stream>>>(splits > 1 ? part : NULL, gu, ldgu, gout, out, ldo, h,
@@ -970,7 +967,7 @@ static void swiglu_lowrank_launch(cuda_ctx *ctx, float *part, size_t part_floats
 extern "C" void swiglu_lowrank_forward_cuda(cuda_ctx *ctx, bf16 *out, int64_t ldo, bf16 *h, int64_t ldh, const bf16 *gu,
                                             int64_t ldgu, const bf16 *A, int R, int64_t T, int I, float *part,
                                             size_t part_floats) {
-    MOSFT_ASSERT(swiglu_lowrank_fits(I, ldgu, R, 16) && R <= SW_R && ldo % 8 == 0 && ldh % 2 == 0);
+    MOSFT_ASSERT(swiglu_lowrank_fits(0, I, ldgu, R, 16) && ldo % 8 == 0 && ldh % 2 == 0);
     MOSFT_ASSERT((uintptr_t)gu % 16 == 0 && (uintptr_t)out % 16 == 0 && (uintptr_t)A % 16 == 0);
     if (T == 0) return;
     swiglu_lowrank_launch<false>(ctx, part, part_floats, (bf16 *)gu, ldgu, NULL, out, ldo, h, ldh, A, R, 0, -1, -1, T, I);
@@ -979,7 +976,7 @@ extern "C" void swiglu_lowrank_forward_cuda(cuda_ctx *ctx, bf16 *out, int64_t ld
 extern "C" void swiglu_lowrank_backward_cuda(cuda_ctx *ctx, bf16 *gu, int64_t ldgu, const bf16 *gout, bf16 *gh, int64_t ldh,
                                              const bf16 *B, int R, int r, int c_gate, int c_up, int64_t T, int I,
                                              float *part, size_t part_floats) {
-    MOSFT_ASSERT(swiglu_lowrank_fits(I, ldgu, R, r) && ldh % 2 == 0 && (c_gate >= 0 || c_up >= 0));
+    MOSFT_ASSERT(swiglu_lowrank_fits(1, I, ldgu, R, r) && ldh % 2 == 0 && (c_gate >= 0 || c_up >= 0));
     MOSFT_ASSERT((c_gate < 0 || (c_gate % 8 == 0 && c_gate + r <= R)) && (c_up < 0 || (c_up % 8 == 0 && c_up + r <= R)));
     MOSFT_ASSERT((uintptr_t)gu % 16 == 0 && (uintptr_t)gout % 16 == 0 && (uintptr_t)B % 16 == 0);
     if (T == 0) return;

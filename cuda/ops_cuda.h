@@ -126,9 +126,9 @@ void swiglu_backward_cuda(cuda_ctx *ctx, bf16 *gu, int64_t ldgu, const bf16 *gou
 // backward: gu as swiglu_backward_cuda and gh[T][R] (bf16, row stride ldh) = dgate sB[0:I] + dup sB[I:2I]
 // over the r columns from c_gate (gate rows) and from c_up (up rows) only (-1: no such module), sB [2I][R]
 // bf16. Splits I over fp32 partials in `part` (part_floats of room; NULL: no split), summed in a fixed
-// order. swiglu_lowrank_fits: the shapes they take (I, ldgu % 8 == 0, R and r % 16 == 0, 16 <= r <= 64;
-// forward R <= 64).
-int swiglu_lowrank_fits(int I, int64_t ldgu, int R, int r);
+// order. swiglu_lowrank_fits: the shapes the backward (bwd) or forward takes (I, ldgu % 8 == 0, R and
+// r % 16 == 0, 16 <= r <= 64; forward R <= 64, backward R <= 192).
+int swiglu_lowrank_fits(int bwd, int I, int64_t ldgu, int R, int r);
 void swiglu_lowrank_forward_cuda(cuda_ctx *ctx, bf16 *out, int64_t ldo, bf16 *h, int64_t ldh, const bf16 *gu,
                                  int64_t ldgu, const bf16 *A, int R, int64_t T, int I, float *part, size_t part_floats);
 void swiglu_lowrank_backward_cuda(cuda_ctx *ctx, bf16 *gu, int64_t ldgu, const bf16 *gout, bf16 *gh, int64_t ldh,

@@ -571,8 +571,7 @@ static int swiglu_forward_h(backend *be, const dims *d, int l, const dropout_ctx
     cuda_impl *c = (cuda_impl *)be->impl;
     const cuda_adapter_group *ag = &c->grp[GRP_DOWN];
     lds ld = lds_of(c, d);
-    if (!c->swiglu_fused || !ag->n || dropout_on(be, dc) || ag->R > 64 || !swiglu_lowrank_fits(d->I, ld.gu, ag->R, c->rank))
-        return 0;
+    if (!c->swiglu_fused || !ag->n || dropout_on(be, dc) || !swiglu_lowrank_fits(0, d->I, ld.gu, ag->R, c->rank)) return 0;
     cuda_acts *a = &c->acts[l];
     swiglu_lowrank_forward_cuda(c->ctx, a->a, ld.a, a->a + d->I, ld.a, a->gu, ld.gu, ag->A[l], ag->R, d->T, d->I, c->ad_part,
                                 c->ad_part_floats);
@@ -586,7 +585,7 @@ static int swiglu_backward_gh(cuda_impl *c, const dims *d, int l, const bf16 *ga
     const cuda_adapter_group *ag = &c->grp[GRP_GU];
     cuda_acts *a = &c->acts[l];
     lds ld = lds_of(c, d);
-    if (!c->swiglu_fused || !ag->n || !swiglu_lowrank_fits(d->I, ld.gu, ag->R, c->rank)) {
+    if (!c->swiglu_fused || !ag->n || !swiglu_lowrank_fits(1, d->I, ld.gu, ag->R, c->rank)) {
         swiglu_backward_cuda(c->ctx, a->gu, ld.gu, ga, d->T, d->I);
         return 0;
     }

@@ -1024,7 +1024,8 @@ static void check_dropout_h(cuda_ctx *ctx, rng_state *r, int64_t T, int d, int n
 // gate / up blocks of sB against a double sum over the kernel's own bf16 dgate | dup; with and without
 // splits of I, T and I not multiples of the tiles, columns outside the outputs untouched.
 static void check_swiglu_lowrank(cuda_ctx *ctx, rng_state *r, int64_t T, int I, int rk, int cg, int cu, int R) {
-    ck_assert(swiglu_lowrank_fits(I, 2 * I + R + 8, R, rk));
+    ck_assert(swiglu_lowrank_fits(1, I, 2 * I + R + 8, R, rk));
+    ck_assert(swiglu_lowrank_fits(0, I, 2 * I + R + 8, R, rk) == (R <= 64));
     int64_t ldgu = 2 * (int64_t)I + R + 8, lda = I + R + 8;  // [gate | up | gh | 8 spare], [a | h | 8 spare]
     size_t ngu = (size_t)(T * ldgu), na = (size_t)(T * lda), n = (size_t)(T * I);
     float *gu = rnd_bf16(r, ngu, 2.0f), *go = rnd_bf16(r, n, 0.5f), *a0 = rnd_bf16(r, na, 1.0f);
@@ -1045,7 +1046,7 @@ static void check_swiglu_lowrank(cuda_ctx *ctx, rng_state *r, int64_t T, int I, 
         // forward (R columns of h; the down group's R is at most 64)
         void *dgu = dev_bf16(gu, ngu), *da = dev_bf16(a0, na);
         int64_t touched = 0;
-        if (R <= 64) {
+        if (swiglu_lowrank_fits(0, I, ldgu, R, rk)) {
         swiglu_lowrank_forward_cuda(ctx, da, lda, (bf16 *)da + I, lda, dgu, ldgu, dA, R, T, I, part_, pf);
         float *ga = down_bf16(da, na), *got = xmalloc(sizeof(float) * n), *gh = xmalloc(sizeof(float) * (size_t)(T * R));
         float *want = xmalloc(sizeof(float) * (size_t)(T * R));
