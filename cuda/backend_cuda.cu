@@ -42,7 +42,7 @@ static int adapter_is_peer(const adapter *ad) { return strcmp(ad->spec.method, "
 
 static size_t adapter_bytes(const adapter *ad) {
     size_t b = 4 * cuda_align(sizeof(float) * ad->n_params) + reduce_scratch_bytes(0);
-    int r = ad->rank, l = lowrank_map_shards(ad), L = ad->model.n_layers;
+    int r = ad->rank, l = lowrank_map_shards(ad), L = ad->model.n_layers, jobs = 0;
     for (int g = 0; g < GRP_COUNT; g++) {
         int mods[3], rows[3], di, dout, n = 0;
         int k = group_shape(&ad->model, g, mods, rows, &di, &dout);
@@ -52,7 +52,9 @@ static size_t adapter_bytes(const adapter *ad) {
         if (!adapter_is_peer(ad))  // the gather maps
             per += (size_t)n * (2 * cuda_align(sizeof(int64_t) * (size_t)r * l) + cuda_align(sizeof(float) * (size_t)r));
         b += per * (size_t)L;
+        jobs += n * L;
     }
+    if (!adapter_is_peer(ad)) b += cuda_align(sizeof(lowrank_gather_job) * (size_t)jobs);  // the batched gather's table
     return b;
 }
 
@@ -142,6 +144,30 @@ static int adapter_setup(backend *be) {
     free(offA);
     free(offB);
     free(scale);
+    if (!rc && !c->peer) {  // one launch gathers every (layer, module)'s factors (cuda_build_factors)
+        lowrank_gather_job *jobs = (lowrank_gather_job *)xcalloc((size_t)L * 3 * GRP_COUNT, sizeof(lowrank_gather_job));
+        int n = 0;
+        c->gjob_max = 0;
+        for (int g = 0; g < GRP_COUNT; g++) {
+            cuda_adapter_group *ag = &c->grp[g];
+            for (int li = 0; li < L && ag->n; li++)
+                for (int i = 0; i < ag->n; i++) {
+                    lowrank_gather_job *jb = &jobs[n++];
+                    jb->mp = ag->map[li * 3 + i];
+                    jb->A = ag->A[li] + (int64_t)i * r * ag->d_in;
+                    jb->B = ag->B[li] + (int64_t)ag->row_off[i] * ag->R + i * r;
+                    int64_t na = (int64_t)jb->mp.r * jb->mp.d_in, nb = (int64_t)jb->mp.d_out * jb->mp.r;
+                    if (na > c->gjob_max) c->gjob_max = na;
+                    if (nb > c->gjob_max) c->gjob_max = nb;
+                }
+        }
+        c->n_gjobs = n;
+        if (n) {
+            c->gjobs = (lowrank_gather_job *)cuda_arena_alloc(&c->persist, sizeof(lowrank_gather_job) * (size_t)n);
+            CUDA_CHECK(cudaMemcpy(c->gjobs, jobs, sizeof(lowrank_gather_job) * (size_t)n, cudaMemcpyHostToDevice));
+        }
+        free(jobs);
+    }
     if (rc || !c->peer) return rc;
     // peer methods: host buffers for the factors' gradients (layer-major, modules in order)
     c->dense_off = (size_t *)xcalloc((size_t)L * MOD_COUNT, sizeof(size_t));

@@ -123,6 +123,9 @@ typedef struct {
     cuda_adapter_group grp[GRP_COUNT];
     int R_tot, R_max, dout_max;    // sum and max of the groups' R; widest group output
     int built;                     // factors match params
+    lowrank_gather_job *gjobs;     // [n_gjobs] device: every (layer, module)'s gather (MoS, LoRA)
+    int n_gjobs;
+    int64_t gjob_max;              // the largest r d_in or d_out r among them
     // The other low-rank methods (PRoLoRA, VeRA, Tied-LoRA, ShareLoRA: `peer`) build their factors and
     // map the factors' gradients back with their own host code (adapter_ops.build / scatter): once per
     // optimizer step the host builds every (layer, module)'s A, B from the current params and uploads

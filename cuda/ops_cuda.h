@@ -253,6 +253,14 @@ int lowrank_map_host(const adapter *ad, int layer, int module, int64_t *offA, in
 int lowrank_map_shards(const adapter *ad);
 // A[r][d_in], B[d_out][ldB] bf16 from params.
 void lowrank_gather_cuda(cuda_ctx *ctx, const lowrank_map *mp, const float *params, bf16 *A, bf16 *B);
+// Many maps' factors in one launch (a model's 7 L (layer, module) pairs would otherwise be 14 L tiny
+// kernels at the start of every step): jobs [n] in device memory; n_max >= every job's r d_in and
+// d_out r. The same values as lowrank_gather_cuda per job.
+typedef struct {
+    lowrank_map mp;
+    bf16 *A, *B;
+} lowrank_gather_job;
+void lowrank_gather_batch_cuda(cuda_ctx *ctx, const lowrank_gather_job *jobs, int n, int64_t n_max, const float *params);
 // grad += the maps of gA[r][d_in] and gB[d_out][ldB] (fp32).
 void lowrank_scatter_cuda(cuda_ctx *ctx, const lowrank_map *mp, const float *gA, const float *gB, float *grad);
 // Dropout on the adapter input: xd[T][d_in] = x * mask (mask from rng_keep16(key, t*d_in + c, thr) with

@@ -377,13 +377,13 @@ static const bf16 *group_weight(cuda_impl *c, const dims *d, int l, int grp) {
 void cuda_build_factors(backend *be) {
     cuda_impl *c = (cuda_impl *)be->impl;
     if (c->built) return;
-    if (c->peer) cuda_peer_build(be);
+    if (c->peer)
+        cuda_peer_build(be);
+    else
+        lowrank_gather_batch_cuda(c->ctx, c->gjobs, c->n_gjobs, c->gjob_max, c->params);
     for (int g = 0; g < GRP_COUNT; g++) {
         cuda_adapter_group *ag = &c->grp[g];
         for (int l = 0; l < be->cfg.n_layers && ag->n; l++) {
-            for (int i = 0; i < ag->n && !c->peer; i++)
-                lowrank_gather_cuda(c->ctx, &ag->map[l * 3 + i], c->params, ag->A[l] + (int64_t)i * c->rank * ag->d_in,
-                                    ag->B[l] + (int64_t)ag->row_off[i] * ag->R + i * c->rank);
             if (!c->model.nf4) {  // a bf16 base keeps the blocks beside its weights
                 int64_t ld = ag->d_in + rp(c, g);
                 bf16 *w = c->model.layers[l].w[g];

@@ -9,6 +9,9 @@
 // products run at higher clocks and can rank the algorithms differently. BENCH_GEMM_DATA=nf4: the weight
 // operand holds dequantized-NF4-like values (a random absmax per 64 times one of the 16 NF4 levels) and
 // the activations are normal, as in the step (the power a product draws depends on its operands' bits).
+// BENCH_GEMM_MODEL=3b: Llama-3.2-3B's layer. BENCH_GEMM_LD_ALIGN=n: every row stride rounded up to a
+// multiple of n elements (64: 128-byte rows), the shapes unchanged, to see what rows that start off a
+// 128-byte line cost. BENCH_GEMM_ALGOS=n: the first n candidates only.
 #include <cublasLt.h>
 #include <cuda_runtime_api.h>
 #include <math.h>
@@ -64,7 +67,9 @@ static uint16_t *host_nf4_bf16(size_t n, uint64_t seed) {
 
 int main(int argc, char **argv) {
     int reps = argc > 1 ? atoi(argv[1]) : 10;
-    const int64_t T = 16 * 512, C = 4096, I = 11008, W = 3 * 4096;
+    const char *mdl = getenv("BENCH_GEMM_MODEL");  // "3b": Llama-3.2-3B's shapes instead of Llama-2-7B's
+    int m3b = mdl && !strcmp(mdl, "3b");
+    const int64_t T = 16 * 512, C = m3b ? 3072 : 4096, I = m3b ? 8192 : 11008, W = m3b ? 3072 + 2 * 1024 : 3 * 4096;
     const int Rq = 96, Ro = 32, Rg = 64, Rd = 32;  // q|k|v, o, gate|up, down: n modules x r 32
     shape sh[] = {
         {"fwd qkv ", 0, 1, T, W, C + Rq, C + Rq, C + Rq, W + Rq, 0, 0},
@@ -82,6 +87,14 @@ int main(int argc, char **argv) {
         {"fwd gu   K=4224", 0, 1, T, 2 * I, C + 128, C + 128, C + 128, 2 * I + 128, 0, 0},
     };
     int n_sh = (int)(sizeof sh / sizeof sh[0]);
+    const char *al = getenv("BENCH_GEMM_LD_ALIGN"), *na = getenv("BENCH_GEMM_ALGOS");
+    int64_t align = al && atoi(al) > 1 ? atoi(al) : 1;
+    int max_algos = na && atoi(na) > 0 ? atoi(na) : 16;
+    for (int i = 0; i < n_sh; i++) {
+        sh[i].lda = (sh[i].lda + align - 1) / align * align;
+        sh[i].ldb = (sh[i].ldb + align - 1) / align * align;
+        sh[i].ldd = (sh[i].ldd + align - 1) / align * align;
+    }
     size_t a_max = 0, b_max = 0, d_max = 0;
     for (int i = 0; i < n_sh; i++) {
         size_t a = (size_t)sh[i].M * sh[i].lda, b = (size_t)(sh[i].tb ? sh[i].N : sh[i].K) * sh[i].ldb,
@@ -94,8 +107,8 @@ int main(int argc, char **argv) {
     int sustained = sus && atoi(sus) > 0, nf4 = dat && !strcmp(dat, "nf4");
     uint16_t *ha = nf4 ? host_normal_bf16(a_max, 1, 1.0f) : probe_uniform_bf16(a_max, 1, 0.05f);
     uint16_t *hb = nf4 ? host_nf4_bf16(b_max, 2) : probe_uniform_bf16(b_max, 2, 0.05f), *hc = probe_uniform_bf16((size_t)T * C, 3, 0.05f);
-    printf("%s products; operands: %s\n", sustained ? "sustained" : "isolated",
-           nf4 ? "NF4-like weights, normal activations" : "uniform in [-0.05, 0.05)");
+    printf("%s products; operands: %s; row strides a multiple of %lld\n", sustained ? "sustained" : "isolated",
+           nf4 ? "NF4-like weights, normal activations" : "uniform in [-0.05, 0.05)", (long long)align);
     void *A, *B, *Cm, *D, *ws;
     size_t ws_bytes = (size_t)32 << 20;
     CK(cudaMalloc(&A, 2 * a_max));
@@ -143,7 +156,7 @@ int main(int argc, char **argv) {
                (long long)p->N, (long long)p->K, (long long)p->lda, (long long)p->ldb, (long long)p->ldd,
                p->f32_out ? "f32 out" : "bf16 out", p->beta1 ? " +C" : "", found);
         float first = 0, best = 1e30f;
-        for (int a = 0; a < found; a++) {
+        for (int a = 0; a < found && a < max_algos; a++) {
             if (res[a].state != CUBLAS_STATUS_SUCCESS) continue;
             int ok = 1;
             if (sustained) {  // heat up for ~150 ms, then time reps products back to back

@@ -761,6 +761,13 @@ static void gather_scatter_check(cuda_ctx *ctx, adapter *ad, const char *what) {
     int L = ad->model.n_layers, rk = ad->rank, l = lowrank_map_shards(ad);
     int64_t *offA = xmalloc(sizeof(int64_t) * (size_t)rk * l), *offB = xmalloc(sizeof(int64_t) * (size_t)rk * l);
     float *scale = xmalloc(sizeof(float) * (size_t)rk);
+    // the batched gather (one launch for every (layer, module)) writes B with a wider row stride (as into
+    // a group's block-diagonal B): the jobs, the CPU's factors, and the device buffers for it
+    enum { PADB = 3 };
+    lowrank_gather_job *jobs = xcalloc((size_t)L * MOD_COUNT, sizeof *jobs);
+    float **cA = xcalloc((size_t)L * MOD_COUNT, sizeof *cA), **cB = xcalloc((size_t)L * MOD_COUNT, sizeof *cB);
+    int nj = 0;
+    int64_t nmax = 0;
     for (int li = 0; li < L; li++)
         for (int m = 0; m < MOD_COUNT; m++) {
             if (!adapter_targets(ad, m)) continue;
@@ -786,20 +793,48 @@ static void gather_scatter_check(cuda_ctx *ctx, adapter *ad, const char *what) {
                 ck_assert_msg(gA[i] == bf16_round(A[i]), "%s: gathered A differs", what);
             for (size_t i = 0; i < (size_t)dout * rk; i++)
                 ck_assert_msg(gB[i] == bf16_round(B[i]), "%s: gathered B differs", what);
+            lowrank_gather_job *jb = &jobs[nj];
+            jb->mp = mp;
+            jb->mp.ldB = rk + PADB;
+            jb->A = dev_alloc(2 * (size_t)rk * di);
+            jb->B = dev_alloc(2 * (size_t)dout * (rk + PADB));
+            CK_CUDA(cudaMemset(jb->B, 0, 2 * (size_t)dout * (rk + PADB)));
+            cA[nj] = A;
+            cB[nj] = B;
+            nj++;
+            if ((int64_t)rk * di > nmax) nmax = (int64_t)rk * di;
+            if ((int64_t)dout * rk > nmax) nmax = (int64_t)dout * rk;
             // scatter: random factor gradients, all layers into one buffer in order
             float *fA = rnd_bf16(&r, (size_t)rk * di, 1.0f), *fB = rnd_bf16(&r, (size_t)dout * rk, 1.0f);
             float *dfA = dev_up(fA, 4 * (size_t)rk * di), *dfB = dev_up(fB, 4 * (size_t)dout * rk);
             ad->ops->scatter(ad, li, m, fA, fB, grad);
             lowrank_scatter_cuda(ctx, &mp, dfA, dfB, dgrad);
             CK_CUDA(cudaDeviceSynchronize());
-            free(A), free(B), free(gA), free(gB), free(fA), free(fB);
-            cudaFree(dA), cudaFree(dB), cudaFree(dfA), cudaFree(dfB), cudaFree((void *)mp.offA),
-                cudaFree((void *)mp.offB);
-            if (mp.scaleA) cudaFree((void *)mp.scaleA);
+            free(gA), free(gB), free(fA), free(fB);
+            cudaFree(dA), cudaFree(dB), cudaFree(dfA), cudaFree(dfB);
         }
+    lowrank_gather_job *djobs = dev_up(jobs, sizeof *jobs * (size_t)nj);
+    lowrank_gather_batch_cuda(ctx, djobs, nj, nmax, dparams);
+    CK_CUDA(cudaDeviceSynchronize());
+    for (int j = 0; j < nj; j++) {
+        lowrank_map *mp = &jobs[j].mp;
+        int64_t na = (int64_t)rk * mp->d_in, nb = (int64_t)mp->d_out * (rk + PADB);
+        float *gA = down_bf16(jobs[j].A, (size_t)na), *gB = down_bf16(jobs[j].B, (size_t)nb);
+        for (int64_t i = 0; i < na; i++) ck_assert_msg(gA[i] == bf16_round(cA[j][i]), "%s: batched gather: A differs", what);
+        for (int64_t d = 0; d < mp->d_out; d++)
+            for (int k = 0; k < rk + PADB; k++)
+                ck_assert_msg(gB[d * (rk + PADB) + k] == (k < rk ? bf16_round(cB[j][d * rk + k]) : 0.0f),
+                              "%s: batched gather: B differs (row %lld, column %d)", what, (long long)d, k);
+        free(gA), free(gB), free(cA[j]), free(cB[j]);
+        cudaFree(jobs[j].A), cudaFree(jobs[j].B), cudaFree((void *)mp->offA), cudaFree((void *)mp->offB);
+        if (mp->scaleA) cudaFree((void *)mp->scaleA);
+    }
+    cudaFree(djobs);
+    free(jobs), free(cA), free(cB);
     float *got = down_f32(dgrad, ad->n_params);
     ck_assert_msg(memcmp(got, grad, 4 * ad->n_params) == 0, "%s: scattered gradients differ from the CPU", what);
-    fprintf(stderr, "adapter %-26s gather and scatter bit-identical (%zu params)\n", what, ad->n_params);
+    fprintf(stderr, "adapter %-26s gather (one map, batched) and scatter bit-identical (%zu params, %d maps)\n", what,
+            ad->n_params, nj);
     free(got), free(grad), free(offA), free(offB), free(scale);
     cudaFree(dparams), cudaFree(dgrad);
 }
