@@ -96,6 +96,7 @@ typedef struct {
     const char *recompute;
     double beta1, beta2, eps, weight_decay;
     int threads;  // CPU
+    int keep_dequantized;  // CUDA, NF4 base: a bf16 copy made once at load instead of dequantizing per use
 } backend_opts;
 
 // The CPU reference backend on a loaded model.

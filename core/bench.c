@@ -120,7 +120,8 @@ int bench_run(const bench_args *a) {
         return mosft_fail_hint(MOSFT_ERR_RUNTIME, "run it on a machine with an NVIDIA GPU and a CUDA build of mosft",
                                "bench: measures the CUDA backend, but no usable GPU was found (or this is a CPU-only build)");
     }
-    backend_opts opt = {a->recompute, 0.9, 0.999, 1e-8, 0.0, 0};
+    backend_opts opt = {a->recompute, 0.9, 0.999, 1e-8, 0.0, 0, a->keep_dequantized};
+    const char *base = a->keep_dequantized && !strcmp(a->quantization, "nf4") ? "nf4-kept-bf16" : a->quantization;
     backend *be = NULL;
     double t_load = mosft_now();
     if ((rc = backend_cuda_create_random(&be, &cfg, a->quantization, 1, a->seed, ad, &opt))) {
@@ -172,13 +173,13 @@ int bench_run(const bench_args *a) {
         mosft_fmt_bytes(pl, sizeof pl, plan.total);
         printf("bench %s %s base=%s recompute=%s dropout=%g supervised=%g %dx%d: %.1f ms/step | %.0f tok/s | MFU %.1f%% | GPU memory %s (plan %s) | "
                "loss %.3f | %s\n",
-               a->model, a->adapter, a->quantization, a->recompute, a->dropout, a->supervised, B, S, med * 1e3, tps, 100 * mfu, mem, pl, loss,
+               a->model, a->adapter, base, a->recompute, a->dropout, a->supervised, B, S, med * 1e3, tps, 100 * mfu, mem, pl, loss,
                be->device_name);
         printf("{\"bench\": \"mosft\", \"model\": \"%s\", \"adapter\": \"%s\", \"quantization\": \"%s\", \"recompute\": \"%s\", "
                "\"dropout\": %g, \"supervised\": %g, \"batch\": %d, \"seq\": %d, \"ms_per_step\": %.2f, \"ms_min\": %.2f, \"tokens_per_s\": %.1f, \"mfu\": %.4f, "
                "\"gpu_memory_bytes\": %.0f, \"plan_bytes\": %.0f, \"adapter_params\": %zu, \"setup_s\": %.1f, "
                "\"device\": \"%s\"}\n",
-               a->model, a->adapter, a->quantization, a->recompute, a->dropout, a->supervised, B, S, med * 1e3, dt[0] * 1e3, tps, mfu, used,
+               a->model, a->adapter, base, a->recompute, a->dropout, a->supervised, B, S, med * 1e3, dt[0] * 1e3, tps, mfu, used,
                plan.total, ad->n_params, t_load, be->device_name);
         fflush(stdout);
         free(dt);

@@ -21,6 +21,7 @@ typedef struct {
     uint64_t seed;
     double dropout;            // the adapter's input dropout, in [0, 1)
     double supervised;         // share of each sequence with a loss (its end), in (0, 1]
+    int keep_dequantized;      // NF4: the base kept as bf16 (model.keep_dequantized)
 } bench_args;
 
 // The HF config of a known model name; MOSFT_ERR_INPUT listing the names otherwise.

@@ -55,6 +55,9 @@ static const field k_schema[] = {
       "frozen base weights: nf4 (4-bit NormalFloat, QLoRA) or none (bf16 on GPU, fp32 on CPU)"),
     F("model.double_quant", T_BOOL, model.double_quant, "true", 0, 0, 0, NULL,
       "quantize the NF4 block scales again (8-bit, blocks of 256), as bnb_4bit_use_double_quant"),
+    F("model.keep_dequantized", T_BOOL, model.keep_dequantized, "false", 0, 0, 0, NULL,
+      "cuda, nf4: keep the base dequantized to bf16 (once, at load) instead of dequantizing each weight where "
+      "it is used: the same values and results, ~4 % faster steps, 2 bytes a weight more GPU memory (7B: +8.8 GiB)"),
     F("model.name", T_STR, model.name, "", 0, 0, 0, NULL,
       "base_model_name_or_path written by export (default: model.path)"),
     F("tokenizer.path", T_STR, tokenizer.path, "", 0, 0, 0, NULL,

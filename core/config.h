@@ -41,6 +41,7 @@ typedef struct mosft_config {
         char *path;          // HF model folder (config.json + safetensors)
         char *quantization;  // nf4 | none
         int double_quant;    // NF4 double quantization of absmax (bitsandbytes' bnb_4bit_use_double_quant)
+        int keep_dequantized;  // CUDA, NF4: a bf16 copy of the base made at load (faster, more memory)
         char *name;          // base_model_name_or_path written on export ("" = model.path)
     } model;
     struct {

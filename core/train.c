@@ -105,7 +105,7 @@ int train_backend_open(const mosft_config *cfg, adapter *ad, backend **be, llama
     *be = NULL;
     *model = NULL;
     backend_opts opt = {cfg->train.recompute, cfg->train.beta1, cfg->train.beta2, cfg->train.eps,
-                        cfg->train.weight_decay, cfg->train.threads};
+                        cfg->train.weight_decay, cfg->train.threads, cfg->model.keep_dequantized};
     char gpu[128];
     int use_cuda = !strcmp(cfg->device, "cuda");
     if (!use_cuda && !strcmp(cfg->device, "auto") && backend_cuda_available(gpu, sizeof gpu)) {

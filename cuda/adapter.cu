@@ -45,6 +45,19 @@ __global__ void gather_batch_kernel(const lowrank_gather_job *__restrict__ jobs,
     if (e < (int64_t)mp.d_out * mp.r) gather_b_elem(mp, params, jb->B, e);
 }
 
+// 16-byte vector i of B's rows (i < nB = d_out R / 8) or of A's (the rest) into the weight buffer.
+__global__ void adapter_blocks_kernel(bf16 *buf, int64_t ld, int d_in, int d_out, const bf16 *__restrict__ B,
+                                      const bf16 *__restrict__ A, int R) {
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x, vb = R / 8, va = d_in / 8, nB = (int64_t)d_out * vb;
+    if (i < nB) {
+        int64_t row = i / vb, c = (i % vb) * 8;
+        *(uint4 *)(buf + row * ld + d_in + c) = *(const uint4 *)(B + row * R + c);
+    } else if (i < nB + (int64_t)R * va) {
+        int64_t j = i - nB, row = j / va, c = (j % va) * 8;
+        *(uint4 *)(buf + (d_out + row) * ld + c) = *(const uint4 *)(A + row * d_in + c);
+    }
+}
+
 // Every target is written by exactly one thread (distinct indices within a layer): no atomics.
 __global__ void scatter_a_kernel(lowrank_map mp, const float *__restrict__ gA, float *grad) {
     int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -832,6 +845,20 @@ extern "C" void lowrank_gather_batch_cuda(cuda_ctx *ctx, const lowrank_gather_jo
     if (n <= 0) return;
     MOSFT_ASSERT(n <= 65535);
     gather_batch_kernel<<<dim3(ceil_div_i(n_max, 256), (unsigned)n), 256, 0, ctx->stream>>>(jobs, params);
+    CUDA_LAUNCH_CHECK();
+}
+
+extern "C" void adapter_blocks_cuda(cudaStream_t st, bf16 *buf, int64_t ld, int d_in, int d_out, const bf16 *B,
+                                    const bf16 *A, int R) {
+    if (R % 8 || d_in % 8 || ld % 8 || (uintptr_t)buf % 16 || (uintptr_t)A % 16 || (uintptr_t)B % 16) {
+        CUDA_CHECK(cudaMemcpy2DAsync(buf + d_in, (size_t)ld * 2, B, (size_t)R * 2, (size_t)R * 2, (size_t)d_out,
+                                     cudaMemcpyDeviceToDevice, st));
+        CUDA_CHECK(cudaMemcpy2DAsync(buf + (int64_t)d_out * ld, (size_t)ld * 2, A, (size_t)d_in * 2, (size_t)d_in * 2,
+                                     (size_t)R, cudaMemcpyDeviceToDevice, st));
+        return;
+    }
+    int64_t n = (int64_t)d_out * (R / 8) + (int64_t)R * (d_in / 8);
+    adapter_blocks_kernel<<<ceil_div_i(n, 256), 256, 0, st>>>(buf, ld, d_in, d_out, B, A, R);
     CUDA_LAUNCH_CHECK();
 }
 

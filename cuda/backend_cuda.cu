@@ -416,8 +416,11 @@ static int create_common(backend **out, const llama_config *cfg, const char *mod
     c->rank = ad->rank;
     c->scaling = ad->scaling;
     c->peer = adapter_is_peer(ad);
+    // model.keep_dequantized: the NF4 base is loaded (or generated) as NF4, dequantized once into a bf16
+    // base, and the step then runs the bf16 path (no weight stream): the same values, no per-use work
+    int keep = nf4 && opt->keep_dequantized;
     const char *wp = getenv("MOSFT_WEIGHT_PREFETCH");
-    c->wpipe = nf4 && !(wp && !strcmp(wp, "0"));
+    c->wpipe = nf4 && !keep && !(wp && !strcmp(wp, "0"));
     c->wseq = (int *)xmalloc(sizeof(int) * (size_t)cfg->n_layers * 11);
     if (c->wpipe) {
         CUDA_CHECK(cudaStreamCreateWithFlags(&c->wstream, cudaStreamNonBlocking));
@@ -453,7 +456,8 @@ static int create_common(backend **out, const llama_config *cfg, const char *mod
         for (int i = 0; i < k; i++) n += adapter_targets(ad, mods[i]) != 0;
         c->model.Rp[g] = (n * ad->rank + 7) / 8 * 8;
     }
-    c->bytes_weights = (double)cuda_model_bytes(&c->model, nf4, double_quant, dq_of);
+    c->bytes_weights = (double)cuda_model_bytes(&c->model, nf4 && !keep, double_quant, dq_of);
+    size_t nf4_bytes = keep ? cuda_model_bytes(&c->model, 1, double_quant, dq_of) : 0;
     free(dq_of);
     c->bytes_adapter = (double)adapter_bytes(ad);
     if ((rc = cuda_arena_init(&c->persist, (size_t)(c->bytes_weights + c->bytes_adapter)))) {
@@ -464,8 +468,26 @@ static int create_common(backend **out, const llama_config *cfg, const char *mod
         cuda_destroy(be);
         return rc;
     }
-    rc = model_dir ? cuda_model_load(ctx, &c->model, model_dir, nf4, double_quant, &c->persist)
-                   : cuda_model_random(ctx, &c->model, cfg, nf4, double_quant, seed, &c->persist);
+    if (keep) {  // NF4 in a temporary arena first: the peak at load is both bases
+        cuda_arena tmp;
+        memset(&tmp, 0, sizeof tmp);
+        if ((rc = cuda_arena_init(&tmp, nf4_bytes))) {
+            char w[32];
+            mosft_fmt_bytes(w, sizeof w, (double)nf4_bytes);
+            mosft_fail_prefix(rc, "model.keep_dequantized: the NF4 base (%s) beside its bf16 copy on %s", w, be->device_name);
+            cuda_destroy(be);
+            return rc;
+        }
+        cuda_model q = c->model;
+        rc = model_dir ? cuda_model_load(ctx, &q, model_dir, 1, double_quant, &tmp)
+                       : cuda_model_random(ctx, &q, cfg, 1, double_quant, seed, &tmp);
+        if (!rc) cuda_model_dequantize(ctx, &c->model, &q, &c->persist);
+        free(q.layers);
+        cuda_arena_free(&tmp);
+    } else {
+        rc = model_dir ? cuda_model_load(ctx, &c->model, model_dir, nf4, double_quant, &c->persist)
+                       : cuda_model_random(ctx, &c->model, cfg, nf4, double_quant, seed, &c->persist);
+    }
     if (rc) {
         cuda_destroy(be);
         return rc;

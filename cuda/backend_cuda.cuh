@@ -46,6 +46,10 @@ static inline void cuda_group_dims(const llama_config *c, int g, int *d_in, int 
 size_t cuda_model_bytes(const cuda_model *m, int nf4, int double_quant, const int *dq_of);
 // Load a HF folder onto the device (weights carved from `ar`). MOSFT_ERR_INPUT on bad files.
 int cuda_model_load(cuda_ctx *ctx, cuda_model *m, const char *dir, int nf4, int double_quant, cuda_arena *ar);
+// The NF4 base `src` as a bf16 base carved from `ar` (model.keep_dequantized): every linear dequantized
+// once into its group buffer (the values the step would dequantize at each use), embeddings and norms
+// copied. `dst` needs cfg and Rp set; `src` stays as it was (the caller frees its memory).
+void cuda_model_dequantize(cuda_ctx *ctx, cuda_model *dst, const cuda_model *src, cuda_arena *ar);
 // Random weights at the config's shapes, generated on the device (benchmarks).
 int cuda_model_random(cuda_ctx *ctx, cuda_model *m, const llama_config *cfg, int nf4, int double_quant, uint64_t seed,
                       cuda_arena *ar);

@@ -124,6 +124,31 @@ static void place_bf16(cuda_ctx *ctx, staging *st, cuda_model *m, cuda_layer *L,
                                  (size_t)rows, cudaMemcpyDeviceToDevice, ctx->stream));
 }
 
+void cuda_model_dequantize(cuda_ctx *ctx, cuda_model *dst, const cuda_model *src, cuda_arena *ar) {
+    const llama_config *c = &dst->cfg;
+    MOSFT_ASSERT(src->nf4);
+    alloc_model(dst, 0, 0, NULL, ar);
+    size_t emb = (size_t)c->vocab * c->hidden * 2, nrm = sizeof(float) * (size_t)c->hidden;
+    CUDA_CHECK(cudaMemcpyAsync(dst->embed, src->embed, emb, cudaMemcpyDeviceToDevice, ctx->stream));
+    if (!c->tie_embeddings)
+        CUDA_CHECK(cudaMemcpyAsync(dst->lm_head, src->lm_head, emb, cudaMemcpyDeviceToDevice, ctx->stream));
+    CUDA_CHECK(cudaMemcpyAsync(dst->final_norm, src->final_norm, nrm, cudaMemcpyDeviceToDevice, ctx->stream));
+    for (int l = 0; l < c->n_layers; l++) {
+        cuda_layer *D = &dst->layers[l];
+        const cuda_layer *S = &src->layers[l];
+        CUDA_CHECK(cudaMemcpyAsync(D->attn_norm, S->attn_norm, nrm, cudaMemcpyDeviceToDevice, ctx->stream));
+        CUDA_CHECK(cudaMemcpyAsync(D->mlp_norm, S->mlp_norm, nrm, cudaMemcpyDeviceToDevice, ctx->stream));
+        for (int mod = 0; mod < MOD_COUNT; mod++) {
+            int grp;
+            int64_t row0, ld;
+            module_slot(c, mod, &grp, &row0);
+            ld = group_ld(dst, grp);
+            nf4_dequantize_cuda(ctx, &S->q[mod], D->w[grp] + row0 * ld, ld);
+        }
+    }
+    CUDA_CHECK(cudaStreamSynchronize(ctx->stream));
+}
+
 // ---- loading a HF folder ------------------------------------------------------------------------
 
 static const char *set_where(const st_set *s) { return s->n_files == 1 ? s->files[0].path : s->dir; }

@@ -261,6 +261,10 @@ typedef struct {
     bf16 *A, *B;
 } lowrank_gather_job;
 void lowrank_gather_batch_cuda(cuda_ctx *ctx, const lowrank_gather_job *jobs, int n, int64_t n_max, const float *params);
+// A weight group's adapter blocks into its K-augmented buffer (row stride ld): B [d_out][R] beside the
+// weight's rows (columns d_in ..), A [R][d_in] below them (rows d_out ..); one launch on `st` when
+// R, d_in and ld are multiples of 8 (16-byte rows), else two 2D copies.
+void adapter_blocks_cuda(cudaStream_t st, bf16 *buf, int64_t ld, int d_in, int d_out, const bf16 *B, const bf16 *A, int R);
 // grad += the maps of gA[r][d_in] and gB[d_out][ldB] (fp32).
 void lowrank_scatter_cuda(cuda_ctx *ctx, const lowrank_map *mp, const float *gA, const float *gB, float *grad);
 // Dropout on the adapter input: xd[T][d_in] = x * mask (mask from rng_keep16(key, t*d_in + c, thr) with

@@ -312,12 +312,7 @@ static void dequant_group(cuda_impl *c, const dims *d, int l, int grp, bf16 *buf
     default: nf4_dequantize_on(c->ctx, st, &L->q[MOD_DOWN], buf, ld); break;
     }
     const cuda_adapter_group *ag = &c->grp[grp];
-    if (ag->n) {
-        CUDA_CHECK(cudaMemcpy2DAsync(buf + di, (size_t)ld * 2, ag->B[l], (size_t)ag->R * 2, (size_t)ag->R * 2, (size_t)dout,
-                                     cudaMemcpyDeviceToDevice, st));
-        CUDA_CHECK(cudaMemcpy2DAsync(buf + (int64_t)dout * ld, (size_t)ld * 2, ag->A[l], (size_t)di * 2, (size_t)di * 2,
-                                     (size_t)ag->R, cudaMemcpyDeviceToDevice, st));
-    }
+    if (ag->n) adapter_blocks_cuda(st, buf, ld, di, dout, ag->B[l], ag->A[l], ag->R);
 }
 
 // The order in which a micro-batch asks for weight groups (forward, then backward with its
@@ -386,11 +381,7 @@ void cuda_build_factors(backend *be) {
         for (int l = 0; l < be->cfg.n_layers && ag->n; l++) {
             if (!c->model.nf4) {  // a bf16 base keeps the blocks beside its weights
                 int64_t ld = ag->d_in + rp(c, g);
-                bf16 *w = c->model.layers[l].w[g];
-                CUDA_CHECK(cudaMemcpy2DAsync(w + ag->d_in, (size_t)ld * 2, ag->B[l], (size_t)ag->R * 2, (size_t)ag->R * 2,
-                                             (size_t)ag->d_out, cudaMemcpyDeviceToDevice, c->ctx->stream));
-                CUDA_CHECK(cudaMemcpy2DAsync(w + (int64_t)ag->d_out * ld, (size_t)ld * 2, ag->A[l], (size_t)ag->d_in * 2,
-                                             (size_t)ag->d_in * 2, (size_t)ag->R, cudaMemcpyDeviceToDevice, c->ctx->stream));
+                adapter_blocks_cuda(c->ctx->stream, c->model.layers[l].w[g], ld, ag->d_in, ag->d_out, ag->B[l], ag->A[l], ag->R);
             }
         }
     }

@@ -64,7 +64,7 @@ static void fixture_open_case(fixture *f, const oracle_case *oc, const char *qua
                 ck_assert_int_eq((int64_t)t->numel, r->numel);
                 memcpy(adapter_tensor_data(f->ad, t), r->data, r->nbytes);
             }
-    backend_opts opt = {recompute, 0.9, 0.999, 1e-8, 0.0, 0};
+    backend_opts opt = {recompute, 0.9, 0.999, 1e-8, 0.0, 0, 0};
     ck_assert_int_eq(backend_cpu_create(&f->be, &f->model, f->ad, &opt), MOSFT_OK);
     const st_tensor *ti = st_find(&f->ref, "input_ids"), *tm = st_find(&f->ref, "attention_mask"),
                     *tl = st_find(&f->ref, "labels");

@@ -80,7 +80,7 @@ static double step_loss(backend *be, const micro_batch *mb, const dropout_ctx *d
 
 static backend *open_backend(const llama_model *m, adapter *ad, const char *recompute) {
     backend *be = NULL;
-    backend_opts opt = {recompute, 0.9, 0.999, 1e-8, 0.0, 0};
+    backend_opts opt = {recompute, 0.9, 0.999, 1e-8, 0.0, 0, 0};
     ck_assert_int_eq(backend_cpu_create(&be, m, ad, &opt), MOSFT_OK);
     return be;
 }

@@ -26,6 +26,9 @@ static inline void *dev_alloc(size_t bytes) {
 static inline void *dev_up(const void *h, size_t bytes) {
     void *p = dev_alloc(bytes);
     CK_CUDA(cudaMemcpy(p, h, bytes, cudaMemcpyHostToDevice));
+    // a copy from pageable memory returns once the data is staged, not landed: without this, a kernel on
+    // the non-blocking stream can run while the tail of the DMA is still to overwrite what it wrote
+    CK_CUDA(cudaDeviceSynchronize());
     return p;
 }
 static inline void dev_down(void *h, const void *d, size_t bytes) {

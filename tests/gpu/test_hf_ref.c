@@ -58,7 +58,7 @@ static void one_style(const char *dir, const char *style) {
         for (int t = 1; t < mb.S; t++) nsup += mb.labels[b * mb.S + t] != -100;
     double want = atof(st_meta(&ref, "loss_fp32")), hf_bf16 = atof(st_meta(&ref, "loss_bf16"));
     double hf_err = atof(st_meta(&ref, "hf_bf16_grad_rel_l2"));
-    backend_opts opt = {"none", 0.9, 0.999, 1e-8, 0.0, 0};
+    backend_opts opt = {"none", 0.9, 0.999, 1e-8, 0.0, 0, 0};
     for (int cuda = 0; cuda < 2; cuda++) {
         if (cuda && !backend_cuda_available(NULL, 0)) {
             fprintf(stderr, "SKIPPED %s on the GPU: no CUDA device\n", style);

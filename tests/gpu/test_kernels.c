@@ -76,6 +76,20 @@ static void nf4_compare(cuda_ctx *ctx, const float *x, int64_t rows, int64_t col
     uint16_t *got2 = xmalloc(2 * (size_t)n);
     dev_down(got2, out, 2 * (size_t)n);
     ck_assert_msg(memcmp(got, got2, 2 * (size_t)n) == 0, "%s: uploaded tensor dequantizes differently", what);
+    // into a wider buffer (a weight group's rows beside the adapter's columns): the same rows, the gap kept
+    int64_t ldo = cols + 24;
+    uint16_t *wide = xmalloc(2 * (size_t)(rows * ldo));
+    for (int64_t i = 0; i < rows * ldo; i++) wide[i] = 0x7fc1;  // a NaN pattern the kernel never writes
+    void *outw = dev_up(wide, 2 * (size_t)(rows * ldo));
+    nf4_dequantize_cuda(ctx, &ut, outw, ldo);
+    dev_down(wide, outw, 2 * (size_t)(rows * ldo));
+    for (int64_t r = 0; r < rows; r++) {
+        ck_assert_msg(memcmp(wide + r * ldo, got + r * cols, 2 * (size_t)cols) == 0, "%s: row %lld differs with ldo %lld",
+                      what, (long long)r, (long long)ldo);
+        for (int64_t c = cols; c < ldo; c++) ck_assert_msg(wide[r * ldo + c] == 0x7fc1, "%s: wrote past its row", what);
+    }
+    free(wide);
+    cudaFree(outw);
     fprintf(stderr, "nf4 %-28s %lld x %lld dq=%d: bit-identical\n", what, (long long)rows, (long long)cols, dq);
     free(got2);
     cudaFree(mem2);
@@ -93,7 +107,8 @@ START_TEST(test_nf4_random) {
     cuda_ctx *ctx = ctx_new();
     rng_state r;
     rng_seed(&r, 101);
-    int64_t shapes[][2] = {{64, 64}, {1000, 320}, {3, 40}, {333, 77}, {4096, 1024}};
+    // cols % 32, % 16, % 8 and odd: each vector width of the dequantization and the scalar path
+    int64_t shapes[][2] = {{64, 64}, {1000, 320}, {3, 40}, {333, 77}, {100, 48}, {4096, 1024}};
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
         int64_t rows = shapes[s][0], cols = shapes[s][1], n = rows * cols;
         float *x = rnd_bf16(&r, (size_t)n, 0.02f);
@@ -868,6 +883,33 @@ START_TEST(test_adapter_gather_scatter) {
     ck_assert_int_eq(adapter_create(&ad, &s, &c), MOSFT_OK);
     gather_scatter_check(ctx, ad, "lora r4 (no k)");
     adapter_free(ad);
+    // a group's blocks into its K-augmented weight buffer: B beside the weight's rows, A below them, the
+    // weight itself untouched; the vector kernel (R, d_in, ld multiples of 8) and the 2D-copy fallback
+    int shapes[][4] = {{96, 4096 / 16, 12288 / 16, 96}, {32, 88, 40, 32}, {4, 64, 24, 4}, {48, 176, 64, 56}};
+    for (int k = 0; k < 4; k++) {
+        int R = shapes[k][0], di = shapes[k][1], dout = shapes[k][2], rpad = shapes[k][3];
+        int64_t ld = di + rpad, nbuf = (int64_t)(dout + rpad) * ld;
+        rng_state r;
+        rng_seed(&r, 77 + k);
+        float *B = rnd_bf16(&r, (size_t)dout * R, 1.0f), *A = rnd_bf16(&r, (size_t)R * di, 1.0f);
+        float *W = rnd_bf16(&r, (size_t)nbuf, 1.0f);
+        bf16 *dB = dev_bf16(B, (size_t)dout * R), *dA = dev_bf16(A, (size_t)R * di), *dW = dev_bf16(W, (size_t)nbuf);
+        adapter_blocks_cuda(cuda_ctx_stream(ctx), dW, ld, di, dout, dB, dA, R);
+        CK_CUDA(cudaDeviceSynchronize());
+        float *got = down_bf16(dW, (size_t)nbuf);
+        for (int64_t i = 0; i < dout + rpad; i++)
+            for (int64_t j = 0; j < ld; j++) {
+                float want = W[i * ld + j];
+                if (i < dout && j >= di && j < di + R) want = B[i * R + (j - di)];
+                if (i >= dout && i < dout + R && j < di) want = A[(i - dout) * di + j];
+                ck_assert_msg(got[i * ld + j] == want, "adapter blocks R %d d_in %d: element (%lld, %lld) differs", R, di,
+                              (long long)i, (long long)j);
+            }
+        fprintf(stderr, "adapter blocks R %-3d d_in %-4d d_out %-4d ld %-5lld into the weight buffer: exact\n", R, di, dout,
+                (long long)ld);
+        free(B), free(A), free(W), free(got);
+        cudaFree(dB), cudaFree(dA), cudaFree(dW);
+    }
     cuda_ctx_free(ctx);
 }
 END_TEST

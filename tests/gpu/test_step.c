@@ -97,12 +97,14 @@ typedef struct {
     backend *be;
 } engine;
 
+static int g_keep_dequantized;  // engine_open's CUDA engines keep the NF4 base as bf16 (model.keep_dequantized)
+
 static void engine_open(engine *e, int cuda, const char *quant, const char *recompute, int kind, double dropout) {
     memset(e, 0, sizeof *e);
     llama_config c;
     ck_assert_int_eq(llama_config_load(&c, MODEL_DIR), MOSFT_OK);
     e->ad = make_adapter(&c, kind, dropout);
-    backend_opts opt = {recompute, 0.9, 0.999, 1e-8, 0.0, 0};
+    backend_opts opt = {recompute, 0.9, 0.999, 1e-8, 0.0, 0, g_keep_dequantized};
     if (cuda) {
         int rc = backend_cuda_create(&e->be, MODEL_DIR, quant, 1, e->ad, &opt);
         ck_assert_msg(rc == MOSFT_OK, "cuda backend: %s", mosft_error());
@@ -397,7 +399,7 @@ START_TEST(test_swiglu_fused_step) {
             for (int fu = 0; fu < 2; fu++) {
                 setenv("MOSFT_SWIGLU_FUSED", fu ? "1" : "0", 1);
                 adapter *ad = make_adapter(&c, 2, dr ? 0.1 : 0.0);
-                backend_opts opt = {recs[ri], 0.9, 0.999, 1e-8, 0.0, 0};
+                backend_opts opt = {recs[ri], 0.9, 0.999, 1e-8, 0.0, 0, 0};
                 backend *be;
                 int rc = backend_cuda_create_random(&be, &c, "nf4", 1, 5, ad, &opt);
                 ck_assert_msg(rc == MOSFT_OK, "cuda backend: %s", mosft_error());
@@ -468,6 +470,45 @@ START_TEST(test_overlap_identical) {
 }
 END_TEST
 
+// model.keep_dequantized: the NF4 base dequantized once at load is the same base, so training must be
+// bit-identical to dequantizing each weight where it is used (the real folder's loading path; MoS r 4
+// without dropout, r 16 with, at every recompute level).
+START_TEST(test_keep_dequantized_identical) {
+    ref_open();
+    batches b;
+    batches_make(&b);
+    const char *recs[] = {"none", "partial", "full"};
+    int N = 3;
+    for (int ri = 0; ri < 3; ri++)
+        for (int ci = 0; ci < 2; ci++) {
+            double l[2][3];
+            float *p[2];
+            size_t n = 0;
+            for (int keep = 0; keep < 2; keep++) {
+                g_keep_dequantized = keep;
+                engine e;
+                engine_open(&e, 1, "nf4", recs[ri], ci ? 2 : 1, ci ? 0.1 : 0.0);
+                train(&e, &b, 0, N, l[keep]);
+                e.be->ops->sync_to_adapter(e.be);
+                n = e.ad->n_params;
+                p[keep] = xmalloc(4 * n);
+                memcpy(p[keep], e.ad->params, 4 * n);
+                engine_close(&e);
+            }
+            g_keep_dequantized = 0;
+            ck_assert_msg(memcmp(l[0], l[1], sizeof l[0]) == 0, "recompute=%s case %d: losses differ with the base kept",
+                          recs[ri], ci);
+            ck_assert_msg(memcmp(p[0], p[1], 4 * n) == 0, "recompute=%s case %d: parameters differ with the base kept",
+                          recs[ri], ci);
+            fprintf(stderr, "keep_dequantized: r %d recompute=%s dropout=%.1f: %d steps identical to per-use dequantization "
+                            "(loss %.6f)\n", ci ? 16 : 4, recs[ri], ci ? 0.1 : 0.0, N, l[1][N - 1]);
+            free(p[0]), free(p[1]);
+        }
+    free(b.buf);
+    st_close(&g_ref);
+}
+END_TEST
+
 // ---- the other low-rank methods (built and scattered by their host code, cuda/peer_cuda.cu) ----
 
 static adapter_spec peer_spec(const char *method, int r, double dropout) {
@@ -497,7 +538,7 @@ static void engine_open_spec(engine *e, int cuda, const char *quant, const char 
     rng_state r;
     rng_seed(&r, 99);
     for (size_t i = 0; i < e->ad->n_params; i++) e->ad->params[i] += 0.01f * rnd_normal(&r);
-    backend_opts opt = {recompute, 0.9, 0.999, 1e-8, 0.0, 0};
+    backend_opts opt = {recompute, 0.9, 0.999, 1e-8, 0.0, 0, 0};
     if (cuda) {
         int rc = backend_cuda_create(&e->be, MODEL_DIR, quant, 1, e->ad, &opt);
         ck_assert_msg(rc == MOSFT_OK, "cuda backend: %s", mosft_error());
@@ -588,7 +629,7 @@ START_TEST(test_routed_refused) {
     ck_assert_int_eq(adapter_create(&ad, &s, &c), MOSFT_OK);
     ck_assert_int_eq(backend_cuda_supports(ad, &c), MOSFT_ERR_INPUT);
     backend *be = NULL;
-    backend_opts opt = {"none", 0.9, 0.999, 1e-8, 0.0, 0};
+    backend_opts opt = {"none", 0.9, 0.999, 1e-8, 0.0, 0, 0};
     ck_assert_int_eq(backend_cuda_create(&be, MODEL_DIR, "nf4", 1, ad, &opt), MOSFT_ERR_INPUT);
     fprintf(stderr, "sira on cuda: %s (hint: %s)\n", mosft_error(), mosft_error_hint());
     ck_assert(strstr(mosft_error(), "sira") != NULL && strstr(mosft_error_hint(), "cpu") != NULL);
@@ -627,6 +668,7 @@ static Suite *step_suite(void) {
     tcase_add_test(tc, test_training_curve);
     tcase_add_test(tc, test_determinism_resume);
     tcase_add_test(tc, test_overlap_identical);
+    tcase_add_test(tc, test_keep_dequantized_identical);
     tcase_add_test(tc, test_swiglu_fused_step);
     tcase_add_test(tc, test_out_of_memory);
     tcase_add_test(tc, test_peers_vs_cpu);
