@@ -45,6 +45,7 @@ typedef struct {
     double total;
     char device[64];    // "CPU (host memory)" / "NVIDIA H100 80GB HBM3 (79.1 GiB)"
     double capacity;    // bytes available on the device (0 = unknown)
+    char weights_note[48];  // how the base is kept ("NF4", "NF4 kept dequantized (bf16)", ...; "" = say nothing)
 } mem_plan;
 
 typedef struct backend backend;

@@ -142,7 +142,10 @@ static void print_plan(FILE *f, const mem_plan *p) {
     mosft_fmt_bytes(d, sizeof d, p->workspace);
     mosft_fmt_bytes(t, sizeof t, p->total);
     fprintf(f, "memory plan on %s\n", p->device);
-    fprintf(f, "  frozen base weights          %10s\n", a);
+    if (p->weights_note[0])
+        fprintf(f, "  frozen base weights          %10s  (%s)\n", a, p->weights_note);
+    else
+        fprintf(f, "  frozen base weights          %10s\n", a);
     fprintf(f, "  adapter + grads + AdamW      %10s\n", b);
     fprintf(f, "  activations (micro-batch)    %10s\n", c);
     fprintf(f, "  workspace                    %10s\n", d);

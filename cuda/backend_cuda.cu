@@ -210,6 +210,8 @@ static void cuda_memory_plan(backend *be, int B, int S, mem_plan *p) {
     size_t fr = 0, tot = 0;
     cudaMemGetInfo(&fr, &tot);
     snprintf(p->device, sizeof p->device, "%.63s", be->device_name);
+    snprintf(p->weights_note, sizeof p->weights_note, "%s",
+             c->model.nf4 ? "NF4, dequantized where used" : c->kept ? "NF4, kept dequantized as bf16" : "bf16");
     p->capacity = (double)tot;
 }
 
@@ -482,6 +484,7 @@ static int create_common(backend **out, const llama_config *cfg, const char *mod
         rc = model_dir ? cuda_model_load(ctx, &q, model_dir, 1, double_quant, &tmp)
                        : cuda_model_random(ctx, &q, cfg, 1, double_quant, seed, &tmp);
         if (!rc) cuda_model_dequantize(ctx, &c->model, &q, &c->persist);
+        c->kept = 1;
         free(q.layers);
         cuda_arena_free(&tmp);
     } else {

@@ -127,6 +127,7 @@ typedef struct {
     cuda_adapter_group grp[GRP_COUNT];
     int R_tot, R_max, dout_max;    // sum and max of the groups' R; widest group output
     int built;                     // factors match params
+    int kept;                      // an NF4 base kept dequantized (model.keep_dequantized; model.nf4 is 0)
     lowrank_gather_job *gjobs;     // [n_gjobs] device: every (layer, module)'s gather (MoS, LoRA)
     int n_gjobs;
     int64_t gjob_max;              // the largest r d_in or d_out r among them
