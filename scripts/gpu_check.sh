@@ -54,6 +54,9 @@ if want benchall; then
   done; done; done
   run bench_llama2-7b_mos_partial 240 "${B[@]}" --model llama2-7b --adapter mos --recompute partial
   run bench_llama2-7b_mos_none_bf16 240 "${B[@]}" --model llama2-7b --adapter mos --recompute none --quantization none
+  for m in llama2-7b llama3.2-3b; do for r in none full; do  # model.keep_dequantized: faster, more memory
+    run "bench_${m}_mos_${r}_kept" 240 "${B[@]}" --model $m --adapter mos --recompute $r --keep-dequantized
+  done; done
   for m in llama2-7b llama3.2-3b; do for r in none full; do  # the paper's configs train with dropout 0.1
     run "bench_${m}_mos_${r}_dropout" 240 "${B[@]}" --model $m --adapter mos --recompute $r --dropout 0.1
   done; done
@@ -96,6 +99,9 @@ if want train; then  # `mosft train` on the GPU: the demo, exact resume, export 
      diff <(grep -o '"loss": [0-9.e+-]*' $T/straight/metrics.jsonl) <(grep -o '"loss": [0-9.e+-]*' $T/resumed/metrics.jsonl) >/dev/null
   then note "resume on cuda: identical losses and byte-identical adapter.mos"
   else note "resume on cuda: DIFFERENT"; fi
+  run train_kept 300 "${D[@]}" --set output.dir=$T/kept --set model.keep_dequantized=true
+  if cmp -s $T/straight/adapter.mos $T/kept/adapter.mos; then note "model.keep_dequantized: byte-identical adapter.mos"
+  else note "model.keep_dequantized: DIFFERENT adapter.mos"; fi
   run train_demo_cuda 600 build/mosft train configs/demo.json --set device=cuda --set output.dir=$T/demo
   cp $T/demo/metrics.jsonl "$FINAL/demo_cuda_metrics.jsonl" 2>/dev/null
   run export_peft_check 300 python3 scripts/check_peft_export.py $T/demo/adapter.mos --model tests/fixtures/stories260K
