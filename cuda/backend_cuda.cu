@@ -367,6 +367,13 @@ static double device_peak(const char *name) {
 
 // ---- creation -----------------------------------------------------------------------------------
 
+// The base did not fit with model.keep_dequantized on: the same message, the hint that matters.
+static int keep_hint(int rc) {
+    char msg[512];
+    snprintf(msg, sizeof msg, "%s", mosft_error());
+    return mosft_fail_hint(rc, "model.keep_dequantized=false (the base stays NF4 on the GPU: 2 bytes a weight less)", "%s", msg);
+}
+
 static int create_common(backend **out, const llama_config *cfg, const char *model_dir, const char *quantization,
                          int double_quant, uint64_t seed, adapter *ad, const backend_opts *opt) {
     *out = NULL;
@@ -466,7 +473,9 @@ static int create_common(backend **out, const llama_config *cfg, const char *mod
         char w[32], a[32];
         mosft_fmt_bytes(w, sizeof w, c->bytes_weights);
         mosft_fmt_bytes(a, sizeof a, c->bytes_adapter);
-        mosft_fail_prefix(rc, "frozen base %s + adapter state %s on %s", w, a, be->device_name);
+        mosft_fail_prefix(rc, "frozen base %s%s + adapter state %s on %s", w, keep ? " (kept dequantized)" : "", a,
+                          be->device_name);
+        if (keep) keep_hint(rc);
         cuda_destroy(be);
         return rc;
     }
@@ -477,14 +486,17 @@ static int create_common(backend **out, const llama_config *cfg, const char *mod
             char w[32];
             mosft_fmt_bytes(w, sizeof w, (double)nf4_bytes);
             mosft_fail_prefix(rc, "model.keep_dequantized: the NF4 base (%s) beside its bf16 copy on %s", w, be->device_name);
+            keep_hint(rc);
             cuda_destroy(be);
             return rc;
         }
         cuda_model q = c->model;
         rc = model_dir ? cuda_model_load(ctx, &q, model_dir, 1, double_quant, &tmp)
                        : cuda_model_random(ctx, &q, cfg, 1, double_quant, seed, &tmp);
-        if (!rc) cuda_model_dequantize(ctx, &c->model, &q, &c->persist);
-        c->kept = 1;
+        if (!rc) {
+            cuda_model_dequantize(ctx, &c->model, &q, &c->persist);
+            c->kept = 1;
+        }
         free(q.layers);
         cuda_arena_free(&tmp);
     } else {

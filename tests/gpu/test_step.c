@@ -656,6 +656,28 @@ START_TEST(test_out_of_memory) {
     ck_assert(strstr(mosft_error_hint(), "recompute") != NULL);
     free(ids), free(lab), free(msk);
     engine_close(&gpu);
+    // model.keep_dequantized on a base whose bf16 copy cannot fit (70B-like layers, one device's worth
+    // and more): refused before anything loads, and the hint says what to turn off. On a real GPU only
+    // (the emulator's reported 8 GB is not what its host can allocate).
+    size_t fr = 0, tot = 0;
+    CK_CUDA(cudaMemGetInfo(&fr, &tot));
+    if (tot < ((size_t)16 << 30)) return;
+    llama_config c;
+    ck_assert_int_eq(llama_config_load(&c, MODEL_DIR), MOSFT_OK);
+    c.hidden = 8192, c.intermediate = 28672, c.n_heads = 64, c.n_kv_heads = 8, c.head_dim = 128;
+    double per_layer = 2.0 * 8192 * (8192 + 2 * 1024 + 8192 + 3 * 28672);  // bf16 bytes of one layer's linears
+    c.n_layers = (int)((double)tot / per_layer) + 2;
+    adapter *ad = make_adapter(&c, 1, 0.0);
+    backend_opts opt = {"full", 0.9, 0.999, 1e-8, 0.0, 0, 1};
+    backend *be = NULL;
+    rc = backend_cuda_create_random(&be, &c, "nf4", 1, 5, ad, &opt);
+    fprintf(stderr, "keep_dequantized, %d layers of 8192: rc %d: %s\nhint: %s\n", c.n_layers, rc, mosft_error(),
+            mosft_error_hint());
+    ck_assert_int_eq(rc, MOSFT_ERR_RUNTIME);
+    ck_assert(be == NULL);
+    ck_assert(strstr(mosft_error(), "out of GPU memory") != NULL && strstr(mosft_error(), "kept dequantized") != NULL);
+    ck_assert(strstr(mosft_error_hint(), "model.keep_dequantized=false") != NULL);
+    adapter_free(ad);
 }
 END_TEST
 
