@@ -12,37 +12,25 @@
 
 // ---- CUDA kernels ----------------------------------------------------------------------------------
 
-// Element e of A (e < r d_in) and of B (e < d_out r).
-__device__ __forceinline__ void gather_a_elem(const lowrank_map &mp, const float *__restrict__ params, bf16 *A, int64_t e) {
-    int k = (int)(e / mp.d_in), col = (int)(e % mp.d_in), sa = mp.d_in / mp.l;
-    int j = col / sa, c = col % sa;
-    float v = params[mp.offA[k * mp.l + j] + c];
-    if (mp.scaleA) v = __fmul_rn(mp.scaleA[k], v);
-    A[e] = __float2bfloat16_rn(v);
-}
-__device__ __forceinline__ void gather_b_elem(const lowrank_map &mp, const float *__restrict__ params, bf16 *B, int64_t e) {
-    int d = (int)(e / mp.r), k = (int)(e % mp.r), sb = mp.d_out / mp.l;
-    int j = d / sb, c = d % sb;
-    B[(int64_t)d * mp.ldB + k] = __float2bfloat16_rn(__fmul_rn(mp.scaleB, params[mp.offB[k * mp.l + j] + (int64_t)c * mp.strideB]));
-}
-
-__global__ void gather_a_kernel(lowrank_map mp, const float *__restrict__ params, bf16 *A) {
-    int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (e < (int64_t)mp.r * mp.d_in) gather_a_elem(mp, params, A, e);
-}
-
-__global__ void gather_b_kernel(lowrank_map mp, const float *__restrict__ params, bf16 *B) {
-    int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (e < (int64_t)mp.d_out * mp.r) gather_b_elem(mp, params, B, e);
-}
-
-// grid (ceil(n_max / 256), n jobs): job blockIdx.y, element e of its A and of its B.
-__global__ void gather_batch_kernel(const lowrank_gather_job *__restrict__ jobs, const float *__restrict__ params) {
+// grid (ceil(n_max / 256), n jobs): job blockIdx.y; thread e makes element e of its A (e < r d_in) and
+// of its B (e < d_out r).
+__global__ void gather_kernel(const lowrank_gather_job *__restrict__ jobs, const float *__restrict__ params) {
     const lowrank_gather_job *jb = jobs + blockIdx.y;
     lowrank_map mp = jb->mp;
     int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (e < (int64_t)mp.r * mp.d_in) gather_a_elem(mp, params, jb->A, e);
-    if (e < (int64_t)mp.d_out * mp.r) gather_b_elem(mp, params, jb->B, e);
+    if (e < (int64_t)mp.r * mp.d_in) {
+        int k = (int)(e / mp.d_in), col = (int)(e % mp.d_in), sa = mp.d_in / mp.l;
+        int j = col / sa, c = col % sa;
+        float v = params[mp.offA[k * mp.l + j] + c];
+        if (mp.scaleA) v = __fmul_rn(mp.scaleA[k], v);
+        jb->A[e] = __float2bfloat16_rn(v);
+    }
+    if (e < (int64_t)mp.d_out * mp.r) {
+        int d = (int)(e / mp.r), k = (int)(e % mp.r), sb = mp.d_out / mp.l;
+        int j = d / sb, c = d % sb;
+        jb->B[(int64_t)d * mp.ldB + k] =
+            __float2bfloat16_rn(__fmul_rn(mp.scaleB, params[mp.offB[k * mp.l + j] + (int64_t)c * mp.strideB]));
+    }
 }
 
 // 16-byte vector i of B's rows (i < nB = d_out R / 8) or of A's (the rest) into the weight buffer.
@@ -832,19 +820,11 @@ extern "C" int lowrank_map_host(const adapter *ad, int layer, int module, int64_
 
 // ---- kernel launchers ---------------------------------------------------------------------------------
 
-extern "C" void lowrank_gather_cuda(cuda_ctx *ctx, const lowrank_map *mp, const float *params, bf16 *A, bf16 *B) {
-    int64_t na = (int64_t)mp->r * mp->d_in, nb = (int64_t)mp->d_out * mp->r;
-    gather_a_kernel<<<ceil_div_i(na, 256), 256, 0, ctx->stream>>>(*mp, params, A);
-    CUDA_LAUNCH_CHECK();
-    gather_b_kernel<<<ceil_div_i(nb, 256), 256, 0, ctx->stream>>>(*mp, params, B);
-    CUDA_LAUNCH_CHECK();
-}
-
 extern "C" void lowrank_gather_batch_cuda(cuda_ctx *ctx, const lowrank_gather_job *jobs, int n, int64_t n_max,
                                           const float *params) {
     if (n <= 0) return;
     MOSFT_ASSERT(n <= 65535);
-    gather_batch_kernel<<<dim3(ceil_div_i(n_max, 256), (unsigned)n), 256, 0, ctx->stream>>>(jobs, params);
+    gather_kernel<<<dim3(ceil_div_i(n_max, 256), (unsigned)n), 256, 0, ctx->stream>>>(jobs, params);
     CUDA_LAUNCH_CHECK();
 }
 

@@ -251,11 +251,8 @@ int lowrank_map_host(const adapter *ad, int layer, int module, int64_t *offA, in
                      int *has_scale, int *l, int *strideB);
 // Shards per vector of the adapter's maps (1 for LoRA).
 int lowrank_map_shards(const adapter *ad);
-// A[r][d_in], B[d_out][ldB] bf16 from params.
-void lowrank_gather_cuda(cuda_ctx *ctx, const lowrank_map *mp, const float *params, bf16 *A, bf16 *B);
-// Many maps' factors in one launch (a model's 7 L (layer, module) pairs would otherwise be 14 L tiny
-// kernels at the start of every step): jobs [n] in device memory; n_max >= every job's r d_in and
-// d_out r. The same values as lowrank_gather_cuda per job.
+// Each job's A[r][d_in] and B[d_out][ldB] (bf16) from params, every job in one launch (a model's 7 L
+// (layer, module) pairs, once a step): jobs [n] in device memory; n_max >= every job's r d_in and d_out r.
 typedef struct {
     lowrank_map mp;
     bf16 *A, *B;

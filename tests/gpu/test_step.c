@@ -432,6 +432,20 @@ START_TEST(test_swiglu_fused_step) {
 }
 END_TEST
 
+// N training steps of a fresh CUDA engine (NF4, fixture model) on the fixture batches: the losses into l,
+// a copy of the parameters into *p; returns their count.
+static size_t train_copy(const batches *b, const char *recompute, int kind, double dropout, int N, double *l, float **p) {
+    engine e;
+    engine_open(&e, 1, "nf4", recompute, kind, dropout);
+    train(&e, b, 0, N, l);
+    e.be->ops->sync_to_adapter(e.be);
+    size_t n = e.ad->n_params;
+    *p = xmalloc(4 * n);
+    memcpy(*p, e.ad->params, 4 * n);
+    engine_close(&e);
+    return n;
+}
+
 START_TEST(test_overlap_identical) {
     ref_open();
     batches b;
@@ -445,14 +459,7 @@ START_TEST(test_overlap_identical) {
             float *p[2];
             for (int ov = 0; ov < 2; ov++) {
                 setenv("MOSFT_ADAPTER_OVERLAP", ov ? "1" : "0", 1);
-                engine e;
-                engine_open(&e, 1, "nf4", recs[ri], kind, dr ? 0.1 : 0.0);
-                train(&e, &b, 0, N, l[ov]);
-                e.be->ops->sync_to_adapter(e.be);
-                p[ov] = xmalloc(4 * e.ad->n_params);
-                memcpy(p[ov], e.ad->params, 4 * e.ad->n_params);
-                size_t n = e.ad->n_params;
-                engine_close(&e);
+                size_t n = train_copy(&b, recs[ri], kind, dr ? 0.1 : 0.0, N, l[ov], &p[ov]);
                 if (ov) {
                     ck_assert_msg(memcmp(l[0], l[1], sizeof l[0]) == 0, "recompute=%s case %d: losses differ with the side stream",
                                   recs[ri], ci);
@@ -486,14 +493,7 @@ START_TEST(test_keep_dequantized_identical) {
             size_t n = 0;
             for (int keep = 0; keep < 2; keep++) {
                 g_keep_dequantized = keep;
-                engine e;
-                engine_open(&e, 1, "nf4", recs[ri], ci ? 2 : 1, ci ? 0.1 : 0.0);
-                train(&e, &b, 0, N, l[keep]);
-                e.be->ops->sync_to_adapter(e.be);
-                n = e.ad->n_params;
-                p[keep] = xmalloc(4 * n);
-                memcpy(p[keep], e.ad->params, 4 * n);
-                engine_close(&e);
+                n = train_copy(&b, recs[ri], ci ? 2 : 1, ci ? 0.1 : 0.0, N, l[keep], &p[keep]);
             }
             g_keep_dequantized = 0;
             ck_assert_msg(memcmp(l[0], l[1], sizeof l[0]) == 0, "recompute=%s case %d: losses differ with the base kept",
