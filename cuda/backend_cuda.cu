@@ -307,10 +307,11 @@ static void cuda_destroy(backend *be) {
         }
         if (c->wstream) {
             cudaStreamSynchronize(c->wstream);
-            for (int i = 0; i < 2; i++) {
+            for (int i = 0; i < GRP_COUNT; i++) {
                 cudaEventDestroy(c->w_ready[i]);
                 cudaEventDestroy(c->w_free[i]);
             }
+            cudaEventDestroy(c->w_go);
             cudaStreamDestroy(c->wstream);
         }
         free(c->wseq);
@@ -433,10 +434,13 @@ static int create_common(backend **out, const llama_config *cfg, const char *mod
     c->wseq = (int *)xmalloc(sizeof(int) * (size_t)cfg->n_layers * 11);
     if (c->wpipe) {
         CUDA_CHECK(cudaStreamCreateWithFlags(&c->wstream, cudaStreamNonBlocking));
-        for (int i = 0; i < 2; i++) {
+        for (int i = 0; i < GRP_COUNT; i++) {
             CUDA_CHECK(cudaEventCreateWithFlags(&c->w_ready[i], cudaEventDisableTiming));
             CUDA_CHECK(cudaEventCreateWithFlags(&c->w_free[i], cudaEventDisableTiming));
         }
+        CUDA_CHECK(cudaEventCreateWithFlags(&c->w_go, cudaEventDisableTiming));
+        const char *wa = getenv("MOSFT_WEIGHT_AHEAD");
+        c->wahead = !(wa && !strcmp(wa, "0"));
     }
     const char *sf = getenv("MOSFT_SWIGLU_FUSED");
     c->swiglu_fused = !(sf && !strcmp(sf, "0"));

@@ -167,14 +167,19 @@ typedef struct {
     int32_t *ids, *targets, *mask; // [T]
     int32_t *ce_list;              // [T] the rows that go through lm_head + CE (supervised ones), ascending
     float *cs;                     // [S_cap][D/2][2] rope table
-    // NF4 base: the groups' weights are dequantized one group ahead on a second stream (group_weight)
-    int wpipe;                     // the pipeline is on (MOSFT_WEIGHT_PREFETCH=0 turns it off)
+    // NF4 base: the groups' weights are dequantized ahead on a second stream (step_cuda.cu, "the NF4
+    // weight stream")
+    int wpipe;                     // the stream is on (MOSFT_WEIGHT_PREFETCH=0 turns it off)
+    int wahead;                    // the attention kernels start the next groups (MOSFT_WEIGHT_AHEAD=0 turns it off)
     int swiglu_fused;              // SwiGLU with the adapter's h / gh in one pass (MOSFT_SWIGLU_FUSED=0 turns it off)
-    bf16 *wbufs[2];                // dequantized weight groups (the same buffer twice when wpipe is off)
+    bf16 *wslot[GRP_COUNT];        // dequantized weight groups, a slot per group (one buffer when wpipe is off)
     cudaStream_t wstream;
-    cudaEvent_t w_ready[2], w_free[2];  // buffer filled (weight stream) / its readers done (main stream)
+    cudaEvent_t w_ready[GRP_COUNT], w_free[GRP_COUNT];  // slot filled (weight stream) / its readers done (main)
+    cudaEvent_t w_go;              // the look-ahead's start (main stream, at an attention kernel)
     int *wseq;                     // [L * 11] the micro-batch's order of groups (layer * GRP_COUNT + group)
-    int wn, wi, wpf[2];            // sequence length, next index, index prefetched into each buffer (-1: none)
+    int wn, wi, wis, wfr;          // sequence length, next entry handed out, next to dequantize, first whose
+                                   // readers are not yet known to be done
+    int wtag[GRP_COUNT];           // the entry (layer * GRP_COUNT + group) each slot holds or is getting; -1: none
     bf16 *ad_xd;                   // [T][max d_in] dropout-masked adapter input
     // With dropout and no recomputation the forward keeps every module's mask as bits (1 bit an
     // element, written by its masked copy) for dL/dA in backward (lowrank_dropout_da_cuda), which then

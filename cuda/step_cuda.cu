@@ -184,16 +184,17 @@ void cuda_acts_layout(backend *be, cuda_arena *ar, int B, int S, mem_plan *plan)
     c->ce_list = (int32_t *)take(ar, (size_t)T * 4, plan, CAT_WORK);
     c->mask = (int32_t *)take(ar, (size_t)T * 4, plan, CAT_WORK);
     c->cs = F32((int64_t)S * d.D);
-    if (c->model.nf4) {  // the largest group with its adapter blocks: [d_out + Rp][d_in + Rp]
-        int64_t mx = 0;
+    if (c->model.nf4) {  // a slot per group with its adapter blocks, [d_out + Rp][d_in + Rp]; one of the
+                         // largest without the weight stream
+        int64_t n[GRP_COUNT], mx = 0;
         for (int g = 0; g < GRP_COUNT; g++) {
             int di, dout;
             cuda_group_dims(&be->cfg, g, &di, &dout);
-            int64_t n = (int64_t)(dout + rp(c, g)) * (di + rp(c, g));
-            mx = n > mx ? n : mx;
+            n[g] = (int64_t)(dout + rp(c, g)) * (di + rp(c, g));
+            mx = n[g] > mx ? n[g] : mx;
         }
-        c->wbufs[0] = BF(mx);
-        c->wbufs[1] = c->wpipe ? BF(mx) : c->wbufs[0];
+        bf16 *one = c->wpipe ? NULL : BF(mx);
+        for (int g = 0; g < GRP_COUNT; g++) c->wslot[g] = c->wpipe ? BF(n[g]) : one;
     }
     int din = max_din(be);
     if (din > 0) {
@@ -315,8 +316,20 @@ static void dequant_group(cuda_impl *c, const dims *d, int l, int grp, bf16 *buf
     if (ag->n) adapter_blocks_cuda(st, buf, ld, di, dout, ag->B[l], ag->A[l], ag->R);
 }
 
+// ---- the NF4 weight stream ------------------------------------------------------------------------
+//
+// A micro-batch asks for weight groups in a known order (c->wseq). Each group type has its own buffer
+// (slot); the weight stream dequantizes a group into its slot ahead of the GEMM that reads it, once the
+// GEMMs that read the slot's previous contents are done (w_free). Where it runs matters more than how
+// early: beside a cuBLAS GEMM it cannot run at all (the GEMM's blocks fill every multiprocessor), and
+// beside the memory-bound kernels it takes their bandwidth; beside the attention kernels (compute-bound,
+// a quarter of the threads a multiprocessor holds) it finds both. So the attention kernels trigger the
+// look-ahead (weights_ahead): up to a layer's four groups start when the attention starts. A slot that
+// already holds the group asked for (the last layer's groups at the turn to backward, a recomputed
+// layer's groups in its backward) is used again without dequantizing.
+
 // The order in which a micro-batch asks for weight groups (forward, then backward with its
-// recomputation), so that each group is dequantized while the previous one's GEMM runs.
+// recomputation).
 static void weight_sequence(cuda_impl *c, int L, int backward) {
     int n = 0;
     for (int l = 0; l < L; l++)
@@ -333,40 +346,79 @@ static void weight_sequence(cuda_impl *c, int L, int backward) {
         if (l > 0) c->wseq[n++] = l * GRP_COUNT + GRP_QKV;  // layer 0: no input gradient (see layer_backward)
     }
     c->wn = n;
-    c->wi = 0;
-    c->wpf[0] = c->wpf[1] = -1;
+    c->wi = c->wis = c->wfr = 0;
+    if (!c->wpipe) return;
+    // the slots' contents are stale (the adapter blocks change with the parameters), and every GEMM of
+    // the previous micro-batch that read them is queued before this point
+    for (int g = 0; g < GRP_COUNT; g++) {
+        c->wtag[g] = -1;
+        CUDA_CHECK(cudaEventRecord(c->w_free[g], c->ctx->stream));
+    }
 }
 
-// The bf16 weight of group `grp` with its adapter blocks (row stride d_in + Rp). An NF4 base alternates
-// between two buffers: the group asked for now was dequantized on the weight stream while the previous
-// GEMM ran (or is dequantized now if the sequence was left), and the next one of the sequence starts
-// there as soon as the GEMMs that read its buffer are done.
+// Whether sequence entry j may be dequantized now: its slot holds it already, or no entry of its type
+// between the first one whose readers are not known to be done (wfr) and j still needs the slot.
+static int weight_may_issue(const cuda_impl *c, int j) {
+    int g = c->wseq[j] % GRP_COUNT;
+    if (c->wtag[g] == c->wseq[j]) return 1;
+    for (int k = c->wfr; k < j; k++)
+        if (c->wseq[k] % GRP_COUNT == g) return 0;
+    return 1;
+}
+
+// Dequantize sequence entry wis into its slot on the weight stream (after `go`, when given).
+static void weight_issue(cuda_impl *c, const dims *d, cudaEvent_t go) {
+    int e = c->wseq[c->wis++], g = e % GRP_COUNT;
+    if (c->wtag[g] == e) return;  // there already (w_ready[g] still marks its dequantization)
+    CUDA_CHECK(cudaStreamWaitEvent(c->wstream, c->w_free[g], 0));
+    if (go) CUDA_CHECK(cudaStreamWaitEvent(c->wstream, go, 0));
+    dequant_group(c, d, e / GRP_COUNT, g, c->wslot[g], c->wstream);
+    CUDA_CHECK(cudaEventRecord(c->w_ready[g], c->wstream));
+    c->wtag[g] = e;
+}
+
+// The GEMMs of every group handed out so far are queued: their slots may be refilled after them.
+static void weight_release(cuda_impl *c) {
+    if (c->wfr < c->wi) {
+        CUDA_CHECK(cudaEventRecord(c->w_free[c->wseq[c->wi - 1] % GRP_COUNT], c->ctx->stream));
+        c->wfr = c->wi;
+    }
+}
+
+// Called right before an attention kernel is queued, after the GEMM of the last group handed out: the
+// next groups of the sequence (up to a layer's four) are dequantized beside the attention.
+static void weights_ahead(cuda_impl *c, const dims *d) {
+    if (!c->model.nf4 || !c->wpipe || !c->wahead) return;
+    weight_release(c);
+    CUDA_CHECK(cudaEventRecord(c->w_go, c->ctx->stream));
+    while (c->wis < c->wn && c->wis - c->wi < GRP_COUNT && weight_may_issue(c, c->wis)) weight_issue(c, d, c->w_go);
+}
+
+// The bf16 weight of group `grp` of layer l with its adapter blocks (row stride d_in + Rp). With the
+// weight stream: its slot, once dequantized there (now, if the look-ahead did not reach it); the next
+// group starts there too if its slot is free. Without it (MOSFT_WEIGHT_PREFETCH=0): one buffer,
+// dequantized on the main stream.
 static const bf16 *group_weight(cuda_impl *c, const dims *d, int l, int grp) {
     const cuda_layer *L = &c->model.layers[l];
     if (!c->model.nf4) return L->w[grp];
     prof_mark(c, PROF_DEQUANT);
     cudaStream_t st = c->ctx->stream;
-    if (!c->wpipe) {
-        dequant_group(c, d, l, grp, c->wbufs[0], st);
-        return c->wbufs[0];
+    int want = l * GRP_COUNT + grp;
+    if (!c->wpipe || c->wi >= c->wn || c->wseq[c->wi] != want) {  // no stream, or off the sequence
+        if (c->wpipe) {  // the slot may be the target of a queued dequantization: after it, and off the stream
+            CUDA_CHECK(cudaStreamWaitEvent(st, c->w_ready[grp], 0));
+            c->wn = c->wis;  // nothing more goes ahead in this micro-batch
+            c->wtag[grp] = -1;
+        }
+        dequant_group(c, d, l, grp, c->wslot[grp], st);
+        return c->wslot[grp];
     }
-    int i = c->wi++, s = i & 1;
-    CUDA_CHECK(cudaEventRecord(c->w_free[s ^ 1], st));  // all work so far, the reads of the other buffer included
-    if (c->wpf[s] == i) {
-        CUDA_CHECK(cudaStreamWaitEvent(st, c->w_ready[s], 0));
-        if (c->wseq[i] != l * GRP_COUNT + grp) dequant_group(c, d, l, grp, c->wbufs[s], st);
-    } else {
-        dequant_group(c, d, l, grp, c->wbufs[s], st);
-    }
-    c->wpf[s] = -1;
-    if (i + 1 < c->wn) {
-        int nx = c->wseq[i + 1];
-        CUDA_CHECK(cudaStreamWaitEvent(c->wstream, c->w_free[s ^ 1], 0));
-        dequant_group(c, d, nx / GRP_COUNT, nx % GRP_COUNT, c->wbufs[s ^ 1], c->wstream);
-        CUDA_CHECK(cudaEventRecord(c->w_ready[s ^ 1], c->wstream));
-        c->wpf[s ^ 1] = i + 1;
-    }
-    return c->wbufs[s];
+    weight_release(c);
+    if (c->wis == c->wi) weight_issue(c, d, NULL);
+    c->wi++;
+    CUDA_CHECK(cudaStreamWaitEvent(st, c->w_ready[grp], 0));
+    if (c->wis == c->wi && c->wis < c->wn && weight_may_issue(c, c->wis)) weight_issue(c, d, NULL);
+    return c->wslot[grp];
 }
 
 void cuda_build_factors(backend *be) {
@@ -625,6 +677,7 @@ static void attn_block_forward(backend *be, const dims *d, int l, const dropout_
               c->qkv, ld.qkv, GEMM_BF16);
     prof_mark(c, PROF_ELEM);
     rope_split_cuda(ctx, a->q, a->k, a->v, c->qkv, ld.qkv, c->cs, d->B, d->S, d->Hq, d->Hkv, d->D);
+    weights_ahead(c, d);
     prof_mark(c, PROF_ATTN);
     attention_forward_cuda(ctx, a->att, ld.att, a->lse, a->q, a->k, a->v, c->mask, d->B, d->S, d->Hq, d->Hkv, d->D, c->big,
                            att_chunk(c, d), c->o_tmp);
@@ -704,6 +757,7 @@ static void layer_backward(backend *be, const dims *d, int l, const dropout_ctx 
     prof_mark(c, PROF_ADAPTER_BWD);
     adapter_dx_dropout(be, d, l, GRP_O, c->gxb, ld.gxb, gatt, 0, d->Q, dc);
     side_join(c, GRP_QKV);  // the q|k|v adapter's weight gradients of the layer above read c->qkv
+    weights_ahead(c, d);
     prof_mark(c, PROF_ATTN_BWD);
     bf16 *gqkv = c->qkv;  // the q|k|v projection's gradient, RoPE undone
     attention_backward_cuda(ctx, gqkv, ld.qkv, c->cs, gatt, a->att, ld.att, a->lse, a->q, a->k, a->v, c->mask, d->B, d->S,
