@@ -320,13 +320,13 @@ static void dequant_group(cuda_impl *c, const dims *d, int l, int grp, bf16 *buf
 //
 // A micro-batch asks for weight groups in a known order (c->wseq). Each group type has its own buffer
 // (slot); the weight stream dequantizes a group into its slot ahead of the GEMM that reads it, once the
-// GEMMs that read the slot's previous contents are done (w_free). Where it runs matters more than how
-// early: beside a cuBLAS GEMM it cannot run at all (the GEMM's blocks fill every multiprocessor), and
-// beside the memory-bound kernels it takes their bandwidth; beside the attention kernels (compute-bound,
-// a quarter of the threads a multiprocessor holds) it finds both. So the attention kernels trigger the
-// look-ahead (weights_ahead): up to a layer's four groups start when the attention starts. A slot that
-// already holds the group asked for (the last layer's groups at the turn to backward, a recomputed
-// layer's groups in its backward) is used again without dequantizing.
+// GEMMs that read the slot's previous contents are done (w_free). Beside a cuBLAS GEMM it cannot run
+// (the GEMM's blocks fill every register file), beside the memory-bound kernels it takes their
+// bandwidth: what helps is fewer dequantizations and the main stream never waiting. So the attention
+// kernels start the look-ahead (weights_ahead: up to a layer's four groups, the attention being the
+// longest stretch without a GEMM), and a slot that already holds the group asked for (the last layer's
+// groups at the turn to backward, a recomputed layer's groups in its backward) is used again without
+// dequantizing. docs/BENCHMARKS.md (eighth session) has what this and the alternatives measured.
 
 // The order in which a micro-batch asks for weight groups (forward, then backward with its
 // recomputation).
@@ -386,7 +386,7 @@ static void weight_release(cuda_impl *c) {
 }
 
 // Called right before an attention kernel is queued, after the GEMM of the last group handed out: the
-// next groups of the sequence (up to a layer's four) are dequantized beside the attention.
+// next groups of the sequence (up to a layer's four) start on the weight stream with the attention.
 static void weights_ahead(cuda_impl *c, const dims *d) {
     if (!c->model.nf4 || !c->wpipe || !c->wahead) return;
     weight_release(c);
