@@ -28,6 +28,12 @@ __device__ __forceinline__ void lse_merge(float &m, float &s, float m2, float s2
 // VEC (V % 4 == 0): four logits a load and one rescale of the running sum per four (the row is read
 // twice from memory, 2 GB a pass at Llama 3's vocabulary and 4096 rows: scalar loads left the kernel
 // at ~1.7 TB/s).
+// dL/dlogit of one logit x: softmax - one-hot, flushed to zero below 1e-20, times the loss scale.
+__device__ __forceinline__ float ce_grad(float x, float lse, bool target, float scale) {
+    float d = expf(x - lse) - (target ? 1.0f : 0.0f);
+    return fabsf(d) < 1e-20f ? 0.0f : d * scale;
+}
+
 template <bool VEC>
 __global__ void ce_kernel(const float *__restrict__ logits, bf16 *dlogits, const int32_t *__restrict__ targets,
                           const int32_t *__restrict__ rows, int64_t r0, int64_t n_rows, int V, float scale,
@@ -93,18 +99,14 @@ __global__ void ce_kernel(const float *__restrict__ logits, bf16 *dlogits, const
             float4 x = l4[j];
             float d[4] = {x.x, x.y, x.z, x.w};
 #pragma unroll
-            for (int k = 0; k < 4; k++) {
-                d[k] = expf(d[k] - lse) - (4 * j + k == y ? 1.0f : 0.0f);
-                d[k] = fabsf(d[k]) < 1e-20f ? 0.0f : d[k] * scale;
-            }
+            for (int k = 0; k < 4; k++) d[k] = ce_grad(d[k], lse, 4 * j + k == y, scale);
             __nv_bfloat162 a = __floats2bfloat162_rn(d[0], d[1]), b = __floats2bfloat162_rn(d[2], d[3]);
             d4[j] = make_uint2(*(uint32_t *)&a, *(uint32_t *)&b);
         }
         return;
     }
     for (int j = threadIdx.x; j < V; j += blockDim.x) {
-        float d = expf(l[j] - lse) - (j == y ? 1.0f : 0.0f);
-        dlogits[i * V + j] = __float2bfloat16_rn(fabsf(d) < 1e-20f ? 0.0f : d * scale);
+        dlogits[i * V + j] = __float2bfloat16_rn(ce_grad(l[j], lse, j == y, scale));
     }
 }
 

@@ -388,7 +388,7 @@ static void weight_release(cuda_impl *c) {
 // Called right before an attention kernel is queued, after the GEMM of the last group handed out: the
 // next groups of the sequence (up to a layer's four) start on the weight stream with the attention.
 static void weights_ahead(cuda_impl *c, const dims *d) {
-    if (!c->model.nf4 || !c->wpipe || !c->wahead) return;
+    if (!c->wpipe || !c->wahead) return;
     weight_release(c);
     CUDA_CHECK(cudaEventRecord(c->w_go, c->ctx->stream));
     while (c->wis < c->wn && c->wis - c->wi < GRP_COUNT && weight_may_issue(c, c->wis)) weight_issue(c, d, c->w_go);

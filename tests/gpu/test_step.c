@@ -446,31 +446,40 @@ static size_t train_copy(const batches *b, const char *recompute, int kind, doub
     return n;
 }
 
+// Trains N steps twice, with set(0) and set(1) in force (MoS r 4 (kind 1) or r 16 (kind 2)), and asserts
+// that the losses and parameters are bit-identical; `what` names the variant in the messages.
+static void assert_identical_runs(const batches *b, const char *rec, int kind, double dropout, int N, void (*set)(int),
+                                  const char *what) {
+    double l[2][8];
+    float *p[2];
+    size_t n = 0;
+    ck_assert(N <= 8);
+    for (int v = 0; v < 2; v++) {
+        set(v);
+        n = train_copy(b, rec, kind, dropout, N, l[v], &p[v]);
+    }
+    set(0);
+    ck_assert_msg(memcmp(l[0], l[1], sizeof(double) * N) == 0, "recompute=%s r %d dropout=%.1f: losses differ %s", rec,
+                  kind == 2 ? 16 : 4, dropout, what);
+    ck_assert_msg(memcmp(p[0], p[1], 4 * n) == 0, "recompute=%s r %d dropout=%.1f: parameters differ %s", rec,
+                  kind == 2 ? 16 : 4, dropout, what);
+    fprintf(stderr, "%s: r %d recompute=%s dropout=%.1f: %d steps identical (loss %.6f)\n", what, kind == 2 ? 16 : 4, rec,
+            dropout, N, l[1][N - 1]);
+    free(p[0]), free(p[1]);
+}
+
+static void set_overlap(int on) { setenv("MOSFT_ADAPTER_OVERLAP", on ? "1" : "0", 1); }
+static void set_keep(int on) { g_keep_dequantized = on; }
+
 START_TEST(test_overlap_identical) {
     ref_open();
     batches b;
     batches_make(&b);
     const char *recs[] = {"none", "partial", "full"};
-    int N = 4;
     for (int ri = 0; ri < 3; ri++)
-        for (int ci = 0; ci < 3; ci++) {  // MoS r 4 without and with dropout, r 16 (fused dropout kernels) with
-            int dr = ci > 0, kind = ci == 2 ? 2 : 1;
-            double l[2][4];
-            float *p[2];
-            for (int ov = 0; ov < 2; ov++) {
-                setenv("MOSFT_ADAPTER_OVERLAP", ov ? "1" : "0", 1);
-                size_t n = train_copy(&b, recs[ri], kind, dr ? 0.1 : 0.0, N, l[ov], &p[ov]);
-                if (ov) {
-                    ck_assert_msg(memcmp(l[0], l[1], sizeof l[0]) == 0, "recompute=%s case %d: losses differ with the side stream",
-                                  recs[ri], ci);
-                    ck_assert_msg(memcmp(p[0], p[1], 4 * n) == 0, "recompute=%s case %d: parameters differ with the side stream",
-                                  recs[ri], ci);
-                }
-            }
-            fprintf(stderr, "side stream: r %d recompute=%s dropout=%.1f: %d steps identical to one stream (loss %.6f)\n",
-                    kind == 2 ? 16 : 4, recs[ri], dr ? 0.1 : 0.0, N, l[1][N - 1]);
-            free(p[0]), free(p[1]);
-        }
+        for (int ci = 0; ci < 3; ci++)  // MoS r 4 without and with dropout, r 16 (fused dropout kernels) with
+            assert_identical_runs(&b, recs[ri], ci == 2 ? 2 : 1, ci > 0 ? 0.1 : 0.0, 4, set_overlap,
+                                  "with the side stream");
     unsetenv("MOSFT_ADAPTER_OVERLAP");
     free(b.buf);
     st_close(&g_ref);
@@ -485,25 +494,9 @@ START_TEST(test_keep_dequantized_identical) {
     batches b;
     batches_make(&b);
     const char *recs[] = {"none", "partial", "full"};
-    int N = 3;
     for (int ri = 0; ri < 3; ri++)
-        for (int ci = 0; ci < 2; ci++) {
-            double l[2][3];
-            float *p[2];
-            size_t n = 0;
-            for (int keep = 0; keep < 2; keep++) {
-                g_keep_dequantized = keep;
-                n = train_copy(&b, recs[ri], ci ? 2 : 1, ci ? 0.1 : 0.0, N, l[keep], &p[keep]);
-            }
-            g_keep_dequantized = 0;
-            ck_assert_msg(memcmp(l[0], l[1], sizeof l[0]) == 0, "recompute=%s case %d: losses differ with the base kept",
-                          recs[ri], ci);
-            ck_assert_msg(memcmp(p[0], p[1], 4 * n) == 0, "recompute=%s case %d: parameters differ with the base kept",
-                          recs[ri], ci);
-            fprintf(stderr, "keep_dequantized: r %d recompute=%s dropout=%.1f: %d steps identical to per-use dequantization "
-                            "(loss %.6f)\n", ci ? 16 : 4, recs[ri], ci ? 0.1 : 0.0, N, l[1][N - 1]);
-            free(p[0]), free(p[1]);
-        }
+        for (int ci = 0; ci < 2; ci++)
+            assert_identical_runs(&b, recs[ri], ci ? 2 : 1, ci ? 0.1 : 0.0, 3, set_keep, "with the base kept dequantized");
     free(b.buf);
     st_close(&g_ref);
 }
