@@ -356,13 +356,6 @@ extern "C" void gemm_batched_cuda(cuda_ctx *ctx, int trans_a, int trans_b, int64
 
 // ---- split-K -------------------------------------------------------------------------------------
 
-extern "C" int gemm_splitk_count(int64_t M, int64_t N, int64_t K) {
-    int64_t tiles = ((M + 127) / 128) * ((N + 127) / 128);
-    int s = 1;
-    while (s < 16 && tiles * s < 264 && K % (2 * s) == 0 && (K / (2 * s)) % 64 == 0 && K / (2 * s) >= 256) s *= 2;
-    return s;
-}
-
 // D[m][n] = sum over c of P[c][m][n] (c ascending), into bf16 or fp32 with row stride ldd.
 __global__ void splitk_reduce_kernel(const float *__restrict__ P, int splits, int64_t M, int64_t N, void *D, int64_t ldd,
                                      int f32) {
@@ -383,21 +376,6 @@ extern "C" void splitk_sum_cuda(cuda_ctx *ctx, const float *P, int splits, int64
     if (n == 0) return;
     splitk_reduce_kernel<<<ceil_div_i(n, 256), 256, 0, ctx->stream>>>(P, splits, M, N, D, ldd, cd == GEMM_F32);
     CUDA_LAUNCH_CHECK();
-}
-
-extern "C" void gemm_splitk_cuda(cuda_ctx *ctx, int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha,
-                                 const bf16 *A, int64_t lda, const bf16 *B, int64_t ldb, void *D, int64_t ldd, gemm_dtype cd,
-                                 int splits, float *scratch) {
-    if (splits <= 1 || K % splits) {
-        gemm_cuda(ctx, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, 0.0f, NULL, D, ldd, cd);
-        return;
-    }
-    int64_t kc = K / splits;
-    // chunk c of op(A) is its columns [c kc, (c+1) kc): A + c kc (row-major A) or A + c kc lda (A^T)
-    int64_t sa = trans_a ? kc * lda : kc, sb = trans_b ? kc : kc * ldb;
-    gemm_batched_cuda(ctx, trans_a, trans_b, M, N, kc, alpha, A, lda, sa, B, ldb, sb, 0.0f, scratch, N, M * N, GEMM_F32,
-                      splits);
-    splitk_sum_cuda(ctx, scratch, splits, M, N, D, ldd, cd);
 }
 
 // ---- arena -------------------------------------------------------------------------------------

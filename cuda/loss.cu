@@ -103,10 +103,9 @@ __global__ void ce_kernel(const float *__restrict__ logits, bf16 *dlogits, const
             __nv_bfloat162 a = __floats2bfloat162_rn(d[0], d[1]), b = __floats2bfloat162_rn(d[2], d[3]);
             d4[j] = make_uint2(*(uint32_t *)&a, *(uint32_t *)&b);
         }
-        return;
-    }
-    for (int j = threadIdx.x; j < V; j += blockDim.x) {
-        dlogits[i * V + j] = __float2bfloat16_rn(ce_grad(l[j], lse, j == y, scale));
+    } else {
+        for (int j = threadIdx.x; j < V; j += blockDim.x)
+            dlogits[i * V + j] = __float2bfloat16_rn(ce_grad(l[j], lse, j == y, scale));
     }
 }
 

@@ -56,20 +56,13 @@ typedef enum { GEMM_BF16 = 0, GEMM_F32 = 1 } gemm_dtype;
 // A linear layer y = x W^T (W [N][K]) is gemm_cuda(ctx, 0, 1, T, N, K, 1, x, K, W, K, 0, NULL, y, N, ...).
 void gemm_cuda(cuda_ctx *ctx, int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha, const bf16 *A,
                int64_t lda, const bf16 *B, int64_t ldb, float beta, const void *C, void *D, int64_t ldd, gemm_dtype cd);
-// Skinny products with a long contraction (the adapter's: N = its rank, K = tokens or widths) leave
-// most of the GPU idle as one GEMM; split-K runs them as `splits` strided-batched GEMMs over chunks of K
-// into fp32 partials (scratch: splits * M * N floats) and sums the partials in a fixed order: faster,
-// and as deterministic as one GEMM. gemm_splitk_count picks splits (1 = a plain GEMM is as good).
-int gemm_splitk_count(int64_t M, int64_t N, int64_t K);
-void gemm_splitk_cuda(cuda_ctx *ctx, int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha, const bf16 *A,
-                      int64_t lda, const bf16 *B, int64_t ldb, void *D, int64_t ldd, gemm_dtype cd, int splits,
-                      float *scratch);
-// D[M][N] (row stride ldd, bf16 or fp32) = sum over c = 0 .. splits-1 of P[c][M][N], in that order.
-void splitk_sum_cuda(cuda_ctx *ctx, const float *P, int splits, int64_t M, int64_t N, void *D, int64_t ldd, gemm_dtype cd);
-// The same over `batch` matrices at fixed element strides (sa, sb, sd) from A, B, D (C = D).
+// gemm_cuda over `batch` matrices at fixed element strides (sa, sb, sd) from A, B, D (C = D).
 void gemm_batched_cuda(cuda_ctx *ctx, int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha,
                        const bf16 *A, int64_t lda, int64_t sa, const bf16 *B, int64_t ldb, int64_t sb, float beta, void *D,
                        int64_t ldd, int64_t sd, gemm_dtype cd, int batch);
+// D[M][N] (row stride ldd, bf16 or fp32) = sum over c = 0 .. splits-1 of P[c][M][N], in that order: the
+// fp32 partials of the fused low-rank kernels (cuda/adapter.cu) that split their contraction.
+void splitk_sum_cuda(cuda_ctx *ctx, const float *P, int splits, int64_t M, int64_t N, void *D, int64_t ldd, gemm_dtype cd);
 
 // ---- NF4 on the device (cuda/nf4.cu), bit-identical to core/nf4.c and bitsandbytes ----
 typedef struct {
