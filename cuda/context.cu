@@ -354,7 +354,7 @@ extern "C" void gemm_batched_cuda(cuda_ctx *ctx, int trans_a, int trans_b, int64
     gemm_run(ctx, trans_a, trans_b, M, N, K, alpha, A, lda, sa, B, ldb, sb, beta, D, D, ldd, sd, cd, batch);
 }
 
-// ---- split-K -------------------------------------------------------------------------------------
+// ---- the fused kernels' split sums ---------------------------------------------------------------
 
 // D[m][n] = sum over c of P[c][m][n] (c ascending), into bf16 or fp32 with row stride ldd.
 __global__ void splitk_reduce_kernel(const float *__restrict__ P, int splits, int64_t M, int64_t N, void *D, int64_t ldd,
