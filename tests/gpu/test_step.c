@@ -471,18 +471,23 @@ static void assert_identical_runs(const batches *b, const char *rec, int kind, d
 static void set_overlap(int on) { setenv("MOSFT_ADAPTER_OVERLAP", on ? "1" : "0", 1); }
 static void set_keep(int on) { g_keep_dequantized = on; }
 
-START_TEST(test_overlap_identical) {
+// assert_identical_runs at every recompute level for each variant {kind, dropout} of vars[n].
+static void identical_at_every_level(const double (*vars)[2], int n, int N, void (*set)(int), const char *what) {
     ref_open();
     batches b;
     batches_make(&b);
     const char *recs[] = {"none", "partial", "full"};
     for (int ri = 0; ri < 3; ri++)
-        for (int ci = 0; ci < 3; ci++)  // MoS r 4 without and with dropout, r 16 (fused dropout kernels) with
-            assert_identical_runs(&b, recs[ri], ci == 2 ? 2 : 1, ci > 0 ? 0.1 : 0.0, 4, set_overlap,
-                                  "with the side stream");
-    unsetenv("MOSFT_ADAPTER_OVERLAP");
+        for (int vi = 0; vi < n; vi++) assert_identical_runs(&b, recs[ri], (int)vars[vi][0], vars[vi][1], N, set, what);
     free(b.buf);
     st_close(&g_ref);
+}
+
+START_TEST(test_overlap_identical) {
+    // MoS r 4 without and with dropout, r 16 (fused dropout kernels) with
+    const double vars[][2] = {{1, 0.0}, {1, 0.1}, {2, 0.1}};
+    identical_at_every_level(vars, 3, 4, set_overlap, "with the side stream");
+    unsetenv("MOSFT_ADAPTER_OVERLAP");
 }
 END_TEST
 
@@ -490,15 +495,8 @@ END_TEST
 // bit-identical to dequantizing each weight where it is used (the real folder's loading path; MoS r 4
 // without dropout, r 16 with, at every recompute level).
 START_TEST(test_keep_dequantized_identical) {
-    ref_open();
-    batches b;
-    batches_make(&b);
-    const char *recs[] = {"none", "partial", "full"};
-    for (int ri = 0; ri < 3; ri++)
-        for (int ci = 0; ci < 2; ci++)
-            assert_identical_runs(&b, recs[ri], ci ? 2 : 1, ci ? 0.1 : 0.0, 3, set_keep, "with the base kept dequantized");
-    free(b.buf);
-    st_close(&g_ref);
+    const double vars[][2] = {{1, 0.0}, {2, 0.1}};
+    identical_at_every_level(vars, 2, 3, set_keep, "with the base kept dequantized");
 }
 END_TEST
 
