@@ -44,12 +44,23 @@ MOSFT_HD uint64_t rng_key(uint64_t purpose, uint64_t a, uint64_t b, uint64_t c, 
 }
 
 // Philox4x32-10: 4 outputs for a 128-bit counter (here the 64-bit `ctr` and 0) and a 64-bit key.
+// On the device the products are 32-bit halves (__umulhi and a plain multiply): written as 64-bit
+// products, nvcc kept the whole state in 64-bit registers (64-bit multiplies, xors and masks in the PTX
+// of the dropout kernels, whose masks are mostly Philox). Same values either way.
 MOSFT_HD void rng_philox4(uint64_t key, uint64_t ctr, uint32_t out[4]) {
     uint32_t c0 = (uint32_t)ctr, c1 = (uint32_t)(ctr >> 32), c2 = 0, c3 = 0;
     uint32_t k0 = (uint32_t)key, k1 = (uint32_t)(key >> 32);
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
     for (int r = 0; r < 10; r++) {
+#if defined(__CUDA_ARCH__)
+        uint32_t h0 = __umulhi(0xD2511F53u, c0), l0 = 0xD2511F53u * c0;
+        uint32_t h1 = __umulhi(0xCD9E8D57u, c2), l1 = 0xCD9E8D57u * c2;
+#else
         uint64_t p0 = (uint64_t)0xD2511F53u * c0, p1 = (uint64_t)0xCD9E8D57u * c2;
         uint32_t h0 = (uint32_t)(p0 >> 32), l0 = (uint32_t)p0, h1 = (uint32_t)(p1 >> 32), l1 = (uint32_t)p1;
+#endif
         uint32_t n0 = h1 ^ c1 ^ k0, n1 = l1, n2 = h0 ^ c3 ^ k1, n3 = l0;
         c0 = n0;
         c1 = n1;

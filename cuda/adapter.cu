@@ -96,10 +96,30 @@ __device__ __forceinline__ uint32_t keep_bits32(uint64_t key, uint64_t e0, int n
     return w;
 }
 
+// keep_bits32 of 32 elements from e0 % 8 == 0: four whole Philox blocks, bits 8 j + 2 i and 8 j + 2 i + 1
+// from the low and high halves of word i of block j (the high half is >= thr exactly when the word is
+// >= thr << 16), without keep_bits32's per-bit range checks.
+__device__ __forceinline__ uint32_t keep_bits32_aligned(uint64_t key, uint64_t e0, uint32_t thr) {
+    uint32_t w = 0, thr_hi = thr << 16;
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        uint32_t o[4];
+        rng_philox4(key, (e0 >> 3) + j, o);
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            w |= (uint32_t)((o[i] & 0xffffu) >= thr) << (8 * j + 2 * i);
+            w |= (uint32_t)(o[i] >= thr_hi) << (8 * j + 2 * i + 1);
+        }
+    }
+    return w;
+}
+
 // The keep bits of columns c .. c+31 of row t of a T x d_in mask stream (bit k: column c + k; 0 past
 // d_in), from the generator (keep_bits32).
 __device__ __forceinline__ uint32_t keep_word(uint64_t key, int64_t t, int c, int d_in, uint32_t thr) {
-    return keep_bits32(key, (uint64_t)(t * d_in + c), d_in - c < 32 ? d_in - c : 32, thr);
+    uint64_t e0 = (uint64_t)(t * d_in + c);
+    if ((e0 & 7) == 0 && d_in - c >= 32) return keep_bits32_aligned(key, e0, thr);
+    return keep_bits32(key, e0, d_in - c < 32 ? d_in - c : 32, thr);
 }
 
 // 32 bf16 of shared memory, masked: dst[k] = bit k of w ? bf16(src[k] * keep) : 0 (16-byte pieces).
