@@ -643,10 +643,11 @@ __global__ void __launch_bounds__(128) lowrank_dropout_h_kernel(float *part, bf1
 #define SW_LD (SW_K + 8)  // row stride of the tiles
 #define SW_R 64           // at most R (forward) and r (backward)
 
-static size_t sw_smem_bytes(int bwd, int R, int r) {
+static size_t sw_smem_bytes(int bwd, int R, int r, int dx) {
     size_t tiles = (size_t)(bwd ? 3 : 2) * SW_T * SW_LD;
     size_t fac = bwd ? (size_t)2 * SW_K * (r + 8) : (size_t)R * SW_LD;
-    return sizeof(bf16) * 2 * (tiles + fac);
+    size_t dxb = dx ? (size_t)SW_T * (r + 8) + (size_t)2 * r * SW_LD : 0;  // the gh tile, two stages of A's chunk
+    return sizeof(bf16) * (2 * (tiles + fac) + dxb);
 }
 
 template <bool BWD>
@@ -654,18 +655,27 @@ __global__ void __launch_bounds__(256, 2) swiglu_lowrank_kernel(float *part, bf1
                                                              const bf16 *__restrict__ gout, bf16 *out, int64_t ldo,
                                                              bf16 *h, int64_t ldh, const bf16 *__restrict__ M, int R,
                                                              int r, int c_gate, int c_up, int64_t T, int I,
-                                                             int n_chunks, int splits) {
+                                                             int n_chunks, int splits, swiglu_dx dx) {
     extern __shared__ __align__(16) unsigned char sw_smem[];
     constexpr int NX = BWD ? 3 : 2;  // tiles a stage: gate, up (, the output gradient)
     const int FLD = BWD ? r + 8 : SW_LD;            // row stride of the factor's chunk
     const int FN = BWD ? 2 * SW_K * FLD : R * FLD;  // its elements a stage
     bf16 *Xs = (bf16 *)sw_smem;                     // [2][NX][64][SW_LD]
     bf16 *Fs = Xs + 2 * NX * SW_T * SW_LD;          // [2][FN]: A's rows (forward), sB's gate, up blocks (backward)
+    const bool DX = BWD && dx.gh != nullptr;        // the down module's masked input gradient rides along
+    bf16 *Hd = Fs + 2 * FN;                         // [64][r + 8]: its gh rows of the block's tokens
+    bf16 *Ad = Hd + SW_T * (r + 8);                 // [2][r][SW_LD]: its A, the chunk's columns
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
     int half = warp >> 2, wr = warp & 3;  // module (backward) or n-tile pairs (forward); the warp's 16 tokens
     int64_t t0 = (int64_t)blockIdx.x * SW_T;
     int s = blockIdx.y;
     int q0 = (int)((int64_t)s * n_chunks / splits), q1 = (int)((int64_t)(s + 1) * n_chunks / splits);
+    if (DX && q0 < q1)  // gh of the block's tokens, once (in the first chunk's copy group)
+        for (int v = threadIdx.x; v < SW_T * (r / 8); v += blockDim.x) {
+            int row = v / (r / 8), cq = (v % (r / 8)) * 8;
+            int64_t t = t0 + row;
+            cp_async16(Hd + row * (r + 8) + cq, t < T ? dx.gh + t * dx.ldgh + cq : dx.gh, t < T);
+        }
     auto load = [&](int q) {
         int st = (q - q0) & 1, k0 = q * SW_K;
         bf16 *xs = Xs + st * NX * SW_T * SW_LD, *fs = Fs + st * FN;
@@ -685,6 +695,12 @@ __global__ void __launch_bounds__(256, 2) swiglu_lowrank_kernel(float *part, bf1
                 const bf16 *src = M + ((int64_t)m * I + k0 + kr) * R + c + cq;
                 cp_async16(fs + (m * SW_K + kr) * FLD + cq, ok ? src : M, ok);
             }
+            if (DX)  // the down module's A, rows 0 .. r-1, columns k0 .. k0+63
+                for (int v = threadIdx.x; v < r * (SW_K / 8); v += blockDim.x) {
+                    int row = v / (SW_K / 8), cq = (v % (SW_K / 8)) * 8;
+                    bool ok = k0 + cq < I;
+                    cp_async16(Ad + (st * r + row) * SW_LD + cq, ok ? dx.A + (int64_t)row * I + k0 + cq : dx.A, ok);
+                }
         } else {  // A's R rows, columns k0 .. k0+63
             for (int v = threadIdx.x; v < R * (SW_K / 8); v += blockDim.x) {
                 int row = v / (SW_K / 8), cq = (v % (SW_K / 8)) * 8;
@@ -702,6 +718,43 @@ __global__ void __launch_bounds__(256, 2) swiglu_lowrank_kernel(float *part, bf1
         int st = (q - q0) & 1, k0 = q * SW_K;
         bf16 *xs = Xs + st * NX * SW_T * SW_LD;
         const bf16 *fs = Fs + st * FN;
+        if (DX) {  // gout += mask * keep * (gh A) on the tile, as lowrank_dropout_dx_kernel (one module, kept bits)
+            // warp: tokens 16 wr .., columns 32 half .. of the chunk (one mask word a row), 2 x 2 n-tiles
+            int cw = k0 + half * 32;
+            uint32_t wb[2];
+#pragma unroll
+            for (int hl = 0; hl < 2; hl++) {
+                int64_t t = t0 + wr * 16 + g + 8 * hl;
+                wb[hl] = t < T && cw < I ? dx.bits[(t * I + cw) >> 5] : 0u;
+            }
+            float ta[4][4] = {};
+            const bf16 *ad = Ad + st * r * SW_LD;
+            int L = lane, i4 = L >> 3;
+            for (int kk = 0; kk < r; kk += 16) {
+                uint32_t a[4];
+                ldsm4(a, Hd + (wr * 16 + (L & 15)) * (r + 8) + kk + (L >> 4) * 8);
+#pragma unroll
+                for (int np = 0; np < 2; np++) {
+                    uint32_t b[4];  // B[k][n] = A[k][column]: .trans
+                    ldsm4t(b, ad + (kk + (i4 & 1) * 8 + (L & 7)) * SW_LD + half * 32 + np * 16 + (i4 >> 1) * 8);
+                    mma16816(ta[2 * np], a, b[0], b[1]);
+                    mma16816(ta[2 * np + 1], a, b[2], b[3]);
+                }
+            }
+            bf16 *gos = xs + 2 * SW_T * SW_LD;  // the output-gradient tile
+#pragma unroll
+            for (int nt = 0; nt < 4; nt++)
+#pragma unroll
+                for (int hl = 0; hl < 2; hl++) {
+                    int sh = nt * 8 + 2 * tq;
+                    float m0 = (wb[hl] >> sh) & 1u ? dx.keep : 0.0f, m1 = (wb[hl] >> (sh + 1)) & 1u ? dx.keep : 0.0f;
+                    __nv_bfloat162 *p = (__nv_bfloat162 *)(gos + (wr * 16 + g + 8 * hl) * SW_LD + half * 32 + sh);
+                    float2 v = __bfloat1622float2(*p);  // the same two roundings as the dx kernel's sum
+                    *p = __floats2bfloat162_rn(__fadd_rn(v.x, __fmul_rn(ta[nt][2 * hl], m0)),
+                                               __fadd_rn(v.y, __fmul_rn(ta[nt][2 * hl + 1], m1)));
+                }
+            __syncthreads();
+        }
         for (int v = threadIdx.x; v < SW_T * (SW_K / 8); v += blockDim.x) {  // the elementwise part
             int row = v / (SW_K / 8), cq = (v % (SW_K / 8)) * 8;
             int64_t t = t0 + row;
@@ -1002,14 +1055,17 @@ extern "C" int swiglu_lowrank_fits(int bwd, int I, int64_t ldgu, int R, int r) {
 template <bool BWD>
 static void swiglu_lowrank_launch(cuda_ctx *ctx, float *part, size_t part_floats, bf16 *gu, int64_t ldgu,
                                   const bf16 *gout, bf16 *out, int64_t ldo, bf16 *h, int64_t ldh, const bf16 *M, int R,
-                                  int r, int c_gate, int c_up, int64_t T, int I) {
-    size_t smem = sw_smem_bytes(BWD, R, r);
+                                  int r, int c_gate, int c_up, int64_t T, int I, const swiglu_dx *dx) {
+    swiglu_dx none;
+    memset(&none, 0, sizeof none);
+    size_t smem = sw_smem_bytes(BWD, R, r, dx != NULL);
     int rows = ceil_div_i(T, SW_T), n_chunks = ceil_div_i(I, SW_K);
-    int splits = wave_splits(swiglu_lowrank_kernel<BWD>, BWD ? sw_smem_bytes(1, 0, SW_R) : sw_smem_bytes(0, SW_R, 0),
+    int splits = wave_splits(swiglu_lowrank_kernel<BWD>, BWD ? sw_smem_bytes(1, 0, SW_R, 1) : sw_smem_bytes(0, SW_R, 0, 0),
                                 smem, rows, n_chunks, (size_t)(T * R), part, part_floats, 256);
     dim3 grid((unsigned)rows, (unsigned)splits);
     swiglu_lowrank_kernel<BWD><<<grid, 256, smem, ctx->stream>>>(splits > 1 ? part : NULL, gu, ldgu, gout, out, ldo, h,
-                                                                 ldh, M, R, r, c_gate, c_up, T, I, n_chunks, splits);
+                                                                 ldh, M, R, r, c_gate, c_up, T, I, n_chunks, splits,
+                                                                 dx ? *dx : none);
     CUDA_LAUNCH_CHECK();
     if (splits > 1) splitk_sum_cuda(ctx, part, splits, T, R, h, ldh, GEMM_BF16);
 }
@@ -1020,15 +1076,22 @@ extern "C" void swiglu_lowrank_forward_cuda(cuda_ctx *ctx, bf16 *out, int64_t ld
     MOSFT_ASSERT(swiglu_lowrank_fits(0, I, ldgu, R, 16) && ldo % 8 == 0 && ldh % 2 == 0);
     MOSFT_ASSERT((uintptr_t)gu % 16 == 0 && (uintptr_t)out % 16 == 0 && (uintptr_t)A % 16 == 0);
     if (T == 0) return;
-    swiglu_lowrank_launch<false>(ctx, part, part_floats, (bf16 *)gu, ldgu, NULL, out, ldo, h, ldh, A, R, 0, -1, -1, T, I);
+    swiglu_lowrank_launch<false>(ctx, part, part_floats, (bf16 *)gu, ldgu, NULL, out, ldo, h, ldh, A, R, 0, -1, -1, T, I,
+                                 NULL);
+}
+
+extern "C" int swiglu_dx_fits(int I, int r, int64_t ldgh, const void *gh, const void *A) {
+    return I % 32 == 0 && r % 16 == 0 && r >= 16 && r <= SW_R && ldgh % 8 == 0 && (uintptr_t)gh % 16 == 0 &&
+           (uintptr_t)A % 16 == 0;
 }
 
 extern "C" void swiglu_lowrank_backward_cuda(cuda_ctx *ctx, bf16 *gu, int64_t ldgu, const bf16 *gout, bf16 *gh, int64_t ldh,
                                              const bf16 *B, int R, int r, int c_gate, int c_up, int64_t T, int I,
-                                             float *part, size_t part_floats) {
+                                             float *part, size_t part_floats, const swiglu_dx *dx) {
     MOSFT_ASSERT(swiglu_lowrank_fits(1, I, ldgu, R, r) && ldh % 2 == 0 && (c_gate >= 0 || c_up >= 0));
+    MOSFT_ASSERT(!dx || (swiglu_dx_fits(I, r, dx->ldgh, dx->gh, dx->A) && dx->bits));
     MOSFT_ASSERT((c_gate < 0 || (c_gate % 8 == 0 && c_gate + r <= R)) && (c_up < 0 || (c_up % 8 == 0 && c_up + r <= R)));
     MOSFT_ASSERT((uintptr_t)gu % 16 == 0 && (uintptr_t)gout % 16 == 0 && (uintptr_t)B % 16 == 0);
     if (T == 0) return;
-    swiglu_lowrank_launch<true>(ctx, part, part_floats, gu, ldgu, gout, NULL, 0, gh, ldh, B, R, r, c_gate, c_up, T, I);
+    swiglu_lowrank_launch<true>(ctx, part, part_floats, gu, ldgu, gout, NULL, 0, gh, ldh, B, R, r, c_gate, c_up, T, I, dx);
 }

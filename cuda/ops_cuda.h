@@ -124,9 +124,21 @@ void swiglu_backward_cuda(cuda_ctx *ctx, bf16 *gu, int64_t ldgu, const bf16 *gou
 int swiglu_lowrank_fits(int bwd, int I, int64_t ldgu, int R, int r);
 void swiglu_lowrank_forward_cuda(cuda_ctx *ctx, bf16 *out, int64_t ldo, bf16 *h, int64_t ldh, const bf16 *gu,
                                  int64_t ldgu, const bf16 *A, int R, int64_t T, int I, float *part, size_t part_floats);
+// With dropout the backward can also take the down module's masked input gradient (dx, NULL: none): gout
+// is read as bf16(gout + mask * keep * (gh A)), what lowrank_dropout_dx_cuda with that one module and its
+// kept bits writes into gout (bit for bit), without that pass over gout. swiglu_dx_fits: the shapes it
+// takes (I % 32 == 0 for the bits, r % 16 == 0 and <= 64, ldgh % 8 == 0, 16-byte aligned gh and A).
+typedef struct {
+    const bf16 *gh;        // [T][r] (row stride ldgh): gy sB of the down module
+    int64_t ldgh;
+    const bf16 *A;         // [r][I]: its A
+    const uint32_t *bits;  // its kept mask over [T][I], 1 bit an element
+    float keep;            // 1 / (1 - p)
+} swiglu_dx;
+int swiglu_dx_fits(int I, int r, int64_t ldgh, const void *gh, const void *A);
 void swiglu_lowrank_backward_cuda(cuda_ctx *ctx, bf16 *gu, int64_t ldgu, const bf16 *gout, bf16 *gh, int64_t ldh,
                                   const bf16 *B, int R, int r, int c_gate, int c_up, int64_t T, int I, float *part,
-                                  size_t part_floats);
+                                  size_t part_floats, const swiglu_dx *dx);
 // out[T][C] = table[ids[t]]; ids[T] device, in [0, V) (checked on the host).
 void embedding_forward_cuda(cuda_ctx *ctx, bf16 *out, const int32_t *ids, const bf16 *table, int64_t T, int C);
 

@@ -1146,7 +1146,7 @@ static void check_swiglu_lowrank(cuda_ctx *ctx, rng_state *r, int64_t T, int I, 
         }
         cudaFree(da);
         // backward (gh of the gate / up blocks)
-        swiglu_lowrank_backward_cuda(ctx, dgu, ldgu, dgo, (bf16 *)dgu + 2 * I, ldgu, dB, R, rk, cg, cu, T, I, part_, pf);
+        swiglu_lowrank_backward_cuda(ctx, dgu, ldgu, dgo, (bf16 *)dgu + 2 * I, ldgu, dB, R, rk, cg, cu, T, I, part_, pf, NULL);
         float *gg = down_bf16(dgu, ngu), *gga = xmalloc(sizeof(float) * n), *ggb = xmalloc(sizeof(float) * n);
         float *ghw = xcalloc((size_t)(T * R), sizeof(float)), *ghg = xmalloc(sizeof(float) * (size_t)(T * R));
         touched = 0;
@@ -1182,6 +1182,76 @@ static void check_swiglu_lowrank(cuda_ctx *ctx, rng_state *r, int64_t T, int I, 
     cudaFree(part), cudaFree(dA), cudaFree(dB), cudaFree(dgo);
 }
 
+// The down module's masked input gradient inside the SwiGLU backward (swiglu_dx, dropout): dgate | dup
+// bit for bit as the two-pass path (lowrank_dropout_dx_cuda into a bf16 gout with the kept bits, then
+// swiglu_lowrank_backward_cuda), and against the CPU: swiglu_backward_cpu of bf16(gout + the double
+// masked sum) with the CPU's mask (tolerance for a bf16 rounding of gout that a double and an fp32 sum
+// may take differently); gh as the two-pass path (within rounding: the splits of I may differ) and gout
+// left as it was.
+static void check_swiglu_dx(cuda_ctx *ctx, rng_state *r, int64_t T, int I, int rk, float p) {
+    int R = 2 * rk, cg = 0, cu = rk;
+    int64_t ldgu = 2 * (int64_t)I + R + 8, ldgh = rk + 8;
+    size_t ngu = (size_t)(T * ldgu), n = (size_t)(T * I);
+    ck_assert(swiglu_lowrank_fits(1, I, ldgu, R, rk));
+    float keep = 1.0f / (1.0f - p);
+    uint64_t key = rng_key(RNG_DROPOUT, 3, 1, 4, 15);
+    float *gu = rnd_bf16(r, ngu, 2.0f), *go = rnd_bf16(r, n, 0.5f), *B = rnd_bf16(r, (size_t)(2 * I) * R, 0.2f);
+    float *gh = rnd_bf16(r, (size_t)(T * ldgh), 1.0f), *A = rnd_bf16(r, (size_t)rk * I, 0.2f);
+    float *mask = xmalloc(sizeof(float) * n);
+    adapter_dropout_mask(key, p, n, mask);
+    int64_t words = dropout_mask_words(T, I);
+    uint32_t *hb = xcalloc((size_t)words, sizeof(uint32_t));
+    for (size_t e = 0; e < n; e++)
+        if (mask[e] != 0.0f) hb[e >> 5] |= 1u << (e & 31);
+    float *g = xmalloc(sizeof(float) * n), *u = xmalloc(sizeof(float) * n), *go2 = xmalloc(sizeof(float) * n);
+    for (int64_t t = 0; t < T; t++)
+        for (int i = 0; i < I; i++) {
+            g[t * I + i] = gu[t * ldgu + i], u[t * I + i] = gu[t * ldgu + I + i];
+            double acc = 0;
+            for (int k = 0; k < rk; k++) acc += (double)gh[t * ldgh + k] * A[(int64_t)k * I + i];
+            go2[t * I + i] = bf16_round((float)(go[t * I + i] + acc * mask[t * I + i]));
+        }
+    float *dg = xcalloc(n, sizeof(float)), *du = xcalloc(n, sizeof(float));  // the CPU twin accumulates
+    swiglu_backward_cpu(dg, du, go2, g, u, (int64_t)n);
+    size_t pf = (size_t)16 * T * R;
+    float *part = dev_alloc(4 * pf);
+    void *dB = dev_bf16(B, (size_t)(2 * I) * R), *dgh = dev_bf16(gh, (size_t)(T * ldgh)), *dA = dev_bf16(A, (size_t)rk * I);
+    uint32_t *dbits = dev_up(hb, sizeof(uint32_t) * (size_t)words);
+    const uint32_t *bp[1] = {dbits};
+    // two passes
+    void *dgo1 = dev_bf16(go, n), *dgu1 = dev_bf16(gu, ngu);
+    lowrank_dropout_dx_cuda(ctx, dgo1, 0, I, dgh, ldgh, dA, 1, rk, T, I, &key, rng_dropout_threshold16(p), keep, bp);
+    swiglu_lowrank_backward_cuda(ctx, dgu1, ldgu, dgo1, (bf16 *)dgu1 + 2 * I, ldgu, dB, R, rk, cg, cu, T, I, part, pf, NULL);
+    // one
+    ck_assert(swiglu_dx_fits(I, rk, ldgh, dgh, dA));
+    void *dgo2 = dev_bf16(go, n), *dgu2 = dev_bf16(gu, ngu);
+    swiglu_dx sd = {(const bf16 *)dgh, ldgh, (const bf16 *)dA, dbits, keep};
+    swiglu_lowrank_backward_cuda(ctx, dgu2, ldgu, dgo2, (bf16 *)dgu2 + 2 * I, ldgu, dB, R, rk, cg, cu, T, I, part, pf, &sd);
+    float *g1 = down_bf16(dgu1, ngu), *g2 = down_bf16(dgu2, ngu), *o2 = down_bf16(dgo2, n);
+    float *ga = xmalloc(sizeof(float) * n), *gb = xmalloc(sizeof(float) * n);
+    float *h1 = xmalloc(sizeof(float) * (size_t)(T * R)), *h2 = xmalloc(sizeof(float) * (size_t)(T * R));
+    int64_t differ = 0, touched = 0;
+    for (int64_t t = 0; t < T; t++) {
+        for (int i = 0; i < 2 * I; i++) differ += g1[t * ldgu + i] != g2[t * ldgu + i];
+        for (int i = 0; i < I; i++) ga[t * I + i] = g2[t * ldgu + i], gb[t * I + i] = g2[t * ldgu + I + i];
+        for (int j = 0; j < R; j++) h1[t * R + j] = g1[t * ldgu + 2 * I + j], h2[t * R + j] = g2[t * ldgu + 2 * I + j];
+        for (int i = 0; i < I; i++) touched += o2[t * I + i] != bf16_round(go[t * I + i]);
+    }
+    char name[160];
+    snprintf(name, sizeof name, "swiglu+dx bwd dgate, T %lld I %d r %d", (long long)T, I, rk);
+    ck_assert(close_enough(name, ga, dg, n, 1e-2 * max_abs(dg, n), RT));
+    snprintf(name, sizeof name, "swiglu+dx bwd dup, T %lld I %d r %d", (long long)T, I, rk);
+    ck_assert(close_enough(name, gb, du, n, 1e-2 * max_abs(du, n), RT));
+    snprintf(name, sizeof name, "swiglu+dx bwd gh, T %lld I %d r %d", (long long)T, I, rk);
+    ck_assert(close_enough(name, h2, h1, (size_t)(T * R), 1e-3, RT));
+    ck_assert_msg(differ == 0, "swiglu+dx: %lld of dgate | dup differ from the two-pass path", (long long)differ);
+    ck_assert_msg(touched == 0, "swiglu+dx: %lld values of gout changed", (long long)touched);
+    free(gu), free(go), free(B), free(gh), free(A), free(mask), free(hb), free(g), free(u), free(go2), free(dg), free(du);
+    free(g1), free(g2), free(o2), free(ga), free(gb), free(h1), free(h2);
+    cudaFree(part), cudaFree(dB), cudaFree(dgh), cudaFree(dA), cudaFree(dbits);
+    cudaFree(dgo1), cudaFree(dgu1), cudaFree(dgo2), cudaFree(dgu2);
+}
+
 START_TEST(test_swiglu_lowrank) {
     cuda_ctx *ctx = ctx_new();
     rng_state r;
@@ -1191,6 +1261,9 @@ START_TEST(test_swiglu_lowrank) {
     check_swiglu_lowrank(ctx, &r, 70, 136, 64, 0, -1, 64);    // gate only, LoRA r 64
     check_swiglu_lowrank(ctx, &r, 33, 256, 48, 48, 0, 96);    // up before gate in R
     check_swiglu_lowrank(ctx, &r, 130, 392, 32, 0, 32, 64);   // several chunks and row blocks
+    check_swiglu_dx(ctx, &r, 100, 192, 32, 0.1f);               // the down module's dropout term, MoS r 32
+    check_swiglu_dx(ctx, &r, 130, 416, 16, 0.3f);               // a half chunk at the end of I, r 16
+    check_swiglu_dx(ctx, &r, 70, 256, 64, 0.1f);                // LoRA r 64
     cuda_ctx_free(ctx);
 }
 END_TEST
