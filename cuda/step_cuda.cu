@@ -631,9 +631,7 @@ static int swiglu_forward_h(backend *be, const dims *d, int l, const dropout_ctx
     return 1;
 }
 
-// dL/dgate | dL/dup (in place over layer l's gate | up, from ga = dL/da) with the gate|up adapter's
-// gh = [dgate | dup] sB in one pass, when the shapes allow. Returns whether gh was made (else only the
-// SwiGLU backward ran).
+// Whether the SwiGLU backward takes the fused kernel (swiglu_backward_gh).
 static int swiglu_backward_fused(const cuda_impl *c, const dims *d) {
     const cuda_adapter_group *ag = &c->grp[GRP_GU];
     return c->swiglu_fused && ag->n && swiglu_lowrank_fits(1, d->I, lds_of(c, d).gu, ag->R, c->rank);
@@ -660,6 +658,9 @@ static int down_dx_in_swiglu(backend *be, const dims *d, int l, const bf16 *gy, 
     return 1;
 }
 
+// dL/dgate | dL/dup (in place over layer l's gate | up, from ga = dL/da) with the gate|up adapter's
+// gh = [dgate | dup] sB in one pass, when the shapes allow (and with dx, ga read with the down module's
+// dropout term added). Returns whether gh was made (else only the SwiGLU backward ran).
 static int swiglu_backward_gh(cuda_impl *c, const dims *d, int l, const bf16 *ga, const swiglu_dx *dx) {
     const cuda_adapter_group *ag = &c->grp[GRP_GU];
     cuda_acts *a = &c->acts[l];
