@@ -122,16 +122,34 @@ __device__ __forceinline__ uint32_t keep_word(uint64_t key, int64_t t, int c, in
     return keep_bits32(key, e0, d_in - c < 32 ? d_in - c : 32, thr);
 }
 
-// 32 bf16 of shared memory, masked: dst[k] = bit k of w ? bf16(src[k] * keep) : 0 (16-byte pieces).
-__device__ __forceinline__ void mask_copy32(bf16 *dst, const bf16 *src, uint32_t w, float keep) {
-    const bf16 zero = __float2bfloat16_rn(0.0f);
+// The masked copies of a group's modules share bf16(x * keep): made once for 32 bf16 of shared memory
+// (xk: pairs of columns, 16-byte loads), then each module's copy selects from it (mask_store32).
+__device__ __forceinline__ void scale32(uint32_t xk[16], const bf16 *src, float keep) {
 #pragma unroll
-    for (int e = 0; e < 32; e += 8) {
-        uint4 raw = *(const uint4 *)(src + e);
-        bf16 *v = (bf16 *)&raw;
+    for (int e = 0; e < 4; e++) {
+        uint4 raw = *(const uint4 *)(src + 8 * e);
+        const __nv_bfloat162 *v = (const __nv_bfloat162 *)&raw;
 #pragma unroll
-        for (int k = 0; k < 8; k++) v[k] = (w >> (e + k)) & 1u ? __float2bfloat16_rn(__bfloat162float(v[k]) * keep) : zero;
-        *(uint4 *)(dst + e) = raw;
+        for (int k = 0; k < 4; k++) {
+            float2 f = __bfloat1622float2(v[k]);
+            __nv_bfloat162 o = __floats2bfloat162_rn(f.x * keep, f.y * keep);
+            xk[4 * e + k] = *(const uint32_t *)&o;
+        }
+    }
+}
+// dst[k] = bit k of w ? element k of xk : 0 for 32 bf16 of shared memory (16-byte stores): each bit
+// of a pair of columns spread over its half by a shift and an arithmetic shift back.
+__device__ __forceinline__ void mask_store32(bf16 *dst, const uint32_t xk[16], uint32_t w) {
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+        uint32_t o[4];
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            int b = 8 * e + 2 * k;
+            uint32_t lo = (uint32_t)((int32_t)(w << (31 - b)) >> 31), hi = (uint32_t)((int32_t)(w << (30 - b)) >> 31);
+            o[k] = xk[4 * e + k] & ((lo & 0xffffu) | (hi & 0xffff0000u));
+        }
+        *(uint4 *)(dst + 8 * e) = make_uint4(o[0], o[1], o[2], o[3]);
     }
 }
 
@@ -376,7 +394,7 @@ static size_t da_smem_bytes(int n, int NR) {
     return sizeof(bf16) * (size_t)(2 * DA_T * (NR + 8) + (2 + n) * DA_T * DA_XLD);
 }
 
-__global__ void __launch_bounds__(128) lowrank_dropout_da_kernel(float *out, int64_t split_stride, const bf16 *__restrict__ gh,
+__global__ void __launch_bounds__(128, 4) lowrank_dropout_da_kernel(float *out, int64_t split_stride, const bf16 *__restrict__ gh,
                                                                  int64_t ldgh, const bf16 *__restrict__ x, int64_t ldx, int n,
                                                                  int r, int64_t T, int d_in, da_masks mk, uint32_t thr,
                                                                  float keep, int n_chunks, int splits, int vec) {
@@ -445,6 +463,8 @@ __global__ void __launch_bounds__(128) lowrank_dropout_da_kernel(float *out, int
             int64_t t = (int64_t)q * DA_T + mrow;
             uint32_t wcur[3] = {wnext[0], wnext[1], wnext[2]};
             if (q + 1 < q1) fetch_bits(q + 1);
+            uint32_t xk[16];
+            scale32(xk, xs + mrow * DA_XLD + mcb, keep);
 #pragma unroll
             for (int i = 0; i < 3; i++) {
                 if (i >= n) break;
@@ -454,7 +474,7 @@ __global__ void __launch_bounds__(128) lowrank_dropout_da_kernel(float *out, int
                     uint64_t key = i == 0 ? mk.key[0] : i == 1 ? mk.key[1] : mk.key[2];
                     w = keep_word(key, t, c0 + mcb, d_in, thr);
                 }
-                mask_copy32(Ds + i * DA_T * DA_XLD + mrow * DA_XLD + mcb, xs + mrow * DA_XLD + mcb, w, keep);
+                mask_store32(Ds + i * DA_T * DA_XLD + mrow * DA_XLD + mcb, xk, w);
             }
         }
         __syncthreads();
@@ -526,7 +546,7 @@ __device__ __forceinline__ void store_acc_rows(const float *c, float *part, int 
 // Shared memory by the group's shape, as da_smem_bytes.
 static size_t dh_smem_bytes(int n, int NR) { return sizeof(bf16) * (size_t)((2 * DH_T + 2 * NR + n * DH_T) * DH_LD); }
 
-__global__ void __launch_bounds__(128) lowrank_dropout_h_kernel(float *part, bf16 *h, int64_t ldh, const bf16 *__restrict__ x,
+__global__ void __launch_bounds__(128, 4) lowrank_dropout_h_kernel(float *part, bf16 *h, int64_t ldh, const bf16 *__restrict__ x,
                                                                 int64_t ldx, const bf16 *__restrict__ A, int n, int r,
                                                                 int64_t T, int d_in, da_masks mk, uint32_t *bits0,
                                                                 uint32_t *bits1, uint32_t *bits2, uint32_t thr, float keep,
@@ -578,6 +598,8 @@ __global__ void __launch_bounds__(128) lowrank_dropout_h_kernel(float *part, bf1
             int row = threadIdx.x >> 1, cb = (threadIdx.x & 1) * 32;
             int64_t t = t0 + row;
             int kc = q * DH_K + cb;
+            uint32_t xk[16];
+            scale32(xk, xs + row * DH_LD + cb, keep);
             for (int i = 0; i < n; i++) {
                 uint64_t key = i == 0 ? mk.key[0] : i == 1 ? mk.key[1] : mk.key[2];
                 uint32_t *bits = i == 0 ? bits0 : i == 1 ? bits1 : bits2;
@@ -586,7 +608,7 @@ __global__ void __launch_bounds__(128) lowrank_dropout_h_kernel(float *part, bf1
                     w = keep_word(key, t, kc, d_in, thr);
                     if (bits) bits[(t * d_in + kc) >> 5] = w;  // d_in % 32 == 0 (the host's condition)
                 }
-                mask_copy32(Ds + i * DH_T * DH_LD + row * DH_LD + cb, xs + row * DH_LD + cb, w, keep);
+                mask_store32(Ds + i * DH_T * DH_LD + row * DH_LD + cb, xk, w);
             }
         }
         __syncthreads();
