@@ -375,8 +375,8 @@ __global__ void __launch_bounds__(256, 2) lowrank_dropout_dx_kernel(void *gx, in
 // in a fixed order afterwards); 4 warps, warp w owns columns 16w .. 16w+15 of every output row (up to 6
 // m-tiles of 16: n r <= 96, r % 16 == 0 so that a tile belongs to one module). Per chunk the gh and x
 // tiles stream in through two cp.async stages; each module's masked copy of the x tile is made in
-// shared memory (a thread takes 32 columns of one row: one mask word from the forward's kept bits, or 8
-// Philox blocks), then the products run on the tensor cores (gh^T and the masked tile both through
+// shared memory (a thread takes 32 columns of one row: one mask word from the forward's kept bits, or 4
+// Philox blocks; bf16(x * keep) made once for all modules), then the products run on the tensor cores (gh^T and the masked tile both through
 // ldmatrix.trans).
 #define DA_T 64                  // tokens per chunk
 #define DA_C 64                  // columns per block
@@ -536,9 +536,9 @@ __device__ __forceinline__ void store_acc_rows(const float *c, float *part, int 
 // and a range of 64-column chunks of x (the splits of d_in: fp32 partials summed in a fixed order
 // afterwards); 4 warps, warp w owns tokens 16w .. 16w+15 and every output column (up to 12 n-tiles).
 // Per chunk the x tile and the factors' columns stream in through two cp.async stages; each module's
-// masked copy of the x tile is made in shared memory (a thread takes 32 columns of one token: 8 Philox
-// blocks, one mask word, which it also writes out as the kept bits when asked), then the products run
-// on the tensor cores.
+// masked copy of the x tile is made in shared memory (a thread takes 32 columns of one token: 4 Philox
+// blocks, one mask word, which it also writes out as the kept bits when asked; bf16(x * keep) made once
+// for all modules), then the products run on the tensor cores.
 #define DH_T 64                  // tokens per block
 #define DH_K 64                  // columns of x per chunk
 #define DH_LD (DH_K + 8)         // row stride of the x tile, the factors' chunk and the masked copies
@@ -648,8 +648,9 @@ __global__ void __launch_bounds__(128, 4) lowrank_dropout_h_kernel(float *part, 
 //                                          gh = dgate sB_gate + dup sB_up            sB [2I][R]
 // where the gate|up group's sB is block-structured: the gate module's r columns (from c_gate) on the
 // gate rows, the up module's (from c_up) on the up rows, zeros elsewhere; only those blocks are
-// multiplied. Block: 64 tokens and a range of 64-column chunks of I (the splits: fp32 partials summed in
-// a fixed order afterwards); 8 warps. Per chunk the gate, up (and output-gradient) tiles and the
+// multiplied (with dropout the backward can also add the down module's masked input gradient to the
+// output-gradient tile first: swiglu_dx, see its block in the kernel). Block: 64 tokens and a range of
+// 64-column chunks of I (the splits: fp32 partials summed in a fixed order afterwards); 8 warps. Per chunk the gate, up (and output-gradient) tiles and the
 // factor's chunk stream in through two cp.async stages; each thread makes the elementwise results of 8
 // columns at a time (one __expf and one approximate reciprocal an element: with a quarter of the
 // elementwise kernel's threads a multiprocessor, exact expf and division made this the bottleneck),
