@@ -1079,8 +1079,7 @@ template <bool BWD>
 static void swiglu_lowrank_launch(cuda_ctx *ctx, float *part, size_t part_floats, bf16 *gu, int64_t ldgu,
                                   const bf16 *gout, bf16 *out, int64_t ldo, bf16 *h, int64_t ldh, const bf16 *M, int R,
                                   int r, int c_gate, int c_up, int64_t T, int I, const swiglu_dx *dx) {
-    swiglu_dx none;
-    memset(&none, 0, sizeof none);
+    const swiglu_dx none = {};
     size_t smem = sw_smem_bytes(BWD, R, r, dx != NULL);
     int rows = ceil_div_i(T, SW_T), n_chunks = ceil_div_i(I, SW_K);
     int splits = wave_splits(swiglu_lowrank_kernel<BWD>, BWD ? sw_smem_bytes(1, 0, SW_R, 1) : sw_smem_bytes(0, SW_R, 0, 0),

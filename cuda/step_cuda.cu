@@ -504,6 +504,12 @@ static int mask_bits_read(const cuda_impl *c, int l, int g) {
     return c->recompute == RECOMPUTE_NONE || c->dbits_of[g] == l;
 }
 
+// Whether group g's masked input-gradient term reads the kept bits of layer l (the fused h kernel
+// writes them; see adapter_h), else the generator.
+static int dx_bits_kept(const cuda_impl *c, int l, int g) {
+    return mask_bits_read(c, l, g) && lowrank_dropout_fused_fits(c->grp[g].n, c->rank);
+}
+
 // h = dropout(x) A^T of every adapted module of group g, into x's extra columns (x [T][d_in + Rp] with
 // row stride ldx): the left operand of the group's K-augmented GEMM.
 static void adapter_h(backend *be, const dims *d, int l, int g, bf16 *x, int64_t ldx, const dropout_ctx *dc) {
@@ -612,8 +618,7 @@ static void adapter_dx_dropout(backend *be, const dims *d, int l, int g, const b
     uint64_t keys[3];
     uint32_t *bits[3];
     drop_spec ds = group_masks(be, dc, l, g, keys, bits);
-    // the masks the forward kept (the fused h kernel writes them; see adapter_h), else the generator
-    int kept = mask_bits_read(c, l, g) && lowrank_dropout_fused_fits(ag->n, c->rank);
+    int kept = dx_bits_kept(c, l, g);
     lowrank_dropout_dx_cuda(c->ctx, gx, gx_f32, ldgx, gy + dout, ldgy, ag->A[l], ag->n, c->rank, d->T, di, keys, ds.thr,
                             ds.keep, kept ? bits : NULL);
 }
@@ -644,8 +649,8 @@ static int down_dx_in_swiglu(backend *be, const dims *d, int l, const bf16 *gy, 
                              swiglu_dx *dx) {
     cuda_impl *c = (cuda_impl *)be->impl;
     const cuda_adapter_group *ag = &c->grp[GRP_DOWN];
-    if (!dropout_on(be, dc) || ag->n != 1 || !swiglu_backward_fused(c, d) || !mask_bits_read(c, l, GRP_DOWN) ||
-        !lowrank_dropout_fused_fits(1, c->rank) || !swiglu_dx_fits(d->I, c->rank, ldgy, gy + d->C, ag->A[l]))
+    if (!dropout_on(be, dc) || ag->n != 1 || !swiglu_backward_fused(c, d) || !dx_bits_kept(c, l, GRP_DOWN) ||
+        !swiglu_dx_fits(d->I, c->rank, ldgy, gy + d->C, ag->A[l]))
         return 0;
     uint64_t keys[3];
     uint32_t *bits[3];

@@ -915,6 +915,18 @@ START_TEST(test_adapter_gather_scatter) {
 }
 END_TEST
 
+// A CPU mask stream of T x d multipliers (adapter_dropout_mask) as the device's kept bits (bit e set <=>
+// element e kept, dropout_mask_words words).
+static uint32_t *dev_mask_bits(const float *mask, int64_t T, int d) {
+    int64_t words = dropout_mask_words(T, d);
+    uint32_t *hb = xcalloc((size_t)words, sizeof(uint32_t));
+    for (int64_t e = 0; e < T * d; e++)
+        if (mask[e] != 0.0f) hb[e >> 5] |= 1u << (e & 31);
+    uint32_t *db = dev_up(hb, sizeof(uint32_t) * (size_t)words);
+    free(hb);
+    return db;
+}
+
 // Backward of a group of n modules with dropout: gx += sum_i mask_i * (gh_i A_i), into fp32 and into
 // bf16, against a double CPU sum with the CPU's masks (adapter_dropout_mask).
 static void check_dropout_dx(cuda_ctx *ctx, rng_state *r, int64_t T, int d, int ldx, int n, int rk, int ldgh, float p,
@@ -944,15 +956,7 @@ static void check_dropout_dx(cuda_ctx *ctx, rng_state *r, int64_t T, int d, int 
     void *dgh = dev_bf16(gh, (size_t)(T * ldgh)), *dA = dev_bf16(A, (size_t)(n * rk * d));
     // from the generator, and (d % 32 == 0) from the masks as kept bits (packed here from the CPU's masks)
     uint32_t *dbits[3] = {NULL, NULL, NULL};
-    int64_t words = dropout_mask_words(T, d);
-    if (d % 32 == 0)
-        for (int i = 0; i < n; i++) {
-            uint32_t *hb = xcalloc((size_t)words, sizeof(uint32_t));
-            for (int64_t e = 0; e < T * d; e++)
-                if (masks[(size_t)i * T * d + e] != 0.0f) hb[e >> 5] |= 1u << (e & 31);
-            dbits[i] = dev_up(hb, sizeof(uint32_t) * (size_t)words);
-            free(hb);
-        }
+    for (int i = 0; d % 32 == 0 && i < n; i++) dbits[i] = dev_mask_bits(masks + (size_t)i * T * d, T, d);
     for (int from_bits = 0; from_bits <= (d % 32 == 0); from_bits++) {
         const uint32_t *const *bp = from_bits ? (const uint32_t *const *)dbits : NULL;
         float *dgx = dev_up(gx, 4 * (size_t)(T * ldx));
@@ -1199,10 +1203,6 @@ static void check_swiglu_dx(cuda_ctx *ctx, rng_state *r, int64_t T, int I, int r
     float *gh = rnd_bf16(r, (size_t)(T * ldgh), 1.0f), *A = rnd_bf16(r, (size_t)rk * I, 0.2f);
     float *mask = xmalloc(sizeof(float) * n);
     adapter_dropout_mask(key, p, n, mask);
-    int64_t words = dropout_mask_words(T, I);
-    uint32_t *hb = xcalloc((size_t)words, sizeof(uint32_t));
-    for (size_t e = 0; e < n; e++)
-        if (mask[e] != 0.0f) hb[e >> 5] |= 1u << (e & 31);
     float *g = xmalloc(sizeof(float) * n), *u = xmalloc(sizeof(float) * n), *go2 = xmalloc(sizeof(float) * n);
     for (int64_t t = 0; t < T; t++)
         for (int i = 0; i < I; i++) {
@@ -1216,7 +1216,7 @@ static void check_swiglu_dx(cuda_ctx *ctx, rng_state *r, int64_t T, int I, int r
     size_t pf = (size_t)16 * T * R;
     float *part = dev_alloc(4 * pf);
     void *dB = dev_bf16(B, (size_t)(2 * I) * R), *dgh = dev_bf16(gh, (size_t)(T * ldgh)), *dA = dev_bf16(A, (size_t)rk * I);
-    uint32_t *dbits = dev_up(hb, sizeof(uint32_t) * (size_t)words);
+    uint32_t *dbits = dev_mask_bits(mask, T, I);
     const uint32_t *bp[1] = {dbits};
     // two passes
     void *dgo1 = dev_bf16(go, n), *dgu1 = dev_bf16(gu, ngu);
@@ -1246,7 +1246,7 @@ static void check_swiglu_dx(cuda_ctx *ctx, rng_state *r, int64_t T, int I, int r
     ck_assert(close_enough(name, h2, h1, (size_t)(T * R), 1e-3, RT));
     ck_assert_msg(differ == 0, "swiglu+dx: %lld of dgate | dup differ from the two-pass path", (long long)differ);
     ck_assert_msg(touched == 0, "swiglu+dx: %lld values of gout changed", (long long)touched);
-    free(gu), free(go), free(B), free(gh), free(A), free(mask), free(hb), free(g), free(u), free(go2), free(dg), free(du);
+    free(gu), free(go), free(B), free(gh), free(A), free(mask), free(g), free(u), free(go2), free(dg), free(du);
     free(g1), free(g2), free(o2), free(ga), free(gb), free(h1), free(h2);
     cudaFree(part), cudaFree(dB), cudaFree(dgh), cudaFree(dA), cudaFree(dbits);
     cudaFree(dgo1), cudaFree(dgu1), cudaFree(dgo2), cudaFree(dgu2);
