@@ -1,17 +1,22 @@
 // loss.cu: lm_head fused with the causal-LM cross-entropy (twin of lmhead_ce_forward_backward_cpu).
 //
-// Llama 3's vocabulary makes the logits of a micro-batch gigabytes ([T][128256] fp32), so rows go
-// through in chunks: logits of the chunk (one GEMM, fp32 out), one kernel for the loss and the
-// logits' gradient (an online max/sum over the row, then softmax - onehot written as bf16), and the
-// chunk's dh (one GEMM). Only the chunk's logits ever exist. As in the CPU twin, only the rows that
-// are asked for go through (in training the supervised ones: a chat template's prompt tokens have no
-// loss, and SuperNI's examples are ~97 % prompt): they are gathered into a compact chunk of h, and
-// the chunk's dh is scattered back into their rows of gh.
+// Llama 3's vocabulary makes the logits of a micro-batch gigabytes ([T][128256]), so rows go through in
+// chunks: logits of the chunk (one GEMM), one kernel for the loss and the logits' gradient (an online
+// max/sum over the row, then softmax - onehot written as bf16), and the chunk's dh (one GEMM). Only the
+// chunk's logits ever exist. As in the CPU twin, only the rows that are asked for go through (in
+// training the supervised ones: a chat template's prompt tokens have no loss, and SuperNI's examples are
+// ~97 % prompt): they are gathered into a compact chunk of h, and the chunk's dh is scattered back into
+// their rows of gh.
+//
+// The logits are bf16, as transformers' bf16 lm_head gives them before its loss upcasts them to fp32
+// (the softmax and the loss are fp32 here too), and the gradient is written over them in place: half the
+// bytes of fp32 logits, and a row (256 KB at 128K) is read the second time from L2. Only when every
+// row's logits go to the host (forward_logits) are they fp32, with the gradient beside them.
 #include <math.h>
 
 #include "cuda/cuda_util.cuh"
 
-#define CE_THREADS 512
+#define CE_THREADS 1024
 #define CE_IGNORE (-100)
 
 // Merge two (max, sum of exp(x - max)) pairs.
@@ -22,47 +27,70 @@ __device__ __forceinline__ void lse_merge(float &m, float &s, float m2, float s2
     m = M;
 }
 
-// One block per row of the chunk: row i of logits/dlogits is row r of the batch (rows[r0 + i], or
-// r0 + i without a row list), whose target and loss are targets[r] and row_loss[r]. List entries from
-// n_rows on only pad the chunk: zero gradient, nothing written for their row.
-// VEC (V % 4 == 0): four logits a load and one rescale of the running sum per four (the row is read
-// twice from memory, 2 GB a pass at Llama 3's vocabulary and 4096 rows: scalar loads left the kernel
-// at ~1.7 TB/s).
 // dL/dlogit of one logit x: softmax - one-hot, flushed to zero below 1e-20, times the loss scale.
 __device__ __forceinline__ float ce_grad(float x, float lse, bool target, float scale) {
     float d = expf(x - lse) - (target ? 1.0f : 0.0f);
     return fabsf(d) < 1e-20f ? 0.0f : d * scale;
 }
 
-template <bool VEC>
-__global__ void ce_kernel(const float *__restrict__ logits, bf16 *dlogits, const int32_t *__restrict__ targets,
-                          const int32_t *__restrict__ rows, int64_t r0, int64_t n_rows, int V, float scale,
-                          float *row_loss) {
-    int64_t i = blockIdx.x, r = rows ? rows[r0 + i] : r0 + i;
+__device__ __forceinline__ float logit_f(float x) { return x; }
+__device__ __forceinline__ float logit_f(bf16 x) { return __bfloat162float(x); }
+// 16 bytes of logits: 4 fp32 or 8 bf16.
+__device__ __forceinline__ void load16(const float *p, float *x) {
+    float4 v = *(const float4 *)p;
+    x[0] = v.x, x[1] = v.y, x[2] = v.z, x[3] = v.w;
+}
+__device__ __forceinline__ void load16(const bf16 *p, float *x) { load_bf16<8>(p, x); }
+
+// One row of the chunk, by the whole block: row i of logits/dlogits is row r of the batch (rows[r0 + i], or
+// r0 + i without a row list), whose target and loss are targets[r] and row_loss[r]. List entries from
+// n_rows on only pad the chunk: zero gradient, nothing written for their row. dlogits may be the
+// logits themselves (bf16): each thread reads its logits before it writes their gradients, and the
+// target's logit is read before the block's first barrier.
+// VEC (V a multiple of a 16-byte vector): 16-byte loads and one rescale of the running sum per vector
+// (scalar loads left the kernel at ~1.7 TB/s).
+template <typename TL, bool VEC>
+__device__ __forceinline__ void ce_row(const TL *logits, bf16 *dlogits, const int32_t *__restrict__ targets,
+                                       const int32_t *__restrict__ rows, int64_t r0, int64_t i, int64_t n_rows, int V,
+                                       float scale, float *row_loss) {
+    constexpr int N = 16 / sizeof(TL);
+    int64_t r = rows ? rows[r0 + i] : r0 + i;
     int y = r0 + i < n_rows ? targets[r] : CE_IGNORE;
-    const float *l = logits + i * V;
+    const TL *l = logits + i * V;
+    bf16 *dl = dlogits ? dlogits + i * V : NULL;
     if (y == CE_IGNORE) {  // a pad, or every row was asked for (the logits were wanted): no loss, no gradient
         if (threadIdx.x == 0 && r0 + i < n_rows) row_loss[r] = 0.0f;
-        if (dlogits)
-            for (int j = threadIdx.x; j < V; j += blockDim.x) dlogits[i * V + j] = __float2bfloat16_rn(0.0f);
-        return;
+        if (dl)
+            for (int j = threadIdx.x; j < V; j += blockDim.x) dl[j] = __float2bfloat16_rn(0.0f);
+        return;  // (the whole block: y is the row's)
     }
+    float ly = threadIdx.x == 0 ? logit_f(l[y]) : 0.0f;
     float m = -INFINITY, s = 0.0f;
     if (VEC) {
-        const float4 *l4 = (const float4 *)l;
 #pragma unroll 4
-        for (int j = threadIdx.x; j < V / 4; j += blockDim.x) {
-            float4 x = l4[j];
-            float mx = fmaxf(fmaxf(x.x, x.y), fmaxf(x.z, x.w));
+        for (int j = threadIdx.x; j < V / N; j += blockDim.x) {
+            float x[N];
+            load16(l + (int64_t)j * N, x);
+            float mx = x[0];
+#pragma unroll
+            for (int k = 1; k < N; k++) mx = fmaxf(mx, x[k]);
             if (mx > m) {  // from -inf: expf(-inf) = 0 clears the empty sum
                 s *= expf(m - mx);
                 m = mx;
             }
-            s += (expf(x.x - m) + expf(x.y - m)) + (expf(x.z - m) + expf(x.w - m));
+#pragma unroll
+            for (int k = 0; k < N; k++) x[k] = expf(x[k] - m);
+#pragma unroll
+            for (int k = 0; k < N / 2; k++) x[k] = x[2 * k] + x[2 * k + 1];  // a fixed tree: ((e0 + e1) + (e2 + e3))
+#pragma unroll
+            for (int w = N / 4; w > 0; w /= 2)
+#pragma unroll
+                for (int k = 0; k < w; k++) x[k] += x[k + w];
+            s += x[0];
         }
     } else {
         for (int j = threadIdx.x; j < V; j += blockDim.x) {
-            float x = l[j];
+            float x = logit_f(l[j]);
             if (x > m) {
                 s = s * expf(m - x) + 1.0f;
                 m = x;
@@ -75,7 +103,7 @@ __global__ void ce_kernel(const float *__restrict__ logits, bf16 *dlogits, const
         float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
         lse_merge(m, s, m2, s2);
     }
-    __shared__ float sm[32], ss[32];
+    __shared__ float sm[32], ss[32];  // (one block's rows share them: ce_kernel's barrier between rows)
     int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
     if (lane == 0) {
         sm[w] = m;
@@ -89,31 +117,72 @@ __global__ void ce_kernel(const float *__restrict__ logits, bf16 *dlogits, const
         lse_merge(m, s, m2, s2);
     }
     float lse = m + logf(s);
-    if (threadIdx.x == 0) row_loss[r] = lse - l[y];
-    if (!dlogits) return;
-    if (VEC) {
-        const float4 *l4 = (const float4 *)l;
-        uint2 *d4 = (uint2 *)(dlogits + i * V);
-#pragma unroll 4
-        for (int j = threadIdx.x; j < V / 4; j += blockDim.x) {
-            float4 x = l4[j];
-            float d[4] = {x.x, x.y, x.z, x.w};
+    if (threadIdx.x == 0) row_loss[r] = lse - ly;
+    if (!dl) return;
+    if (VEC) {  // U vectors loaded before any is stored (dl may be l: the compiler could not batch them)
+        constexpr int U = 4;
+        for (int j0 = threadIdx.x; j0 < V / N; j0 += U * blockDim.x) {
+            float x[U][N];
 #pragma unroll
-            for (int k = 0; k < 4; k++) d[k] = ce_grad(d[k], lse, 4 * j + k == y, scale);
-            __nv_bfloat162 a = __floats2bfloat162_rn(d[0], d[1]), b = __floats2bfloat162_rn(d[2], d[3]);
-            d4[j] = make_uint2(*(uint32_t *)&a, *(uint32_t *)&b);
+            for (int u = 0; u < U; u++)
+                if (j0 + u * (int)blockDim.x < V / N) load16(l + (int64_t)(j0 + u * blockDim.x) * N, x[u]);
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                int j = j0 + u * blockDim.x;
+                if (j >= V / N) break;
+#pragma unroll
+                for (int k = 0; k < N; k++) x[u][k] = ce_grad(x[u][k], lse, N * j + k == y, scale);
+                store_bf16<N>(dl + (int64_t)j * N, x[u]);
+            }
         }
     } else {
-        for (int j = threadIdx.x; j < V; j += blockDim.x)
-            dlogits[i * V + j] = __float2bfloat16_rn(ce_grad(l[j], lse, j == y, scale));
+        for (int j = threadIdx.x; j < V; j += blockDim.x) dl[j] = __float2bfloat16_rn(ce_grad(logit_f(l[j]), lse, j == y, scale));
     }
 }
 
+// One block a multiprocessor, each taking rows i, i + gridDim.x, ...: the rows in flight (132 x 256 KB
+// of bf16 logits at 128K) mostly stay in L2 for the second pass (ncu, a 3B step's 8192 rows: 2.15 ms
+// against 2.29 with a block of 512 threads a row).
+template <typename TL, bool VEC>
+__global__ void __launch_bounds__(CE_THREADS) ce_kernel(const TL *logits, bf16 *dlogits,
+                                                         const int32_t *__restrict__ targets,
+                                                         const int32_t *__restrict__ rows, int64_t r0, int64_t n,
+                                                         int64_t n_rows, int V, float scale, float *row_loss) {
+    for (int64_t i = blockIdx.x; i < n; i += gridDim.x) {
+        ce_row<TL, VEC>(logits, dlogits, targets, rows, r0, i, n_rows, V, scale, row_loss);
+        __syncthreads();  // the reduction's shared memory is the next row's
+    }
+}
+
+template <typename TL>
+static void ce_launch(cudaStream_t st, int64_t n, const TL *lg, bf16 *dl, const int32_t *targets, const int32_t *rows,
+                      int64_t r0, int64_t n_rows, int V, float scale, float *row_loss) {
+    int dev = 0, sms = 0;
+    CUDA_CHECK(cudaGetDevice(&dev));
+    CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    unsigned grid = n > sms ? (unsigned)sms : (unsigned)n;
+    if (V % (16 / (int)sizeof(TL)) == 0)  // 16-byte rows (the scratch is cudaMalloc'd)
+        ce_kernel<TL, true><<<grid, CE_THREADS, 0, st>>>(lg, dl, targets, rows, r0, n, n_rows, V, scale, row_loss);
+    else
+        ce_kernel<TL, false><<<grid, CE_THREADS, 0, st>>>(lg, dl, targets, rows, r0, n, n_rows, V, scale, row_loss);
+    CUDA_LAUNCH_CHECK();
+}
+
+// Rows per chunk: their bf16 logits (the gradient goes over them) take at most `budget` bytes.
 extern "C" int64_t lmhead_ce_chunk_rows(size_t budget, int V) {
-    int64_t n = (int64_t)(budget / ((size_t)V * 6));
+    int64_t n = (int64_t)(budget / ((size_t)V * 2));
     return n < 1 ? 1 : n;
 }
 
+// Rows per pass when the logits are fp32 (forward_logits): fp32 logits and bf16 dlogits in the room of
+// chunk_rows bf16 logits.
+static int64_t f32_rows(int64_t chunk_rows) { return chunk_rows / 3 > 0 ? chunk_rows / 3 : 1; }
+
+static size_t logits_bytes(int64_t chunk_rows, int V) {
+    size_t b = cuda_align((size_t)chunk_rows * V * 2), f = f32_rows(chunk_rows);
+    size_t b32 = cuda_align(f * V * 4) + cuda_align(f * V * 2);
+    return b > b32 ? b : b32;
+}
 // hc[i][0:C] = h[rows[i]][0:C] (bf16), one block per row.
 __global__ void gather_rows_kernel(const bf16 *__restrict__ h, const int32_t *__restrict__ rows, bf16 *__restrict__ hc,
                                    int C) {
@@ -136,20 +205,23 @@ __global__ void scatter_rows_kernel(const float *__restrict__ ghc, const int32_t
         for (int j = threadIdx.x; j < C; j += blockDim.x) dst[j] = src[j];
 }
 
-// [chunk][V] fp32 logits, [chunk][V] bf16 dlogits, [chunk][C] bf16 gathered h, [chunk][C] fp32 dh.
+// [chunk][V] logits (bf16, or fp32 and bf16 dlogits for a third of the rows), [chunk][C] bf16 gathered
+// h, [chunk][C] fp32 dh.
 extern "C" size_t lmhead_ce_scratch_bytes(int64_t chunk_rows, int C, int V) {
-    return cuda_align((size_t)chunk_rows * V * 4) + cuda_align((size_t)chunk_rows * V * 2) +
-           cuda_align((size_t)chunk_rows * C * 2) + cuda_align((size_t)chunk_rows * C * 4);
+    return logits_bytes(chunk_rows, V) + cuda_align((size_t)chunk_rows * C * 2) + cuda_align((size_t)chunk_rows * C * 4);
 }
 
 extern "C" void lmhead_ce_cuda(cuda_ctx *ctx, const bf16 *h, const bf16 *W, const int32_t *targets, int64_t T, int C, int V,
                                float scale, float *gh, float *row_loss, float *logits_host, void *scratch,
                                int64_t chunk_rows, const int32_t *rows, int64_t n_rows, int64_t n_list) {
     char *p = (char *)scratch;
-    float *lg = (float *)p;                                        // [chunk][V]
-    bf16 *dl = (bf16 *)(p += cuda_align((size_t)chunk_rows * V * 4));  // [chunk][V]
-    bf16 *hc = (bf16 *)(p += cuda_align((size_t)chunk_rows * V * 2));  // [chunk][C]
+    int f32 = logits_host != NULL;
+    bf16 *lg = (bf16 *)p;                                     // [chunk][V] bf16 logits, then their gradient
+    float *lg32 = (float *)p;                                 // [chunk / 3][V] fp32 logits (f32)
+    bf16 *dl = f32 ? (bf16 *)(p + cuda_align((size_t)f32_rows(chunk_rows) * V * 4)) : lg;  // [chunk / 3][V] (f32)
+    bf16 *hc = (bf16 *)(p += logits_bytes(chunk_rows, V));   // [chunk][C]
     float *ghc = (float *)(p + cuda_align((size_t)chunk_rows * C * 2));  // [chunk][C]
+    if (f32) chunk_rows = f32_rows(chunk_rows);
     if (!rows) n_rows = n_list = T;
     if (rows && logits_host) {  // a programming error: every row's logits need every row
         fprintf(stderr, "lmhead_ce_cuda: logits_host needs rows == NULL\n");
@@ -167,17 +239,15 @@ extern "C" void lmhead_ce_cuda(cuda_ctx *ctx, const bf16 *h, const bf16 *W, cons
             CUDA_LAUNCH_CHECK();
             hx = hc;
         }
-        gemm_cuda(ctx, 0, 1, n, V, C, 1.0f, hx, C, W, C, 0.0f, NULL, lg, V, GEMM_F32);
-        if (logits_host)
-            CUDA_CHECK(cudaMemcpyAsync(logits_host + r0 * V, lg, sizeof(float) * (size_t)(n * V), cudaMemcpyDeviceToHost,
+        if (f32) {
+            gemm_cuda(ctx, 0, 1, n, V, C, 1.0f, hx, C, W, C, 0.0f, NULL, lg32, V, GEMM_F32);
+            CUDA_CHECK(cudaMemcpyAsync(logits_host + r0 * V, lg32, sizeof(float) * (size_t)(n * V), cudaMemcpyDeviceToHost,
                                        ctx->stream));
-        if (V % 4 == 0)  // 16-byte rows (the logits scratch is cudaMalloc'd)
-            ce_kernel<true><<<(unsigned)n, CE_THREADS, 0, ctx->stream>>>(lg, gh ? dl : NULL, targets, rows, r0, n_rows, V,
-                                                                         scale, row_loss);
-        else
-            ce_kernel<false><<<(unsigned)n, CE_THREADS, 0, ctx->stream>>>(lg, gh ? dl : NULL, targets, rows, r0, n_rows, V,
-                                                                          scale, row_loss);
-        CUDA_LAUNCH_CHECK();
+            ce_launch(ctx->stream, n, lg32, gh ? dl : NULL, targets, rows, r0, n_rows, V, scale, row_loss);
+        } else {
+            gemm_cuda(ctx, 0, 1, n, V, C, 1.0f, hx, C, W, C, 0.0f, NULL, lg, V, GEMM_BF16);
+            ce_launch(ctx->stream, n, (const bf16 *)lg, gh ? dl : NULL, targets, rows, r0, n_rows, V, scale, row_loss);
+        }
         if (!gh) continue;
         gemm_cuda(ctx, 0, 0, n, C, V, 1.0f, dl, V, W, C, 0.0f, NULL, rows ? ghc : gh + r0 * C, C, GEMM_F32);
         int64_t real = n_rows - r0 < n ? n_rows - r0 : n;  // the pads' dh (zero) stays out of gh
