@@ -182,6 +182,13 @@ tests-build: $(BIN) $(TEST_BINS) $(GPU_TEST_BINS)
 demo: $(BIN)
 	@bash scripts/demo.sh
 
+# The CUPTI timeline tracer (scripts/cupti_trace.c, docs/CUDA.md), built on demand.
+$(BUILD)/lib/libmosft_trace.so: scripts/cupti_trace.c
+	@if [ -z "$(NVCC)" ]; then echo "libmosft_trace.so: needs the CUDA toolkit (CUPTI)"; exit 1; fi
+	@mkdir -p $(@D)
+	$(CC) -O2 -shared -fPIC -I$(CUDA_HOME)/include $< -o $@ -L$(CUDA_HOME)/targets/x86_64-linux/lib -lcupti \
+	    -Wl,-rpath,$(CUDA_HOME)/targets/x86_64-linux/lib
+
 info-build:
 	@echo "build: $(BUILD_KIND)"
 
