@@ -168,9 +168,10 @@ static void ce_launch(cudaStream_t st, int64_t n, const TL *lg, bf16 *dl, const 
     CUDA_LAUNCH_CHECK();
 }
 
-// Rows per chunk: their bf16 logits (the gradient goes over them) take at most `budget` bytes.
-extern "C" int64_t lmhead_ce_chunk_rows(size_t budget, int V) {
-    int64_t n = (int64_t)(budget / ((size_t)V * 2));
+// Rows per chunk so that a chunk's scratch (bf16 logits, the gathered rows of h, their fp32 dh: 2 V + 6 C
+// bytes a row) takes at most `budget` bytes.
+extern "C" int64_t lmhead_ce_chunk_rows(size_t budget, int C, int V) {
+    int64_t n = (int64_t)(budget / ((size_t)V * 2 + (size_t)C * 6));
     return n < 1 ? 1 : n;
 }
 
@@ -223,6 +224,8 @@ extern "C" void lmhead_ce_cuda(cuda_ctx *ctx, const bf16 *h, const bf16 *W, cons
     float *ghc = (float *)(p + cuda_align((size_t)chunk_rows * C * 2));  // [chunk][C]
     if (f32) chunk_rows = f32_rows(chunk_rows);
     if (!rows) n_rows = n_list = T;
+    int64_t n_chunks = (n_list + chunk_rows - 1) / chunk_rows;
+    if (n_chunks > 0) chunk_rows = (n_list + n_chunks - 1) / n_chunks;  // even chunks: no small last one
     if (rows && logits_host) {  // a programming error: every row's logits need every row
         fprintf(stderr, "lmhead_ce_cuda: logits_host needs rows == NULL\n");
         abort();

@@ -204,14 +204,14 @@ uint64_t bits_hash_cuda(cuda_ctx *ctx, const uint32_t *d, int64_t rows, int64_t 
 uint64_t bits_hash_cpu(const uint32_t *d, int64_t rows, int64_t wpr, int64_t ldw);
 
 // ---- lm_head + cross-entropy (cuda/loss.cu) ----
-// Rows per chunk so that the chunk's logits (bf16) take at most `budget` bytes.
-int64_t lmhead_ce_chunk_rows(size_t budget, int V);
+// Rows per chunk so that the chunk's scratch (lmhead_ce_scratch_bytes) takes at most `budget` bytes.
+int64_t lmhead_ce_chunk_rows(size_t budget, int C, int V);
 size_t lmhead_ce_scratch_bytes(int64_t chunk_rows, int C, int V);
-// Chunked lm_head + causal-LM cross-entropy (lmhead_ce_forward_backward_cpu): for each chunk of rows,
-// logits = h W^T (fp32 accumulation, rounded to bf16 as transformers' bf16 lm_head gives them; fp32
-// when logits_host wants them), per-row loss (fp32 softmax), and with gh: dlogits = scale * (softmax -
-// onehot) (bf16) and gh[rows] = dlogits W (fp32, overwritten). targets[T] already shifted (-100 = ignored: loss 0, no
-// gradient). row_loss[T] (fp32) receives each row's loss. rows[n_list] (device; NULL: all T rows)
+// Chunked lm_head + causal-LM cross-entropy (lmhead_ce_forward_backward_cpu): for each chunk of rows
+// (equal chunks of at most chunk_rows, the scratch's size), logits = h W^T (fp32 accumulation, rounded
+// to bf16 as transformers' bf16 lm_head gives them; fp32 when logits_host wants them), per-row loss
+// (fp32 softmax), and with gh: dlogits = scale * (softmax - onehot) (bf16) and gh[rows] = dlogits W
+// (fp32, overwritten). targets[T] already shifted (-100 = ignored: loss 0, no gradient). row_loss[T] (fp32) receives each row's loss. rows[n_list] (device; NULL: all T rows)
 // lists the rows to compute, normally the supervised ones, in its first n_rows entries (ascending);
 // the entries after them (any valid row) only pad the list, so that the chunks' shapes recur from
 // batch to batch (see CE_ROW_QUANTUM in step_cuda.cu). Rows not listed get loss 0 and a zero gh row

@@ -29,7 +29,7 @@
 #include "cuda/backend_cuda.cuh"
 
 #define ATT_BUDGET ((size_t)512 << 20)  // attention scores of a chunk of sequences
-#define CE_BUDGET ((size_t)512 << 20)   // logits of a chunk of rows
+#define CE_BUDGET ((size_t)512 << 20)   // lm_head + CE scratch of a chunk of rows (its logits, h, dh)
 // The supervised rows' list is padded to a multiple of this: their number changes from batch to batch,
 // and a new lm_head shape every batch would mean a new GEMM plan (and a cache that churns) each time.
 #define CE_ROW_QUANTUM 128
@@ -180,7 +180,7 @@ void cuda_acts_layout(backend *be, cuda_arena *ar, int B, int S, mem_plan *plan)
         c->gq = c->gk = c->gv = NULL;
     }
     int bc = attention_chunk(ATT_BUDGET, B, S, d.Hq);
-    c->ce_rows = lmhead_ce_chunk_rows(CE_BUDGET, d.V);
+    c->ce_rows = lmhead_ce_chunk_rows(CE_BUDGET, d.C, d.V);
     if (c->ce_rows > T) c->ce_rows = T;
     // the flash backward keeps the dS tiles of at least one sequence (it shares the lm_head's scratch)
     size_t att = flash_attention_supported(d.D) ? flash_attention_scratch_bytes(1, S, d.Hq) : attention_scratch_bytes(bc, S, d.Hq);
