@@ -184,6 +184,7 @@ static size_t logits_bytes(int64_t chunk_rows, int V) {
     size_t b32 = cuda_align(f * V * 4) + cuda_align(f * V * 2);
     return b > b32 ? b : b32;
 }
+
 // hc[i][0:C] = h[rows[i]][0:C] (bf16), one block per row.
 __global__ void gather_rows_kernel(const bf16 *__restrict__ h, const int32_t *__restrict__ rows, bf16 *__restrict__ hc,
                                    int C) {
@@ -225,7 +226,7 @@ extern "C" void lmhead_ce_cuda(cuda_ctx *ctx, const bf16 *h, const bf16 *W, cons
     if (f32) chunk_rows = f32_rows(chunk_rows);
     if (!rows) n_rows = n_list = T;
     int64_t n_chunks = (n_list + chunk_rows - 1) / chunk_rows;
-    if (n_chunks > 0) chunk_rows = (n_list + n_chunks - 1) / n_chunks;  // even chunks: no small last one
+    if (n_chunks > 0) chunk_rows = (n_list + n_chunks - 1) / n_chunks;  // equal chunks: no small last one
     if (rows && logits_host) {  // a programming error: every row's logits need every row
         fprintf(stderr, "lmhead_ce_cuda: logits_host needs rows == NULL\n");
         abort();
