@@ -132,6 +132,9 @@ double lmhead_ce_forward_backward_cpu(const float *h, const float *W, const int3
                                       int V, float scale, float *gh, float *logits_out, int64_t *n_counted);
 // Rows per chunk (0 = the 64 MiB default); tests use it to cross chunk boundaries with a small V.
 void lmhead_ce_set_chunk_rows_cpu(int64_t rows);
+// One row of it: returns logsumexp(l) - l[y] (in double); with grad, overwrites l[V] with
+// scale * (softmax(l) - onehot(y)), flushed as above. (The GPU tests feed it bf16-rounded logits.)
+double ce_row_cpu(float *l, int V, int y, float scale, int grad);
 
 // ---- optimizer (core/ops_cpu.c) ----
 // One torch.optim.AdamW step (single-tensor path), in fp32 as torch does it, step counted from 1:

@@ -12,14 +12,14 @@
 
 #define CE_LOGITS_BUDGET ((int64_t)16 << 20)  // floats of logits per chunk (64 MiB)
 
-#define CE_FLUSH 1e-20                            // see ce_row
+#define CE_FLUSH 1e-20                            // see ce_row_cpu
 
 static int64_t g_chunk_rows;  // 0: from the budget
 void lmhead_ce_set_chunk_rows_cpu(int64_t rows) { g_chunk_rows = rows > 0 ? rows : 0; }
 
 // One row: returns logsumexp(l) - l[y] (in double from the fp32 logits); with grad, overwrites l[V]
 // with scale * (softmax(l) - onehot(y)).
-static double ce_row(float *l, int V, int y, float scale, int grad) {
+double ce_row_cpu(float *l, int V, int y, float scale, int grad) {
     float mx = l[0];
     for (int j = 1; j < V; j++)
         if (l[j] > mx) mx = l[j];
@@ -72,7 +72,7 @@ double lmhead_ce_forward_backward_cpu(const float *h, const float *W, const int3
                 memset(l, 0, (size_t)V * sizeof(float));
                 continue;
             }
-            row_loss[r] = ce_row(l, V, y, scale, gh != NULL);
+            row_loss[r] = ce_row_cpu(l, V, y, scale, gh != NULL);
         }
         for (int64_t r = 0; r < n; r++) loss += row_loss[r];  // row order: deterministic
         if (gh) {

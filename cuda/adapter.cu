@@ -963,8 +963,8 @@ extern "C" void dropout_apply_cuda(cuda_ctx *ctx, bf16 *xd, const bf16 *x, int64
 // partial wave would only add a tail), at most n_chunks and 16, and while more than one, each split's
 // split_floats of fp32 partials within part's part_floats.
 template <class K>
-static int wave_splits(K kernel, size_t smem_max, size_t smem, int tiles, int n_chunks, size_t split_floats,
-                          const float *part, size_t part_floats, int threads = 128) {
+static int wave_splits(const cuda_ctx *ctx, K kernel, size_t smem_max, size_t smem, int tiles, int n_chunks,
+                       size_t split_floats, const float *part, size_t part_floats, int threads = 128) {
     static const void *attr_set[8];  // the kernels whose limit is raised (above the 48 KiB default)
     int k = 0;
     while (k < 8 && attr_set[k] && attr_set[k] != (const void *)kernel) k++;
@@ -973,11 +973,9 @@ static int wave_splits(K kernel, size_t smem_max, size_t smem, int tiles, int n_
         CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_max));
         attr_set[k] = (const void *)kernel;
     }
-    int sms = 0, dev = 0, per_sm = 0;
-    CUDA_CHECK(cudaGetDevice(&dev));
-    CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    int per_sm = 0;
     CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
-    int splits = per_sm * sms / tiles;
+    int splits = per_sm * ctx->sm_count / tiles;
     if (splits > n_chunks) splits = n_chunks;
     if (splits > 16) splits = 16;
     while (splits > 1 && (!part || (size_t)splits * split_floats > part_floats)) splits--;
@@ -1001,8 +999,8 @@ extern "C" void lowrank_dropout_h_cuda(cuda_ctx *ctx, bf16 *h, int64_t ldh, cons
     // splits of d_in: one wave of resident blocks, within the partials' room
     size_t smem = dh_smem_bytes(n, (int)NR);
     int rows = ceil_div_i(T, DH_T), n_chunks = ceil_div_i(d_in, DH_K);
-    int splits = wave_splits(lowrank_dropout_h_kernel, dh_smem_bytes(3, DA_NR), smem, rows, n_chunks,
-                                (size_t)(T * NR), part, part_floats);
+    int splits = wave_splits(ctx, lowrank_dropout_h_kernel, dh_smem_bytes(3, DA_NR), smem, rows, n_chunks,
+                             (size_t)(T * NR), part, part_floats);
     dim3 grid((unsigned)rows, (unsigned)splits);
     lowrank_dropout_h_kernel<<<grid, 128, smem, ctx->stream>>>(splits > 1 ? part : NULL, h, ldh, x, ldx, A, n, r, T,
                                                                          d_in, mk, b[0], b[1], b[2], thr, keep, n_chunks,
@@ -1030,8 +1028,8 @@ extern "C" void lowrank_dropout_da_cuda(cuda_ctx *ctx, float *gA, const bf16 *gh
     // splits of T: one wave of resident blocks, within the partials' room
     size_t smem = da_smem_bytes(n, (int)NR);
     int tiles = ceil_div_i(d_in, DA_C), n_chunks = ceil_div_i(T, DA_T);
-    int splits = wave_splits(lowrank_dropout_da_kernel, da_smem_bytes(3, DA_NR), smem, tiles, n_chunks,
-                                (size_t)(NR * d_in), part, part_floats);
+    int splits = wave_splits(ctx, lowrank_dropout_da_kernel, da_smem_bytes(3, DA_NR), smem, tiles, n_chunks,
+                             (size_t)(NR * d_in), part, part_floats);
     float *dst = splits > 1 ? part : gA;
     dim3 grid((unsigned)tiles, (unsigned)splits);
     lowrank_dropout_da_kernel<<<grid, 128, smem, ctx->stream>>>(dst, NR * d_in, gh, ldgh, x, ldx, n, r, T, d_in,
@@ -1082,8 +1080,9 @@ static void swiglu_lowrank_launch(cuda_ctx *ctx, float *part, size_t part_floats
     const swiglu_dx none = {};
     size_t smem = sw_smem_bytes(BWD, R, r, dx != NULL);
     int rows = ceil_div_i(T, SW_T), n_chunks = ceil_div_i(I, SW_K);
-    int splits = wave_splits(swiglu_lowrank_kernel<BWD>, BWD ? sw_smem_bytes(1, 0, SW_R, 1) : sw_smem_bytes(0, SW_R, 0, 0),
-                                smem, rows, n_chunks, (size_t)(T * R), part, part_floats, 256);
+    int splits = wave_splits(ctx, swiglu_lowrank_kernel<BWD>,
+                             BWD ? sw_smem_bytes(1, 0, SW_R, 1) : sw_smem_bytes(0, SW_R, 0, 0), smem, rows, n_chunks,
+                             (size_t)(T * R), part, part_floats, 256);
     dim3 grid((unsigned)rows, (unsigned)splits);
     swiglu_lowrank_kernel<BWD><<<grid, 256, smem, ctx->stream>>>(splits > 1 ? part : NULL, gu, ldgu, gout, out, ldo, h,
                                                                  ldh, M, R, r, c_gate, c_up, T, I, n_chunks, splits,

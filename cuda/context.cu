@@ -55,6 +55,9 @@ static cuda_ctx *ctx_create(int high) {
     }
     ctx->host_scratch_bytes = (size_t)1 << 20;
     CUDA_CHECK(cudaMallocHost((void **)&ctx->host_scratch, ctx->host_scratch_bytes));
+    int dev = 0;
+    CUDA_CHECK(cudaGetDevice(&dev));
+    CUDA_CHECK(cudaDeviceGetAttribute(&ctx->sm_count, cudaDevAttrMultiProcessorCount, dev));
     return ctx;
 }
 

@@ -59,6 +59,7 @@ struct cuda_ctx {
     gemm_plan plans[GEMM_CACHE_MAX];
     int n_plans;
     int gemm_sms;  // > 0: large products target this many multiprocessors (cuda_ctx_set_gemm_sms)
+    int sm_count;  // the device's multiprocessors (for kernels that size their grid to one wave)
     float *host_scratch;  // pinned, for small downloads
     size_t host_scratch_bytes;
 };

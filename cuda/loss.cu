@@ -11,7 +11,7 @@
 // The logits are bf16, as transformers' bf16 lm_head gives them before its loss upcasts them to fp32
 // (the softmax and the loss are fp32 here too), and the gradient is written over them in place: half the
 // bytes of fp32 logits, and a row (256 KB at 128K) is read the second time from L2. Only when every
-// row's logits go to the host (forward_logits) are they fp32, with the gradient beside them.
+// row's logits go to the host (forward_logits: no gradient) are they fp32.
 #include <math.h>
 
 #include "cuda/cuda_util.cuh"
@@ -155,16 +155,13 @@ __global__ void __launch_bounds__(CE_THREADS) ce_kernel(const TL *logits, bf16 *
 }
 
 template <typename TL>
-static void ce_launch(cudaStream_t st, int64_t n, const TL *lg, bf16 *dl, const int32_t *targets, const int32_t *rows,
+static void ce_launch(cuda_ctx *ctx, int64_t n, const TL *lg, bf16 *dl, const int32_t *targets, const int32_t *rows,
                       int64_t r0, int64_t n_rows, int V, float scale, float *row_loss) {
-    int dev = 0, sms = 0;
-    CUDA_CHECK(cudaGetDevice(&dev));
-    CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    unsigned grid = n > sms ? (unsigned)sms : (unsigned)n;
+    unsigned grid = n > ctx->sm_count ? (unsigned)ctx->sm_count : (unsigned)n;
     if (V % (16 / (int)sizeof(TL)) == 0)  // 16-byte rows (the scratch is cudaMalloc'd)
-        ce_kernel<TL, true><<<grid, CE_THREADS, 0, st>>>(lg, dl, targets, rows, r0, n, n_rows, V, scale, row_loss);
+        ce_kernel<TL, true><<<grid, CE_THREADS, 0, ctx->stream>>>(lg, dl, targets, rows, r0, n, n_rows, V, scale, row_loss);
     else
-        ce_kernel<TL, false><<<grid, CE_THREADS, 0, st>>>(lg, dl, targets, rows, r0, n, n_rows, V, scale, row_loss);
+        ce_kernel<TL, false><<<grid, CE_THREADS, 0, ctx->stream>>>(lg, dl, targets, rows, r0, n, n_rows, V, scale, row_loss);
     CUDA_LAUNCH_CHECK();
 }
 
@@ -175,15 +172,6 @@ extern "C" int64_t lmhead_ce_chunk_rows(size_t budget, int C, int V) {
     return n < 1 ? 1 : n;
 }
 
-// Rows per pass when the logits are fp32 (forward_logits): fp32 logits and bf16 dlogits in the room of
-// chunk_rows bf16 logits.
-static int64_t f32_rows(int64_t chunk_rows) { return chunk_rows / 3 > 0 ? chunk_rows / 3 : 1; }
-
-static size_t logits_bytes(int64_t chunk_rows, int V) {
-    size_t b = cuda_align((size_t)chunk_rows * V * 2), f = f32_rows(chunk_rows);
-    size_t b32 = cuda_align(f * V * 4) + cuda_align(f * V * 2);
-    return b > b32 ? b : b32;
-}
 
 // hc[i][0:C] = h[rows[i]][0:C] (bf16), one block per row.
 __global__ void gather_rows_kernel(const bf16 *__restrict__ h, const int32_t *__restrict__ rows, bf16 *__restrict__ hc,
@@ -207,30 +195,28 @@ __global__ void scatter_rows_kernel(const float *__restrict__ ghc, const int32_t
         for (int j = threadIdx.x; j < C; j += blockDim.x) dst[j] = src[j];
 }
 
-// [chunk][V] logits (bf16, or fp32 and bf16 dlogits for a third of the rows), [chunk][C] bf16 gathered
-// h, [chunk][C] fp32 dh.
+// [chunk][V] bf16 logits (or fp32 for half the rows), [chunk][C] bf16 gathered h, [chunk][C] fp32 dh.
 extern "C" size_t lmhead_ce_scratch_bytes(int64_t chunk_rows, int C, int V) {
-    return logits_bytes(chunk_rows, V) + cuda_align((size_t)chunk_rows * C * 2) + cuda_align((size_t)chunk_rows * C * 4);
+    return cuda_align((size_t)chunk_rows * V * 2) + cuda_align((size_t)chunk_rows * C * 2) +
+           cuda_align((size_t)chunk_rows * C * 4);
 }
 
 extern "C" void lmhead_ce_cuda(cuda_ctx *ctx, const bf16 *h, const bf16 *W, const int32_t *targets, int64_t T, int C, int V,
                                float scale, float *gh, float *row_loss, float *logits_host, void *scratch,
                                int64_t chunk_rows, const int32_t *rows, int64_t n_rows, int64_t n_list) {
     char *p = (char *)scratch;
-    int f32 = logits_host != NULL;
-    bf16 *lg = (bf16 *)p;                                     // [chunk][V] bf16 logits, then their gradient
-    float *lg32 = (float *)p;                                 // [chunk / 3][V] fp32 logits (f32)
-    bf16 *dl = f32 ? (bf16 *)(p + cuda_align((size_t)f32_rows(chunk_rows) * V * 4)) : lg;  // [chunk / 3][V] (f32)
-    bf16 *hc = (bf16 *)(p += logits_bytes(chunk_rows, V));   // [chunk][C]
+    bf16 *lg = (bf16 *)p;      // [chunk][V] bf16 logits, then their gradient
+    float *lg32 = (float *)p;  // [chunk / 2][V] fp32 logits (logits_host)
+    bf16 *hc = (bf16 *)(p += cuda_align((size_t)chunk_rows * V * 2));  // [chunk][C]
     float *ghc = (float *)(p + cuda_align((size_t)chunk_rows * C * 2));  // [chunk][C]
-    if (f32) chunk_rows = f32_rows(chunk_rows);
+    if (logits_host && (rows || gh)) {  // a programming error: every row's logits, and only them
+        fprintf(stderr, "lmhead_ce_cuda: logits_host needs rows == NULL and gh == NULL\n");
+        abort();
+    }
+    if (logits_host && (chunk_rows /= 2) < 1) chunk_rows = 1;
     if (!rows) n_rows = n_list = T;
     int64_t n_chunks = (n_list + chunk_rows - 1) / chunk_rows;
     if (n_chunks > 0) chunk_rows = (n_list + n_chunks - 1) / n_chunks;  // equal chunks: no small last one
-    if (rows && logits_host) {  // a programming error: every row's logits need every row
-        fprintf(stderr, "lmhead_ce_cuda: logits_host needs rows == NULL\n");
-        abort();
-    }
     if (rows) {  // the rows left out: loss 0, no gradient
         CUDA_CHECK(cudaMemsetAsync(row_loss, 0, sizeof(float) * (size_t)T, ctx->stream));
         if (gh) CUDA_CHECK(cudaMemsetAsync(gh, 0, sizeof(float) * (size_t)(T * C), ctx->stream));
@@ -243,17 +229,17 @@ extern "C" void lmhead_ce_cuda(cuda_ctx *ctx, const bf16 *h, const bf16 *W, cons
             CUDA_LAUNCH_CHECK();
             hx = hc;
         }
-        if (f32) {
+        if (logits_host) {
             gemm_cuda(ctx, 0, 1, n, V, C, 1.0f, hx, C, W, C, 0.0f, NULL, lg32, V, GEMM_F32);
             CUDA_CHECK(cudaMemcpyAsync(logits_host + r0 * V, lg32, sizeof(float) * (size_t)(n * V), cudaMemcpyDeviceToHost,
                                        ctx->stream));
-            ce_launch(ctx->stream, n, lg32, gh ? dl : NULL, targets, rows, r0, n_rows, V, scale, row_loss);
-        } else {
-            gemm_cuda(ctx, 0, 1, n, V, C, 1.0f, hx, C, W, C, 0.0f, NULL, lg, V, GEMM_BF16);
-            ce_launch(ctx->stream, n, (const bf16 *)lg, gh ? dl : NULL, targets, rows, r0, n_rows, V, scale, row_loss);
+            ce_launch(ctx, n, (const float *)lg32, NULL, targets, rows, r0, n_rows, V, scale, row_loss);
+            continue;
         }
+        gemm_cuda(ctx, 0, 1, n, V, C, 1.0f, hx, C, W, C, 0.0f, NULL, lg, V, GEMM_BF16);
+        ce_launch(ctx, n, (const bf16 *)lg, gh ? lg : NULL, targets, rows, r0, n_rows, V, scale, row_loss);
         if (!gh) continue;
-        gemm_cuda(ctx, 0, 0, n, C, V, 1.0f, dl, V, W, C, 0.0f, NULL, rows ? ghc : gh + r0 * C, C, GEMM_F32);
+        gemm_cuda(ctx, 0, 0, n, C, V, 1.0f, lg, V, W, C, 0.0f, NULL, rows ? ghc : gh + r0 * C, C, GEMM_F32);
         int64_t real = n_rows - r0 < n ? n_rows - r0 : n;  // the pads' dh (zero) stays out of gh
         if (rows && real > 0) {
             scatter_rows_kernel<<<(unsigned)real, 128, 0, ctx->stream>>>(ghc, rows + r0, gh, C);

@@ -211,12 +211,13 @@ size_t lmhead_ce_scratch_bytes(int64_t chunk_rows, int C, int V);
 // (equal chunks of at most chunk_rows, the scratch's size), logits = h W^T (fp32 accumulation, rounded
 // to bf16 as transformers' bf16 lm_head gives them; fp32 when logits_host wants them), per-row loss
 // (fp32 softmax), and with gh: dlogits = scale * (softmax - onehot) (bf16) and gh[rows] = dlogits W
-// (fp32, overwritten). targets[T] already shifted (-100 = ignored: loss 0, no gradient). row_loss[T] (fp32) receives each row's loss. rows[n_list] (device; NULL: all T rows)
+// (fp32, overwritten). targets[T] already shifted (-100 = ignored: loss 0, no gradient). row_loss[T]
+// (fp32) receives each row's loss. rows[n_list] (device; NULL: all T rows)
 // lists the rows to compute, normally the supervised ones, in its first n_rows entries (ascending);
 // the entries after them (any valid row) only pad the list, so that the chunks' shapes recur from
 // batch to batch (see CE_ROW_QUANTUM in step_cuda.cu). Rows not listed get loss 0 and a zero gh row
-// without a GEMM. logits_host (host, [T][V], NULL normally; only with rows == NULL) receives every
-// row's logits (synchronizes).
+// without a GEMM. logits_host (host, [T][V], NULL normally; only with rows == NULL and gh == NULL)
+// receives every row's fp32 logits (synchronizes).
 void lmhead_ce_cuda(cuda_ctx *ctx, const bf16 *h, const bf16 *W, const int32_t *targets, int64_t T, int C, int V,
                     float scale, float *gh, float *row_loss, float *logits_host, void *scratch, int64_t chunk_rows,
                     const int32_t *rows, int64_t n_rows, int64_t n_list);

@@ -629,7 +629,7 @@ END_TEST
 // ---- loss ------------------------------------------------------------------------------------------
 
 // The training path's numerics on the CPU, from the fp32 logits lg[T][V]: each logit rounded to bf16 (as
-// transformers' bf16 lm_head gives them), softmax and loss in double, dlogits rounded to bf16, then
+// transformers' bf16 lm_head gives them), the CPU twin's row (ce_row_cpu), dlogits rounded to bf16, then
 // gh = dlogits W. Returns the loss summed over the supervised rows.
 static double ce_bf16_logits_cpu(const float *lg, const float *W, const int32_t *tg, int64_t T, int C, int V, float scale,
                                  float *gh) {
@@ -639,24 +639,18 @@ static double ce_bf16_logits_cpu(const float *lg, const float *W, const int32_t 
         float *g = gh + t * C;
         memset(g, 0, sizeof(float) * (size_t)C);
         if (tg[t] == OPS_IGNORE_INDEX) continue;
-        const float *l = lg + t * V;
-        double m = -INFINITY, s = 0.0;
-        for (int j = 0; j < V; j++) m = fmax(m, bf16_round(l[j]));
-        for (int j = 0; j < V; j++) s += exp(bf16_round(l[j]) - m);
-        double lse = m + log(s);
-        loss += lse - bf16_round(l[tg[t]]);
+        for (int j = 0; j < V; j++) dl[j] = bf16_round(lg[t * V + j]);
+        loss += ce_row_cpu(dl, V, tg[t], scale, 1);
         for (int j = 0; j < V; j++) {
-            double d = exp(bf16_round(l[j]) - lse) - (j == tg[t] ? 1.0 : 0.0);
-            dl[j] = bf16_round(fabs(d) < 1e-20 ? 0.0f : (float)(d * scale));
+            float d = bf16_round(dl[j]);
+            for (int i = 0; i < C; i++) g[i] += d * W[(size_t)j * C + i];
         }
-        for (int j = 0; j < V; j++)
-            for (int i = 0; i < C; i++) g[i] += dl[j] * W[(size_t)j * C + i];
     }
     free(dl);
     return loss;
 }
 
-// Every row's logits (forward_logits) go through fp32 logits, the training path through bf16 ones.
+// Every row's logits (forward_logits: no gradient) go through fp32 logits, the rest through bf16 ones.
 // 16-byte paths: fp32 logits when V % 4 == 0, bf16 when V % 8 == 0; other V the scalar ones.
 static void check_lmhead_ce(int V) {
     cuda_ctx *ctx = ctx_new();
@@ -674,24 +668,38 @@ static void check_lmhead_ce(int V) {
     void *dh = dev_bf16(h, (size_t)(T * C)), *dW = dev_bf16(W, (size_t)V * C);
     int32_t *dtg = dev_up(tg, sizeof(int32_t) * (size_t)T);
     float *dgh = dev_alloc(4 * (size_t)(T * C)), *drl = dev_alloc(4 * (size_t)T);
-    int64_t rows = 48;  // several chunks (a third of the rows a pass with fp32 logits: 4 of 13, 13, 13, 11)
+    int64_t rows = 48;  // several chunks (half the rows a pass with fp32 logits: 17, 17, 16; 25, 25 with bf16)
     void *scratch = dev_alloc(lmhead_ce_scratch_bytes(rows, C, V));
     float *glg = xmalloc(sizeof(float) * (size_t)(T * V));
-    lmhead_ce_cuda(ctx, dh, dW, dtg, T, C, V, scale, dgh, drl, glg, scratch, rows, NULL, 0, 0);
-    float *rl = down_f32(drl, (size_t)T), *ggh = down_f32(dgh, (size_t)T * C);
+    lmhead_ce_cuda(ctx, dh, dW, dtg, T, C, V, scale, NULL, drl, glg, scratch, rows, NULL, 0, 0);
+    float *rl = down_f32(drl, (size_t)T);
     double gl = 0;
     for (int64_t t = 0; t < T; t++) gl += rl[t];
     fprintf(stderr, "lm_head CE loss (V %d): GPU %.9g, CPU %.9g\n", V, gl, loss);
     ck_assert_msg(fabs(gl - loss) <= 1e-5 * fabs(loss), "loss %.9g vs %.9g", gl, loss);
     ck_assert(
         close_enough("lm_head logits (f32)", glg, lg, (size_t)(T * V), 1e-5 * max_abs(lg, (size_t)(T * V)), 1e-5));
+    // Every row with the gradient: bf16 logits, against the CPU's fp32 logits rounded to bf16 (a logit
+    // next to a rounding boundary can round the other way after a different fp32 summation order: 1e-4
+    // on the loss), and dh against the CPU's fp32 dh as well.
+    float *ghb = xmalloc(sizeof(float) * (size_t)(T * C));
+    double loss_b = ce_bf16_logits_cpu(lg, W, tg, T, C, V, scale, ghb);
+    lmhead_ce_cuda(ctx, dh, dW, dtg, T, C, V, scale, dgh, drl, NULL, scratch, rows, NULL, 0, 0);
+    free(rl);
+    rl = down_f32(drl, (size_t)T);
+    float *ggh = down_f32(dgh, (size_t)T * C);
+    gl = 0;
+    for (int64_t t = 0; t < T; t++) gl += rl[t];
+    fprintf(stderr, "lm_head CE loss, bf16 logits: GPU %.9g, CPU %.9g (fp32 logits %.9g)\n", gl, loss_b, loss);
+    ck_assert_msg(fabs(gl - loss_b) <= 1e-4 * fabs(loss_b), "loss %.9g vs %.9g", gl, loss_b);
+    ck_assert(close_enough("lm_head CE dh (bf16 twin)", ggh, ghb, (size_t)(T * C), 2e-2 * max_abs(ghb, (size_t)(T * C)),
+                           1.0 / 64));
     ck_assert(close_enough("lm_head CE dh", ggh, gh, (size_t)(T * C), 2e-2 * max_abs(gh, (size_t)(T * C)), 1.0 / 64));
     ck_assert(rel_l2(ggh, gh, (size_t)(T * C)) < 1e-2);
     // The training path: only the supervised rows (gathered, then their dh scattered back), the list
     // padded with copies of its first row as the step pads it (the pads must write nothing); the other
-    // rows of row_loss and gh must come out zero although both start as garbage (NaN bytes). Its logits
-    // are bf16: against the CPU's fp32 logits rounded to bf16 (a logit next to a rounding boundary can
-    // round the other way after a different fp32 summation order: 1e-4 on the loss).
+    // rows of row_loss and gh must come out zero although both start as garbage (NaN bytes). bf16
+    // logits, against the same twin.
     int32_t *list = xmalloc(sizeof(int32_t) * (size_t)T);
     int64_t n = 0;
     for (int64_t t = 0; t < T; t++)
@@ -701,7 +709,6 @@ static void check_lmhead_ce(int V) {
     ck_assert_int_gt(n_list, n);  // this shape has pads
     for (int64_t i = n; i < n_list; i++) list[i] = list[0];
     int32_t *dlist = dev_up(list, sizeof(int32_t) * (size_t)n_list);
-    double loss2 = ce_bf16_logits_cpu(lg, W, tg, T, C, V, scale, gh);
     CK_CUDA(cudaMemset(dgh, 0xff, 4 * (size_t)(T * C)));
     CK_CUDA(cudaMemset(drl, 0xff, 4 * (size_t)T));
     lmhead_ce_cuda(ctx, dh, dW, dtg, T, C, V, scale, dgh, drl, NULL, scratch, 16, dlist, n, n_list);  // 3 chunks
@@ -715,14 +722,14 @@ static void check_lmhead_ce(int V) {
             for (int i = 0; i < C; i++) ck_assert_msg(ggh[t * C + i] == 0.0f, "row %lld left out: dh %g", (long long)t, ggh[t * C + i]);
         }
     }
-    fprintf(stderr, "lm_head CE loss, supervised rows, bf16 logits: GPU %.9g, CPU %.9g (fp32 logits %.9g)\n", gl, loss2,
-            loss);
-    ck_assert_msg(fabs(gl - loss2) <= 1e-4 * fabs(loss2), "loss %.9g vs %.9g", gl, loss2);
-    ck_assert(close_enough("lm_head CE dh (rows)", ggh, gh, (size_t)(T * C), 2e-2 * max_abs(gh, (size_t)(T * C)), 1.0 / 64));
-    ck_assert(rel_l2(ggh, gh, (size_t)(T * C)) < 1e-2);
+    fprintf(stderr, "lm_head CE loss, supervised rows, bf16 logits: GPU %.9g, CPU %.9g\n", gl, loss_b);
+    ck_assert_msg(fabs(gl - loss_b) <= 1e-4 * fabs(loss_b), "loss %.9g vs %.9g", gl, loss_b);
+    ck_assert(
+        close_enough("lm_head CE dh (rows)", ggh, ghb, (size_t)(T * C), 2e-2 * max_abs(ghb, (size_t)(T * C)), 1.0 / 64));
+    ck_assert(rel_l2(ggh, ghb, (size_t)(T * C)) < 1e-2);
     free(list);
     cudaFree(dlist);
-    free(h), free(W), free(tg), free(gh), free(lg), free(glg), free(rl), free(ggh);
+    free(h), free(W), free(tg), free(gh), free(ghb), free(lg), free(glg), free(rl), free(ggh);
     cudaFree(dh), cudaFree(dW), cudaFree(dtg), cudaFree(dgh), cudaFree(drl), cudaFree(scratch);
     cuda_ctx_free(ctx);
 }
