@@ -32,7 +32,7 @@ ifneq ($(NVCC),)
   CUDA_HOME := $(patsubst %/bin/nvcc,%,$(NVCC))
   CUDA_SRCS := $(wildcard cuda/*.cu)
   CUDA_CPP_SRCS := $(wildcard cuda/*.cpp)
-  GENCODE := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
+  GENCODE := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90a,code=sm_90a
   NVCCFLAGS := -std=c++17 -O3 -g -lineinfo -I. -Xcompiler -fPIC,-Wall $(GENCODE) --expt-relaxed-constexpr \
                $(DEP_CFLAGS) -DMOSFT_WITH_CUDA $(EXTRA_NVCCFLAGS)
   CUDA_LIBS := -L$(CUDA_HOME)/lib64 -L$(CUDA_HOME)/targets/x86_64-linux/lib -lcublasLt -lcublas \

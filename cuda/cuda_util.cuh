@@ -60,6 +60,7 @@ struct cuda_ctx {
     int n_plans;
     int gemm_sms;  // > 0: large products target this many multiprocessors (cuda_ctx_set_gemm_sms)
     int sm_count;  // the device's multiprocessors (for kernels that size their grid to one wave)
+    int cc_major;  // compute capability (9: Hopper, whose warpgroup products cuda/wgmma.cuh uses)
     float *host_scratch;  // pinned, for small downloads
     size_t host_scratch_bytes;
 };

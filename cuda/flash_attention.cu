@@ -23,9 +23,12 @@
 // Fragment layouts: cuda/mma.cuh. Two adjacent C tiles (16 columns) are exactly an A fragment, which is
 // how P feeds P V (FA-2).
 #include <math.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "cuda/cuda_util.cuh"
 #include "cuda/mma.cuh"
+#include "cuda/wgmma.cuh"
 
 #define FA_TILE 64  // queries per block (forward)
 #define FA_BN 64    // keys per step (forward)
@@ -255,6 +258,138 @@ __global__ void __launch_bounds__(128, 3) flash_fwd_kernel(bf16 *out, int64_t ld
     }
 }
 
+// ---- forward on Hopper's warpgroup products (D 128) -----------------------------------------------
+
+// Rows [r0, r0 + 64) of a matrix with row stride ld (128 columns) into a swizzled [64][128] tile (two
+// chunks, cuda/wgmma.cuh), zeros past row S; all 128 threads take part, one commit group is the caller's.
+__device__ __forceinline__ void tile_sw128_async(bf16 *sh, const bf16 *src, int64_t ld, int r0, int S) {
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        int i = threadIdx.x + 128 * j, r = i >> 4, c = (i & 15) * 8;  // 16-byte vector c / 8 of row r
+        bool ok = r0 + r < S;
+        cp_async16(sh + (c >> 6) * 4096 + sw128_off(r, c & 63), ok ? src + (int64_t)(r0 + r) * ld + c : src, ok);
+    }
+}
+
+// The same contract and grid as flash_fwd_kernel<128>, one warpgroup a block of 64 queries: S = Q K^T with
+// Q and K in shared memory, O += P V with P from registers (the accumulators packed to bf16) and V read
+// transposed (cuda/wgmma.cuh).
+__global__ void __launch_bounds__(128) flash_fwd_wg_kernel(bf16 *out, int64_t ld, float *lse, const bf16 *__restrict__ q,
+                                                         const bf16 *__restrict__ k, const bf16 *__restrict__ v,
+                                                         const int32_t *__restrict__ mask, int S, int Hq, int Hkv, float scale) {
+    constexpr int D = 128, T = 64 * D;
+    extern __shared__ __align__(16) unsigned char fa_smem[];  // aligned to 1024 below
+    bf16 *Qs = (bf16 *)(fa_smem + ((1024 - (smem_u32(fa_smem) & 1023)) & 1023));  // 1024-byte aligned
+    bf16 *Ks = Qs + T, *Vs = Ks + 2 * T;                                            // [2][64][128] each
+    int *Ms = (int *)(Vs + 2 * T);                                                  // [2][64]
+    int bh = blockIdx.y, b = bh / Hq, h = bh % Hq, kvh = h / (Hq / Hkv);
+    int q0 = (gridDim.x - 1 - blockIdx.x) * 64, warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const bf16 *qb = q + ((int64_t)b * Hq + h) * S * D, *kb = k + ((int64_t)b * Hkv + kvh) * S * D,
+               *vb = v + ((int64_t)b * Hkv + kvh) * S * D;
+    const int32_t *mb = mask + (int64_t)b * S;
+    int kend = q0 + 64 < S ? q0 + 64 : S;  // causal: keys < the block's last query + 1
+    int n_tiles = (kend + 63) / 64;
+    auto load = [&](int j) {
+        int st = j & 1, k0 = j * 64;
+        tile_sw128_async(Ks + st * T, kb, D, k0, S);
+        tile_sw128_async(Vs + st * T, vb, D, k0, S);
+        vec_async(Ms + st * 64, mb, k0, 64, S);
+        cp_commit();
+    };
+    tile_sw128_async(Qs, qb, D, q0, S);
+    load(0);  // one group with Q
+    int r_lo = q0 + warp * 16 + g, r_hi = r_lo + 8;  // this thread's two rows
+    float o[64];  // [64 queries][128 d]: accumulator layout
+#pragma unroll
+    for (int i = 0; i < 64; i++) o[i] = 0.0f;
+    float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.0f, l_hi = 0.0f;
+    float sl2 = scale * FA_LOG2E;
+    for (int j = 0; j < n_tiles; j++) {
+        stage_next(load, j, n_tiles);
+        fence_proxy_async();
+        int st = j & 1, k0 = j * 64;
+        const bf16 *Kt = Ks + st * T, *Vt = Vs + st * T;
+        const int *Mt = Ms + st * 64;
+        int full = __syncthreads_and(threadIdx.x >= 64 || Mt[threadIdx.x] != 0);  // every key of the tile a token
+        float s[32];
+#pragma unroll
+        for (int i = 0; i < 32; i++) s[i] = 0.0f;
+        wg_pin<32>(s);
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) wgmma_m64n64_ss(s, wg_desc_kmajor(Qs, 64, kk), wg_desc_kmajor(Kt, 64, kk), 1);
+        wg_commit();
+        wg_pin<32>(s);
+        wg_wait<0>();
+        wg_pin<32>(s);
+        // mask and online softmax as flash_fwd_kernel (s[4n + e] is its s[n][e])
+        bool diag = k0 + 63 > q0;
+        if (!full || diag) {
+#pragma unroll
+            for (int i = 0; i < 32; i++) {
+                int kl = (i >> 2) * 8 + 2 * t + (i & 1), row = (i & 2) ? r_hi : r_lo;
+                if (!(Mt[kl] != 0 && (!diag || k0 + kl <= row))) s[i] = -INFINITY;
+            }
+        }
+        float mx_lo = -INFINITY, mx_hi = -INFINITY;
+#pragma unroll
+        for (int n = 0; n < 8; n++) {
+            mx_lo = fmaxf(mx_lo, fmaxf(s[4 * n], s[4 * n + 1]));
+            mx_hi = fmaxf(mx_hi, fmaxf(s[4 * n + 2], s[4 * n + 3]));
+        }
+        mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
+        mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
+        mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
+        mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
+        float mn_lo = fmaxf(m_lo, mx_lo), mn_hi = fmaxf(m_hi, mx_hi);
+        float ms_lo = mn_lo == -INFINITY ? 0.0f : mn_lo * sl2, ms_hi = mn_hi == -INFINITY ? 0.0f : mn_hi * sl2;
+        float al_lo = exp2f(fmaf(m_lo, sl2, -ms_lo)), al_hi = exp2f(fmaf(m_hi, sl2, -ms_hi));
+        m_lo = mn_lo;
+        m_hi = mn_hi;
+        l_lo *= al_lo;
+        l_hi *= al_hi;
+#pragma unroll
+        for (int i = 0; i < 64; i++) o[i] *= (i & 2) ? al_hi : al_lo;
+        uint32_t pa[16];
+#pragma unroll
+        for (int i = 0; i < 32; i += 2) {
+            float ms = (i & 2) ? ms_hi : ms_lo;
+            float p0 = exp2f(fmaf(s[i], sl2, -ms)), p1 = exp2f(fmaf(s[i + 1], sl2, -ms));
+            if (i & 2)
+                l_hi += p0 + p1;
+            else
+                l_lo += p0 + p1;
+            pa[i / 2] = pack_bf16(p0, p1);
+        }
+        // O += P V: k = key, n = d
+        wg_pin<64>(o);
+        wg_fence();
+#pragma unroll
+        for (int kc = 0; kc < 4; kc++) wgmma_m64n128_rs_t(o, pa + 4 * kc, wg_desc_mnmajor(Vt, 64, kc), 1);
+        wg_commit();
+        wg_pin<64>(o);
+        wg_wait<0>();
+        wg_pin<64>(o);
+        __syncthreads();  // the next load overwrites this stage
+    }
+    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 1);
+    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 2);
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 1);
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
+    float inv_lo = l_lo > 0.0f ? 1.0f / l_lo : 0.0f, inv_hi = l_hi > 0.0f ? 1.0f / l_hi : 0.0f;
+#pragma unroll
+    for (int dn = 0; dn < D / 8; dn++) {
+        int c = h * D + dn * 8 + 2 * t;
+        if (r_lo < S) *(uint32_t *)(out + ((int64_t)b * S + r_lo) * ld + c) = pack_bf16(o[4 * dn] * inv_lo, o[4 * dn + 1] * inv_lo);
+        if (r_hi < S) *(uint32_t *)(out + ((int64_t)b * S + r_hi) * ld + c) = pack_bf16(o[4 * dn + 2] * inv_hi, o[4 * dn + 3] * inv_hi);
+    }
+    if (t == 0) {
+        float *L = lse + ((int64_t)b * Hq + h) * S;
+        if (r_lo < S) L[r_lo] = l_lo > 0.0f ? m_lo * scale + logf(l_lo) : INFINITY;
+        if (r_hi < S) L[r_hi] = l_hi > 0.0f ? m_hi * scale + logf(l_hi) : INFINITY;
+    }
+}
+
 // ---- backward: delta, then dK and dV (and dS into scratch), then dQ = dS K ----------------------------
 
 // dS of one (sequence, query head) lives in scratch as 64 x 64 tiles of the causal lower triangle:
@@ -430,6 +565,174 @@ __global__ void __launch_bounds__(NW * 32) flash_bwd_dkdv_kernel(bf16 *gqkv, int
     store_rows_unrope<D>(lo, hi, dv, 1.0f, cs, key_lo, key_hi, 0);
 }
 
+// ---- dK, dV on Hopper's warpgroup products (D 128) -----------------------------------------------------
+
+// The same contract and grid as flash_bwd_dkdv_kernel<128, 4, 64, 2> (64 keys a block, 64 queries a step,
+// two stages), one warpgroup: S^T = K Q^T and dP^T = V dO^T as 64 x 64 products with both operands in
+// shared memory, then dV += P^T dO and dK += dS^T Q with P^T, dS^T from registers (the accumulators
+// packed to bf16, as FA-2 feeds P V) and dO, Q read transposed from the same tiles. No ldmatrix, and the
+// B operands are read once a warpgroup rather than once a warp.
+__global__ void __launch_bounds__(128) flash_bwd_dkdv_wg_kernel(bf16 *gqkv, int64_t ldg, bf16 *dsg, const bf16 *__restrict__ q,
+                                                              const bf16 *__restrict__ k, const bf16 *__restrict__ v,
+                                                              const bf16 *__restrict__ dO, int64_t ldd,
+                                                              const float *__restrict__ lse, const float *__restrict__ delta,
+                                                              const int32_t *__restrict__ mask, const float2 *__restrict__ cs,
+                                                              int S, int Hq, int Hkv, float scale) {
+    constexpr int D = 128, T = 64 * D;  // T: elements of a [64][128] tile
+    extern __shared__ __align__(16) unsigned char fa_smem[];  // aligned to 1024 below
+    bf16 *Ks = (bf16 *)(fa_smem + ((1024 - (smem_u32(fa_smem) & 1023)) & 1023));  // 1024-byte aligned
+    bf16 *Vs = Ks + T, *Qs = Vs + T, *Os = Qs + 2 * T;                             // Q, dO: [2 stages]
+    float *Ls = (float *)(Os + 2 * T), *Dl = Ls + 2 * 64;                           // [2][64]
+    int bk = blockIdx.y, b = bk / Hkv, kvh = bk % Hkv, group = Hq / Hkv;
+    int k0 = blockIdx.x * 64, warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const bf16 *kb = k + ((int64_t)b * Hkv + kvh) * S * D, *vb = v + ((int64_t)b * Hkv + kvh) * S * D;
+    int S64 = (S + 63) & ~63;
+    int nq = (S64 - k0) / 64;  // causal: query tiles from the block's first key on
+    int n_it = group * nq;
+    auto load = [&](int it) {
+        int st = it & 1, hh = kvh * group + it / nq, q0 = k0 + (it % nq) * 64;
+        tile_sw128_async(Qs + st * T, q + ((int64_t)b * Hq + hh) * S * D, D, q0, S);
+        tile_sw128_async(Os + st * T, dO + (int64_t)b * S * ldd + (int64_t)hh * D, ldd, q0, S);
+        vec_async(Ls + st * 64, lse + ((int64_t)b * Hq + hh) * S, q0, 64, S);
+        vec_async(Dl + st * 64, delta + ((int64_t)b * Hq + hh) * S, q0, 64, S);
+        cp_commit();
+    };
+    tile_sw128_async(Ks, kb, D, k0, S);
+    tile_sw128_async(Vs, vb, D, k0, S);
+    load(0);  // one group with K and V
+    int wk = warp * 16 + g, key_lo = k0 + wk, key_hi = key_lo + 8;
+    bool ok_lo = key_lo < S && mask[(int64_t)b * S + (key_lo < S ? key_lo : 0)] != 0;
+    bool ok_hi = key_hi < S && mask[(int64_t)b * S + (key_hi < S ? key_hi : 0)] != 0;
+    int64_t ntri = ds_tiles(S);
+    int jt = k0 / 64;
+    float dk[64], dv[64];  // [64 keys][128 d] of the warpgroup: accumulator layout (cuda/wgmma.cuh)
+#pragma unroll
+    for (int i = 0; i < 64; i++) dk[i] = dv[i] = 0.0f;
+    float sl2 = scale * FA_LOG2E;
+    for (int it = 0; it < n_it; it++) {
+        if (it + 1 < n_it)
+            load(it + 1);
+        else
+            cp_commit();
+        cp_wait<1>();
+        fence_proxy_async();
+        __syncthreads();
+        int st = it & 1, hh = kvh * group + it / nq, q0 = k0 + (it % nq) * 64;
+        const bf16 *Qt = Qs + st * T, *Ot = Os + st * T;
+        const float *Lt = Ls + st * 64, *Dlt = Dl + st * 64;
+        // S^T = K Q^T, dP^T = V dO^T: [64 keys][64 queries], k = d
+        float sT[32], dpt[32];
+#pragma unroll
+        for (int i = 0; i < 32; i++) sT[i] = dpt[i] = 0.0f;
+        wg_pin<32>(sT), wg_pin<32>(dpt);
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) wgmma_m64n64_ss(sT, wg_desc_kmajor(Ks, 64, kk), wg_desc_kmajor(Qt, 64, kk), 1);
+        wg_commit();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) wgmma_m64n64_ss(dpt, wg_desc_kmajor(Vs, 64, kk), wg_desc_kmajor(Ot, 64, kk), 1);
+        wg_commit();
+        wg_pin<32>(sT), wg_pin<32>(dpt);
+        // P^T = exp(S^T scale - lse), dS^T = P^T (dP^T - delta); past the block's last key and before S
+        // every query sees every key: only the key mask remains
+        bool plain = q0 >= k0 + 63 && q0 + 64 <= S;
+        wg_wait<1>();
+        wg_pin<32>(sT);
+#pragma unroll
+        for (int i = 0; i < 32; i++) {
+            int qi = (i >> 2) * 8 + 2 * t + (i & 1), qq = q0 + qi, key = (i & 2) ? key_hi : key_lo;
+            bool ok = ((i & 2) ? ok_hi : ok_lo) && (plain || (key <= qq && qq < S));
+            sT[i] = ok ? exp2f(fmaf(sT[i], sl2, -Lt[qi] * FA_LOG2E)) : 0.0f;
+        }
+        wg_wait<0>();
+        wg_pin<32>(dpt);
+        uint32_t pa[16], sa[16];  // P^T and dS^T as bf16 A operands, 4 a k-chunk of 16 queries
+#pragma unroll
+        for (int i = 0; i < 32; i += 2) {
+            int qi = (i >> 2) * 8 + 2 * t;
+            pa[i / 2] = pack_bf16(sT[i], sT[i + 1]);
+            sa[i / 2] = pack_bf16(sT[i] * (dpt[i] - Dlt[qi]), sT[i + 1] * (dpt[i + 1] - Dlt[qi + 1]));
+        }
+        // dS^T (unscaled) into its tile (key tile jt, query tile q0 / 64): [64 keys][64 queries]
+        int qt = q0 / 64;
+        bf16 *dst = dsg + (((int64_t)b * Hq + hh) * ntri + qt * (qt + 1) / 2 + jt) * FA_DS_TILE + wk * 64 + 2 * t;
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            *(uint32_t *)(dst + j * 8) = sa[2 * j];
+            *(uint32_t *)(dst + 8 * 64 + j * 8) = sa[2 * j + 1];
+        }
+        // dV += P^T dO, dK += dS^T Q: k = query, n = d
+        wg_pin<64>(dv), wg_pin<64>(dk);
+        wg_fence();
+#pragma unroll
+        for (int kc = 0; kc < 4; kc++) wgmma_m64n128_rs_t(dv, pa + 4 * kc, wg_desc_mnmajor(Ot, 64, kc), 1);
+#pragma unroll
+        for (int kc = 0; kc < 4; kc++) wgmma_m64n128_rs_t(dk, sa + 4 * kc, wg_desc_mnmajor(Qt, 64, kc), 1);
+        wg_commit();
+        wg_pin<64>(dv), wg_pin<64>(dk);
+        wg_wait<0>();
+        wg_pin<64>(dv), wg_pin<64>(dk);
+        __syncthreads();
+    }
+    bf16 *gk = gqkv + (int64_t)b * S * ldg + (int64_t)(Hq + kvh) * D, *gv = gk + (int64_t)Hkv * D;
+    bf16 *lo = key_lo < S ? gk + (int64_t)key_lo * ldg : nullptr, *hi = key_hi < S ? gk + (int64_t)key_hi * ldg : nullptr;
+    store_rows_unrope<D>(lo, hi, (const float(*)[4])dk, scale, cs, key_lo, key_hi, 1);
+    lo = key_lo < S ? gv + (int64_t)key_lo * ldg : nullptr;
+    hi = key_hi < S ? gv + (int64_t)key_hi * ldg : nullptr;
+    store_rows_unrope<D>(lo, hi, (const float(*)[4])dv, 1.0f, cs, key_lo, key_hi, 0);
+}
+
+// dQ = scale dS K on warpgroup products (D 128): grid (ceil(S/64), B*Hq), one warpgroup a query tile (the
+// heaviest, the last ones, first); the key tiles at or before it stream through two stages (K and the
+// dS^T tile, both read transposed: A = dS [queries][keys] from the [keys][queries] tile, B = K).
+__global__ void __launch_bounds__(128) flash_bwd_dq_wg_kernel(bf16 *gqkv, int64_t ldg, const bf16 *__restrict__ dsg,
+                                                            const bf16 *__restrict__ k, const float2 *__restrict__ cs, int S,
+                                                            int Hq, int Hkv, float scale) {
+    constexpr int D = 128, T = 64 * D;
+    extern __shared__ __align__(16) unsigned char fa_smem[];  // aligned to 1024 below
+    bf16 *Ks = (bf16 *)(fa_smem + ((1024 - (smem_u32(fa_smem) & 1023)) & 1023));  // K [2][64][128], 1024-byte aligned
+    bf16 *Ts = Ks + 2 * T;                                                         // dS^T [2][64][64]
+    int bh = blockIdx.y, b = bh / Hq, h = bh % Hq, kvh = h / (Hq / Hkv);
+    int qt = gridDim.x - 1 - blockIdx.x, q0 = qt * 64, warp = threadIdx.x / 32, g = (threadIdx.x & 31) >> 2;
+    const bf16 *kb = k + ((int64_t)b * Hkv + kvh) * S * D;
+    const bf16 *tb = dsg + ((int64_t)bh * ds_tiles(S) + (int64_t)qt * (qt + 1) / 2) * FA_DS_TILE;
+    auto load = [&](int j) {
+        int st = j & 1;
+        tile_sw128_async(Ks + st * T, kb, D, j * 64, S);
+        const bf16 *src = tb + (int64_t)j * FA_DS_TILE;
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            int i = threadIdx.x + 128 * u, r = i >> 3, c = (i & 7) * 8;
+            cp_async16(Ts + st * 4096 + sw128_off(r, c), src + r * 64 + c, true);
+        }
+        cp_commit();
+    };
+    load(0);
+    float dq[64];
+#pragma unroll
+    for (int i = 0; i < 64; i++) dq[i] = 0.0f;
+    for (int j = 0; j <= qt; j++) {
+        stage_next(load, j, qt + 1);
+        fence_proxy_async();
+        __syncthreads();
+        int st = j & 1;
+        wg_pin<64>(dq);
+        wg_fence();
+#pragma unroll
+        for (int kc = 0; kc < 4; kc++)
+            wgmma_m64n128_ss_tt(dq, wg_desc_mnmajor(Ts + st * 4096, 64, kc), wg_desc_mnmajor(Ks + st * T, 64, kc), 1);
+        wg_commit();
+        wg_pin<64>(dq);
+        wg_wait<0>();
+        wg_pin<64>(dq);
+        __syncthreads();
+    }
+    bf16 *gb = gqkv + (int64_t)b * S * ldg + (int64_t)h * D;
+    int r_lo = q0 + warp * 16 + g, r_hi = r_lo + 8;
+    store_rows_unrope<D>(r_lo < S ? gb + (int64_t)r_lo * ldg : nullptr, r_hi < S ? gb + (int64_t)r_hi * ldg : nullptr,
+                         (const float(*)[4])dq, scale, cs, r_lo, r_hi, 1);
+}
+
 // grid (ceil(S/(64 MT)), B*Hq), 128 threads: warp w owns the 16 MT queries q0 + 16 MT w ..; dQ = scale dS K
 // over the key tiles at or before the block's queries (dS tiles and K stream through two stages), rotated
 // back and written as bf16 into gqkv. The heaviest query tiles (the last ones) start first.
@@ -515,14 +818,31 @@ static void smem_optin(K kernel, size_t bytes, int *done) {
     *done = 1;
 }
 
+// The warpgroup kernels (forward, dK/dV, dQ) at D 128 on Hopper unless flash_attention_use_wgmma(0) or MOSFT_FLASH_WGMMA=0.
+static int g_wgmma = -1;  // -1: from the environment (default on)
+extern "C" void flash_attention_use_wgmma(int on) { g_wgmma = on ? 1 : 0; }
+extern "C" int flash_attention_uses_wgmma(const cuda_ctx *ctx, int D) {
+    if (g_wgmma < 0) {
+        const char *e = getenv("MOSFT_FLASH_WGMMA");
+        g_wgmma = !(e && !strcmp(e, "0"));
+    }
+    return g_wgmma && D == 128 && ctx->cc_major == 9;
+}
+
 template <int D>
 static void fwd_launch(cuda_ctx *ctx, bf16 *out, int64_t ldo, float *lse, const bf16 *q, const bf16 *k, const bf16 *v,
                        const int32_t *mask, int B, int S, int Hq, int Hkv, float scale) {
     size_t smem = (size_t)4 * FA_BN * (D + 8) * 2 + 2 * FA_BN * sizeof(int);
-    static int done = 0;  // per template instance
-    smem_optin(flash_fwd_kernel<D>, smem, &done);
+    static int done = 0, done_w = 0;  // per template instance
     dim3 grid((unsigned)((S + FA_TILE - 1) / FA_TILE), (unsigned)(B * Hq));
-    flash_fwd_kernel<D><<<grid, 128, smem, ctx->stream>>>(out, ldo, lse, q, k, v, mask, S, Hq, Hkv, scale);
+    if (flash_attention_uses_wgmma(ctx, D)) {
+        size_t smem_w = 1024 + (size_t)5 * 64 * 128 * sizeof(bf16) + 2 * 64 * sizeof(int);  // align, Q, 2 K, 2 V, mask
+        smem_optin(flash_fwd_wg_kernel, smem_w, &done_w);
+        flash_fwd_wg_kernel<<<grid, 128, smem_w, ctx->stream>>>(out, ldo, lse, q, k, v, mask, S, Hq, Hkv, scale);
+    } else {
+        smem_optin(flash_fwd_kernel<D>, smem, &done);
+        flash_fwd_kernel<D><<<grid, 128, smem, ctx->stream>>>(out, ldo, lse, q, k, v, mask, S, Hq, Hkv, scale);
+    }
     CUDA_LAUNCH_CHECK();
 }
 
@@ -552,9 +872,14 @@ static void bwd_launch(cuda_ctx *ctx, bf16 *gqkv, int64_t ldg, float *delta, con
     constexpr int QB = 16 * MT * NWQ;
     size_t smem_k = (size_t)(2 * KB + 2 * STG * QS) * (D + 8) * 2 + 2 * STG * QS * sizeof(float);
     size_t smem_q = (size_t)2 * 64 * (D + 8) * 2 + (size_t)2 * (QB / 64) * 64 * 72 * 2;
-    static int done_q = 0, done_k = 0;
+    static int done_q = 0, done_k = 0, done_w = 0;
     smem_optin(flash_bwd_dq_kernel<D, MT, NWQ>, smem_q, &done_q);
     smem_optin(flash_bwd_dkdv_kernel<D, NW, QS, STG>, smem_k, &done_k);
+    int wg = flash_attention_uses_wgmma(ctx, D);
+    size_t smem_w = 1024 + (size_t)6 * 64 * 128 * sizeof(bf16) + 4 * 64 * sizeof(float);  // align, K V 2Q 2dO, lse delta
+    size_t smem_wq = 1024 + (size_t)2 * (64 * 128 + 64 * 64) * sizeof(bf16);  // align, K and dS^T in two stages
+    static int done_wq = 0;
+    if (wg) smem_optin(flash_bwd_dkdv_wg_kernel, smem_w, &done_w), smem_optin(flash_bwd_dq_wg_kernel, smem_wq, &done_wq);
     int64_t rows = (int64_t)B * S * Hq;
     flash_bwd_delta_kernel<D><<<ceil_div_i(rows * (D / 8), 256), 256, 0, ctx->stream>>>(delta, dO, ldd, out, ldo, S, Hq, rows);
     CUDA_LAUNCH_CHECK();
@@ -566,11 +891,21 @@ static void bwd_launch(cuda_ctx *ctx, bf16 *gqkv, int64_t ldg, float *delta, con
         const bf16 *qc = q + tq * Hq * D, *kc = k + tq * Hkv * D, *vc = v + tq * Hkv * D, *dc = dO + tq * ldd;
         const float *lc = lse + tq * Hq, *dlc = delta + tq * Hq;
         dim3 g1((unsigned)((S + KB - 1) / KB), (unsigned)(n * Hkv));
-        flash_bwd_dkdv_kernel<D, NW, QS, STG><<<g1, NW * 32, smem_k, ctx->stream>>>(gq, ldg, dsg, qc, kc, vc, dc, ldd, lc, dlc,
-                                                                              mask + tq, (const float2 *)cs, S, Hq, Hkv, scale);
+        if (wg)
+            flash_bwd_dkdv_wg_kernel<<<dim3((unsigned)((S + 63) / 64), (unsigned)(n * Hkv)), 128, smem_w, ctx->stream>>>(
+                gq, ldg, dsg, qc, kc, vc, dc, ldd, lc, dlc, mask + tq, (const float2 *)cs, S, Hq, Hkv, scale);
+        else
+            flash_bwd_dkdv_kernel<D, NW, QS, STG><<<g1, NW * 32, smem_k, ctx->stream>>>(gq, ldg, dsg, qc, kc, vc, dc, ldd, lc,
+                                                                                  dlc, mask + tq, (const float2 *)cs, S, Hq,
+                                                                                  Hkv, scale);
         CUDA_LAUNCH_CHECK();
         dim3 g2((unsigned)((S + QB - 1) / QB), (unsigned)(n * Hq));
-        flash_bwd_dq_kernel<D, MT, NWQ><<<g2, NWQ * 32, smem_q, ctx->stream>>>(gq, ldg, dsg, kc, (const float2 *)cs, S, Hq, Hkv, scale);
+        if (wg)
+            flash_bwd_dq_wg_kernel<<<dim3((unsigned)((S + 63) / 64), (unsigned)(n * Hq)), 128, smem_wq, ctx->stream>>>(
+                gq, ldg, dsg, kc, (const float2 *)cs, S, Hq, Hkv, scale);
+        else
+            flash_bwd_dq_kernel<D, MT, NWQ><<<g2, NWQ * 32, smem_q, ctx->stream>>>(gq, ldg, dsg, kc, (const float2 *)cs, S, Hq,
+                                                                              Hkv, scale);
         CUDA_LAUNCH_CHECK();
     }
 }

@@ -189,6 +189,11 @@ void flash_attention_forward_cuda(cuda_ctx *ctx, bf16 *out, int64_t ldo, float *
 // attention_backward_cuda. scratch: flash_attention_scratch_bytes(bc, S, Hq) bytes (dS of bc sequences at
 // a time: the dQ kernel reads what the dK/dV kernel wrote instead of computing it again).
 size_t flash_attention_scratch_bytes(int bc, int S, int Hq);
+// The forward, dK/dV and dQ kernels on Hopper's warpgroup products (cuda/wgmma.cuh) at D 128 on a
+// compute-capability-9 device; flash_attention_use_wgmma(0) or MOSFT_FLASH_WGMMA=0 keeps the mma.sync
+// kernels (the tests run both).
+void flash_attention_use_wgmma(int on);
+int flash_attention_uses_wgmma(const cuda_ctx *ctx, int D);
 void flash_attention_backward_cuda(cuda_ctx *ctx, bf16 *gqkv, int64_t ldg, float *delta, const bf16 *dO, int64_t ldd,
                                    const bf16 *out, int64_t ldo, const float *lse, const bf16 *q, const bf16 *k,
                                    const bf16 *v, const int32_t *mask, const float *cs, int B, int S, int Hq, int Hkv,

@@ -35,7 +35,7 @@ extern "C" const char *__asan_default_options(void) { return "detect_leaks=0"; }
 #define EMU_UNPOISON(p, n) ((void)0)
 #endif
 
-static void emu_die(const char *fmt, ...) {
+void emu_die(const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
     fprintf(stderr, "cuda emulator: ");
@@ -432,7 +432,10 @@ cudaError_t cudaGetDeviceProperties(struct cudaDeviceProp *p, int d) {
     return cudaSuccess;
 }
 cudaError_t cudaDeviceGetAttribute(int *v, enum cudaDeviceAttr a, int d) {
-    *v = a == cudaDevAttrMultiProcessorCount ? 4 : a == cudaDevAttrMaxSharedMemoryPerBlockOptin ? EMU_SMEM_MAX : 0;
+    *v = a == cudaDevAttrMultiProcessorCount                ? 4
+         : a == cudaDevAttrMaxSharedMemoryPerBlockOptin ? EMU_SMEM_MAX
+         : a == cudaDevAttrComputeCapabilityMajor       ? 9  // an H100, as cudaGetDeviceProperties says
+                                                        : 0;
     return cudaSuccess;
 }
 cudaError_t cudaDeviceGetStreamPriorityRange(int *lo, int *hi) { *lo = 0; *hi = -1; return cudaSuccess; }

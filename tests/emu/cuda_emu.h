@@ -55,6 +55,7 @@ void emu_syncwarp(void);
 // every lane's (lane-indexed; valid until the lane's next warp collective).
 const uint64_t (*emu_warp_exchange(const uint64_t mine[4]))[4];
 void *emu_dyn_smem(void);
+void emu_die(const char *fmt, ...);  // the message on stderr, then abort
 int emu_lane(void);
 
 // the grid runner (tests/emu/cuda_emu.cpp)

@@ -534,10 +534,13 @@ START_TEST(test_rope) {
 }
 END_TEST
 
-// One shape, one implementation (flash: the FlashAttention-style kernels; else the batched GEMMs).
+// One shape, one implementation (flash: the FlashAttention-style kernels, 2: with the warpgroup
+// kernels where the device has them; 0: the batched GEMMs).
 static void attention_case(cuda_ctx *ctx, int flash, int B, int S, int Hq, int Hkv, int D, uint64_t seed) {
-    attention_use_flash(flash);
-    fprintf(stderr, "attention %s B=%d S=%d Hq=%d Hkv=%d D=%d\n", flash ? "flash" : "gemm", B, S, Hq, Hkv, D);
+    attention_use_flash(flash != 0);
+    flash_attention_use_wgmma(flash == 2);
+    fprintf(stderr, "attention %s B=%d S=%d Hq=%d Hkv=%d D=%d\n",
+            !flash ? "gemm" : flash_attention_uses_wgmma(ctx, D) ? "flash (warpgroup)" : "flash", B, S, Hq, Hkv, D);
     rng_state r;
     rng_seed(&r, seed);
     int64_t T = (int64_t)B * S, nq = T * Hq * D, nk = T * Hkv * D;
@@ -599,6 +602,7 @@ static void attention_case(cuda_ctx *ctx, int flash, int B, int S, int Hq, int H
     const char *nm[3] = {"attention bwd dq", "attention bwd dk", "attention bwd dv"};
     float *gs[3] = {tq, tk, tv}, *rs[3] = {gq, gk, gv};
     size_t ns[3] = {(size_t)nq, (size_t)nk, (size_t)nk};
+    for (int i = 0; i < 3; i++) fprintf(stderr, "  %s: rel L2 %.3g\n", nm[i], rel_l2(gs[i], rs[i], ns[i]));
     for (int i = 0; i < 3; i++) {
         ck_assert(close_enough(nm[i], gs[i], rs[i], ns[i], 2e-2 * max_abs(rs[i], ns[i]), 1.0 / 64));
         ck_assert_msg(rel_l2(gs[i], rs[i], ns[i]) < 1e-2, "%s: rel L2 %g", nm[i], rel_l2(gs[i], rs[i], ns[i]));
@@ -621,7 +625,12 @@ START_TEST(test_attention) {
         attention_case(ctx, flash, 3, 200, 8, 2, 128, 609);  // GQA at D = 128, several key and query tiles
         attention_case(ctx, flash, 2, 96, 4, 2, 32, 610);
     }
+    // the warpgroup kernels (D 128 only): the same D 128 cases, and one with S a multiple of 64
+    attention_case(ctx, 2, 2, 130, 4, 4, 128, 607);
+    attention_case(ctx, 2, 3, 200, 8, 2, 128, 609);
+    attention_case(ctx, 2, 2, 256, 6, 2, 128, 611);
     attention_use_flash(1);
+    flash_attention_use_wgmma(1);
     cuda_ctx_free(ctx);
 }
 END_TEST
