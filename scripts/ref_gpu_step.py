@@ -2,7 +2,7 @@
 """Reference training step for the CUDA backend, from transformers + PEFT.
 
 Random small Llama-2-style (MHA, untied lm_head) and Llama-3-style (GQA, tied embeddings, llama3 rope
-scaling) models are saved in bf16; PEFT LoRA (r 8, alpha 16, all 7 linears) gets random A and B; on
+scaling; also one with head size 128) models are saved in bf16; PEFT LoRA (r 8, alpha 16, all 7 linears) gets random A and B; on
 one padded batch with masked labels we record the loss and every LoRA gradient from
   - transformers + PEFT in bf16 (what a user of HF trains with), and
   - the same bf16 weights upcast to fp32 (the exact reference).
@@ -30,6 +30,10 @@ STYLES = {
                    max_position_embeddings=512, rms_norm_eps=1e-5,
                    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                  "original_max_position_embeddings": 64}),
+    # head size 128, as the real models: on an H100 the warpgroup attention kernels run this one
+    "llama3_d128": dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=128, vocab_size=2048, rope_theta=500000.0,
+                        tie_word_embeddings=True, max_position_embeddings=512, rms_norm_eps=1e-5),
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

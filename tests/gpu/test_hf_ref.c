@@ -1,5 +1,6 @@
 // test_hf_ref.c: one training step of the CUDA backend against transformers + PEFT on random small
-// Llama-2-style (MHA) and Llama-3-style (GQA, tied, llama3 rope scaling) bf16 models, written by
+// Llama-2-style (MHA) and Llama-3-style (GQA, tied, llama3 rope scaling; and one at head size 128, which
+// on an H100 runs the warpgroup attention kernels) bf16 models, written by
 // scripts/ref_gpu_step.py into the folder named by MOSFT_HF_REF (skipped loudly without it).
 //
 // The reference is HF at fp32 on the same bf16 weights; HF's own bf16 run says how far bf16 arithmetic
@@ -123,6 +124,8 @@ START_TEST(test_hf_peft_reference) {
     one_style(dir, "llama2");
     one_style(dir, "llama3");
     char p[1024];
+    snprintf(p, sizeof p, "%s/llama3_d128_ref.safetensors", dir);
+    if (access(p, R_OK) == 0) one_style(dir, "llama3_d128");  // head size 128 (an H100: the warpgroup attention)
     snprintf(p, sizeof p, "%s/stories_ref.safetensors", dir);
     if (access(p, R_OK) == 0) one_style(dir, "stories");
 }
