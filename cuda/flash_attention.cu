@@ -111,6 +111,87 @@ __device__ __forceinline__ void store_rows_unrope(bf16 *dst_lo, bf16 *dst_hi, co
     }
 }
 
+// One key tile of the online softmax (FA-2, in the log2 domain) for a thread's two rows r_lo, r_hi, on
+// accumulator fragments s[FA_BN / 8][4] (element e of n: key k0 + 8 n + 2 t + (e & 1), row e < 2 ? r_lo :
+// r_hi): masks to -inf the padding keys and keys past S (mask entry Mt 0; `full`: the tile has none) and,
+// on the tile that reaches the block's first query (`diag`), the keys after the row; updates the rows'
+// maxima m (taken on the raw scores: scale > 0) and sums l, rescales o[D / 8][4], and leaves P =
+// exp2(s sl2 - m sl2) in s (one exp2 of an FMA a probability).
+template <int D>
+__device__ __forceinline__ void softmax_tile(float (*s)[4], float (*o)[4], float &m_lo, float &m_hi, float &l_lo, float &l_hi,
+                                             const int *Mt, bool full, bool diag, int k0, int r_lo, int r_hi, float sl2) {
+    int t = threadIdx.x & 3;
+    if (!full || diag) {
+#pragma unroll
+        for (int n = 0; n < FA_BN / 8; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int kl = n * 8 + 2 * t + (e & 1), row = e < 2 ? r_lo : r_hi;
+                if (!(Mt[kl] != 0 && (!diag || k0 + kl <= row))) s[n][e] = -INFINITY;
+            }
+    }
+    float mx_lo = -INFINITY, mx_hi = -INFINITY;
+#pragma unroll
+    for (int n = 0; n < FA_BN / 8; n++) {
+        mx_lo = fmaxf(mx_lo, fmaxf(s[n][0], s[n][1]));
+        mx_hi = fmaxf(mx_hi, fmaxf(s[n][2], s[n][3]));
+    }
+    mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
+    mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
+    mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
+    mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
+    float mn_lo = fmaxf(m_lo, mx_lo), mn_hi = fmaxf(m_hi, mx_hi);
+    // a row with no allowed key so far keeps m = -inf: with 0 in its place every exp2 is of -inf
+    // (p = 0) and the rescale of its zero sums is exp2(-inf) = 0
+    float ms_lo = mn_lo == -INFINITY ? 0.0f : mn_lo * sl2, ms_hi = mn_hi == -INFINITY ? 0.0f : mn_hi * sl2;
+    float al_lo = exp2f(fmaf(m_lo, sl2, -ms_lo)), al_hi = exp2f(fmaf(m_hi, sl2, -ms_hi));
+    m_lo = mn_lo;
+    m_hi = mn_hi;
+    l_lo *= al_lo;
+    l_hi *= al_hi;
+#pragma unroll
+    for (int i = 0; i < D / 8; i++) {
+        o[i][0] *= al_lo;
+        o[i][1] *= al_lo;
+        o[i][2] *= al_hi;
+        o[i][3] *= al_hi;
+    }
+#pragma unroll
+    for (int n = 0; n < FA_BN / 8; n++) {
+        s[n][0] = exp2f(fmaf(s[n][0], sl2, -ms_lo));
+        s[n][1] = exp2f(fmaf(s[n][1], sl2, -ms_lo));
+        s[n][2] = exp2f(fmaf(s[n][2], sl2, -ms_hi));
+        s[n][3] = exp2f(fmaf(s[n][3], sl2, -ms_hi));
+        l_lo += s[n][0] + s[n][1];
+        l_hi += s[n][2] + s[n][3];
+    }
+}
+
+// The forward's end for a thread's rows r_lo, r_hi: the row sums over the quad, O / l as bf16 into out
+// (token-major, row stride ld, head h's columns), and lse = m scale + log l (+inf for a row without keys).
+template <int D>
+__device__ __forceinline__ void store_out_rows(bf16 *out, int64_t ld, float *lse, const float (*o)[4], float m_lo, float m_hi,
+                                               float l_lo, float l_hi, int b, int h, int S, int Hq, int r_lo, int r_hi,
+                                               float scale) {
+    int t = threadIdx.x & 3;
+    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 1);
+    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 2);
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 1);
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
+    float inv_lo = l_lo > 0.0f ? 1.0f / l_lo : 0.0f, inv_hi = l_hi > 0.0f ? 1.0f / l_hi : 0.0f;
+#pragma unroll
+    for (int dn = 0; dn < D / 8; dn++) {
+        int c = h * D + dn * 8 + 2 * t;
+        if (r_lo < S) *(uint32_t *)(out + ((int64_t)b * S + r_lo) * ld + c) = pack_bf16(o[dn][0] * inv_lo, o[dn][1] * inv_lo);
+        if (r_hi < S) *(uint32_t *)(out + ((int64_t)b * S + r_hi) * ld + c) = pack_bf16(o[dn][2] * inv_hi, o[dn][3] * inv_hi);
+    }
+    if (t == 0) {
+        float *L = lse + ((int64_t)b * Hq + h) * S;
+        if (r_lo < S) L[r_lo] = l_lo > 0.0f ? m_lo * scale + logf(l_lo) : INFINITY;
+        if (r_hi < S) L[r_hi] = l_hi > 0.0f ? m_hi * scale + logf(l_hi) : INFINITY;
+    }
+}
+
 // ---- forward ---------------------------------------------------------------------------------------
 
 // grid (ceil(S/64), B*Hq), 128 threads: warp w owns queries q0 + 16w .. +16; key tiles of 64 stream
@@ -177,54 +258,7 @@ __global__ void __launch_bounds__(128, 3) flash_fwd_kernel(bf16 *out, int64_t ld
                 mma16816(s[n], qa[kk], bb[0], bb[1]);
                 mma16816(s[n + 1], qa[kk], bb[2], bb[3]);
             }
-        // mask (padding keys, keys past S: their mask entry is 0; causal only on the tile that reaches
-        // the block's first query), then the online softmax in the log2 domain: the maxima are taken on
-        // the raw scores (scale > 0), and each probability is one exp2 of an FMA
-        bool diag = k0 + FA_BN - 1 > q0;
-        if (!full || diag) {
-#pragma unroll
-            for (int n = 0; n < FA_BN / 8; n++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    int kl = n * 8 + 2 * t + (e & 1), row = e < 2 ? r_lo : r_hi;
-                    if (!(Mt[kl] != 0 && (!diag || k0 + kl <= row))) s[n][e] = -INFINITY;
-                }
-        }
-        float mx_lo = -INFINITY, mx_hi = -INFINITY;
-#pragma unroll
-        for (int n = 0; n < FA_BN / 8; n++) {
-            mx_lo = fmaxf(mx_lo, fmaxf(s[n][0], s[n][1]));
-            mx_hi = fmaxf(mx_hi, fmaxf(s[n][2], s[n][3]));
-        }
-        mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
-        mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
-        mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
-        mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
-        float mn_lo = fmaxf(m_lo, mx_lo), mn_hi = fmaxf(m_hi, mx_hi);
-        // a row with no allowed key so far keeps m = -inf: with 0 in its place every exp2 is of -inf
-        // (p = 0) and the rescale of its zero sums is exp2(-inf) = 0
-        float ms_lo = mn_lo == -INFINITY ? 0.0f : mn_lo * sl2, ms_hi = mn_hi == -INFINITY ? 0.0f : mn_hi * sl2;
-        float al_lo = exp2f(fmaf(m_lo, sl2, -ms_lo)), al_hi = exp2f(fmaf(m_hi, sl2, -ms_hi));
-        m_lo = mn_lo;
-        m_hi = mn_hi;
-        l_lo *= al_lo;
-        l_hi *= al_hi;
-#pragma unroll
-        for (int i = 0; i < D / 8; i++) {
-            o[i][0] *= al_lo;
-            o[i][1] *= al_lo;
-            o[i][2] *= al_hi;
-            o[i][3] *= al_hi;
-        }
-#pragma unroll
-        for (int n = 0; n < FA_BN / 8; n++) {
-            s[n][0] = exp2f(fmaf(s[n][0], sl2, -ms_lo));
-            s[n][1] = exp2f(fmaf(s[n][1], sl2, -ms_lo));
-            s[n][2] = exp2f(fmaf(s[n][2], sl2, -ms_hi));
-            s[n][3] = exp2f(fmaf(s[n][3], sl2, -ms_hi));
-            l_lo += s[n][0] + s[n][1];
-            l_hi += s[n][2] + s[n][3];
-        }
+        softmax_tile<D>(s, o, m_lo, m_hi, l_lo, l_hi, Mt, full, k0 + FA_BN - 1 > q0, k0, r_lo, r_hi, sl2);
         // O += P V: P's C tiles are A fragments; V is B with k = key, n = d
 #pragma unroll
         for (int kc = 0; kc < FA_BN / 16; kc++) {
@@ -240,22 +274,7 @@ __global__ void __launch_bounds__(128, 3) flash_fwd_kernel(bf16 *out, int64_t ld
         }
         __syncthreads();  // the next load overwrites this stage
     }
-    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 1);
-    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 2);
-    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 1);
-    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
-    float inv_lo = l_lo > 0.0f ? 1.0f / l_lo : 0.0f, inv_hi = l_hi > 0.0f ? 1.0f / l_hi : 0.0f;
-#pragma unroll
-    for (int dn = 0; dn < D / 8; dn++) {
-        int c = h * D + dn * 8 + 2 * t;
-        if (r_lo < S) *(uint32_t *)(out + ((int64_t)b * S + r_lo) * ld + c) = pack_bf16(o[dn][0] * inv_lo, o[dn][1] * inv_lo);
-        if (r_hi < S) *(uint32_t *)(out + ((int64_t)b * S + r_hi) * ld + c) = pack_bf16(o[dn][2] * inv_hi, o[dn][3] * inv_hi);
-    }
-    if (t == 0) {
-        float *L = lse + ((int64_t)b * Hq + h) * S;
-        if (r_lo < S) L[r_lo] = l_lo > 0.0f ? m_lo * scale + logf(l_lo) : INFINITY;
-        if (r_hi < S) L[r_hi] = l_hi > 0.0f ? m_hi * scale + logf(l_hi) : INFINITY;
-    }
+    store_out_rows<D>(out, ld, lse, (const float(*)[4])o, m_lo, m_hi, l_lo, l_hi, b, h, S, Hq, r_lo, r_hi, scale);
 }
 
 // ---- forward on Hopper's warpgroup products (D 128) -----------------------------------------------
@@ -283,7 +302,7 @@ __global__ void __launch_bounds__(128) flash_fwd_wg_kernel(bf16 *out, int64_t ld
     bf16 *Ks = Qs + T, *Vs = Ks + 2 * T;                                            // [2][64][128] each
     int *Ms = (int *)(Vs + 2 * T);                                                  // [2][64]
     int bh = blockIdx.y, b = bh / Hq, h = bh % Hq, kvh = h / (Hq / Hkv);
-    int q0 = (gridDim.x - 1 - blockIdx.x) * 64, warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    int q0 = (gridDim.x - 1 - blockIdx.x) * 64, warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane >> 2;
     const bf16 *qb = q + ((int64_t)b * Hq + h) * S * D, *kb = k + ((int64_t)b * Hkv + kvh) * S * D,
                *vb = v + ((int64_t)b * Hkv + kvh) * S * D;
     const int32_t *mb = mask + (int64_t)b * S;
@@ -322,45 +341,10 @@ __global__ void __launch_bounds__(128) flash_fwd_wg_kernel(bf16 *out, int64_t ld
         wg_pin<32>(s);
         wg_wait<0>();
         wg_pin<32>(s);
-        // mask and online softmax as flash_fwd_kernel (s[4n + e] is its s[n][e])
-        bool diag = k0 + 63 > q0;
-        if (!full || diag) {
+        softmax_tile<D>((float(*)[4])s, (float(*)[4])o, m_lo, m_hi, l_lo, l_hi, Mt, full, k0 + 63 > q0, k0, r_lo, r_hi, sl2);
+        uint32_t pa[16];  // P as bf16 A operands, 4 a k-chunk of 16 keys
 #pragma unroll
-            for (int i = 0; i < 32; i++) {
-                int kl = (i >> 2) * 8 + 2 * t + (i & 1), row = (i & 2) ? r_hi : r_lo;
-                if (!(Mt[kl] != 0 && (!diag || k0 + kl <= row))) s[i] = -INFINITY;
-            }
-        }
-        float mx_lo = -INFINITY, mx_hi = -INFINITY;
-#pragma unroll
-        for (int n = 0; n < 8; n++) {
-            mx_lo = fmaxf(mx_lo, fmaxf(s[4 * n], s[4 * n + 1]));
-            mx_hi = fmaxf(mx_hi, fmaxf(s[4 * n + 2], s[4 * n + 3]));
-        }
-        mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
-        mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
-        mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
-        mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
-        float mn_lo = fmaxf(m_lo, mx_lo), mn_hi = fmaxf(m_hi, mx_hi);
-        float ms_lo = mn_lo == -INFINITY ? 0.0f : mn_lo * sl2, ms_hi = mn_hi == -INFINITY ? 0.0f : mn_hi * sl2;
-        float al_lo = exp2f(fmaf(m_lo, sl2, -ms_lo)), al_hi = exp2f(fmaf(m_hi, sl2, -ms_hi));
-        m_lo = mn_lo;
-        m_hi = mn_hi;
-        l_lo *= al_lo;
-        l_hi *= al_hi;
-#pragma unroll
-        for (int i = 0; i < 64; i++) o[i] *= (i & 2) ? al_hi : al_lo;
-        uint32_t pa[16];
-#pragma unroll
-        for (int i = 0; i < 32; i += 2) {
-            float ms = (i & 2) ? ms_hi : ms_lo;
-            float p0 = exp2f(fmaf(s[i], sl2, -ms)), p1 = exp2f(fmaf(s[i + 1], sl2, -ms));
-            if (i & 2)
-                l_hi += p0 + p1;
-            else
-                l_lo += p0 + p1;
-            pa[i / 2] = pack_bf16(p0, p1);
-        }
+        for (int i = 0; i < 32; i += 2) pa[i / 2] = pack_bf16(s[i], s[i + 1]);
         // O += P V: k = key, n = d
         wg_pin<64>(o);
         wg_fence();
@@ -372,22 +356,7 @@ __global__ void __launch_bounds__(128) flash_fwd_wg_kernel(bf16 *out, int64_t ld
         wg_pin<64>(o);
         __syncthreads();  // the next load overwrites this stage
     }
-    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 1);
-    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 2);
-    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 1);
-    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
-    float inv_lo = l_lo > 0.0f ? 1.0f / l_lo : 0.0f, inv_hi = l_hi > 0.0f ? 1.0f / l_hi : 0.0f;
-#pragma unroll
-    for (int dn = 0; dn < D / 8; dn++) {
-        int c = h * D + dn * 8 + 2 * t;
-        if (r_lo < S) *(uint32_t *)(out + ((int64_t)b * S + r_lo) * ld + c) = pack_bf16(o[4 * dn] * inv_lo, o[4 * dn + 1] * inv_lo);
-        if (r_hi < S) *(uint32_t *)(out + ((int64_t)b * S + r_hi) * ld + c) = pack_bf16(o[4 * dn + 2] * inv_hi, o[4 * dn + 3] * inv_hi);
-    }
-    if (t == 0) {
-        float *L = lse + ((int64_t)b * Hq + h) * S;
-        if (r_lo < S) L[r_lo] = l_lo > 0.0f ? m_lo * scale + logf(l_lo) : INFINITY;
-        if (r_hi < S) L[r_hi] = l_hi > 0.0f ? m_hi * scale + logf(l_hi) : INFINITY;
-    }
+    store_out_rows<D>(out, ld, lse, (const float(*)[4])o, m_lo, m_hi, l_lo, l_hi, b, h, S, Hq, r_lo, r_hi, scale);
 }
 
 // ---- backward: delta, then dK and dV (and dS into scratch), then dQ = dS K ----------------------------

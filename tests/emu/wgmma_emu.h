@@ -46,24 +46,21 @@ static inline void emu_wg_rc(int i, int *row, int *col) {
     *col = (i / 4) * 8 + 2 * (lane % 4) + (i % 2);
 }
 
-static inline void wgmma_m64n64_ss(float *d, uint64_t da, uint64_t db, int scale_d) {
-    for (int i = 0; i < 32; i++) {
+// d[N/2] (+)= A[64][16] B[16][N], both in shared memory (ta, tb: MN-major, read transposed).
+static inline void emu_wgmma_ss(float *d, int N, uint64_t da, bool ta, uint64_t db, bool tb, int scale_d) {
+    for (int i = 0; i < N / 2; i++) {
         int row, col;
         emu_wg_rc(i, &row, &col);
         float s = scale_d ? d[i] : 0.0f;
-        for (int k = 0; k < 16; k++) s += emu_wg_elem(da, row, k, false) * emu_wg_elem(db, col, k, false);
+        for (int k = 0; k < 16; k++) s += emu_wg_elem(da, row, k, ta) * emu_wg_elem(db, col, k, tb);
         d[i] = s;
     }
 }
-
+static inline void wgmma_m64n64_ss(float *d, uint64_t da, uint64_t db, int scale_d) {
+    emu_wgmma_ss(d, 64, da, false, db, false, scale_d);
+}
 static inline void wgmma_m64n128_ss_tt(float *d, uint64_t da, uint64_t db, int scale_d) {
-    for (int i = 0; i < 64; i++) {
-        int row, col;
-        emu_wg_rc(i, &row, &col);
-        float s = scale_d ? d[i] : 0.0f;
-        for (int k = 0; k < 16; k++) s += emu_wg_elem(da, row, k, true) * emu_wg_elem(db, col, k, true);
-        d[i] = s;
-    }
+    emu_wgmma_ss(d, 128, da, true, db, true, scale_d);
 }
 
 static inline void wgmma_m64n128_rs_t(float *d, const uint32_t *a, uint64_t db, int scale_d) {
