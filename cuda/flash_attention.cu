@@ -298,7 +298,7 @@ __global__ void __launch_bounds__(128) flash_fwd_wg_kernel(bf16 *out, int64_t ld
                                                          const int32_t *__restrict__ mask, int S, int Hq, int Hkv, float scale) {
     constexpr int D = 128, T = 64 * D;
     extern __shared__ __align__(16) unsigned char fa_smem[];  // aligned to 1024 below
-    bf16 *Qs = (bf16 *)(fa_smem + ((1024 - (smem_u32(fa_smem) & 1023)) & 1023));  // 1024-byte aligned
+    bf16 *Qs = (bf16 *)smem_align1024(fa_smem);  // 1024-byte aligned
     bf16 *Ks = Qs + T, *Vs = Ks + 2 * T;                                            // [2][64][128] each
     int *Ms = (int *)(Vs + 2 * T);                                                  // [2][64]
     int bh = blockIdx.y, b = bh / Hq, h = bh % Hq, kvh = h / (Hq / Hkv);
@@ -549,7 +549,7 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv_wg_kernel(bf16 *gqkv, int6
                                                               int S, int Hq, int Hkv, float scale) {
     constexpr int D = 128, T = 64 * D;  // T: elements of a [64][128] tile
     extern __shared__ __align__(16) unsigned char fa_smem[];  // aligned to 1024 below
-    bf16 *Ks = (bf16 *)(fa_smem + ((1024 - (smem_u32(fa_smem) & 1023)) & 1023));  // 1024-byte aligned
+    bf16 *Ks = (bf16 *)smem_align1024(fa_smem);  // 1024-byte aligned
     bf16 *Vs = Ks + T, *Qs = Vs + T, *Os = Qs + 2 * T;                             // Q, dO: [2 stages]
     float *Ls = (float *)(Os + 2 * T), *Dl = Ls + 2 * 64;                           // [2][64]
     int bk = blockIdx.y, b = bk / Hkv, kvh = bk % Hkv, group = Hq / Hkv;
@@ -659,7 +659,7 @@ __global__ void __launch_bounds__(128) flash_bwd_dq_wg_kernel(bf16 *gqkv, int64_
                                                             int Hq, int Hkv, float scale) {
     constexpr int D = 128, T = 64 * D;
     extern __shared__ __align__(16) unsigned char fa_smem[];  // aligned to 1024 below
-    bf16 *Ks = (bf16 *)(fa_smem + ((1024 - (smem_u32(fa_smem) & 1023)) & 1023));  // K [2][64][128], 1024-byte aligned
+    bf16 *Ks = (bf16 *)smem_align1024(fa_smem);  // K [2][64][128], 1024-byte aligned
     bf16 *Ts = Ks + 2 * T;                                                         // dS^T [2][64][64]
     int bh = blockIdx.y, b = bh / Hq, h = bh % Hq, kvh = h / (Hq / Hkv);
     int qt = gridDim.x - 1 - blockIdx.x, q0 = qt * 64, warp = threadIdx.x / 32, g = (threadIdx.x & 31) >> 2;
@@ -805,7 +805,7 @@ static void fwd_launch(cuda_ctx *ctx, bf16 *out, int64_t ldo, float *lse, const 
     static int done = 0, done_w = 0;  // per template instance
     dim3 grid((unsigned)((S + FA_TILE - 1) / FA_TILE), (unsigned)(B * Hq));
     if (flash_attention_uses_wgmma(ctx, D)) {
-        size_t smem_w = 1024 + (size_t)5 * 64 * 128 * sizeof(bf16) + 2 * 64 * sizeof(int);  // align, Q, 2 K, 2 V, mask
+        size_t smem_w = WG_SMEM_ALIGN + (size_t)5 * 64 * 128 * sizeof(bf16) + 2 * 64 * sizeof(int);  // align, Q, 2 K, 2 V, mask
         smem_optin(flash_fwd_wg_kernel, smem_w, &done_w);
         flash_fwd_wg_kernel<<<grid, 128, smem_w, ctx->stream>>>(out, ldo, lse, q, k, v, mask, S, Hq, Hkv, scale);
     } else {
@@ -845,8 +845,8 @@ static void bwd_launch(cuda_ctx *ctx, bf16 *gqkv, int64_t ldg, float *delta, con
     smem_optin(flash_bwd_dq_kernel<D, MT, NWQ>, smem_q, &done_q);
     smem_optin(flash_bwd_dkdv_kernel<D, NW, QS, STG>, smem_k, &done_k);
     int wg = flash_attention_uses_wgmma(ctx, D);
-    size_t smem_w = 1024 + (size_t)6 * 64 * 128 * sizeof(bf16) + 4 * 64 * sizeof(float);  // align, K V 2Q 2dO, lse delta
-    size_t smem_wq = 1024 + (size_t)2 * (64 * 128 + 64 * 64) * sizeof(bf16);  // align, K and dS^T in two stages
+    size_t smem_w = WG_SMEM_ALIGN + (size_t)6 * 64 * 128 * sizeof(bf16) + 4 * 64 * sizeof(float);  // align, K V 2Q 2dO, lse delta
+    size_t smem_wq = WG_SMEM_ALIGN + (size_t)2 * (64 * 128 + 64 * 64) * sizeof(bf16);  // align, K and dS^T in two stages
     static int done_wq = 0;
     if (wg) smem_optin(flash_bwd_dkdv_wg_kernel, smem_w, &done_w), smem_optin(flash_bwd_dq_wg_kernel, smem_wq, &done_wq);
     int64_t rows = (int64_t)B * S * Hq;

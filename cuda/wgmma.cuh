@@ -127,6 +127,13 @@ __device__ __forceinline__ void wgmma_m64n128_ss_tt(float *d, uint64_t da, uint6
 #undef WG_ACC8
 #endif
 
+// The swizzle repeats every 1024 bytes of the shared address: tiles start at such a boundary. A kernel
+// asks for WG_SMEM_ALIGN bytes of dynamic shared memory more and starts its tiles at smem_align1024.
+#define WG_SMEM_ALIGN 1024
+__device__ __forceinline__ unsigned char *smem_align1024(unsigned char *p) {
+    return p + ((WG_SMEM_ALIGN - (smem_u32(p) & (WG_SMEM_ALIGN - 1))) & (WG_SMEM_ALIGN - 1));
+}
+
 // Descriptors of a [rows][128] tile X of two swizzled chunks (X 1024-byte aligned, rows % 8 == 0):
 // K-major, k columns 16 kk .. 16 kk + 15 (8 rows of 128 bytes a stride);
 __device__ __forceinline__ uint64_t wg_desc_kmajor(const bf16 *X, int rows, int kk) {
