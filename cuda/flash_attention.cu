@@ -167,12 +167,12 @@ __device__ __forceinline__ void softmax_tile(float (*s)[4], float (*o)[4], float
     }
 }
 
-// The forward's end for a thread's rows r_lo, r_hi: the row sums over the quad, O / l as bf16 into out
-// (token-major, row stride ld, head h's columns), and lse = m scale + log l (+inf for a row without keys).
+// The forward's end for a thread's rows r_lo, r_hi: the row sums over the quad, O / l as bf16 into the
+// rows dst_lo, dst_hi (head h's D columns of out, or a staged tile; nullptr: past S), and lse = m scale +
+// log l into L (the head's lse row; +inf for a row without keys).
 template <int D>
-__device__ __forceinline__ void store_out_rows(bf16 *out, int64_t ld, float *lse, const float (*o)[4], float m_lo, float m_hi,
-                                               float l_lo, float l_hi, int b, int h, int S, int Hq, int r_lo, int r_hi,
-                                               float scale) {
+__device__ __forceinline__ void store_out_rows(bf16 *dst_lo, bf16 *dst_hi, float *L, const float (*o)[4], float m_lo,
+                                               float m_hi, float l_lo, float l_hi, int S, int r_lo, int r_hi, float scale) {
     int t = threadIdx.x & 3;
     l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 1);
     l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 2);
@@ -181,14 +181,33 @@ __device__ __forceinline__ void store_out_rows(bf16 *out, int64_t ld, float *lse
     float inv_lo = l_lo > 0.0f ? 1.0f / l_lo : 0.0f, inv_hi = l_hi > 0.0f ? 1.0f / l_hi : 0.0f;
 #pragma unroll
     for (int dn = 0; dn < D / 8; dn++) {
-        int c = h * D + dn * 8 + 2 * t;
-        if (r_lo < S) *(uint32_t *)(out + ((int64_t)b * S + r_lo) * ld + c) = pack_bf16(o[dn][0] * inv_lo, o[dn][1] * inv_lo);
-        if (r_hi < S) *(uint32_t *)(out + ((int64_t)b * S + r_hi) * ld + c) = pack_bf16(o[dn][2] * inv_hi, o[dn][3] * inv_hi);
+        int c = dn * 8 + 2 * t;
+        if (dst_lo) *(uint32_t *)(dst_lo + c) = pack_bf16(o[dn][0] * inv_lo, o[dn][1] * inv_lo);
+        if (dst_hi) *(uint32_t *)(dst_hi + c) = pack_bf16(o[dn][2] * inv_hi, o[dn][3] * inv_hi);
     }
     if (t == 0) {
-        float *L = lse + ((int64_t)b * Hq + h) * S;
         if (r_lo < S) L[r_lo] = l_lo > 0.0f ? m_lo * scale + logf(l_lo) : INFINITY;
         if (r_hi < S) L[r_hi] = l_hi > 0.0f ? m_hi * scale + logf(l_hi) : INFINITY;
+    }
+}
+
+// Results leave the warpgroup kernels through shared memory: a thread's accumulator rows go into a staged
+// [64][D + 8] bf16 tile (a warp's 32-bit writes, 8 rows x 4 columns, hit distinct banks), then whole rows
+// go out with 16-byte stores. Scattered 32-bit stores straight from the accumulators took 20-45 % of those
+// kernels (ncu, H100, a 7B layer without them: forward 167 -> 132 us, dK/dV 349 -> 274, dQ 133 -> 75).
+template <int D>
+__device__ __forceinline__ bf16 *staged_row(bf16 *sh, int r) {
+    return sh + r * (D + 8);
+}
+// Rows r of the staged tile (after a barrier) to dst + (r0 + r) ld, those at or past S skipped; dst and ld
+// 16-byte aligned, 128 threads.
+template <int D>
+__device__ __forceinline__ void staged_rows_out(bf16 *dst, int64_t ld, const bf16 *sh, int r0, int S) {
+    constexpr int V = D / 8;  // 16-byte vectors a row
+#pragma unroll
+    for (int j = 0; j < 64 * V / 128; j++) {
+        int i = threadIdx.x + 128 * j, r = i / V, c = (i % V) * 8;
+        if (r0 + r < S) *(uint4 *)(dst + (int64_t)(r0 + r) * ld + c) = *(const uint4 *)(sh + r * (D + 8) + c);
     }
 }
 
@@ -274,7 +293,9 @@ __global__ void __launch_bounds__(128, 3) flash_fwd_kernel(bf16 *out, int64_t ld
         }
         __syncthreads();  // the next load overwrites this stage
     }
-    store_out_rows<D>(out, ld, lse, (const float(*)[4])o, m_lo, m_hi, l_lo, l_hi, b, h, S, Hq, r_lo, r_hi, scale);
+    bf16 *ob = out + (int64_t)b * S * ld + (int64_t)h * D;
+    store_out_rows<D>(r_lo < S ? ob + (int64_t)r_lo * ld : nullptr, r_hi < S ? ob + (int64_t)r_hi * ld : nullptr,
+                      lse + ((int64_t)b * Hq + h) * S, (const float(*)[4])o, m_lo, m_hi, l_lo, l_hi, S, r_lo, r_hi, scale);
 }
 
 // ---- forward on Hopper's warpgroup products (D 128) -----------------------------------------------
@@ -356,13 +377,19 @@ __global__ void __launch_bounds__(128) flash_fwd_wg_kernel(bf16 *out, int64_t ld
         wg_pin<64>(o);
         __syncthreads();  // the next load overwrites this stage
     }
-    store_out_rows<D>(out, ld, lse, (const float(*)[4])o, m_lo, m_hi, l_lo, l_hi, b, h, S, Hq, r_lo, r_hi, scale);
+    int wr = warp * 16 + g;  // the thread's rows in the staged tile (in K's stages)
+    store_out_rows<D>(r_lo < S ? staged_row<D>(Ks, wr) : nullptr, r_hi < S ? staged_row<D>(Ks, wr + 8) : nullptr,
+                      lse + ((int64_t)b * Hq + h) * S, (const float(*)[4])o, m_lo, m_hi, l_lo, l_hi, S, r_lo, r_hi, scale);
+    __syncthreads();
+    staged_rows_out<D>(out + (int64_t)b * S * ld + (int64_t)h * D, ld, Ks, q0, S);
 }
 
 // ---- backward: delta, then dK and dV (and dS into scratch), then dQ = dS K ----------------------------
 
 // dS of one (sequence, query head) lives in scratch as 64 x 64 tiles of the causal lower triangle:
-// tile (query tile i, key tile j <= i) at i (i + 1) / 2 + j, each [64 keys][64 queries] bf16.
+// tile (query tile i, key tile j <= i) at i (i + 1) / 2 + j, each [64 keys][64 queries] bf16: row-major
+// between the mma.sync kernels, in the 128-byte swizzle of cuda/wgmma.cuh (sw128_off) between the warpgroup
+// ones, which copy it whole between shared and global memory.
 #define FA_DS_TILE 4096
 __host__ __device__ __forceinline__ int64_t ds_tiles(int S) {
     int64_t T = (S + 63) / 64;
@@ -540,7 +567,9 @@ __global__ void __launch_bounds__(NW * 32) flash_bwd_dkdv_kernel(bf16 *gqkv, int
 // two stages), one warpgroup: S^T = K Q^T and dP^T = V dO^T as 64 x 64 products with both operands in
 // shared memory, then dV += P^T dO and dK += dS^T Q with P^T, dS^T from registers (the accumulators
 // packed to bf16, as FA-2 feeds P V) and dO, Q read transposed from the same tiles. No ldmatrix, and the
-// B operands are read once a warpgroup rather than once a warp.
+// B operands are read once a warpgroup rather than once a warp. dS^T goes to scratch through a shared tile
+// and one bulk copy (thread 0, after the step's closing barrier) instead of 32-bit stores from registers
+// (those scattered sector writes took 18 % of the kernel: 385 -> 315 us a 7B layer without them).
 __global__ void __launch_bounds__(128) flash_bwd_dkdv_wg_kernel(bf16 *gqkv, int64_t ldg, bf16 *dsg, const bf16 *__restrict__ q,
                                                               const bf16 *__restrict__ k, const bf16 *__restrict__ v,
                                                               const bf16 *__restrict__ dO, int64_t ldd,
@@ -551,7 +580,8 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv_wg_kernel(bf16 *gqkv, int6
     extern __shared__ __align__(16) unsigned char fa_smem[];  // aligned to 1024 below
     bf16 *Ks = (bf16 *)smem_align1024(fa_smem);  // 1024-byte aligned
     bf16 *Vs = Ks + T, *Qs = Vs + T, *Os = Qs + 2 * T;                             // Q, dO: [2 stages]
-    float *Ls = (float *)(Os + 2 * T), *Dl = Ls + 2 * 64;                           // [2][64]
+    bf16 *Ds = Os + 2 * T;                                                          // dS^T [64][64], swizzled
+    float *Ls = (float *)(Ds + 64 * 64), *Dl = Ls + 2 * 64;                         // [2][64]
     int bk = blockIdx.y, b = bk / Hkv, kvh = bk % Hkv, group = Hq / Hkv;
     int k0 = blockIdx.x * 64, warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const bf16 *kb = k + ((int64_t)b * Hkv + kvh) * S * D, *vb = v + ((int64_t)b * Hkv + kvh) * S * D;
@@ -585,6 +615,7 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv_wg_kernel(bf16 *gqkv, int6
             cp_commit();
         cp_wait<1>();
         fence_proxy_async();
+        if (threadIdx.x == 0) bulk_wait_read();  // the last step's dS^T has left Ds
         __syncthreads();
         int st = it & 1, hh = kvh * group + it / nq, q0 = k0 + (it % nq) * 64;
         const bf16 *Qt = Qs + st * T, *Ot = Os + st * T;
@@ -622,14 +653,13 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv_wg_kernel(bf16 *gqkv, int6
             pa[i / 2] = pack_bf16(sT[i], sT[i + 1]);
             sa[i / 2] = pack_bf16(sT[i] * (dpt[i] - Dlt[qi]), sT[i + 1] * (dpt[i + 1] - Dlt[qi + 1]));
         }
-        // dS^T (unscaled) into its tile (key tile jt, query tile q0 / 64): [64 keys][64 queries]
-        int qt = q0 / 64;
-        bf16 *dst = dsg + (((int64_t)b * Hq + hh) * ntri + qt * (qt + 1) / 2 + jt) * FA_DS_TILE + wk * 64 + 2 * t;
+        // dS^T (unscaled) into Ds, for its tile (key tile jt, query tile q0 / 64): [64 keys][64 queries]
 #pragma unroll
         for (int j = 0; j < 8; j++) {
-            *(uint32_t *)(dst + j * 8) = sa[2 * j];
-            *(uint32_t *)(dst + 8 * 64 + j * 8) = sa[2 * j + 1];
+            *(uint32_t *)(Ds + sw128_off(wk, j * 8 + 2 * t)) = sa[2 * j];
+            *(uint32_t *)(Ds + sw128_off(wk + 8, j * 8 + 2 * t)) = sa[2 * j + 1];
         }
+        fence_proxy_async();
         // dV += P^T dO, dK += dS^T Q: k = query, n = d
         wg_pin<64>(dv), wg_pin<64>(dk);
         wg_fence();
@@ -642,18 +672,29 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv_wg_kernel(bf16 *gqkv, int6
         wg_wait<0>();
         wg_pin<64>(dv), wg_pin<64>(dk);
         __syncthreads();
+        if (threadIdx.x == 0) {
+            int qt = q0 / 64;
+            bulk_s2g(dsg + (((int64_t)b * Hq + hh) * ntri + qt * (qt + 1) / 2 + jt) * FA_DS_TILE, Ds, FA_DS_TILE * 2);
+            bulk_commit();
+        }
     }
+    // dK, dV staged in Q's and dO's stages (free after the loop's last barrier), then out
+    bf16 *sk = Qs, *sv = Qs + 64 * (D + 8);
+    store_rows_unrope<D>(key_lo < S ? staged_row<D>(sk, wk) : nullptr, key_hi < S ? staged_row<D>(sk, wk + 8) : nullptr,
+                         (const float(*)[4])dk, scale, cs, key_lo, key_hi, 1);
+    store_rows_unrope<D>(key_lo < S ? staged_row<D>(sv, wk) : nullptr, key_hi < S ? staged_row<D>(sv, wk + 8) : nullptr,
+                         (const float(*)[4])dv, 1.0f, cs, key_lo, key_hi, 0);
+    if (threadIdx.x == 0) bulk_wait_read();
+    __syncthreads();
     bf16 *gk = gqkv + (int64_t)b * S * ldg + (int64_t)(Hq + kvh) * D, *gv = gk + (int64_t)Hkv * D;
-    bf16 *lo = key_lo < S ? gk + (int64_t)key_lo * ldg : nullptr, *hi = key_hi < S ? gk + (int64_t)key_hi * ldg : nullptr;
-    store_rows_unrope<D>(lo, hi, (const float(*)[4])dk, scale, cs, key_lo, key_hi, 1);
-    lo = key_lo < S ? gv + (int64_t)key_lo * ldg : nullptr;
-    hi = key_hi < S ? gv + (int64_t)key_hi * ldg : nullptr;
-    store_rows_unrope<D>(lo, hi, (const float(*)[4])dv, 1.0f, cs, key_lo, key_hi, 0);
+    staged_rows_out<D>(gk, ldg, sk, k0, S);
+    staged_rows_out<D>(gv, ldg, sv, k0, S);
 }
 
 // dQ = scale dS K on warpgroup products (D 128): grid (ceil(S/64), B*Hq), one warpgroup a query tile (the
 // heaviest, the last ones, first); the key tiles at or before it stream through two stages (K and the
-// dS^T tile, both read transposed: A = dS [queries][keys] from the [keys][queries] tile, B = K).
+// dS^T tile (already swizzled in scratch), both read transposed: A = dS [queries][keys] from the [keys][queries]
+// tile, B = K).
 __global__ void __launch_bounds__(128) flash_bwd_dq_wg_kernel(bf16 *gqkv, int64_t ldg, const bf16 *__restrict__ dsg,
                                                             const bf16 *__restrict__ k, const float2 *__restrict__ cs, int S,
                                                             int Hq, int Hkv, float scale) {
@@ -671,8 +712,8 @@ __global__ void __launch_bounds__(128) flash_bwd_dq_wg_kernel(bf16 *gqkv, int64_
         const bf16 *src = tb + (int64_t)j * FA_DS_TILE;
 #pragma unroll
         for (int u = 0; u < 4; u++) {
-            int i = threadIdx.x + 128 * u, r = i >> 3, c = (i & 7) * 8;
-            cp_async16(Ts + st * 4096 + sw128_off(r, c), src + r * 64 + c, true);
+            int i = (threadIdx.x + 128 * u) * 8;
+            cp_async16(Ts + st * 4096 + i, src + i, true);
         }
         cp_commit();
     };
@@ -696,10 +737,11 @@ __global__ void __launch_bounds__(128) flash_bwd_dq_wg_kernel(bf16 *gqkv, int64_
         wg_pin<64>(dq);
         __syncthreads();
     }
-    bf16 *gb = gqkv + (int64_t)b * S * ldg + (int64_t)h * D;
-    int r_lo = q0 + warp * 16 + g, r_hi = r_lo + 8;
-    store_rows_unrope<D>(r_lo < S ? gb + (int64_t)r_lo * ldg : nullptr, r_hi < S ? gb + (int64_t)r_hi * ldg : nullptr,
+    int wr = warp * 16 + g, r_lo = q0 + wr, r_hi = r_lo + 8;  // staged in K's stages, then out
+    store_rows_unrope<D>(r_lo < S ? staged_row<D>(Ks, wr) : nullptr, r_hi < S ? staged_row<D>(Ks, wr + 8) : nullptr,
                          (const float(*)[4])dq, scale, cs, r_lo, r_hi, 1);
+    __syncthreads();
+    staged_rows_out<D>(gqkv + (int64_t)b * S * ldg + (int64_t)h * D, ldg, Ks, q0, S);
 }
 
 // grid (ceil(S/(64 MT)), B*Hq), 128 threads: warp w owns the 16 MT queries q0 + 16 MT w ..; dQ = scale dS K
@@ -805,6 +847,7 @@ static void fwd_launch(cuda_ctx *ctx, bf16 *out, int64_t ldo, float *lse, const 
     static int done = 0, done_w = 0;  // per template instance
     dim3 grid((unsigned)((S + FA_TILE - 1) / FA_TILE), (unsigned)(B * Hq));
     if (flash_attention_uses_wgmma(ctx, D)) {
+        MOSFT_ASSERT(ldo % 8 == 0);  // the output's rows leave with 16-byte stores
         size_t smem_w = WG_SMEM_ALIGN + (size_t)5 * 64 * 128 * sizeof(bf16) + 2 * 64 * sizeof(int);  // align, Q, 2 K, 2 V, mask
         smem_optin(flash_fwd_wg_kernel, smem_w, &done_w);
         flash_fwd_wg_kernel<<<grid, 128, smem_w, ctx->stream>>>(out, ldo, lse, q, k, v, mask, S, Hq, Hkv, scale);
@@ -845,7 +888,7 @@ static void bwd_launch(cuda_ctx *ctx, bf16 *gqkv, int64_t ldg, float *delta, con
     smem_optin(flash_bwd_dq_kernel<D, MT, NWQ>, smem_q, &done_q);
     smem_optin(flash_bwd_dkdv_kernel<D, NW, QS, STG>, smem_k, &done_k);
     int wg = flash_attention_uses_wgmma(ctx, D);
-    size_t smem_w = WG_SMEM_ALIGN + (size_t)6 * 64 * 128 * sizeof(bf16) + 4 * 64 * sizeof(float);  // align, K V 2Q 2dO, lse delta
+    size_t smem_w = WG_SMEM_ALIGN + (size_t)(6 * 64 * 128 + 64 * 64) * sizeof(bf16) + 4 * 64 * sizeof(float);  // align, K V 2Q 2dO dS, lse delta
     size_t smem_wq = WG_SMEM_ALIGN + (size_t)2 * (64 * 128 + 64 * 64) * sizeof(bf16);  // align, K and dS^T in two stages
     static int done_wq = 0;
     if (wg) smem_optin(flash_bwd_dkdv_wg_kernel, smem_w, &done_w), smem_optin(flash_bwd_dq_wg_kernel, smem_wq, &done_wq);

@@ -71,6 +71,27 @@ __device__ __forceinline__ void wg_pin(float *d) {
     for (int i = 0; i < N; i++) asm volatile("" : "+f"(d[i])::"memory");
 }
 
+// A bulk copy (the async proxy) of `bytes` (a multiple of 16; both addresses 16-byte aligned) from shared
+// to global memory, issued by one thread. The threads that wrote the source fence_proxy_async() and meet
+// at a barrier first; the issuer bulk_commit()s and, before the source is written again (and before the
+// block ends), bulk_wait_read() lets it go once the copy has read it.
+__device__ __forceinline__ void bulk_s2g(void *g, const void *s, uint32_t bytes) {
+#if WG_OK
+    asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n" ::"l"(g), "r"(smem_u32(s)), "r"(bytes)
+                 : "memory");
+#endif
+}
+__device__ __forceinline__ void bulk_commit() {
+#if WG_OK
+    asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void bulk_wait_read() {
+#if WG_OK
+    asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+#endif
+}
+
 #define WG_ACC8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
 
 // d[32] (+)= A[64][16] B[16][64], both K-major in shared memory (scale_d = 0: d = A B).
