@@ -191,22 +191,23 @@ __device__ __forceinline__ void store_out_rows(bf16 *dst_lo, bf16 *dst_hi, float
     }
 }
 
-// Results leave the warpgroup kernels through shared memory: a thread's accumulator rows go into a staged
-// [64][D + 8] bf16 tile (a warp's 32-bit writes, 8 rows x 4 columns, hit distinct banks), then whole rows
+// Results leave the kernels through shared memory: a thread's accumulator rows go into a staged
+// [rows][D + 8] bf16 tile (a warp's 32-bit writes, 8 rows x 4 columns, hit distinct banks), then whole rows
 // go out with 16-byte stores. Scattered 32-bit stores straight from the accumulators took 20-45 % of those
 // kernels (ncu, H100, a 7B layer without them: forward 167 -> 132 us, dK/dV 349 -> 274, dQ 133 -> 75).
 template <int D>
 __device__ __forceinline__ bf16 *staged_row(bf16 *sh, int r) {
     return sh + r * (D + 8);
 }
-// Rows r of the staged tile (after a barrier) to dst + (r0 + r) ld, those at or past S skipped; dst and ld
-// 16-byte aligned, 128 threads.
-template <int D>
+// Rows r < ROWS of the staged tile (after a barrier) to dst + (r0 + r) ld, those at or past S skipped; dst
+// and ld 16-byte aligned, NT threads.
+template <int D, int ROWS = 64, int NT = 128>
 __device__ __forceinline__ void staged_rows_out(bf16 *dst, int64_t ld, const bf16 *sh, int r0, int S) {
     constexpr int V = D / 8;  // 16-byte vectors a row
+    static_assert(ROWS * V % NT == 0, "whole rounds of 16-byte stores");
 #pragma unroll
-    for (int j = 0; j < 64 * V / 128; j++) {
-        int i = threadIdx.x + 128 * j, r = i / V, c = (i % V) * 8;
+    for (int j = 0; j < ROWS * V / NT; j++) {
+        int i = threadIdx.x + NT * j, r = i / V, c = (i % V) * 8;
         if (r0 + r < S) *(uint4 *)(dst + (int64_t)(r0 + r) * ld + c) = *(const uint4 *)(sh + r * (D + 8) + c);
     }
 }
@@ -293,9 +294,11 @@ __global__ void __launch_bounds__(128, 3) flash_fwd_kernel(bf16 *out, int64_t ld
         }
         __syncthreads();  // the next load overwrites this stage
     }
-    bf16 *ob = out + (int64_t)b * S * ld + (int64_t)h * D;
-    store_out_rows<D>(r_lo < S ? ob + (int64_t)r_lo * ld : nullptr, r_hi < S ? ob + (int64_t)r_hi * ld : nullptr,
+    int wr = r_lo - q0;  // the thread's rows in the staged tile (in K's stages)
+    store_out_rows<D>(r_lo < S ? staged_row<D>(Ks, wr) : nullptr, r_hi < S ? staged_row<D>(Ks, wr + 8) : nullptr,
                       lse + ((int64_t)b * Hq + h) * S, (const float(*)[4])o, m_lo, m_hi, l_lo, l_hi, S, r_lo, r_hi, scale);
+    __syncthreads();
+    staged_rows_out<D>(out + (int64_t)b * S * ld + (int64_t)h * D, ld, Ks, q0, S);
 }
 
 // ---- forward on Hopper's warpgroup products (D 128) -----------------------------------------------
@@ -553,12 +556,18 @@ __global__ void __launch_bounds__(NW * 32) flash_bwd_dkdv_kernel(bf16 *gqkv, int
         }
         __syncthreads();
     }
+    // dK, dV staged in the query-side stages (free after the loop's last barrier), then out
+    static_assert(STG * QS >= KB, "a staged [KB][D + 8] tile in each of the Q and dO stages");
+    bf16 *sk = Qs, *sv = Ds;
+    int wr = key_lo - k0;
+    store_rows_unrope<D>(key_lo < S ? staged_row<D>(sk, wr) : nullptr, key_hi < S ? staged_row<D>(sk, wr + 8) : nullptr, dk,
+                         scale, cs, key_lo, key_hi, 1);
+    store_rows_unrope<D>(key_lo < S ? staged_row<D>(sv, wr) : nullptr, key_hi < S ? staged_row<D>(sv, wr + 8) : nullptr, dv,
+                         1.0f, cs, key_lo, key_hi, 0);
+    __syncthreads();
     bf16 *gk = gqkv + (int64_t)b * S * ldg + (int64_t)(Hq + kvh) * D, *gv = gk + (int64_t)Hkv * D;
-    bf16 *lo = key_lo < S ? gk + (int64_t)key_lo * ldg : nullptr, *hi = key_hi < S ? gk + (int64_t)key_hi * ldg : nullptr;
-    store_rows_unrope<D>(lo, hi, dk, scale, cs, key_lo, key_hi, 1);
-    lo = key_lo < S ? gv + (int64_t)key_lo * ldg : nullptr;
-    hi = key_hi < S ? gv + (int64_t)key_hi * ldg : nullptr;
-    store_rows_unrope<D>(lo, hi, dv, 1.0f, cs, key_lo, key_hi, 0);
+    staged_rows_out<D, KB, NW * 32>(gk, ldg, sk, k0, S);
+    staged_rows_out<D, KB, NW * 32>(gv, ldg, sv, k0, S);
 }
 
 // ---- dK, dV on Hopper's warpgroup products (D 128) -----------------------------------------------------
@@ -808,13 +817,16 @@ __global__ void __launch_bounds__(NWQ * 32) flash_bwd_dq_kernel(bf16 *gqkv, int6
         }
         __syncthreads();
     }
-    bf16 *gb = gqkv + (int64_t)b * S * ldg + (int64_t)h * D;
+    // staged in K's stages ([2][64][P] = [QB][P] rows), then out
+    static_assert(QB <= 128, "the staged tile fits K's stages");
 #pragma unroll
     for (int m = 0; m < MT; m++) {
         int r_lo = wq + 16 * m + g, r_hi = r_lo + 8;
-        store_rows_unrope<D>(r_lo < S ? gb + (int64_t)r_lo * ldg : nullptr, r_hi < S ? gb + (int64_t)r_hi * ldg : nullptr,
+        store_rows_unrope<D>(r_lo < S ? staged_row<D>(Ks, r_lo - q0) : nullptr, r_hi < S ? staged_row<D>(Ks, r_hi - q0) : nullptr,
                              dq[m], scale, cs, r_lo, r_hi, 1);
     }
+    __syncthreads();
+    staged_rows_out<D, QB, NWQ * 32>(gqkv + (int64_t)b * S * ldg + (int64_t)h * D, ldg, Ks, q0, S);
 }
 
 // ---- kernel launchers ---------------------------------------------------------------------------------
@@ -846,8 +858,8 @@ static void fwd_launch(cuda_ctx *ctx, bf16 *out, int64_t ldo, float *lse, const 
     size_t smem = (size_t)4 * FA_BN * (D + 8) * 2 + 2 * FA_BN * sizeof(int);
     static int done = 0, done_w = 0;  // per template instance
     dim3 grid((unsigned)((S + FA_TILE - 1) / FA_TILE), (unsigned)(B * Hq));
+    MOSFT_ASSERT(ldo % 8 == 0);  // the output's rows leave with 16-byte stores
     if (flash_attention_uses_wgmma(ctx, D)) {
-        MOSFT_ASSERT(ldo % 8 == 0);  // the output's rows leave with 16-byte stores
         size_t smem_w = WG_SMEM_ALIGN + (size_t)5 * 64 * 128 * sizeof(bf16) + 2 * 64 * sizeof(int);  // align, Q, 2 K, 2 V, mask
         smem_optin(flash_fwd_wg_kernel, smem_w, &done_w);
         flash_fwd_wg_kernel<<<grid, 128, smem_w, ctx->stream>>>(out, ldo, lse, q, k, v, mask, S, Hq, Hkv, scale);
