@@ -40,22 +40,15 @@ __device__ __forceinline__ uint64_t wg_desc(const void *p, uint32_t lbo, uint32_
 #else
 #define WG_OK 0  // compiled for a device without wgmma: never launched there (flash_attention_wgmma)
 #endif
+#if WG_OK
+#define WG_ASM(ins) asm volatile(ins ::: "memory")  // an operand-free instruction
+#else
+#define WG_ASM(ins)
+#endif
 
-__device__ __forceinline__ void fence_proxy_async() {
-#if WG_OK
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void wg_fence() {
-#if WG_OK
-    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void wg_commit() {
-#if WG_OK
-    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-#endif
-}
+__device__ __forceinline__ void fence_proxy_async() { WG_ASM("fence.proxy.async.shared::cta;\n"); }
+__device__ __forceinline__ void wg_fence() { WG_ASM("wgmma.fence.sync.aligned;\n"); }
+__device__ __forceinline__ void wg_commit() { WG_ASM("wgmma.commit_group.sync.aligned;\n"); }
 template <int N>
 __device__ __forceinline__ void wg_wait() {
 #if WG_OK
@@ -81,16 +74,8 @@ __device__ __forceinline__ void bulk_s2g(void *g, const void *s, uint32_t bytes)
                  : "memory");
 #endif
 }
-__device__ __forceinline__ void bulk_commit() {
-#if WG_OK
-    asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void bulk_wait_read() {
-#if WG_OK
-    asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
-#endif
-}
+__device__ __forceinline__ void bulk_commit() { WG_ASM("cp.async.bulk.commit_group;\n"); }
+__device__ __forceinline__ void bulk_wait_read() { WG_ASM("cp.async.bulk.wait_group.read 0;\n"); }
 
 #define WG_ACC8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
 
