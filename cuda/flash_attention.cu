@@ -195,9 +195,11 @@ __device__ __forceinline__ void store_out_rows(bf16 *dst_lo, bf16 *dst_hi, float
 // [rows][D + 8] bf16 tile (a warp's 32-bit writes, 8 rows x 4 columns, hit distinct banks), then whole rows
 // go out with 16-byte stores. Scattered 32-bit stores straight from the accumulators took 20-45 % of those
 // kernels (ncu, H100, a 7B layer without them: forward 167 -> 132 us, dK/dV 349 -> 274, dQ 133 -> 75).
+// Row r of a staged tile, or nullptr for a row past S (not staged: the row writers skip it, and the
+// RoPE epilogue must not read cos/sin past S).
 template <int D>
-__device__ __forceinline__ bf16 *staged_row(bf16 *sh, int r) {
-    return sh + r * (D + 8);
+__device__ __forceinline__ bf16 *staged_row(bf16 *sh, int r, bool live) {
+    return live ? sh + r * (D + 8) : nullptr;
 }
 // Rows r < ROWS of the staged tile (after a barrier) to dst + (r0 + r) ld, those at or past S skipped; dst
 // and ld 16-byte aligned, NT threads.
@@ -295,7 +297,7 @@ __global__ void __launch_bounds__(128, 3) flash_fwd_kernel(bf16 *out, int64_t ld
         __syncthreads();  // the next load overwrites this stage
     }
     int wr = r_lo - q0;  // the thread's rows in the staged tile (in K's stages)
-    store_out_rows<D>(r_lo < S ? staged_row<D>(Ks, wr) : nullptr, r_hi < S ? staged_row<D>(Ks, wr + 8) : nullptr,
+    store_out_rows<D>(staged_row<D>(Ks, wr, r_lo < S), staged_row<D>(Ks, wr + 8, r_hi < S),
                       lse + ((int64_t)b * Hq + h) * S, (const float(*)[4])o, m_lo, m_hi, l_lo, l_hi, S, r_lo, r_hi, scale);
     __syncthreads();
     staged_rows_out<D>(out + (int64_t)b * S * ld + (int64_t)h * D, ld, Ks, q0, S);
@@ -381,7 +383,7 @@ __global__ void __launch_bounds__(128) flash_fwd_wg_kernel(bf16 *out, int64_t ld
         __syncthreads();  // the next load overwrites this stage
     }
     int wr = warp * 16 + g;  // the thread's rows in the staged tile (in K's stages)
-    store_out_rows<D>(r_lo < S ? staged_row<D>(Ks, wr) : nullptr, r_hi < S ? staged_row<D>(Ks, wr + 8) : nullptr,
+    store_out_rows<D>(staged_row<D>(Ks, wr, r_lo < S), staged_row<D>(Ks, wr + 8, r_hi < S),
                       lse + ((int64_t)b * Hq + h) * S, (const float(*)[4])o, m_lo, m_hi, l_lo, l_hi, S, r_lo, r_hi, scale);
     __syncthreads();
     staged_rows_out<D>(out + (int64_t)b * S * ld + (int64_t)h * D, ld, Ks, q0, S);
@@ -560,9 +562,9 @@ __global__ void __launch_bounds__(NW * 32) flash_bwd_dkdv_kernel(bf16 *gqkv, int
     static_assert(STG * QS >= KB, "a staged [KB][D + 8] tile in each of the Q and dO stages");
     bf16 *sk = Qs, *sv = Ds;
     int wr = key_lo - k0;
-    store_rows_unrope<D>(key_lo < S ? staged_row<D>(sk, wr) : nullptr, key_hi < S ? staged_row<D>(sk, wr + 8) : nullptr, dk,
+    store_rows_unrope<D>(staged_row<D>(sk, wr, key_lo < S), staged_row<D>(sk, wr + 8, key_hi < S), dk,
                          scale, cs, key_lo, key_hi, 1);
-    store_rows_unrope<D>(key_lo < S ? staged_row<D>(sv, wr) : nullptr, key_hi < S ? staged_row<D>(sv, wr + 8) : nullptr, dv,
+    store_rows_unrope<D>(staged_row<D>(sv, wr, key_lo < S), staged_row<D>(sv, wr + 8, key_hi < S), dv,
                          1.0f, cs, key_lo, key_hi, 0);
     __syncthreads();
     bf16 *gk = gqkv + (int64_t)b * S * ldg + (int64_t)(Hq + kvh) * D, *gv = gk + (int64_t)Hkv * D;
@@ -689,9 +691,9 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv_wg_kernel(bf16 *gqkv, int6
     }
     // dK, dV staged in Q's and dO's stages (free after the loop's last barrier), then out
     bf16 *sk = Qs, *sv = Qs + 64 * (D + 8);
-    store_rows_unrope<D>(key_lo < S ? staged_row<D>(sk, wk) : nullptr, key_hi < S ? staged_row<D>(sk, wk + 8) : nullptr,
+    store_rows_unrope<D>(staged_row<D>(sk, wk, key_lo < S), staged_row<D>(sk, wk + 8, key_hi < S),
                          (const float(*)[4])dk, scale, cs, key_lo, key_hi, 1);
-    store_rows_unrope<D>(key_lo < S ? staged_row<D>(sv, wk) : nullptr, key_hi < S ? staged_row<D>(sv, wk + 8) : nullptr,
+    store_rows_unrope<D>(staged_row<D>(sv, wk, key_lo < S), staged_row<D>(sv, wk + 8, key_hi < S),
                          (const float(*)[4])dv, 1.0f, cs, key_lo, key_hi, 0);
     if (threadIdx.x == 0) bulk_wait_read();
     __syncthreads();
@@ -747,7 +749,7 @@ __global__ void __launch_bounds__(128) flash_bwd_dq_wg_kernel(bf16 *gqkv, int64_
         __syncthreads();
     }
     int wr = warp * 16 + g, r_lo = q0 + wr, r_hi = r_lo + 8;  // staged in K's stages, then out
-    store_rows_unrope<D>(r_lo < S ? staged_row<D>(Ks, wr) : nullptr, r_hi < S ? staged_row<D>(Ks, wr + 8) : nullptr,
+    store_rows_unrope<D>(staged_row<D>(Ks, wr, r_lo < S), staged_row<D>(Ks, wr + 8, r_hi < S),
                          (const float(*)[4])dq, scale, cs, r_lo, r_hi, 1);
     __syncthreads();
     staged_rows_out<D>(gqkv + (int64_t)b * S * ldg + (int64_t)h * D, ldg, Ks, q0, S);
@@ -822,7 +824,7 @@ __global__ void __launch_bounds__(NWQ * 32) flash_bwd_dq_kernel(bf16 *gqkv, int6
 #pragma unroll
     for (int m = 0; m < MT; m++) {
         int r_lo = wq + 16 * m + g, r_hi = r_lo + 8;
-        store_rows_unrope<D>(r_lo < S ? staged_row<D>(Ks, r_lo - q0) : nullptr, r_hi < S ? staged_row<D>(Ks, r_hi - q0) : nullptr,
+        store_rows_unrope<D>(staged_row<D>(Ks, r_lo - q0, r_lo < S), staged_row<D>(Ks, r_hi - q0, r_hi < S),
                              dq[m], scale, cs, r_lo, r_hi, 1);
     }
     __syncthreads();
