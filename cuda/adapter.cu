@@ -33,38 +33,32 @@ __global__ void gather_kernel(const lowrank_gather_job *__restrict__ jobs, const
     }
 }
 
-// 16-byte vector i of B's rows (i < nB = d_out R / 8) or of A's (the rest) into the weight buffer.
-__global__ void adapter_blocks_kernel(bf16 *buf, int64_t ld, int d_in, int d_out, const bf16 *__restrict__ B,
-                                      const bf16 *__restrict__ A, int R) {
-    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x, vb = R / 8, va = d_in / 8, nB = (int64_t)d_out * vb;
-    if (i < nB) {
-        int64_t row = i / vb, c = (i % vb) * 8;
-        *(uint4 *)(buf + row * ld + d_in + c) = *(const uint4 *)(B + row * R + c);
-    } else if (i < nB + (int64_t)R * va) {
-        int64_t j = i - nB, row = j / va, c = (j % va) * 8;
-        *(uint4 *)(buf + (d_out + row) * ld + c) = *(const uint4 *)(A + row * d_in + c);
+// The scatters of up to 3 modules of one layer in one launch: grid (blocks, n modules, 2), z = 0 for
+// dL/dA, 1 for dL/dB. Every target is written by exactly one thread (distinct indices within a layer,
+// and the modules of a group have pools of their own): no atomics.
+typedef struct {
+    lowrank_map mp[3];
+    const float *gA[3], *gB[3];
+} scatter_args;
+
+__global__ void scatter_kernel(scatter_args a, float *grad) {
+    const lowrank_map &mp = a.mp[blockIdx.y];
+    int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (blockIdx.z == 0) {
+        if (e >= (int64_t)mp.r * mp.d_in) return;
+        int k = (int)(e / mp.d_in), col = (int)(e % mp.d_in), sa = mp.d_in / mp.l;
+        int j = col / sa, c = col % sa;
+        float g = a.gA[blockIdx.y][e];
+        if (mp.scaleA) g = __fmul_rn(mp.scaleA[k], g);
+        float *dst = grad + mp.offA[k * mp.l + j] + c;
+        *dst = __fadd_rn(*dst, g);
+    } else {
+        if (e >= (int64_t)mp.d_out * mp.r) return;
+        int d = (int)(e / mp.r), k = (int)(e % mp.r), sb = mp.d_out / mp.l;
+        int j = d / sb, c = d % sb;
+        float *dst = grad + mp.offB[k * mp.l + j] + (int64_t)c * mp.strideB;
+        *dst = __fadd_rn(*dst, a.gB[blockIdx.y][(int64_t)d * mp.ldB + k]);
     }
-}
-
-// Every target is written by exactly one thread (distinct indices within a layer): no atomics.
-__global__ void scatter_a_kernel(lowrank_map mp, const float *__restrict__ gA, float *grad) {
-    int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (e >= (int64_t)mp.r * mp.d_in) return;
-    int k = (int)(e / mp.d_in), col = (int)(e % mp.d_in), sa = mp.d_in / mp.l;
-    int j = col / sa, c = col % sa;
-    float g = gA[e];
-    if (mp.scaleA) g = __fmul_rn(mp.scaleA[k], g);
-    float *dst = grad + mp.offA[k * mp.l + j] + c;
-    *dst = __fadd_rn(*dst, g);
-}
-
-__global__ void scatter_b_kernel(lowrank_map mp, const float *__restrict__ gB, float *grad) {
-    int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (e >= (int64_t)mp.d_out * mp.r) return;
-    int d = (int)(e / mp.r), k = (int)(e % mp.r), sb = mp.d_out / mp.l;
-    int j = d / sb, c = d % sb;
-    float *dst = grad + mp.offB[k * mp.l + j] + (int64_t)c * mp.strideB;
-    *dst = __fadd_rn(*dst, gB[(int64_t)d * mp.ldB + k]);
 }
 
 // Dropout kernels: the masks are rng_keep16's (16 bits a decision, eight elements a Philox block).
@@ -924,26 +918,39 @@ extern "C" void lowrank_gather_batch_cuda(cuda_ctx *ctx, const lowrank_gather_jo
     CUDA_LAUNCH_CHECK();
 }
 
+extern "C" int adapter_block_pieces(weight_piece *p, bf16 *buf, int64_t ld, int d_in, int d_out, const bf16 *B,
+                                    const bf16 *A, int R) {
+    p[0] = (weight_piece){NULL, B, R, d_out, R, buf + d_in};             // sB beside W's rows
+    p[1] = (weight_piece){NULL, A, d_in, R, d_in, buf + (int64_t)d_out * ld};  // A below them
+    return 2;
+}
+
 extern "C" void adapter_blocks_cuda(cudaStream_t st, bf16 *buf, int64_t ld, int d_in, int d_out, const bf16 *B,
                                     const bf16 *A, int R) {
-    if (R % 8 || d_in % 8 || ld % 8 || (uintptr_t)buf % 16 || (uintptr_t)A % 16 || (uintptr_t)B % 16) {
-        CUDA_CHECK(cudaMemcpy2DAsync(buf + d_in, (size_t)ld * 2, B, (size_t)R * 2, (size_t)R * 2, (size_t)d_out,
-                                     cudaMemcpyDeviceToDevice, st));
-        CUDA_CHECK(cudaMemcpy2DAsync(buf + (int64_t)d_out * ld, (size_t)ld * 2, A, (size_t)d_in * 2, (size_t)d_in * 2,
-                                     (size_t)R, cudaMemcpyDeviceToDevice, st));
-        return;
+    weight_piece p[2];
+    weight_group_fill_cuda(st, p, adapter_block_pieces(p, buf, ld, d_in, d_out, B, A, R), ld);
+}
+
+extern "C" void lowrank_scatter_group_cuda(cuda_ctx *ctx, const lowrank_map *mp, int n, const float *const *gA,
+                                          const float *const *gB, float *grad) {
+    MOSFT_ASSERT(n >= 1 && n <= 3);
+    scatter_args a;
+    memset(&a, 0, sizeof a);
+    int64_t most = 0;
+    for (int i = 0; i < n; i++) {
+        a.mp[i] = mp[i];
+        a.gA[i] = gA[i];
+        a.gB[i] = gB[i];
+        int64_t na = (int64_t)mp[i].r * mp[i].d_in, nb = (int64_t)mp[i].d_out * mp[i].r;
+        most = na > most ? na : most;
+        most = nb > most ? nb : most;
     }
-    int64_t n = (int64_t)d_out * (R / 8) + (int64_t)R * (d_in / 8);
-    adapter_blocks_kernel<<<ceil_div_i(n, 256), 256, 0, st>>>(buf, ld, d_in, d_out, B, A, R);
+    scatter_kernel<<<dim3(ceil_div_i(most, 256), (unsigned)n, 2), 256, 0, ctx->stream>>>(a, grad);
     CUDA_LAUNCH_CHECK();
 }
 
 extern "C" void lowrank_scatter_cuda(cuda_ctx *ctx, const lowrank_map *mp, const float *gA, const float *gB, float *grad) {
-    int64_t na = (int64_t)mp->r * mp->d_in, nb = (int64_t)mp->d_out * mp->r;
-    scatter_a_kernel<<<ceil_div_i(na, 256), 256, 0, ctx->stream>>>(*mp, gA, grad);
-    CUDA_LAUNCH_CHECK();
-    scatter_b_kernel<<<ceil_div_i(nb, 256), 256, 0, ctx->stream>>>(*mp, gB, grad);
-    CUDA_LAUNCH_CHECK();
+    lowrank_scatter_group_cuda(ctx, mp, 1, &gA, &gB, grad);
 }
 
 extern "C" int64_t dropout_mask_words(int64_t T, int d_in) { return (T * d_in + 31) / 32; }

@@ -175,11 +175,10 @@ __device__ __forceinline__ float nf4_block_scale(const nf4_cuda_tensor &t, int64
 // numel % 8 == 0 and `out` 16-byte aligned. The code table sits in shared memory: the 16 entries are
 // read at thread-dependent indices, which __constant__ memory would serialize (one address a warp).
 #define NF4_DQ_GROUPS 2
-__global__ void __launch_bounds__(256) nf4_dequant8_kernel(nf4_cuda_tensor t, bf16 *__restrict__ out, int64_t ldo) {
-    __shared__ float code[16];
-    if (threadIdx.x < 16) code[threadIdx.x] = c_nf4_code[threadIdx.x];
-    __syncthreads();
-    int64_t n_groups = t.numel / 8, g0 = (int64_t)blockIdx.x * NF4_DQ_GROUPS * blockDim.x + threadIdx.x;
+// Block `blk` of a tensor's dequantization into out (row stride ldo); code: the table in shared memory.
+__device__ __forceinline__ void nf4_dequant8_block(const nf4_cuda_tensor &t, bf16 *__restrict__ out, int64_t ldo,
+                                                   int64_t blk, const float *code) {
+    int64_t n_groups = t.numel / 8, g0 = blk * NF4_DQ_GROUPS * blockDim.x + threadIdx.x;
     uint32_t word[NF4_DQ_GROUPS];
     float s[NF4_DQ_GROUPS];
 #pragma unroll
@@ -214,6 +213,48 @@ __global__ void __launch_bounds__(256) nf4_dequant8_kernel(nf4_cuda_tensor t, bf
     }
 }
 
+__global__ void __launch_bounds__(256) nf4_dequant8_kernel(nf4_cuda_tensor t, bf16 *__restrict__ out, int64_t ldo) {
+    __shared__ float code[16];
+    if (threadIdx.x < 16) code[threadIdx.x] = c_nf4_code[threadIdx.x];
+    __syncthreads();
+    nf4_dequant8_block(t, out, ldo, blockIdx.x, code);
+}
+
+// The pieces of one weight_group_fill_cuda launch: piece i takes blocks [blk0[i], blk0[i + 1]).
+typedef struct {
+    nf4_cuda_tensor t;  // nf4: the tensor (by value: the launch's parameters carry it)
+    const bf16 *src;
+    int64_t lds, rows, cols;
+    bf16 *dst;
+    int nf4;
+} wf_piece;
+typedef struct {
+    wf_piece p[WEIGHT_PIECES_MAX];
+    int64_t blk0[WEIGHT_PIECES_MAX + 1];
+    int64_t ld;
+    int n;
+} weight_fill_args;
+
+// Blocks of 256 threads: an NF4 piece's as nf4_dequant8_kernel's, a bf16 block's one 16-byte vector a
+// thread. A block belongs to one piece, so the branch is uniform.
+__global__ void __launch_bounds__(256) weight_fill_kernel(weight_fill_args a) {
+    __shared__ float code[16];
+    if (threadIdx.x < 16) code[threadIdx.x] = c_nf4_code[threadIdx.x];
+    __syncthreads();
+    int i = 0;
+    while (i + 1 < a.n && (int64_t)blockIdx.x >= a.blk0[i + 1]) i++;
+    const wf_piece &p = a.p[i];
+    int64_t blk = blockIdx.x - a.blk0[i];
+    if (p.nf4) {
+        nf4_dequant8_block(p.t, p.dst, a.ld, blk, code);
+        return;
+    }
+    int64_t v = blk * blockDim.x + threadIdx.x, vpr = p.cols / 8;
+    if (v >= p.rows * vpr) return;
+    int64_t r = v / vpr, c = (v - r * vpr) * 8;
+    *(uint4 *)(p.dst + r * a.ld + c) = *(const uint4 *)(p.src + r * p.lds + c);
+}
+
 __global__ void nf4_dequant1_kernel(nf4_cuda_tensor t, bf16 *__restrict__ out, int64_t ldo) {
     __shared__ float code[16];
     if (threadIdx.x < 16) code[threadIdx.x] = c_nf4_code[threadIdx.x];
@@ -239,6 +280,53 @@ extern "C" void nf4_dequantize_on(cuda_ctx *ctx, cudaStream_t stream, const nf4_
     } else {
         nf4_dequant1_kernel<<<ceil_div_i(t->numel, 256), 256, 0, stream>>>(*t, out, ldo);
     }
+    CUDA_LAUNCH_CHECK();
+}
+
+// Whether a piece can take the vector path (16-byte rows; 4-byte packed words).
+static int piece_vectorizable(const weight_piece *p, int64_t ld) {
+    if (ld % 8 || (uintptr_t)p->dst % 16) return 0;
+    if (p->t) return p->t->cols % 8 == 0 && (uintptr_t)p->t->packed % 4 == 0;
+    return p->cols % 8 == 0 && p->lds % 8 == 0 && (uintptr_t)p->src % 16 == 0;
+}
+
+extern "C" void weight_group_fill_cuda(cudaStream_t st, const weight_piece *p, int n, int64_t ld) {
+    MOSFT_ASSERT(n >= 0 && n <= WEIGHT_PIECES_MAX);
+    nf4_consts_init();
+    weight_fill_args a;
+    memset(&a, 0, sizeof a);
+    a.ld = ld;
+    int vec = 1;
+    for (int i = 0; i < n; i++) vec &= piece_vectorizable(&p[i], ld);
+    if (!vec) {  // piece by piece: the scalar dequantization, 2D copies
+        for (int i = 0; i < n; i++) {
+            if (p[i].t)
+                nf4_dequantize_on(NULL, st, p[i].t, p[i].dst, ld);
+            else if (p[i].rows > 0 && p[i].cols > 0)
+                CUDA_CHECK(cudaMemcpy2DAsync(p[i].dst, (size_t)ld * 2, p[i].src, (size_t)p[i].lds * 2, (size_t)p[i].cols * 2,
+                                             (size_t)p[i].rows, cudaMemcpyDeviceToDevice, st));
+        }
+        return;
+    }
+    int64_t blocks = 0;
+    for (int i = 0; i < n; i++) {
+        wf_piece *q = &a.p[a.n];
+        if (p[i].t) q->t = *p[i].t;
+        q->nf4 = p[i].t != NULL;
+        q->src = p[i].src;
+        q->lds = p[i].lds;
+        q->rows = p[i].rows;
+        q->cols = p[i].cols;
+        q->dst = p[i].dst;
+        a.blk0[a.n] = blocks;
+        int64_t nb = p[i].t ? ceil_div_i(p[i].t->numel / 8, 256 * NF4_DQ_GROUPS) : ceil_div_i(p[i].rows * (p[i].cols / 8), 256);
+        if (nb == 0) continue;
+        blocks += nb;
+        a.n++;
+    }
+    a.blk0[a.n] = blocks;
+    if (!blocks) return;
+    weight_fill_kernel<<<(unsigned)blocks, 256, 0, st>>>(a);
     CUDA_LAUNCH_CHECK();
 }
 

@@ -87,6 +87,19 @@ void nf4_quantize_cuda(cuda_ctx *ctx, nf4_cuda_tensor *t, const float *w, float 
 void nf4_dequantize_cuda(cuda_ctx *ctx, const nf4_cuda_tensor *t, bf16 *out, int64_t ldo);
 // The same on another stream (the backend dequantizes the next weight group while a GEMM runs).
 void nf4_dequantize_on(cuda_ctx *ctx, cudaStream_t stream, const nf4_cuda_tensor *t, bf16 *out, int64_t ldo);
+// One piece of a weight group's bf16 buffer: an NF4 tensor t dequantized (t->rows x t->cols), or with
+// t NULL a bf16 block src[rows][cols] (row stride lds) copied; dst is its top-left element.
+#define WEIGHT_PIECES_MAX 5
+typedef struct {
+    const nf4_cuda_tensor *t;
+    const bf16 *src;
+    int64_t lds, rows, cols;
+    bf16 *dst;
+} weight_piece;
+// The n pieces of a buffer with row stride ld on stream st, in one launch where every piece allows 16-byte
+// vectors (the dequantized values those of nf4_dequantize_cuda, bit for bit): a K-augmented group's
+// NF4 weights and the adapter's blocks beside them (cuda/step_cuda.cu).
+void weight_group_fill_cuda(cudaStream_t st, const weight_piece *p, int n, int64_t ld);
 // Upload a host nf4_tensor (pre-quantized bnb-4bit, or quantized by core/nf4.c) into a laid-out tensor.
 void nf4_upload_cuda(cuda_ctx *ctx, nf4_cuda_tensor *t, const nf4_tensor *host);
 
@@ -272,10 +285,15 @@ typedef struct {
 void lowrank_gather_batch_cuda(cuda_ctx *ctx, const lowrank_gather_job *jobs, int n, int64_t n_max, const float *params);
 // A weight group's adapter blocks into its K-augmented buffer (row stride ld): B [d_out][R] beside the
 // weight's rows (columns d_in ..), A [R][d_in] below them (rows d_out ..); one launch on `st` when
-// R, d_in and ld are multiples of 8 (16-byte rows), else two 2D copies.
+// R, d_in and ld are multiples of 8 (16-byte rows), else two 2D copies. adapter_block_pieces: the same
+// two blocks as pieces of a weight_group_fill_cuda launch (p[2]; returns 2).
 void adapter_blocks_cuda(cudaStream_t st, bf16 *buf, int64_t ld, int d_in, int d_out, const bf16 *B, const bf16 *A, int R);
+int adapter_block_pieces(weight_piece *p, bf16 *buf, int64_t ld, int d_in, int d_out, const bf16 *B, const bf16 *A, int R);
 // grad += the maps of gA[r][d_in] and gB[d_out][ldB] (fp32).
 void lowrank_scatter_cuda(cuda_ctx *ctx, const lowrank_map *mp, const float *gA, const float *gB, float *grad);
+// The same for the n (<= 3) modules of one layer's group in one launch: mp[i], gA[i], gB[i].
+void lowrank_scatter_group_cuda(cuda_ctx *ctx, const lowrank_map *mp, int n, const float *const *gA, const float *const *gB,
+                                float *grad);
 // Dropout on the adapter input: xd[T][d_in] = x * mask (mask from rng_keep16(key, t*d_in + c, thr) with
 // the multiplier `keep` = 1/(1-p)); x has row stride ldx. bits (NULL: none) receives the mask as bits:
 // element e = t*d_in + c kept <=> bit e % 32 of bits[e / 32] (dropout_mask_words(T, d_in) words).

@@ -303,27 +303,27 @@ static void ad_gemm(const ad_lane *ln, int ta, int tb, int64_t M, int64_t N, int
 // [d_out + Rp][d_in + Rp] with W top-left, sB top-right, A bottom-left. With dropout (a mask per
 // module) the backward term (gh A) * mask cannot ride along and is added per module.
 
-// Dequantize NF4 group `grp` of layer l with its adapter blocks into buf ([d_out + Rp][d_in + Rp]) on st.
+// Dequantize NF4 group `grp` of layer l with its adapter blocks into buf ([d_out + Rp][d_in + Rp]) on st,
+// in one launch.
 static void dequant_group(cuda_impl *c, const dims *d, int l, int grp, bf16 *buf, cudaStream_t st) {
     const cuda_layer *L = &c->model.layers[l];
     int di, dout;
     cuda_group_dims(&c->model.cfg, grp, &di, &dout);
     int64_t ld = di + rp(c, grp);
+    weight_piece p[WEIGHT_PIECES_MAX];
+    int n = 0;
+    int mods[3] = {MOD_Q, MOD_K, MOD_V}, nm = 3;
+    int64_t row0[3] = {0, d->Q, d->Q + d->KV};
     switch (grp) {
-    case GRP_QKV:
-        nf4_dequantize_on(c->ctx, st, &L->q[MOD_Q], buf, ld);
-        nf4_dequantize_on(c->ctx, st, &L->q[MOD_K], buf + (int64_t)d->Q * ld, ld);
-        nf4_dequantize_on(c->ctx, st, &L->q[MOD_V], buf + (int64_t)(d->Q + d->KV) * ld, ld);
-        break;
-    case GRP_O: nf4_dequantize_on(c->ctx, st, &L->q[MOD_O], buf, ld); break;
-    case GRP_GU:
-        nf4_dequantize_on(c->ctx, st, &L->q[MOD_GATE], buf, ld);
-        nf4_dequantize_on(c->ctx, st, &L->q[MOD_UP], buf + (int64_t)d->I * ld, ld);
-        break;
-    default: nf4_dequantize_on(c->ctx, st, &L->q[MOD_DOWN], buf, ld); break;
+    case GRP_QKV: break;
+    case GRP_O: mods[0] = MOD_O, nm = 1; break;
+    case GRP_GU: mods[0] = MOD_GATE, mods[1] = MOD_UP, row0[1] = d->I, nm = 2; break;
+    default: mods[0] = MOD_DOWN, nm = 1; break;
     }
+    for (int i = 0; i < nm; i++) p[n++] = (weight_piece){&L->q[mods[i]], NULL, 0, 0, 0, buf + row0[i] * ld};
     const cuda_adapter_group *ag = &c->grp[grp];
-    if (ag->n) adapter_blocks_cuda(st, buf, ld, di, dout, ag->B[l], ag->A[l], ag->R);
+    if (ag->n) n += adapter_block_pieces(p + n, buf, ld, di, dout, ag->B[l], ag->A[l], ag->R);
+    weight_group_fill_cuda(st, p, n, ld);
 }
 
 // ---- the NF4 weight stream ------------------------------------------------------------------------
@@ -539,22 +539,32 @@ static void adapter_h(backend *be, const dims *d, int l, int g, bf16 *x, int64_t
     }
 }
 
-// Module i of group g in layer l: dL/dA gA [r][d_in], dL/dB gB [d_out_m][r] (row stride R) into the
-// gradient: MoS and LoRA scatter on the device; the peer methods' copies go to the host (h_dfac) for
-// their own scatter after the micro-batch (cuda/peer_cuda.cu). Stream order keeps gA, gB alive until
-// the copies are done.
-static void ad_scatter(cuda_impl *c, const ad_lane *ln, const cuda_adapter_group *ag, int l, int i, const float *gA,
-                       const float *gB) {
+// Modules i0 .. i0+n-1 of group g in layer l: module i's dL/dA at gA + (i - i0) sA ([r][d_in]), its
+// dL/dB [d_out_m][r] at gB + row_off[i] R + i r (row stride R), into the gradient: MoS and LoRA scatter on
+// the device, the n modules in one launch; the peer methods' copies go to the host (h_dfac) for their own
+// scatter after the micro-batch (cuda/peer_cuda.cu). Stream order keeps gA, gB alive until the copies
+// are done.
+static void ad_scatter(cuda_impl *c, const ad_lane *ln, const cuda_adapter_group *ag, int l, int i0, int n, const float *gA,
+                       int64_t sA, const float *gB) {
+    int r = c->rank, di = ag->d_in;
     if (!c->peer) {
-        lowrank_scatter_cuda(ln->ctx, &ag->map[l * 3 + i], gA, gB, c->grad);
+        const float *pa[3], *pb[3];
+        for (int i = i0; i < i0 + n; i++) {
+            pa[i - i0] = gA + (i - i0) * sA;
+            pb[i - i0] = gB + (int64_t)ag->row_off[i] * ag->R + i * r;
+        }
+        lowrank_scatter_group_cuda(ln->ctx, &ag->map[l * 3 + i0], n, pa, pb, c->grad);
         return;
     }
     MOSFT_ASSERT(ln->ctx == c->ctx);  // the peers' copies are ordered on the main stream (no side lane)
-    int r = c->rank, di = ag->d_in;
-    float *dst = c->h_dfac + c->dense_off[l * MOD_COUNT + ag->mod[i]];
-    CUDA_CHECK(cudaMemcpyAsync(dst, gA, sizeof(float) * (size_t)r * di, cudaMemcpyDeviceToHost, c->ctx->stream));
-    CUDA_CHECK(cudaMemcpy2DAsync(dst + (size_t)r * di, sizeof(float) * (size_t)r, gB, sizeof(float) * (size_t)ag->R,
-                                 sizeof(float) * (size_t)r, (size_t)ag->d_out_m[i], cudaMemcpyDeviceToHost, c->ctx->stream));
+    for (int i = i0; i < i0 + n; i++) {
+        float *dst = c->h_dfac + c->dense_off[l * MOD_COUNT + ag->mod[i]];
+        CUDA_CHECK(cudaMemcpyAsync(dst, gA + (i - i0) * sA, sizeof(float) * (size_t)r * di, cudaMemcpyDeviceToHost,
+                                   c->ctx->stream));
+        CUDA_CHECK(cudaMemcpy2DAsync(dst + (size_t)r * di, sizeof(float) * (size_t)r, gB + (int64_t)ag->row_off[i] * ag->R + i * r,
+                                     sizeof(float) * (size_t)ag->R, sizeof(float) * (size_t)r, (size_t)ag->d_out_m[i],
+                                     cudaMemcpyDeviceToHost, c->ctx->stream));
+    }
 }
 
 // K of group g's forward GEMM: the input width plus the adapter's columns.
@@ -580,8 +590,7 @@ static int64_t adapter_grads(backend *be, const dims *d, int l, int g, const bf1
     ad_gemm(&w, 1, 0, dout, R, d->T, c->scaling, gy, ldgy, h, ldx, w.gB, R, GEMM_F32);
     if (!dropout_on(be, dc)) {
         ad_gemm(&w, 1, 0, R, di, d->T, 1.0f, gh, ldgy, x, ldx, w.gA, di, GEMM_F32);
-        for (int i = 0; i < ag->n; i++)
-            ad_scatter(c, &w, ag, l, i, w.gA + (int64_t)i * r * di, w.gB + (int64_t)ag->row_off[i] * R + i * r);
+        ad_scatter(c, &w, ag, l, 0, ag->n, w.gA, (int64_t)r * di, w.gB);
         side_end(c, g);
         return dout + R;
     }
@@ -591,8 +600,7 @@ static int64_t adapter_grads(backend *be, const dims *d, int l, int g, const bf1
         drop_spec ds = group_masks(be, dc, l, g, keys, bits);
         lowrank_dropout_da_cuda(w.ctx, w.gA, gh, ldgy, x, ldx, ag->n, r, d->T, di, keys, ds.thr, ds.keep,
                                 mask_bits_read(c, l, g) ? bits : NULL, w.part, c->ad_part_floats);
-        for (int i = 0; i < ag->n; i++)
-            ad_scatter(c, &w, ag, l, i, w.gA + (int64_t)i * r * di, w.gB + (int64_t)ag->row_off[i] * R + i * r);
+        ad_scatter(c, &w, ag, l, 0, ag->n, w.gA, (int64_t)r * di, w.gB);
         side_end(c, g);
         return dout;
     }
@@ -600,7 +608,7 @@ static int64_t adapter_grads(backend *be, const dims *d, int l, int g, const bf1
         drop_spec ds = drop_of(be, dc, l, ag->mod[i]);
         dropout_apply_cuda(w.ctx, w.xd, x, ldx, d->T, di, ds.key, ds.thr, ds.keep, NULL);
         ad_gemm(&w, 1, 0, r, di, d->T, 1.0f, gh + i * r, ldgy, w.xd, di, w.gA, di, GEMM_F32);
-        ad_scatter(c, &w, ag, l, i, w.gA, w.gB + (int64_t)ag->row_off[i] * R + i * r);
+        ad_scatter(c, &w, ag, l, i, 1, w.gA, 0, w.gB);
     }
     side_end(c, g);
     return dout;

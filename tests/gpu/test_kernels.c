@@ -122,6 +122,70 @@ START_TEST(test_nf4_random) {
 }
 END_TEST
 
+// A K-augmented weight group in one launch (weight_group_fill_cuda): up to three NF4 tensors stacked
+// in row bands, the adapter's B beside their rows and A below them; every value bit-identical to the CPU
+// dequantization, the rest of the buffer untouched. The vector launch (d_in, R, ld multiples of 8) and
+// the piece-by-piece fallback; with and without the adapter blocks; double quantization on and off.
+START_TEST(test_weight_group_fill) {
+    cuda_ctx *ctx = ctx_new();
+    rng_state r;
+    rng_seed(&r, 202);
+    // d_in, rows of each of up to 3 tensors, R (0: no adapter blocks), extra columns (ld = d_in + R + extra)
+    int cases[][6] = {{256, 96, 32, 32, 16, 0}, {512, 1000, 0, 0, 24, 8}, {128, 64, 64, 0, 0, 0}, {44, 40, 12, 12, 4, 0},
+                      {64, 48, 16, 16, 6, 2}};
+    for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+        int di = cases[k][0], R = cases[k][4], extra = cases[k][5];
+        int64_t ld = di + R + extra, rows = 0;
+        int nt = 0;
+        int64_t trows[3], row0[3];
+        for (int i = 0; i < 3; i++)
+            if (cases[k][1 + i]) trows[nt] = cases[k][1 + i], row0[nt] = rows, rows += trows[nt], nt++;
+        int64_t nbuf = (rows + R + 1) * ld;
+        nf4_tensor ht[3];
+        nf4_cuda_tensor dt[3];
+        void *mem[3];
+        float *ref = xmalloc(sizeof(float) * (size_t)rows * di);
+        for (int i = 0; i < nt; i++) {
+            float *x = rnd_bf16(&r, (size_t)(trows[i] * di), 0.02f);
+            nf4_quantize(x, trows[i], di, (int)((k + i) % 2), &ht[i]);
+            nf4_dequantize(&ht[i], ref + row0[i] * di);
+            mem[i] = dev_alloc(nf4_cuda_bytes(trows[i] * di, ht[i].double_quant));
+            nf4_cuda_layout(&dt[i], trows[i], di, ht[i].double_quant, mem[i]);
+            nf4_upload_cuda(ctx, &dt[i], &ht[i]);
+            free(x);
+        }
+        float *B = R ? rnd_bf16(&r, (size_t)rows * R, 1.0f) : NULL, *A = R ? rnd_bf16(&r, (size_t)R * di, 1.0f) : NULL;
+        bf16 *dB = R ? dev_bf16(B, (size_t)rows * R) : NULL, *dA = R ? dev_bf16(A, (size_t)R * di) : NULL;
+        uint16_t *poison = xmalloc(2 * (size_t)nbuf);
+        for (int64_t i = 0; i < nbuf; i++) poison[i] = 0x7fc1;  // a NaN pattern the kernel never writes
+        bf16 *buf = dev_up(poison, 2 * (size_t)nbuf);
+        weight_piece p[WEIGHT_PIECES_MAX];
+        int n = 0;
+        for (int i = 0; i < nt; i++) p[n++] = (weight_piece){&dt[i], NULL, 0, 0, 0, buf + row0[i] * ld};
+        if (R) n += adapter_block_pieces(p + n, buf, ld, di, (int)rows, dB, dA, R);
+        weight_group_fill_cuda(cuda_ctx_stream(ctx), p, n, ld);
+        CK_CUDA(cudaDeviceSynchronize());
+        uint16_t *got = xmalloc(2 * (size_t)nbuf);
+        dev_down(got, buf, 2 * (size_t)nbuf);
+        for (int64_t i = 0; i < nbuf / ld; i++)
+            for (int64_t j = 0; j < ld; j++) {
+                uint16_t want = 0x7fc1;
+                if (i < rows && j < di) want = f32_to_bf16(ref[i * di + j]);
+                if (R && i < rows && j >= di && j < di + R) want = f32_to_bf16(B[i * R + (j - di)]);
+                if (R && i >= rows && i < rows + R && j < di) want = f32_to_bf16(A[(i - rows) * di + j]);
+                ck_assert_msg(got[i * ld + j] == want, "weight group %zu (d_in %d, R %d, ld %lld): element (%lld, %lld) "
+                              "is %04x, expected %04x", k, di, R, (long long)ld, (long long)i, (long long)j, got[i * ld + j], want);
+            }
+        fprintf(stderr, "weight group: %d NF4 tensors, %lld x %d, R %-2d ld %-4lld in one fill: bit-identical\n", nt,
+                (long long)rows, di, R, (long long)ld);
+        for (int i = 0; i < nt; i++) nf4_free(&ht[i]), cudaFree(mem[i]);
+        free(ref), free(B), free(A), free(poison), free(got);
+        cudaFree(dB), cudaFree(dA), cudaFree(buf);
+    }
+    cuda_ctx_free(ctx);
+}
+END_TEST
+
 static const void *oracle(const st_file *f, const char *name, mosft_dtype dt, int64_t numel) {
     const st_tensor *t = st_find(f, name);
     ck_assert_msg(t != NULL, "%s: no tensor %s", f->path, name);
@@ -820,6 +884,7 @@ static void gather_scatter_check(cuda_ctx *ctx, adapter *ad, const char *what) {
     float *dparams = dev_up(ad->params, 4 * ad->n_params);
     float *grad = xcalloc(ad->n_params, sizeof(float));
     float *dgrad = dev_up(grad, 4 * ad->n_params);
+    float *dgrad3 = dev_up(grad, 4 * ad->n_params);  // the same scatters, up to 3 modules a launch
     int L = ad->model.n_layers, rk = ad->rank, l = lowrank_map_shards(ad);
     int64_t *offA = xmalloc(sizeof(int64_t) * (size_t)rk * l), *offB = xmalloc(sizeof(int64_t) * (size_t)rk * l);
     float *scale = xmalloc(sizeof(float) * (size_t)rk);
@@ -830,7 +895,10 @@ static void gather_scatter_check(cuda_ctx *ctx, adapter *ad, const char *what) {
     float **cA = xcalloc((size_t)L * MOD_COUNT, sizeof *cA), **cB = xcalloc((size_t)L * MOD_COUNT, sizeof *cB);
     int nj = 0;
     int64_t nmax = 0;
-    for (int li = 0; li < L; li++)
+    for (int li = 0; li < L; li++) {
+        lowrank_map lm[MOD_COUNT];
+        const float *lA[MOD_COUNT], *lB[MOD_COUNT];
+        int nl = 0;
         for (int m = 0; m < MOD_COUNT; m++) {
             if (!adapter_targets(ad, m)) continue;
             int di, dout, hs, lo, sB;
@@ -875,9 +943,14 @@ static void gather_scatter_check(cuda_ctx *ctx, adapter *ad, const char *what) {
             ad->ops->scatter(ad, li, m, fA, fB, grad);
             lowrank_scatter_cuda(ctx, &mp, dfA, dfB, dgrad);
             CK_CUDA(cudaDeviceSynchronize());
+            lm[nl] = mp, lA[nl] = dfA, lB[nl] = dfB, nl++;
             free(gA), free(gB), free(fA), free(fB);
-            cudaFree(dA), cudaFree(dB), cudaFree(dfA), cudaFree(dfB);
+            cudaFree(dA), cudaFree(dB);
         }
+        for (int i = 0; i < nl; i += 3) lowrank_scatter_group_cuda(ctx, lm + i, nl - i < 3 ? nl - i : 3, lA + i, lB + i, dgrad3);
+        CK_CUDA(cudaDeviceSynchronize());
+        for (int i = 0; i < nl; i++) cudaFree((void *)lA[i]), cudaFree((void *)lB[i]);
+    }
     lowrank_gather_job *djobs = dev_up(jobs, sizeof *jobs * (size_t)nj);
     lowrank_gather_batch_cuda(ctx, djobs, nj, nmax, dparams);
     CK_CUDA(cudaDeviceSynchronize());
@@ -898,10 +971,14 @@ static void gather_scatter_check(cuda_ctx *ctx, adapter *ad, const char *what) {
     free(jobs), free(cA), free(cB);
     float *got = down_f32(dgrad, ad->n_params);
     ck_assert_msg(memcmp(got, grad, 4 * ad->n_params) == 0, "%s: scattered gradients differ from the CPU", what);
+    free(got);
+    got = down_f32(dgrad3, ad->n_params);
+    ck_assert_msg(memcmp(got, grad, 4 * ad->n_params) == 0, "%s: scattered gradients (3 modules a launch) differ from the CPU",
+                  what);
     fprintf(stderr, "adapter %-26s gather (one map, all maps) and scatter bit-identical (%zu params, %d maps)\n", what,
             ad->n_params, nj);
     free(got), free(grad), free(offA), free(offB), free(scale);
-    cudaFree(dparams), cudaFree(dgrad);
+    cudaFree(dparams), cudaFree(dgrad), cudaFree(dgrad3);
 }
 
 START_TEST(test_adapter_gather_scatter) {
@@ -1375,6 +1452,7 @@ static Suite *kernels_suite(void) {
     tcase_set_timeout(tc, 300);
     tcase_add_test(tc, test_nf4_random);
     tcase_add_test(tc, test_nf4_oracles);
+    tcase_add_test(tc, test_weight_group_fill);
     tcase_add_test(tc, test_gemm);
     tcase_add_test(tc, test_gemm_tune);
     tcase_add_test(tc, test_rmsnorm);
