@@ -166,58 +166,70 @@ __device__ __forceinline__ float nf4_block_scale(const nf4_cuda_tensor &t, int64
                      t.offset);
 }
 
-// 8 elements (4 packed bytes, one 16-byte store) a group, NF4_DQ_GROUPS groups a thread: group j of
-// thread i of a block is group (block * NF4_DQ_GROUPS + j) * 256 + i, so that a warp's loads and stores
-// stay contiguous, and the thread's loads are in flight together. ncu, a 6-layer 7B step's 74 launches
-// (H100): 1 group a thread 2.32 ms, 2: 2.04, 4: 2.12 (2.05 forced to 32 registers, with a spill), 8:
-// 2.41; a 7B module of 45M weights 48.2 -> 41.6 us with 2 (2.3 -> 2.7 TB/s counting what is read and
-// written). The step with 4: 7B 422.8 -> 418.6 ms, 3B 225.3 -> 221.5 (two interleaved pairs each).
-// numel % 8 == 0 and `out` 16-byte aligned. The code table sits in shared memory: the 16 entries are
-// read at thread-dependent indices, which __constant__ memory would serialize (one address a warp).
-#define NF4_DQ_GROUPS 2
-// Block `blk` of a tensor's dequantization into out (row stride ldo); code: the table in shared memory.
+// 8 elements (4 packed bytes, one 16-byte store) a group, NF4_DQ_GROUPS (4) groups a thread: warp w of
+// block blk takes the 128 groups from (blk * 8 + w) * 128, lane i the groups i, i + 32, i + 64, i + 96, so
+// that each load and store instruction of a warp is contiguous. The work a group is kept small (ncu, a 3B
+// gate|up group of 50M weights: 29.7M -> 17.5M warp instructions and 54.7 -> 50.7 us against the previous
+// layout of 2 groups a thread with a scale and a division each and two table reads a byte):
+//   - a packed byte's two values come from one 8-byte entry of a 256-entry table in shared memory
+//     ({code[hi], code[lo]}), are scaled with two multiplies and rounded with one bf16x2 conversion;
+//   - a warp's 128 groups share 16 absmax blocks: lanes 0-15 compute one scale each and the groups take
+//     theirs with a shuffle;
+//   - the row and column come from one division a thread, then step by 256 elements.
+// numel % 8 == 0, out 16-byte aligned, blockDim.x == 256.
+#define NF4_DQ_GROUPS 4
+
+// The pair table of nf4_dequant8_block, by the block's 256 threads (a barrier follows in the caller).
+__device__ __forceinline__ void nf4_pair_table(float2 *pair) {
+    pair[threadIdx.x] = make_float2(c_nf4_code[threadIdx.x >> 4], c_nf4_code[threadIdx.x & 15]);
+}
+
+// Block `blk` of a tensor's dequantization into out (row stride ldo); pair: nf4_pair_table's.
 __device__ __forceinline__ void nf4_dequant8_block(const nf4_cuda_tensor &t, bf16 *__restrict__ out, int64_t ldo,
-                                                   int64_t blk, const float *code) {
-    int64_t n_groups = t.numel / 8, g0 = blk * NF4_DQ_GROUPS * blockDim.x + threadIdx.x;
+                                                   int64_t blk, const float2 *pair) {
+    int lane = threadIdx.x & 31;
+    int64_t n_groups = t.numel / 8, base = (blk * 8 + (threadIdx.x >> 5)) * 128;  // the warp's first group
+    if (base >= n_groups) return;  // warp-uniform: the shuffles below see every lane
     uint32_t word[NF4_DQ_GROUPS];
-    float s[NF4_DQ_GROUPS];
 #pragma unroll
     for (int j = 0; j < NF4_DQ_GROUPS; j++) {
-        int64_t g = g0 + (int64_t)j * blockDim.x;
-        if (g < n_groups) {
-            word[j] = __ldg((const unsigned int *)(t.packed + g * 4));
-            s[j] = nf4_block_scale(t, g * 8 / NF4_BLOCK);
-        }
+        int64_t g = base + lane + 32 * j;
+        word[j] = g < n_groups ? __ldg((const unsigned int *)(t.packed + g * 4)) : 0u;
+    }
+    int64_t sb = base / (NF4_BLOCK / 8) + (lane & 15);  // absmax block of lane's scale
+    float s_lane = lane < 16 && sb * (NF4_BLOCK / 8) < n_groups ? nf4_block_scale(t, sb) : 0.0f;
+    int64_t row, col, e = (base + lane) * 8;
+    if (t.numel <= 0x7fffffff) {  // 32-bit division: a 64-bit one costs more than the rest of the work
+        uint32_t cols = (uint32_t)t.cols;
+        row = (uint32_t)e / cols;
+        col = (uint32_t)e - (uint32_t)row * cols;
+    } else {
+        row = e / t.cols;
+        col = e % t.cols;
     }
 #pragma unroll
     for (int j = 0; j < NF4_DQ_GROUPS; j++) {
-        int64_t g = g0 + (int64_t)j * blockDim.x;
-        if (g >= n_groups) break;
-        __align__(16) bf16 v[8];
+        float s = __shfl_sync(0xffffffffu, s_lane, (lane >> 3) + 4 * j);  // group lane + 32 j: block (lane + 32 j) / 8
+        if (base + lane + 32 * j < n_groups) {
+            uint32_t v[4];
 #pragma unroll
-        for (int k = 0; k < 4; k++) {
-            uint32_t byte = (word[j] >> (8 * k)) & 0xff;
-            v[2 * k] = __float2bfloat16_rn(__fmul_rn(code[byte >> 4], s[j]));
-            v[2 * k + 1] = __float2bfloat16_rn(__fmul_rn(code[byte & 15], s[j]));
+            for (int k = 0; k < 4; k++) {
+                float2 c = pair[(word[j] >> (8 * k)) & 0xff];
+                __nv_bfloat162 h = __floats2bfloat162_rn(__fmul_rn(c.x, s), __fmul_rn(c.y, s));
+                memcpy(&v[k], &h, 4);
+            }
+            *(uint4 *)(out + row * ldo + col) = make_uint4(v[0], v[1], v[2], v[3]);
         }
-        int64_t row, col;
-        if (t.numel <= 0x7fffffff) {  // 32-bit division: a 64-bit one costs more than the rest of the group
-            uint32_t i = (uint32_t)(g * 8), cols = (uint32_t)t.cols;
-            row = i / cols;
-            col = i - (uint32_t)row * cols;
-        } else {
-            row = g * 8 / t.cols;
-            col = g * 8 % t.cols;
-        }
-        *(uint4 *)(out + row * ldo + col) = *(const uint4 *)v;
+        col += 256;  // the next group of this lane: 32 groups on
+        while (col >= t.cols) col -= t.cols, row++;
     }
 }
 
 __global__ void __launch_bounds__(256) nf4_dequant8_kernel(nf4_cuda_tensor t, bf16 *__restrict__ out, int64_t ldo) {
-    __shared__ float code[16];
-    if (threadIdx.x < 16) code[threadIdx.x] = c_nf4_code[threadIdx.x];
+    __shared__ float2 pair[256];
+    nf4_pair_table(pair);
     __syncthreads();
-    nf4_dequant8_block(t, out, ldo, blockIdx.x, code);
+    nf4_dequant8_block(t, out, ldo, blockIdx.x, pair);
 }
 
 // The pieces of one weight_group_fill_cuda launch: piece i takes blocks [blk0[i], blk0[i + 1]).
@@ -238,15 +250,15 @@ typedef struct {
 // Blocks of 256 threads: an NF4 piece's as nf4_dequant8_kernel's, a bf16 block's one 16-byte vector a
 // thread. A block belongs to one piece, so the branch is uniform.
 __global__ void __launch_bounds__(256) weight_fill_kernel(weight_fill_args a) {
-    __shared__ float code[16];
-    if (threadIdx.x < 16) code[threadIdx.x] = c_nf4_code[threadIdx.x];
+    __shared__ float2 pair[256];
+    nf4_pair_table(pair);
     __syncthreads();
     int i = 0;
     while (i + 1 < a.n && (int64_t)blockIdx.x >= a.blk0[i + 1]) i++;
     const wf_piece &p = a.p[i];
     int64_t blk = blockIdx.x - a.blk0[i];
     if (p.nf4) {
-        nf4_dequant8_block(p.t, p.dst, a.ld, blk, code);
+        nf4_dequant8_block(p.t, p.dst, a.ld, blk, pair);
         return;
     }
     int64_t v = blk * blockDim.x + threadIdx.x, vpr = p.cols / 8;
