@@ -657,7 +657,14 @@ __global__ void __launch_bounds__(128, 4) lowrank_dropout_h_kernel(float *part, 
 // exp/swiglu-tiles: backward 0.39, forward 0.23). The copy and elementwise loops run a fixed number of
 // rounds (SW_NT threads, unrolled): the backward fits 80 registers (103 before) and 3 blocks a
 // multiprocessor instead of 2, the forward 64 (4 blocks); ncu, a 3B layer: backward 294 -> 289 us, DRAM
-// at 67 % either way (the forward 177 us, unchanged).
+// at 67 % either way (the forward 177 us, unchanged). The kernel moves the bytes of the plain elementwise
+// kernels (ncu) at 67 % of DRAM bandwidth against their 89 % (a 3B layer: forward 176 against 130 us,
+// backward 288 against 218), and none of these changed that (docs/BENCHMARKS.md, fourteenth session):
+// 27 % fewer instructions (each thread's tile rows and columns fixed over the chunks: the same time, so
+// not issue-bound), three copy stages instead of two, 4 to 16 splits, an L2 prefetch of 256 bytes a copy
+// or of each row's next 8 chunks, splits taking every splits-th chunk (a token block's splits reading
+// neighbouring runs together). A probe of the plain kernel walking like this one (64 rows x 64 columns a
+// chunk, blocks looping over chunks) lands at 73 % too: the walk itself, many rows open at once, is the cost.
 #define SW_T 64           // tokens per block
 #define SW_K 64           // columns of I per chunk
 #define SW_LD (SW_K + 8)  // row stride of the tiles
