@@ -1102,9 +1102,9 @@ static void swiglu_lowrank_launch(cuda_ctx *ctx, float *part, size_t part_floats
     int rows = ceil_div_i(T, SW_T), n_chunks = ceil_div_i(I, SW_K);
     int splits = wave_splits(ctx, swiglu_lowrank_kernel<BWD>,
                              BWD ? sw_smem_bytes(1, 0, SW_R, 1) : sw_smem_bytes(0, SW_R, 0, 0), smem, rows, n_chunks,
-                             (size_t)(T * R), part, part_floats, 256);
+                             (size_t)(T * R), part, part_floats, SW_NT);
     dim3 grid((unsigned)rows, (unsigned)splits);
-    swiglu_lowrank_kernel<BWD><<<grid, 256, smem, ctx->stream>>>(splits > 1 ? part : NULL, gu, ldgu, gout, out, ldo, h,
+    swiglu_lowrank_kernel<BWD><<<grid, SW_NT, smem, ctx->stream>>>(splits > 1 ? part : NULL, gu, ldgu, gout, out, ldo, h,
                                                                  ldh, M, R, r, c_gate, c_up, T, I, n_chunks, splits,
                                                                  dx ? *dx : none);
     CUDA_LAUNCH_CHECK();

@@ -234,11 +234,8 @@ __global__ void __launch_bounds__(256) nf4_dequant8_kernel(nf4_cuda_tensor t, bf
 
 // The pieces of one weight_group_fill_cuda launch: piece i takes blocks [blk0[i], blk0[i + 1]).
 typedef struct {
-    nf4_cuda_tensor t;  // nf4: the tensor (by value: the launch's parameters carry it)
-    const bf16 *src;
-    int64_t lds, rows, cols;
-    bf16 *dst;
-    int nf4;
+    weight_piece w;     // w.t (a host address) says only whether it is an NF4 piece
+    nf4_cuda_tensor t;  // that tensor, by value: the launch's parameters carry it
 } wf_piece;
 typedef struct {
     wf_piece p[WEIGHT_PIECES_MAX];
@@ -255,10 +252,10 @@ __global__ void __launch_bounds__(256) weight_fill_kernel(weight_fill_args a) {
     __syncthreads();
     int i = 0;
     while (i + 1 < a.n && (int64_t)blockIdx.x >= a.blk0[i + 1]) i++;
-    const wf_piece &p = a.p[i];
+    const weight_piece &p = a.p[i].w;
     int64_t blk = blockIdx.x - a.blk0[i];
-    if (p.nf4) {
-        nf4_dequant8_block(p.t, p.dst, a.ld, blk, pair);
+    if (p.t) {
+        nf4_dequant8_block(a.p[i].t, p.dst, a.ld, blk, pair);
         return;
     }
     int64_t v = blk * blockDim.x + threadIdx.x, vpr = p.cols / 8;
@@ -322,14 +319,8 @@ extern "C" void weight_group_fill_cuda(cudaStream_t st, const weight_piece *p, i
     }
     int64_t blocks = 0;
     for (int i = 0; i < n; i++) {
-        wf_piece *q = &a.p[a.n];
-        if (p[i].t) q->t = *p[i].t;
-        q->nf4 = p[i].t != NULL;
-        q->src = p[i].src;
-        q->lds = p[i].lds;
-        q->rows = p[i].rows;
-        q->cols = p[i].cols;
-        q->dst = p[i].dst;
+        a.p[a.n].w = p[i];
+        if (p[i].t) a.p[a.n].t = *p[i].t;
         a.blk0[a.n] = blocks;
         int64_t nb = p[i].t ? ceil_div_i(p[i].t->numel / 8, 256 * NF4_DQ_GROUPS) : ceil_div_i(p[i].rows * (p[i].cols / 8), 256);
         if (nb == 0) continue;

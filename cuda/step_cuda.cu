@@ -546,24 +546,23 @@ static void adapter_h(backend *be, const dims *d, int l, int g, bf16 *x, int64_t
 // are done.
 static void ad_scatter(cuda_impl *c, const ad_lane *ln, const cuda_adapter_group *ag, int l, int i0, int n, const float *gA,
                        int64_t sA, const float *gB) {
-    int r = c->rank, di = ag->d_in;
+    int r = c->rank;
+    const float *pa[3], *pb[3];
+    for (int i = 0; i < n; i++) {
+        pa[i] = gA + i * sA;
+        pb[i] = gB + (int64_t)ag->row_off[i0 + i] * ag->R + (i0 + i) * r;
+    }
     if (!c->peer) {
-        const float *pa[3], *pb[3];
-        for (int i = i0; i < i0 + n; i++) {
-            pa[i - i0] = gA + (i - i0) * sA;
-            pb[i - i0] = gB + (int64_t)ag->row_off[i] * ag->R + i * r;
-        }
         lowrank_scatter_group_cuda(ln->ctx, &ag->map[l * 3 + i0], n, pa, pb, c->grad);
         return;
     }
     MOSFT_ASSERT(ln->ctx == c->ctx);  // the peers' copies are ordered on the main stream (no side lane)
-    for (int i = i0; i < i0 + n; i++) {
-        float *dst = c->h_dfac + c->dense_off[l * MOD_COUNT + ag->mod[i]];
-        CUDA_CHECK(cudaMemcpyAsync(dst, gA + (i - i0) * sA, sizeof(float) * (size_t)r * di, cudaMemcpyDeviceToHost,
-                                   c->ctx->stream));
-        CUDA_CHECK(cudaMemcpy2DAsync(dst + (size_t)r * di, sizeof(float) * (size_t)r, gB + (int64_t)ag->row_off[i] * ag->R + i * r,
-                                     sizeof(float) * (size_t)ag->R, sizeof(float) * (size_t)r, (size_t)ag->d_out_m[i],
-                                     cudaMemcpyDeviceToHost, c->ctx->stream));
+    for (int i = 0; i < n; i++) {
+        float *dst = c->h_dfac + c->dense_off[l * MOD_COUNT + ag->mod[i0 + i]];
+        CUDA_CHECK(cudaMemcpyAsync(dst, pa[i], sizeof(float) * (size_t)r * ag->d_in, cudaMemcpyDeviceToHost, c->ctx->stream));
+        CUDA_CHECK(cudaMemcpy2DAsync(dst + (size_t)r * ag->d_in, sizeof(float) * (size_t)r, pb[i], sizeof(float) * (size_t)ag->R,
+                                     sizeof(float) * (size_t)r, (size_t)ag->d_out_m[i0 + i], cudaMemcpyDeviceToHost,
+                                     c->ctx->stream));
     }
 }
 
