@@ -41,9 +41,32 @@ __device__ __forceinline__ void load_g8(const float *g, float *f) {
 }
 __device__ __forceinline__ void load_g8(const bf16 *g, float *f) { load_bf16<8>(g, f); }
 
-// dL/dx_j = r w_j g_j - (r^3 / C) x_j sum_i g_i w_i x_i
+// The residual stream's gradient dL/dx is held as a pair of bf16 tensors, hi + lo: hi = bf16(dL/dx) is
+// what the next input-gradient GEMM reads (row stride ldh: the adapter's columns ride beside it) and lo =
+// bf16(dL/dx - hi) the rest, so the pair keeps ~17 bits of the sum (an fp32 copy would cost 8 bytes an
+// element of traffic a norm instead of 4; both halves are read and written). hi + lo is exact in fp32.
+__device__ __forceinline__ void split_store8(bf16 *hi, bf16 *lo, const float *o) {
+    float l[8];
+    __align__(16) bf16 h[8];
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+        h[k] = __float2bfloat16_rn(o[k]);
+        l[k] = o[k] - __bfloat162float(h[k]);
+    }
+    *(uint4 *)hi = *(const uint4 *)h;
+    store_bf16<8>(lo, l);
+}
+__device__ __forceinline__ void load_pair8(const bf16 *hi, const bf16 *lo, float *o) {
+    float l[8];
+    load_bf16<8>(hi, o);
+    load_bf16<8>(lo, l);
+#pragma unroll
+    for (int k = 0; k < 8; k++) o[k] += l[k];
+}
+
+// dL/dx_j = r w_j g_j - (r^3 / C) x_j sum_i g_i w_i x_i, added to hi + lo (acc) or written there (!acc).
 template <typename TG>
-__global__ void rmsnorm_backward_kernel(float *ginp, bf16 *ginp_bf16, int64_t ldb, const TG *__restrict__ gout,
+__global__ void rmsnorm_backward_kernel(bf16 *ghi, int64_t ldh, bf16 *glo, int acc, const TG *__restrict__ gout,
                                         const bf16 *__restrict__ inp, const float *__restrict__ w,
                                         const float *__restrict__ rstd, int C) {
     int64_t t = blockIdx.x;
@@ -60,17 +83,15 @@ __global__ void rmsnorm_backward_kernel(float *ginp, bf16 *ginp_bf16, int64_t ld
     dot = block_sum(dot);
     float r = rstd[t];
     float coef = r * r * r * dot / (float)C;
-    float *gx = ginp + t * C;
+    bf16 *hi = ghi + t * ldh, *lo = glo + t * C;
     for (int c = threadIdx.x * 8; c < C; c += blockDim.x * 8) {
-        float f[8], o[8], gv[8];
+        float f[8], o[8] = {}, gv[8];
         load_bf16<8>(x + c, f);
         load_g8(g + c, gv);
+        if (acc) load_pair8(hi + c, lo + c, o);
 #pragma unroll
-        for (int k = 0; k < 8; k++) {
-            o[k] = gx[c + k] + (r * (w[c + k] * gv[k]) - coef * f[k]);
-            gx[c + k] = o[k];
-        }
-        if (ginp_bf16) store_bf16<8>(ginp_bf16 + t * ldb + c, o);
+        for (int k = 0; k < 8; k++) o[k] = o[k] + (r * (w[c + k] * gv[k]) - coef * f[k]);
+        split_store8(hi + c, lo + c, o);
     }
 }
 
@@ -112,7 +133,7 @@ __global__ void __launch_bounds__(128) rmsnorm_forward_reg_kernel(bf16 *out, int
 }
 
 template <int NV, typename TG>
-__global__ void __launch_bounds__(128) rmsnorm_backward_reg_kernel(float *ginp, bf16 *ginp_bf16, int64_t ldb,
+__global__ void __launch_bounds__(128) rmsnorm_backward_reg_kernel(bf16 *ghi, int64_t ldh, bf16 *glo, int acc,
                                                                    const TG *__restrict__ gout,
                                                                    const bf16 *__restrict__ inp,
                                                                    const float *__restrict__ w,
@@ -141,18 +162,16 @@ __global__ void __launch_bounds__(128) rmsnorm_backward_reg_kernel(float *ginp, 
     dot = block_sum(dot);
     float r = rstd[t];
     float coef = r * r * r * dot / (float)C;
-    float *gx = ginp + t * C;
+    bf16 *hi = ghi + t * ldh, *lo = glo + t * C;
 #pragma unroll
     for (int v = 0; v < NV; v++) {
         int c = (v * blockDim.x + threadIdx.x) * 8;
         if (c < C) {
-            float4 a0 = *(const float4 *)(gx + c), a1 = *(const float4 *)(gx + c + 4);
-            float o[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+            float o[8] = {};
+            if (acc) load_pair8(hi + c, lo + c, o);
 #pragma unroll
             for (int k = 0; k < 8; k++) o[k] = o[k] + (r * gw[v][k] - coef * xf[v][k]);
-            *(float4 *)(gx + c) = make_float4(o[0], o[1], o[2], o[3]);
-            *(float4 *)(gx + c + 4) = make_float4(o[4], o[5], o[6], o[7]);
-            if (ginp_bf16) store_bf16<8>(ginp_bf16 + t * ldb + c, o);
+            split_store8(hi + c, lo + c, o);
         }
     }
 }
@@ -254,29 +273,29 @@ extern "C" void rmsnorm_forward_cuda(cuda_ctx *ctx, bf16 *out, int64_t ldo, floa
 }
 
 template <typename TG>
-static void rmsnorm_backward_launch(cudaStream_t st, float *ginp, bf16 *ginp_bf16, int64_t ldb, const TG *gout,
+static void rmsnorm_backward_launch(cudaStream_t st, bf16 *ghi, int64_t ldh, bf16 *glo, int acc, const TG *gout,
                                     const bf16 *inp, const float *weight, const float *rstd, int64_t T, int C) {
     int th = row_threads(C);
     switch (row_vectors(C, th)) {
-#define RN_CASE(n)                                                                                                       \
-    case n:                                                                                                              \
-        rmsnorm_backward_reg_kernel<n, TG><<<(unsigned)T, th, 0, st>>>(ginp, ginp_bf16, ldb, gout, inp, weight, rstd, C); \
+#define RN_CASE(n)                                                                                                  \
+    case n:                                                                                                         \
+        rmsnorm_backward_reg_kernel<n, TG><<<(unsigned)T, th, 0, st>>>(ghi, ldh, glo, acc, gout, inp, weight, rstd, C); \
         break;
         RN_CASE(1) RN_CASE(2) RN_CASE(3) RN_CASE(4) RN_CASE(5) RN_CASE(6) RN_CASE(7) RN_CASE(8)
 #undef RN_CASE
-    default: rmsnorm_backward_kernel<TG><<<(unsigned)T, th, 0, st>>>(ginp, ginp_bf16, ldb, gout, inp, weight, rstd, C); break;
+    default: rmsnorm_backward_kernel<TG><<<(unsigned)T, th, 0, st>>>(ghi, ldh, glo, acc, gout, inp, weight, rstd, C); break;
     }
 }
 
-extern "C" void rmsnorm_backward_cuda(cuda_ctx *ctx, float *ginp, bf16 *ginp_bf16, int64_t ldb, const void *gout,
+extern "C" void rmsnorm_backward_cuda(cuda_ctx *ctx, bf16 *ghi, int64_t ldh, bf16 *glo, int acc, const void *gout,
                                       int gout_f32, const bf16 *inp, const float *weight, const float *rstd, int64_t T,
                                       int C) {
-    MOSFT_ASSERT(C % 8 == 0 && ldb % 8 == 0);
+    MOSFT_ASSERT(C % 8 == 0 && ldh % 8 == 0);
     if (T == 0) return;
     if (gout_f32)
-        rmsnorm_backward_launch(ctx->stream, ginp, ginp_bf16, ldb, (const float *)gout, inp, weight, rstd, T, C);
+        rmsnorm_backward_launch(ctx->stream, ghi, ldh, glo, acc, (const float *)gout, inp, weight, rstd, T, C);
     else
-        rmsnorm_backward_launch(ctx->stream, ginp, ginp_bf16, ldb, (const bf16 *)gout, inp, weight, rstd, T, C);
+        rmsnorm_backward_launch(ctx->stream, ghi, ldh, glo, acc, (const bf16 *)gout, inp, weight, rstd, T, C);
     CUDA_LAUNCH_CHECK();
 }
 

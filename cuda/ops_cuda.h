@@ -118,9 +118,10 @@ void fill_normal_f32_cuda(cuda_ctx *ctx, float *dst, int64_t n, uint64_t key, fl
 // inp[T][C].
 void rmsnorm_forward_cuda(cuda_ctx *ctx, bf16 *out, int64_t ldo, float *rstd, const bf16 *inp, const float *weight,
                           int64_t T, int C, float eps);
-// ginp[T][C] (fp32) += d/dinp of sum(gout * out); gout[T][C] fp32 (gout_f32) or bf16; ginp_bf16 (NULL or
-// [T][C]) receives a bf16 copy of the updated ginp (the next GEMM's operand).
-void rmsnorm_backward_cuda(cuda_ctx *ctx, float *ginp, bf16 *ginp_bf16, int64_t ldb, const void *gout, int gout_f32,
+// dL/dinp (= d/dinp of sum(gout * out)) added to the pair ghi + glo (acc) or written there (acc = 0). The
+// pair holds an fp32 gradient in two bf16 halves: ghi[T][C] (row stride ldh) = bf16(value), the next GEMM's
+// operand; glo[T][C] = bf16(value - ghi). gout[T][C] fp32 (gout_f32) or bf16.
+void rmsnorm_backward_cuda(cuda_ctx *ctx, bf16 *ghi, int64_t ldh, bf16 *glo, int acc, const void *gout, int gout_f32,
                            const bf16 *inp, const float *weight, const float *rstd, int64_t T, int C);
 // SwiGLU on the fused gate|up output gu[T][2I] (gate in columns [0, I), up in [I, 2I)):
 // out[T][I] (row stride ldo) = silu(gate) * up; gu with row stride ldgu.

@@ -41,6 +41,14 @@ def main():
     busy += cur_e - cur_s
     print(f"step: {(t1 - t0) / 1e6:.2f} ms wall, {len(step)} operations, "
           f"no stream busy for {(t1 - t0 - busy) / 1e6:.2f} ms")
+    idle, last = [], None  # (length, previous op, next op) of each time no stream ran, over 10 us
+    for o in step:
+        if last is not None and o[0] - last[1] > 10000:
+            idle.append((o[0] - last[1], last[4][:60], o[4][:60]))
+        if last is None or o[1] > last[1]:
+            last = o
+    for g, a, b in sorted(idle, reverse=True)[:8]:
+        print(f"  idle {g / 1e3:8.1f} us after {a} | before {b}")
     streams = collections.defaultdict(list)
     for o in step:
         streams[o[2]].append(o)
@@ -58,6 +66,16 @@ def main():
         if lead:
             print(f"stream {order[0]}: kernel start - its launch call's return: median {lead[len(lead) // 2] / 1e3:.1f} us, "
                   f"under 3 us (the host late) for {sum(1 for x in lead if x < 3000)} of {len(lead)}")
+    main = streams[order[0]]
+    by_next = collections.defaultdict(lambda: [0, 0])
+    for a, b in zip(main, main[1:]):
+        g = b[0] - a[1]
+        if 0 <= g < 20000:
+            by_next[b[4][:60]][0] += g
+            by_next[b[4][:60]][1] += 1
+    print(f"== stream {order[0]}: gaps under 20 us by the operation after them")
+    for name, (g, n) in sorted(by_next.items(), key=lambda x: -x[1][0])[:top // 3 if top > 0 else 0]:
+        print(f"{g / 1e6:9.3f} ms {n:6d}x  (mean {g / n / 1e3:.1f} us)  {name}")
     for sid in order if top > 0 else []:
         agg = collections.defaultdict(lambda: [0, 0])
         for o in streams[sid]:

@@ -419,6 +419,13 @@ END_TEST
 
 // ---- norms, activations, embedding -----------------------------------------------------------------
 
+// Overwrite device bf16 memory d[n] with x.
+static void up_bf16(void *d, const float *x, size_t n) {
+    uint16_t *h = to_bf16(x, n);
+    CK_CUDA(cudaMemcpy(d, h, 2 * n, cudaMemcpyHostToDevice));
+    free(h);
+}
+
 START_TEST(test_rmsnorm) {
     cuda_ctx *ctx = ctx_new();
     rng_state r;
@@ -429,12 +436,19 @@ START_TEST(test_rmsnorm) {
         int C = Cs[ci];
         size_t n = (size_t)(T * C);
         float *x = rnd_bf16(&r, n, 1.5f), *w = rnd_bf16(&r, (size_t)C, 1.0f), *g = rnd_bf16(&r, n, 0.3f);
-        float *gx0 = rnd_bf16(&r, n, 0.2f);
+        // the held gradient as the kernel keeps it: hi = bf16(v), lo = bf16(v - hi) of an fp32 v
+        float *v0 = xmalloc(sizeof(float) * n), *hi0 = xmalloc(sizeof(float) * n), *lo0 = xmalloc(sizeof(float) * n);
+        for (size_t i = 0; i < n; i++) {
+            v0[i] = 0.2f * rnd_normal(&r);
+            hi0[i] = bf16_round(v0[i]);
+            lo0[i] = bf16_round(v0[i] - hi0[i]);
+        }
         float *y = xmalloc(sizeof(float) * n), *rs = xmalloc(sizeof(float) * (size_t)T);
         rmsnorm_forward_cpu(y, rs, x, w, T, C, 1e-5f);
-        float *gx = xmalloc(sizeof(float) * n);
-        memcpy(gx, gx0, sizeof(float) * n);
+        float *gx = xmalloc(sizeof(float) * n), *gn = xcalloc(n, sizeof(float));  // += onto the pair / alone
+        for (size_t i = 0; i < n; i++) gx[i] = hi0[i] + lo0[i];
         rmsnorm_backward_cpu(gx, g, x, w, rs, T, C, 1e-5f);
+        rmsnorm_backward_cpu(gn, g, x, w, rs, T, C, 1e-5f);
         int64_t ld = C + 16;  // a row stride wider than the row (the adapter's h rides there)
         void *dx = dev_bf16(x, n), *dy = dev_alloc(2 * (size_t)(T * ld));
         float *dw = dev_up(w, sizeof(float) * (size_t)C), *drs = dev_alloc(sizeof(float) * (size_t)T);
@@ -443,25 +457,39 @@ START_TEST(test_rmsnorm) {
         for (int64_t t = 0; t < T; t++) memcpy(gy + t * C, gyl + t * ld, sizeof(float) * (size_t)C);
         ck_assert(close_enough("rmsnorm fwd out (bf16)", gy, y, n, 1e-3 * max_abs(y, n), RT));
         ck_assert(close_enough("rmsnorm fwd rstd", grs, rs, (size_t)T, 0, 1e-5));
-        float *dg = dev_up(g, sizeof(float) * n), *dgx = dev_up(gx0, sizeof(float) * n);
-        void *dgxb = dev_alloc(2 * (size_t)(T * ld));
-        rmsnorm_backward_cuda(ctx, dgx, dgxb, ld, dg, 1, dx, dw, drs, T, C);
-        float *ggx = down_f32(dgx, n), *ggxbl = down_bf16(dgxb, (size_t)(T * ld)), *ggxb = xmalloc(sizeof(float) * n);
-        for (int64_t t = 0; t < T; t++) memcpy(ggxb + t * C, ggxbl + t * ld, sizeof(float) * (size_t)C);
-        free(gyl), free(ggxbl);
-        ck_assert(close_enough("rmsnorm bwd gin (f32, +=)", ggx, gx, n, 1e-5 * max_abs(gx, n), 1e-4));
-        ck_assert(close_enough("rmsnorm bwd gin bf16 copy", ggxb, gx, n, 1e-5 * max_abs(gx, n), RT));
-        // the output gradient in bf16 (what the layers' input-gradient GEMMs write): g is bf16-exact, so
-        // the same result
-        void *dgb = dev_bf16(g, n);
-        CK_CUDA(cudaMemcpy(dgx, gx0, sizeof(float) * n, cudaMemcpyHostToDevice));
-        rmsnorm_backward_cuda(ctx, dgx, NULL, ld, dgb, 0, dx, dw, drs, T, C);
-        free(ggx);
-        ggx = down_f32(dgx, n);
-        ck_assert(close_enough("rmsnorm bwd gin (bf16 gout, +=)", ggx, gx, n, 1e-5 * max_abs(gx, n), 1e-4));
-        cudaFree(dgb);
-        free(x), free(w), free(g), free(gx0), free(y), free(rs), free(gx), free(gy), free(grs), free(ggx), free(ggxb);
-        cudaFree(dx), cudaFree(dy), cudaFree(dw), cudaFree(drs), cudaFree(dg), cudaFree(dgx), cudaFree(dgxb);
+        free(gyl);
+        float *hil = xcalloc((size_t)(T * ld), sizeof(float));  // hi0 in rows of ld
+        for (int64_t t = 0; t < T; t++) memcpy(hil + t * ld, hi0 + t * C, sizeof(float) * (size_t)C);
+        float *dg = dev_up(g, sizeof(float) * n);
+        void *dgb = dev_bf16(g, n), *dlo = dev_bf16(lo0, n), *dhi = dev_bf16(hil, (size_t)(T * ld));
+        // fp32 output gradient (the lm_head's) and bf16 (the layers' input-gradient GEMMs': g is bf16-exact,
+        // so the same result), added to the held pair or written alone
+        for (int k = 0; k < 3; k++) {
+            int f32 = k != 1, acc = k < 2;
+            const float *want = acc ? gx : gn;
+            rmsnorm_backward_cuda(ctx, dhi, ld, dlo, acc, f32 ? (const void *)dg : dgb, f32, dx, dw, drs, T, C);
+            float *ghl = down_bf16(dhi, (size_t)(T * ld)), *glo = down_bf16(dlo, n), *ghi = xmalloc(sizeof(float) * n),
+                  *gv = xmalloc(sizeof(float) * n);
+            for (int64_t t = 0; t < T; t++) memcpy(ghi + t * C, ghl + t * ld, sizeof(float) * (size_t)C);
+            int split = 1;
+            for (size_t i = 0; i < n; i++) {
+                gv[i] = ghi[i] + glo[i];
+                split &= fabsf(glo[i]) <= fabsf(ghi[i]) * (1.0f / 256);  // at most half a bf16 step of hi
+            }
+            const char *what[3] = {"rmsnorm bwd hi + lo (f32 gout, +=)", "rmsnorm bwd hi + lo (bf16 gout, +=)",
+                                   "rmsnorm bwd hi + lo (f32 gout, written)"};
+            ck_assert_msg(split, "%s: lo is more than half a bf16 step of hi", what[k]);
+            ck_assert(close_enough(what[k], gv, want, n, 1e-5 * max_abs(want, n), 1e-4));
+            ck_assert(close_enough("rmsnorm bwd hi (the GEMM operand)", ghi, want, n, 1e-5 * max_abs(want, n), RT));
+            for (int64_t t = 0; t < T; t++)  // the columns beside the row are left alone
+                for (int64_t j = C; j < ld; j++) ck_assert(ghl[t * ld + j] == 0.0f);
+            free(ghl), free(glo), free(ghi), free(gv);
+            up_bf16(dhi, hil, (size_t)(T * ld));  // the held pair again for the next case
+            up_bf16(dlo, lo0, n);
+        }
+        free(x), free(w), free(g), free(v0), free(hi0), free(lo0), free(hil), free(y), free(rs), free(gx), free(gn), free(gy),
+            free(grs);
+        cudaFree(dx), cudaFree(dy), cudaFree(dw), cudaFree(drs), cudaFree(dg), cudaFree(dgb), cudaFree(dlo), cudaFree(dhi);
     }
     cuda_ctx_free(ctx);
 }
