@@ -7,8 +7,10 @@ Takes the last complete step (from one embedding kernel to the next: run `mosft 
 two steps) and prints its wall time, the time no stream had anything running, each stream's busy time
 and the gaps between its consecutive operations (a gap under 20 us is the launch latency between two
 queued operations or a wait on another stream; longer ones are the host not keeping up or a
-synchronization), how far the host's launch calls ran ahead of the kernels on the busiest stream (with
-MOSFT_TRACE_API=1), and each stream's largest kernels.
+synchronization), the stretches with no stream busy, the busiest stream's gaps by the operation after
+them, how far the host's launch calls ran ahead of the kernels on the busiest stream (with
+MOSFT_TRACE_API=1), the busiest stream's kernels alone against beside other streams' work, and each
+stream's largest kernels.
 """
 import collections
 import sys
@@ -76,6 +78,21 @@ def main():
     print(f"== stream {order[0]}: gaps under 20 us by the operation after them")
     for name, (g, n) in sorted(by_next.items(), key=lambda x: -x[1][0])[:top // 3 if top > 0 else 0]:
         print(f"{g / 1e6:9.3f} ms {n:6d}x  (mean {g / n / 1e3:.1f} us)  {name}")
+    # the main stream's kernels by how much of their time other streams' operations ran beside them:
+    # alone (< 10 %) against beside others (> 50 %), mean us each (what the other streams cost them)
+    others = [(o[0], o[1]) for o in step if o[2] != order[0]]
+    ovl = collections.defaultdict(lambda: {"alone": [], "beside": []})
+    for o in main:
+        d = o[1] - o[0]
+        if d <= 0:
+            continue
+        f = sum(min(b, o[1]) - max(a, o[0]) for a, b in others if b > o[0] and a < o[1]) / d
+        if f < 0.1 or f > 0.5:
+            ovl[o[4][:60]]["alone" if f < 0.1 else "beside"].append(d)
+    print(f"== stream {order[0]}: kernels alone / beside other streams (mean us, count)")
+    for name, v in sorted(ovl.items(), key=lambda x: -sum(x[1]["alone"]) - sum(x[1]["beside"]))[:top // 3 if top > 0 else 0]:
+        cell = lambda l: f"{sum(l) / len(l) / 1e3:8.1f} {len(l):4d}x" if l else f"{'-':>8} {0:4d}x"
+        print(f"{cell(v['alone'])} | {cell(v['beside'])}  {name}")
     for sid in order if top > 0 else []:
         agg = collections.defaultdict(lambda: [0, 0])
         for o in streams[sid]:
