@@ -154,7 +154,7 @@ typedef struct {
     float *rstd_f;                 // [T]
     bf16 *qkv;                     // [T][Q+2KV + Rp_qkv] projection output, also gqkv | gh in backward
     bf16 *o_tmp;                   // [B][Hq][S][D] attention output head-major, also dO head-major (GEMM attention only)
-    bf16 *gx;                      // [T][C] dL/d residual stream: its low half (rmsnorm_backward_cuda); gxb the high
+    bf16 *gx_lo;                   // [T][C] dL/d residual stream, low half (rmsnorm_backward_cuda); gxb the high
     bf16 *gxb;                     // [T][C + max(Rp_o, Rp_down)] dL/d residual stream, high half (GEMM operand) | gh
     float *gh;                     // [T][C] dL/d norm output: bf16 in the layers (the input-gradient GEMMs' output), fp32 for dL/dxf after the loss
     bf16 *gbig;                    // [T][max(I, Q)] dL/da or dL/datt

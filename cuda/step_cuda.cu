@@ -165,7 +165,7 @@ void cuda_acts_layout(backend *be, cuda_arena *ar, int B, int S, mem_plan *plan)
     c->xf = BF(T * d.C);
     c->rstd_f = F32(T);
     c->qkv = BF(T * ld.qkv);
-    c->gx = BF(T * d.C);
+    c->gx_lo = BF(T * d.C);
     c->gxb = BF(T * ld.gxb);
     c->gh = F32(T * d.C);
     c->gbig = BF(T * (d.I > d.Q ? d.I : d.Q));
@@ -768,8 +768,9 @@ static void mlp_block_forward(backend *be, const dims *d, int l, bf16 *x_out, co
 }
 
 // (With MOSFT_PROFILE=1 a wait for the side lane counts as "adapter bwd": the joins follow its marks.)
-// c->gx holds dL/dx_out (and c->gxb its bf16 copy) on entry, dL/dx_in on exit (except for layer 0,
-// whose input gradient nothing needs: the q|k|v input-gradient GEMM and the norm backward are skipped).
+// The pair c->gxb (high half, the GEMMs' operand) + c->gx_lo holds dL/dx_out on entry, dL/dx_in on exit
+// (except for layer 0, whose input gradient nothing needs: the q|k|v input-gradient GEMM and the norm
+// backward are skipped).
 static void layer_backward(backend *be, const dims *d, int l, const dropout_ctx *dc) {
     cuda_impl *c = (cuda_impl *)be->impl;
     cuda_acts *a = &c->acts[l];
@@ -798,7 +799,7 @@ static void layer_backward(backend *be, const dims *d, int l, const dropout_ctx 
     adapter_dx_dropout(be, d, l, GRP_GU, a->gu, ld.gu, c->gh, 0, d->C, dc);
     side_join(c, GRP_DOWN);  // the down adapter's weight gradients read gxb
     prof_mark(c, PROF_ELEM);
-    rmsnorm_backward_cuda(ctx, c->gxb, ld.gxb, c->gx, 1, c->gh, 0, a->x_mid, L->mlp_norm, a->rstd2, d->T, d->C);
+    rmsnorm_backward_cuda(ctx, c->gxb, ld.gxb, c->gx_lo, 1, c->gh, 0, a->x_mid, L->mlp_norm, a->rstd2, d->T, d->C);
     // attention: x_mid = x_in + o(attention(rope(q(h1)), rope(k(h1)), v(h1)))
     prof_mark(c, PROF_ADAPTER_BWD);
     K = adapter_grads(be, d, l, GRP_O, a->att, ld.att, c->gxb, ld.gxb, dc, 0);
@@ -824,7 +825,7 @@ static void layer_backward(backend *be, const dims *d, int l, const dropout_ctx 
     adapter_dx_dropout(be, d, l, GRP_QKV, gqkv, ld.qkv, c->gh, 0, d->C, dc);
     side_join(c, GRP_O);  // the o adapter's weight gradients read gxb
     prof_mark(c, PROF_ELEM);
-    rmsnorm_backward_cuda(ctx, c->gxb, ld.gxb, c->gx, 1, c->gh, 0, a->x_in, L->attn_norm, a->rstd1, d->T, d->C);
+    rmsnorm_backward_cuda(ctx, c->gxb, ld.gxb, c->gx_lo, 1, c->gh, 0, a->x_in, L->attn_norm, a->rstd1, d->T, d->C);
 }
 
 // ---- one micro-batch --------------------------------------------------------------------------------
@@ -951,7 +952,7 @@ int cuda_step_run(backend *be, const micro_batch *mb, float loss_scale, const dr
     }
     // backward
     prof_mark(c, PROF_ELEM);
-    rmsnorm_backward_cuda(ctx, c->gxb, lds_of(c, &d).gxb, c->gx, 0, gxf, 1, c->x_final, c->model.final_norm, c->rstd_f, d.T,
+    rmsnorm_backward_cuda(ctx, c->gxb, lds_of(c, &d).gxb, c->gx_lo, 0, gxf, 1, c->x_final, c->model.final_norm, c->rstd_f, d.T,
                           d.C);
     for (int l = d.L - 1; l >= 0; l--) {
         if (c->recompute != RECOMPUTE_NONE) side_join(c, GRP_COUNT);  // recomputation overwrites what the side reads
