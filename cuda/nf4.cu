@@ -225,13 +225,6 @@ __device__ __forceinline__ void nf4_dequant8_block(const nf4_cuda_tensor &t, bf1
     }
 }
 
-__global__ void __launch_bounds__(256) nf4_dequant8_kernel(nf4_cuda_tensor t, bf16 *__restrict__ out, int64_t ldo) {
-    __shared__ float2 pair[256];
-    nf4_pair_table(pair);
-    __syncthreads();
-    nf4_dequant8_block(t, out, ldo, blockIdx.x, pair);
-}
-
 // The pieces of one weight_group_fill_cuda launch: piece i takes blocks [blk0[i], blk0[i + 1]).
 typedef struct {
     weight_piece w;     // w.t (a host address) says only whether it is an NF4 piece
@@ -244,7 +237,7 @@ typedef struct {
     int n;
 } weight_fill_args;
 
-// Blocks of 256 threads: an NF4 piece's as nf4_dequant8_kernel's, a bf16 block's one 16-byte vector a
+// Blocks of 256 threads: an NF4 piece's nf4_dequant8_block, a bf16 block's one 16-byte vector a
 // thread. A block belongs to one piece, so the branch is uniform.
 __global__ void __launch_bounds__(256) weight_fill_kernel(weight_fill_args a) {
     __shared__ float2 pair[256];
@@ -279,17 +272,17 @@ extern "C" void nf4_dequantize_cuda(cuda_ctx *ctx, const nf4_cuda_tensor *t, bf1
     nf4_dequantize_on(ctx, ctx->stream, t, out, ldo);
 }
 
+// Any shape or alignment: an element a thread (weight_group_fill_cuda's fallback).
+static void nf4_dequant_scalar(cudaStream_t stream, const nf4_cuda_tensor *t, bf16 *out, int64_t ldo) {
+    nf4_dequant1_kernel<<<ceil_div_i(t->numel, 256), 256, 0, stream>>>(*t, out, ldo);
+    CUDA_LAUNCH_CHECK();
+}
+
+// One tensor is a one-piece weight group: the same kernels, the same choice of the vector path.
 extern "C" void nf4_dequantize_on(cuda_ctx *ctx, cudaStream_t stream, const nf4_cuda_tensor *t, bf16 *out, int64_t ldo) {
     (void)ctx;
-    nf4_consts_init();
-    if (ldo <= 0) ldo = t->cols;
-    if (t->cols % 8 == 0 && ldo % 8 == 0 && ((uintptr_t)out % 16) == 0 && ((uintptr_t)t->packed % 4) == 0) {
-        int64_t n = t->numel / 8;
-        nf4_dequant8_kernel<<<ceil_div_i(n, 256 * NF4_DQ_GROUPS), 256, 0, stream>>>(*t, out, ldo);
-    } else {
-        nf4_dequant1_kernel<<<ceil_div_i(t->numel, 256), 256, 0, stream>>>(*t, out, ldo);
-    }
-    CUDA_LAUNCH_CHECK();
+    weight_piece p = {t, NULL, 0, 0, 0, out};
+    weight_group_fill_cuda(stream, &p, 1, ldo > 0 ? ldo : t->cols);
 }
 
 // Whether a piece can take the vector path (16-byte rows; 4-byte packed words).
@@ -310,7 +303,7 @@ extern "C" void weight_group_fill_cuda(cudaStream_t st, const weight_piece *p, i
     if (!vec) {  // piece by piece: the scalar dequantization, 2D copies
         for (int i = 0; i < n; i++) {
             if (p[i].t)
-                nf4_dequantize_on(NULL, st, p[i].t, p[i].dst, ld);
+                nf4_dequant_scalar(st, p[i].t, p[i].dst, ld);
             else if (p[i].rows > 0 && p[i].cols > 0)
                 CUDA_CHECK(cudaMemcpy2DAsync(p[i].dst, (size_t)ld * 2, p[i].src, (size_t)p[i].lds * 2, (size_t)p[i].cols * 2,
                                              (size_t)p[i].rows, cudaMemcpyDeviceToDevice, st));
