@@ -144,24 +144,26 @@ __device__ __forceinline__ void softmax_tile(float (*s)[4], float (*o)[4], float
     // a row with no allowed key so far keeps m = -inf: with 0 in its place every exp2 is of -inf
     // (p = 0) and the rescale of its zero sums is exp2(-inf) = 0
     float ms_lo = mn_lo == -INFINITY ? 0.0f : mn_lo * sl2, ms_hi = mn_hi == -INFINITY ? 0.0f : mn_hi * sl2;
-    float al_lo = exp2f(fmaf(m_lo, sl2, -ms_lo)), al_hi = exp2f(fmaf(m_hi, sl2, -ms_hi));
+    float al_lo = ex2_ftz(fmaf(m_lo, sl2, -ms_lo)), al_hi = ex2_ftz(fmaf(m_hi, sl2, -ms_hi));
     m_lo = mn_lo;
     m_hi = mn_hi;
     l_lo *= al_lo;
     l_hi *= al_hi;
-#pragma unroll
-    for (int i = 0; i < D / 8; i++) {
-        o[i][0] *= al_lo;
-        o[i][1] *= al_lo;
-        o[i][2] *= al_hi;
-        o[i][3] *= al_hi;
+    if (__any_sync(0xffffffffu, al_lo != 1.0f || al_hi != 1.0f)) {  // a factor of 1 changes nothing (the
+#pragma unroll                                                      // maxima often stay from tile to tile)
+        for (int i = 0; i < D / 8; i++) {
+            o[i][0] *= al_lo;
+            o[i][1] *= al_lo;
+            o[i][2] *= al_hi;
+            o[i][3] *= al_hi;
+        }
     }
 #pragma unroll
     for (int n = 0; n < FA_BN / 8; n++) {
-        s[n][0] = exp2f(fmaf(s[n][0], sl2, -ms_lo));
-        s[n][1] = exp2f(fmaf(s[n][1], sl2, -ms_lo));
-        s[n][2] = exp2f(fmaf(s[n][2], sl2, -ms_hi));
-        s[n][3] = exp2f(fmaf(s[n][3], sl2, -ms_hi));
+        s[n][0] = ex2_ftz(fmaf(s[n][0], sl2, -ms_lo));
+        s[n][1] = ex2_ftz(fmaf(s[n][1], sl2, -ms_lo));
+        s[n][2] = ex2_ftz(fmaf(s[n][2], sl2, -ms_hi));
+        s[n][3] = ex2_ftz(fmaf(s[n][3], sl2, -ms_hi));
         l_lo += s[n][0] + s[n][1];
         l_hi += s[n][2] + s[n][3];
     }
@@ -520,7 +522,7 @@ __global__ void __launch_bounds__(NW * 32) flash_bwd_dkdv_kernel(bf16 *gqkv, int
             for (int e = 0; e < 4; e++) {
                 int qi = n * 8 + 2 * t + (e & 1), qq = q0 + qi, key = e < 2 ? key_lo : key_hi;
                 bool ok = (e < 2 ? ok_lo : ok_hi) && (plain || (key <= qq && qq < S));
-                float p = ok ? exp2f(fmaf(sT[n][e], sl2, -Lt[qi] * FA_LOG2E)) : 0.0f;
+                float p = ok ? ex2_ftz(fmaf(sT[n][e], sl2, -Lt[qi] * FA_LOG2E)) : 0.0f;
                 sT[n][e] = p;
                 dpt[n][e] = p * (dpt[n][e] - Dlt[qi]);
             }
@@ -592,20 +594,28 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv_wg_kernel(bf16 *gqkv, int6
     bf16 *Ks = (bf16 *)smem_align1024(fa_smem);  // 1024-byte aligned
     bf16 *Vs = Ks + T, *Qs = Vs + T, *Os = Qs + 2 * T;                             // Q, dO: [2 stages]
     bf16 *Ds = Os + 2 * T;                                                          // dS^T [64][64], swizzled
-    float *Ls = (float *)(Ds + 64 * 64), *Dl = Ls + 2 * 64;                         // [2][64]
+    float2 *LD = (float2 *)(Ds + 64 * 64);  // [2][64]: (-lse log2(e), delta) of the step's queries
     int bk = blockIdx.y, b = bk / Hkv, kvh = bk % Hkv, group = Hq / Hkv;
     int k0 = blockIdx.x * 64, warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const bf16 *kb = k + ((int64_t)b * Hkv + kvh) * S * D, *vb = v + ((int64_t)b * Hkv + kvh) * S * D;
     int S64 = (S + 63) & ~63;
     int nq = (S64 - k0) / 64;  // causal: query tiles from the block's first key on
     int n_it = group * nq;
+    // the steps walk the group's query heads, and in each the query tiles from k0 on: the next step to
+    // load (its head, first query) and the one computed advance by one each (no division in the loop)
+    int ld_h = kvh * group, ld_q = k0, hh = ld_h, q0 = k0;
     auto load = [&](int it) {
-        int st = it & 1, hh = kvh * group + it / nq, q0 = k0 + (it % nq) * 64;
-        tile_sw128_async(Qs + st * T, q + ((int64_t)b * Hq + hh) * S * D, D, q0, S);
-        tile_sw128_async(Os + st * T, dO + (int64_t)b * S * ldd + (int64_t)hh * D, ldd, q0, S);
-        vec_async(Ls + st * 64, lse + ((int64_t)b * Hq + hh) * S, q0, 64, S);
-        vec_async(Dl + st * 64, delta + ((int64_t)b * Hq + hh) * S, q0, 64, S);
+        int st = it & 1;
+        tile_sw128_async(Qs + st * T, q + ((int64_t)b * Hq + ld_h) * S * D, D, ld_q, S);
+        tile_sw128_async(Os + st * T, dO + (int64_t)b * S * ldd + (int64_t)ld_h * D, ldd, ld_q, S);
+        {  // lse (threads 0-63) into .x, delta (64-127) into .y of the query's pair
+            int i = threadIdx.x & 63, qq = ld_q + i;
+            const float *src = (threadIdx.x < 64 ? lse : delta) + ((int64_t)b * Hq + ld_h) * S;
+            cp_async4((float *)(LD + st * 64 + i) + (threadIdx.x >> 6), qq < S ? src + qq : src, qq < S);
+        }
         cp_commit();
+        ld_q += 64;
+        if (ld_q >= S64) ld_q = k0, ld_h++;
     };
     tile_sw128_async(Ks, kb, D, k0, S);
     tile_sw128_async(Vs, vb, D, k0, S);
@@ -625,12 +635,16 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv_wg_kernel(bf16 *gqkv, int6
         else
             cp_commit();
         cp_wait<1>();
+        int st = it & 1;
+        const float2 *LDt = LD + st * 64;
+        if (threadIdx.x < 64) {  // its own copy: -lse log2(e), the exponent's offset in the log2 domain
+            float *x = (float *)(LD + st * 64 + threadIdx.x);
+            *x = -*x * FA_LOG2E;
+        }
         fence_proxy_async();
         if (threadIdx.x == 0) bulk_wait_read();  // the last step's dS^T has left Ds
         __syncthreads();
-        int st = it & 1, hh = kvh * group + it / nq, q0 = k0 + (it % nq) * 64;
         const bf16 *Qt = Qs + st * T, *Ot = Os + st * T;
-        const float *Lt = Ls + st * 64, *Dlt = Dl + st * 64;
         // S^T = K Q^T, dP^T = V dO^T: [64 keys][64 queries], k = d
         float sT[32], dpt[32];
 #pragma unroll
@@ -646,14 +660,21 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv_wg_kernel(bf16 *gqkv, int6
         wg_pin<32>(sT), wg_pin<32>(dpt);
         // P^T = exp(S^T scale - lse), dS^T = P^T (dP^T - delta); past the block's last key and before S
         // every query sees every key: only the key mask remains
+        // (the thread's two keys real and the tile wholly at or below the diagonal, within S: an FMA and an
+        // exp2 an element, 464 -> ~100 instructions a step in SASS)
         bool plain = q0 >= k0 + 63 && q0 + 64 <= S;
         wg_wait<1>();
         wg_pin<32>(sT);
+        if (plain && ok_lo && ok_hi) {
 #pragma unroll
-        for (int i = 0; i < 32; i++) {
-            int qi = (i >> 2) * 8 + 2 * t + (i & 1), qq = q0 + qi, key = (i & 2) ? key_hi : key_lo;
-            bool ok = ((i & 2) ? ok_hi : ok_lo) && (plain || (key <= qq && qq < S));
-            sT[i] = ok ? exp2f(fmaf(sT[i], sl2, -Lt[qi] * FA_LOG2E)) : 0.0f;
+            for (int i = 0; i < 32; i++) sT[i] = ex2_ftz(fmaf(sT[i], sl2, LDt[(i >> 2) * 8 + 2 * t + (i & 1)].x));
+        } else {
+#pragma unroll
+            for (int i = 0; i < 32; i++) {
+                int qi = (i >> 2) * 8 + 2 * t + (i & 1), qq = q0 + qi, key = (i & 2) ? key_hi : key_lo;
+                bool ok = ((i & 2) ? ok_hi : ok_lo) && (plain || (key <= qq && qq < S));
+                sT[i] = ok ? ex2_ftz(fmaf(sT[i], sl2, LDt[qi].x)) : 0.0f;
+            }
         }
         wg_wait<0>();
         wg_pin<32>(dpt);
@@ -662,7 +683,7 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv_wg_kernel(bf16 *gqkv, int6
         for (int i = 0; i < 32; i += 2) {
             int qi = (i >> 2) * 8 + 2 * t;
             pa[i / 2] = pack_bf16(sT[i], sT[i + 1]);
-            sa[i / 2] = pack_bf16(sT[i] * (dpt[i] - Dlt[qi]), sT[i + 1] * (dpt[i + 1] - Dlt[qi + 1]));
+            sa[i / 2] = pack_bf16(sT[i] * (dpt[i] - LDt[qi].y), sT[i + 1] * (dpt[i + 1] - LDt[qi + 1].y));
         }
         // dS^T (unscaled) into Ds, for its tile (key tile jt, query tile q0 / 64): [64 keys][64 queries]
 #pragma unroll
@@ -688,6 +709,8 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv_wg_kernel(bf16 *gqkv, int6
             bulk_s2g(dsg + (((int64_t)b * Hq + hh) * ntri + qt * (qt + 1) / 2 + jt) * FA_DS_TILE, Ds, FA_DS_TILE * 2);
             bulk_commit();
         }
+        q0 += 64;
+        if (q0 >= S64) q0 = k0, hh++;
     }
     // dK, dV staged in Q's and dO's stages (free after the loop's last barrier), then out
     bf16 *sk = Qs, *sv = Qs + 64 * (D + 8);

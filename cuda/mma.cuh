@@ -20,6 +20,14 @@ __device__ __forceinline__ uint32_t ld32(const bf16 *p) { return *(const uint32_
 #ifdef MOSFT_CUDA_EMU
 #include "tests/emu/mma_emu.h"  // the same primitives on the CPU kernel emulator (tests only)
 #else
+// 2^x in one MUFU.EX2 (ex2.approx, as exp2f, ~2 ulp), results below 2^-126 flushed to zero: exp2f adds
+// four instructions around it for those (a compare, a scaling before and after), which the attention
+// kernels' probabilities (32 or more a thread a step, bf16 products afterwards) do not need.
+__device__ __forceinline__ float ex2_ftz(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
 __device__ __forceinline__ void mma16816(float *c, const uint32_t *a, uint32_t b0, uint32_t b1) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "

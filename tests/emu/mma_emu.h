@@ -17,6 +17,12 @@ static inline float emu_bf16_lo(uint32_t v) { return __uint_as_float(v << 16); }
 static inline float emu_bf16_hi(uint32_t v) { return __uint_as_float(v & 0xffff0000u); }
 static inline float emu_bf16_half(uint32_t v, int k) { return k ? emu_bf16_hi(v) : emu_bf16_lo(v); }
 
+// ex2.approx.ftz: exp2f, results below 2^-126 flushed to zero.
+static inline float ex2_ftz(float x) {
+    float y = exp2f(x);
+    return y < 1.17549435e-38f ? 0.0f : y;
+}
+
 // c[4] += A[16][16] B[16][8] over the warp (g = lane / 4, t = lane % 4):
 //   A: a0 (g, 2t..2t+1), a1 (g+8, 2t..), a2 (g, 2t+8..), a3 (g+8, 2t+8..); B: b0 (k 2t..2t+1, n g), b1 (k 2t+8.., n g);
 //   C: c0, c1 (g, 2t..2t+1), c2, c3 (g+8, 2t..2t+1).
