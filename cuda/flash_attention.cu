@@ -310,6 +310,14 @@ __global__ void __launch_bounds__(128, 3) flash_fwd_kernel(bf16 *out, int64_t ld
 // Rows [r0, r0 + 64) of a matrix with row stride ld (128 columns) into a swizzled [64][128] tile (two
 // chunks, cuda/wgmma.cuh), zeros past row S; all 128 threads take part, one commit group is the caller's.
 __device__ __forceinline__ void tile_sw128_async(bf16 *sh, const bf16 *src, int64_t ld, int r0, int S) {
+    if (r0 + 64 <= S) {  // every row there (the common case): no predicates, addresses a stride apart
+        const bf16 *g = src + (int64_t)(r0 + (threadIdx.x >> 4)) * ld + (threadIdx.x & 15) * 8;
+        int c = (threadIdx.x & 15) * 8;
+        bf16 *d = sh + (c >> 6) * 4096 + sw128_off(threadIdx.x >> 4, c & 63);
+#pragma unroll
+        for (int j = 0; j < 8; j++) cp_async16(d + j * 8 * 64, g + j * 8 * ld, true);  // rows 8 j on
+        return;
+    }
 #pragma unroll
     for (int j = 0; j < 8; j++) {
         int i = threadIdx.x + 128 * j, r = i >> 4, c = (i & 15) * 8;  // 16-byte vector c / 8 of row r

@@ -140,14 +140,17 @@ __device__ __forceinline__ unsigned char *smem_align1024(unsigned char *p) {
     return p + ((WG_SMEM_ALIGN - (smem_u32(p) & (WG_SMEM_ALIGN - 1))) & (WG_SMEM_ALIGN - 1));
 }
 
-// Descriptors of a [rows][128] tile X of two swizzled chunks (X 1024-byte aligned, rows % 8 == 0):
+// Descriptors of a [rows][128] tile X of two swizzled chunks (X 1024-byte aligned, rows % 8 == 0). The
+// k-chunk's start is added to the tile's descriptor in the start field's own unit (16 bytes; shared
+// addresses stay below 2^18, so nothing carries out of the field): one add a product, where encoding each
+// address anew took ~10 instructions (SASS of the dK/dV kernel).
 // K-major, k columns 16 kk .. 16 kk + 15 (8 rows of 128 bytes a stride);
 __device__ __forceinline__ uint64_t wg_desc_kmajor(const bf16 *X, int rows, int kk) {
-    return wg_desc(X + (kk >> 2) * rows * 64 + (kk & 3) * 16, 16, 1024);
+    return wg_desc(X, 16, 1024) + (uint32_t)(((kk >> 2) * rows * 64 + (kk & 3) * 16) * 2 / 16);
 }
 // MN-major, k rows 16 kc .. 16 kc + 15, n the 128 columns (the second chunk `rows * 128` bytes on).
 __device__ __forceinline__ uint64_t wg_desc_mnmajor(const bf16 *X, int rows, int kc) {
-    return wg_desc(X + kc * 16 * 64, (uint32_t)rows * 128, 1024);
+    return wg_desc(X, (uint32_t)rows * 128, 1024) + (uint32_t)(kc * 16 * 64 * 2 / 16);
 }
 
 #endif
