@@ -676,6 +676,13 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv_wg_kernel(bf16 *gqkv, int6
         if (plain && ok_lo && ok_hi) {
 #pragma unroll
             for (int i = 0; i < 32; i++) sT[i] = ex2_ftz(fmaf(sT[i], sl2, LDt[(i >> 2) * 8 + 2 * t + (i & 1)].x));
+        } else if (q0 == k0 && q0 + 64 <= S && ok_lo && ok_hi) {  // the diagonal tile: key <= query alone
+#pragma unroll
+            for (int i = 0; i < 32; i++) {
+                int qi = (i >> 2) * 8 + 2 * t + (i & 1);
+                float p = ex2_ftz(fmaf(sT[i], sl2, LDt[qi].x));  // (inf above the diagonal: not selected)
+                sT[i] = wk + ((i & 2) ? 8 : 0) <= qi ? p : 0.0f;
+            }
         } else {
 #pragma unroll
             for (int i = 0; i < 32; i++) {
