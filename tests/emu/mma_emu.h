@@ -2,7 +2,7 @@
 // cuda/mma.cuh includes this file instead of its inline PTX when built with MOSFT_CUDA_EMU. Each
 // collective exchanges the lanes' operands through the warp and computes what PTX specifies for the
 // lane: mma.sync.m16n8k16 row.col bf16 -> fp32 with the fragment layouts written at the top of mma.cuh,
-// ldmatrix.x4 (plain and .trans), and cp.async deferred to its wait_group.
+// ldmatrix.x4 (plain and .trans), cp.async deferred to its wait_group, and ex2.approx.ftz (exp2f, flushed).
 #ifndef MOSFT_MMA_EMU_H
 #define MOSFT_MMA_EMU_H
 
