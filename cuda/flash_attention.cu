@@ -32,7 +32,6 @@
 
 #define FA_TILE 64  // queries per block (forward)
 #define FA_BN 64    // keys per step (forward)
-#define FA_LOG2E 1.4426950408889634f
 
 // B fragments of X^T for two adjacent n-tiles (rows n0 .. n0+15 of a shared [rows][D+8] tile X, the
 // k-chunk of 16 columns at c0): b[0], b[1] for rows n0..n0+7 and b[2], b[3] for rows n0+8..n0+15.
@@ -149,14 +148,12 @@ __device__ __forceinline__ void softmax_tile(float (*s)[4], float (*o)[4], float
     m_hi = mn_hi;
     l_lo *= al_lo;
     l_hi *= al_hi;
-    if (__any_sync(0xffffffffu, al_lo != 1.0f || al_hi != 1.0f)) {  // a factor of 1 changes nothing (the
-#pragma unroll                                                      // maxima often stay from tile to tile)
-        for (int i = 0; i < D / 8; i++) {
-            o[i][0] *= al_lo;
-            o[i][1] *= al_lo;
-            o[i][2] *= al_hi;
-            o[i][3] *= al_hi;
-        }
+#pragma unroll
+    for (int i = 0; i < D / 8; i++) {
+        o[i][0] *= al_lo;
+        o[i][1] *= al_lo;
+        o[i][2] *= al_hi;
+        o[i][3] *= al_hi;
     }
 #pragma unroll
     for (int n = 0; n < FA_BN / 8; n++) {
@@ -261,7 +258,7 @@ __global__ void __launch_bounds__(128, 3) flash_fwd_kernel(bf16 *out, int64_t ld
 #pragma unroll
     for (int i = 0; i < D / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
     float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.0f, l_hi = 0.0f;
-    float sl2 = scale * FA_LOG2E;
+    float sl2 = scale * LOG2E_F;
     for (int j = 0; j < n_tiles; j++) {
         stage_next(load, j, n_tiles);
         int st = j & 1, k0 = j * FA_BN;
@@ -358,7 +355,7 @@ __global__ void __launch_bounds__(128) flash_fwd_wg_kernel(bf16 *out, int64_t ld
 #pragma unroll
     for (int i = 0; i < 64; i++) o[i] = 0.0f;
     float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.0f, l_hi = 0.0f;
-    float sl2 = scale * FA_LOG2E;
+    float sl2 = scale * LOG2E_F;
     for (int j = 0; j < n_tiles; j++) {
         stage_next(load, j, n_tiles);
         fence_proxy_async();
@@ -487,7 +484,7 @@ __global__ void __launch_bounds__(NW * 32) flash_bwd_dkdv_kernel(bf16 *gqkv, int
     float dk[D / 8][4], dv[D / 8][4];
 #pragma unroll
     for (int i = 0; i < D / 8; i++) dk[i][0] = dk[i][1] = dk[i][2] = dk[i][3] = dv[i][0] = dv[i][1] = dv[i][2] = dv[i][3] = 0;
-    float sl2 = scale * FA_LOG2E;
+    float sl2 = scale * LOG2E_F;
     for (int it = 0; it < n_it; it++) {
         if (it + STG - 1 < n_it)
             load(it + STG - 1);
@@ -530,7 +527,7 @@ __global__ void __launch_bounds__(NW * 32) flash_bwd_dkdv_kernel(bf16 *gqkv, int
             for (int e = 0; e < 4; e++) {
                 int qi = n * 8 + 2 * t + (e & 1), qq = q0 + qi, key = e < 2 ? key_lo : key_hi;
                 bool ok = (e < 2 ? ok_lo : ok_hi) && (plain || (key <= qq && qq < S));
-                float p = ok ? ex2_ftz(fmaf(sT[n][e], sl2, -Lt[qi] * FA_LOG2E)) : 0.0f;
+                float p = ok ? ex2_ftz(fmaf(sT[n][e], sl2, -Lt[qi] * LOG2E_F)) : 0.0f;
                 sT[n][e] = p;
                 dpt[n][e] = p * (dpt[n][e] - Dlt[qi]);
             }
@@ -636,7 +633,7 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv_wg_kernel(bf16 *gqkv, int6
     float dk[64], dv[64];  // [64 keys][128 d] of the warpgroup: accumulator layout (cuda/wgmma.cuh)
 #pragma unroll
     for (int i = 0; i < 64; i++) dk[i] = dv[i] = 0.0f;
-    float sl2 = scale * FA_LOG2E;
+    float sl2 = scale * LOG2E_F;
     for (int it = 0; it < n_it; it++) {
         if (it + 1 < n_it)
             load(it + 1);
@@ -647,7 +644,7 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv_wg_kernel(bf16 *gqkv, int6
         const float2 *LDt = LD + st * 64;
         if (threadIdx.x < 64) {  // its own copy: -lse log2(e), the exponent's offset in the log2 domain
             float *x = (float *)(LD + st * 64 + threadIdx.x);
-            *x = -*x * FA_LOG2E;
+            *x = -*x * LOG2E_F;
         }
         fence_proxy_async();
         if (threadIdx.x == 0) bulk_wait_read();  // the last step's dS^T has left Ds
@@ -676,13 +673,6 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv_wg_kernel(bf16 *gqkv, int6
         if (plain && ok_lo && ok_hi) {
 #pragma unroll
             for (int i = 0; i < 32; i++) sT[i] = ex2_ftz(fmaf(sT[i], sl2, LDt[(i >> 2) * 8 + 2 * t + (i & 1)].x));
-        } else if (q0 == k0 && q0 + 64 <= S && ok_lo && ok_hi) {  // the diagonal tile: key <= query alone
-#pragma unroll
-            for (int i = 0; i < 32; i++) {
-                int qi = (i >> 2) * 8 + 2 * t + (i & 1);
-                float p = ex2_ftz(fmaf(sT[i], sl2, LDt[qi].x));  // (inf above the diagonal: not selected)
-                sT[i] = wk + ((i & 2) ? 8 : 0) <= qi ? p : 0.0f;
-            }
         } else {
 #pragma unroll
             for (int i = 0; i < 32; i++) {

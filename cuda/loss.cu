@@ -28,14 +28,12 @@ __device__ __forceinline__ void lse_merge(float &m, float &s, float m2, float s2
     m = M;
 }
 
-#define CE_LOG2E 1.4426950408889634f
-
 // dL/dlogit of one logit x: softmax - one-hot, flushed to zero below 1e-20, times the loss scale. lse2 =
 // lse log2(e): exp(x - lse) is one FMA and one ex2.approx (ex2_ftz, cuda/mma.cuh), as in the first pass:
 // the kernel is bound by its instructions (~60 % of the issue slots), and expf's range reduction was a
 // fifth of them.
 __device__ __forceinline__ float ce_grad(float x, float lse2, bool target, float scale) {
-    float d = ex2_ftz(fmaf(x, CE_LOG2E, -lse2)) - (target ? 1.0f : 0.0f);
+    float d = ex2_ftz(fmaf(x, LOG2E_F, -lse2)) - (target ? 1.0f : 0.0f);
     return fabsf(d) < 1e-20f ? 0.0f : d * scale;
 }
 
@@ -84,9 +82,9 @@ __device__ __forceinline__ void ce_row(const TL *logits, bf16 *dlogits, const in
                 s *= expf(m - mx);
                 m = mx;
             }
-            float m2 = m * CE_LOG2E;  // exp(x - m) as ce_grad's
+            float m2 = m * LOG2E_F;  // exp(x - m) as ce_grad's
 #pragma unroll
-            for (int k = 0; k < N; k++) x[k] = ex2_ftz(fmaf(x[k], CE_LOG2E, -m2));
+            for (int k = 0; k < N; k++) x[k] = ex2_ftz(fmaf(x[k], LOG2E_F, -m2));
 #pragma unroll
             for (int k = 0; k < N / 2; k++) x[k] = x[2 * k] + x[2 * k + 1];  // a fixed tree: ((e0 + e1) + (e2 + e3))
 #pragma unroll
@@ -126,7 +124,7 @@ __device__ __forceinline__ void ce_row(const TL *logits, bf16 *dlogits, const in
     float lse = m + logf(s);
     if (threadIdx.x == 0) row_loss[r] = lse - ly;
     if (!dl) return;
-    float lse2 = lse * CE_LOG2E;
+    float lse2 = lse * LOG2E_F;
     if (VEC) {  // U vectors loaded before any is stored (dl may be l: the compiler could not batch them)
         constexpr int U = 4;
         for (int j0 = threadIdx.x; j0 < V / N; j0 += U * blockDim.x) {

@@ -17,6 +17,7 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
     return *(uint32_t *)&v;
 }
 __device__ __forceinline__ uint32_t ld32(const bf16 *p) { return *(const uint32_t *)p; }
+#define LOG2E_F 1.4426950408889634f  // log2(e): exp(x) = ex2_ftz(x LOG2E_F)
 
 #ifdef MOSFT_CUDA_EMU
 #include "tests/emu/mma_emu.h"  // the same primitives on the CPU kernel emulator (tests only)

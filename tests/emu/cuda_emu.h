@@ -110,14 +110,6 @@ static inline T __shfl_sync(unsigned mask, T v, int src, int width = 32) {
     return emu_shfl(v, src, 1);
 }
 
-static inline int __any_sync(unsigned mask, int pred) {
-    uint64_t mine[4] = {(uint64_t)(pred != 0), 0, 0, 0};
-    const uint64_t(*all)[4] = emu_warp_exchange(mine);
-    for (int l = 0; l < 32; l++)
-        if ((mask >> l & 1u) && all[l][0]) return 1;
-    return 0;
-}
-
 template <class T>
 static inline T __ldg(const T *p) { return *p; }
 static inline float __fmul_rn(float a, float b) { return a * b; }  // built with -ffp-contract=off
