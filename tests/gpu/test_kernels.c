@@ -381,6 +381,7 @@ START_TEST(test_gemm_tune) {
             void *d0 = dev_alloc(es * (size_t)(M * ldd)), *d1 = dev_alloc(es * (size_t)(M * ldd));
             CK_CUDA(cudaMemset(d0, 0, es * (size_t)(M * ldd)));
             CK_CUDA(cudaMemset(d1, 0, es * (size_t)(M * ldd)));
+            CK_CUDA(cudaDeviceSynchronize());  // (cudaMemset is not ordered with ctx's non-blocking streams)
             cuda_ctx *c0 = ctx_new(), *c1 = ctx_new();
             gemm_tune_set_min_flop(1e300);  // c0: the heuristic's first choice
             gemm_cuda(c0, 0, 1, M, N, K, 0.5f, dA, K, dB, K, acc ? 1.0f : 0.0f, acc ? dC : NULL, d0, ldd,
@@ -813,6 +814,7 @@ static void check_lmhead_ce(int V) {
     int32_t *dlist = dev_up(list, sizeof(int32_t) * (size_t)n_list);
     CK_CUDA(cudaMemset(dgh, 0xff, 4 * (size_t)(T * C)));
     CK_CUDA(cudaMemset(drl, 0xff, 4 * (size_t)T));
+    CK_CUDA(cudaDeviceSynchronize());  // (cudaMemset is not ordered with ctx's non-blocking stream)
     lmhead_ce_cuda(ctx, dh, dW, dtg, T, C, V, scale, dgh, drl, NULL, scratch, 16, dlist, n, n_list);  // 3 chunks
     free(rl), free(ggh);
     rl = down_f32(drl, (size_t)T), ggh = down_f32(dgh, (size_t)T * C);
@@ -960,6 +962,7 @@ static void gather_scatter_check(cuda_ctx *ctx, adapter *ad, const char *what) {
             jb->A = dev_alloc(2 * (size_t)rk * di);
             jb->B = dev_alloc(2 * (size_t)dout * (rk + PADB));
             CK_CUDA(cudaMemset(jb->B, 0, 2 * (size_t)dout * (rk + PADB)));
+            CK_CUDA(cudaDeviceSynchronize());  // (cudaMemset is not ordered with ctx's non-blocking stream)
             cA[nj] = A;
             cB[nj] = B;
             nj++;
