@@ -111,6 +111,11 @@ $(BUILD)/tests/gpu/%: tests/gpu/%.c tests/test_util.h $(LIB) $(BUILD)/lib/.stamp
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $< $(LIB) $(CUDA_LIBS) $(DEP_LIBS) $(CHECK_LIBS)
 
+# A standalone CUDA probe (tests/gpu/bench_*.cu: no mosft library, no check).
+$(BUILD)/tests/gpu/bench_%: tests/gpu/bench_%.cu
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVCCFLAGS) -o $@ $<
+
 $(BUILD)/tests/gpu/%: tests/gpu/%.cu tests/test_util.h $(LIB) $(BUILD)/lib/.stamp
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVCCFLAGS) -Xlinker -rpath,'$$ORIGIN/../lib' -o $@ $< $(LIB) $(CUDA_LIBS) $(DEP_LIBS) $(CHECK_LIBS)
