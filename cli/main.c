@@ -66,6 +66,8 @@ static const char *k_env =
     "                             stream (bit-identical either way)\n"
     "  MOSFT_SWIGLU_FUSED=0       CUDA: SwiGLU and the adapter products that read its output (the down\n"
     "                             adapter's h, the gate|up adapter's gh) as separate kernels and GEMMs\n"
+    "  MOSFT_SWIGLU_ROWS=0        CUDA: the fused SwiGLU forward as tiles of 64 tokens x 64 columns instead\n"
+    "                             of blocks that stream bands of whole rows (same values up to the sum order)\n"
     "  MOSFT_ATTENTION=gemm       CUDA: batched-GEMM attention instead of the flash kernels\n"
     "  MOSFT_FLASH_WGMMA=0        CUDA: the flash kernels on mma.sync (as on an A100) instead of Hopper's\n"
     "                             warpgroup products at head size 128 on an H100\n"

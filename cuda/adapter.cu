@@ -4,6 +4,7 @@
 // CPU, so forward, recomputation and backward see the same mask without storing it).
 //
 // The low-rank products themselves are GEMMs issued by the backend (cuda/backend_cuda.cu).
+#include <stdlib.h>
 #include <string.h>
 
 #include "core/rng.h"
@@ -665,6 +666,10 @@ __global__ void __launch_bounds__(128, 4) lowrank_dropout_h_kernel(float *part, 
 // or of each row's next 8 chunks, splits taking every splits-th chunk (a token block's splits reading
 // neighbouring runs together). A probe of the plain kernel walking like this one (64 rows x 64 columns a
 // chunk, blocks looping over chunks) lands at 73 % too: the walk itself, many rows open at once, is the cost.
+// In the step (CUPTI, a 3B layer): forward 180 us against the elementwise kernel's 133, backward 316
+// against 221 (tests/gpu/bench_stream: this walk 162 us, one short pass 135, bands of whole rows 148, on
+// random data; zero buffers run slower and mislead). The forward now streams rows where it fits
+// (swiglu_rows_forward_kernel, below).
 #define SW_T 64           // tokens per block
 #define SW_K 64           // columns of I per chunk
 #define SW_LD (SW_K + 8)  // row stride of the tiles
@@ -862,6 +867,101 @@ __global__ void __launch_bounds__(SW_NT, BWD ? 3 : 4) swiglu_lowrank_kernel(floa
             j = np * 16 + (nt % 2) * 8 + 2 * tq;
         }
         store_acc_rows(acc[nt], part, s, R, h, ldh, t0 + wr * 16 + g, T, j);
+    }
+}
+
+// ---- the forward, streaming whole rows (the default where it fits) -------------------------------------
+// swiglu_lowrank_kernel reads 64 tokens x 64 columns a chunk, every token block at once: the GPU keeps
+// every row of gu open, 128 bytes of each at a time (tests/gpu/bench_stream: 162 us for what one short
+// pass over consecutive rows moves in 135). Here a block owns a slice of SR_W columns of I for the whole
+// kernel, with A's rows for them in shared memory, and walks bands of 16 tokens: band gi, gi + G, gi + 2G,
+// ... Blocks are numbered slice fastest, so the slices of a band run side by side and the resident
+// blocks read a window of G bands of whole rows (bench_stream's bands: 148 us). A band: warp w loads
+// columns [32 w, 32 w + 32) of the slice for the 16 rows into registers (the next band's copies are issued
+// first, so they are in flight through the rest), makes a = silu(gate) up, writes it out and into a
+// shared [16][SR_W] tile (two, alternating by band: one barrier a band), then warp w < R/8 multiplies the
+// tile by A's n-tile w over the whole slice (its own output columns: no sum across warps) and writes its
+// fp32 partial [slice][t][R]; splitk_sum_cuda adds the slices in order afterwards (deterministic). ncu, a
+// 3B layer in the step: 152 us at 80 % of DRAM bandwidth, against swiglu_lowrank_kernel's 169 at 70 %.
+// The backward the same way (three inputs, sB's blocks transposed in shared memory, 8 warps and one tile
+// so that two blocks fit) was slower than the tiles, 314 against 279 us: 16 warps a multiprocessor
+// cannot hide its loads, exponentials and shared-memory traffic (docs/BENCHMARKS.md, seventeenth session).
+#define SR_W 512           // columns of I a block's slice
+#define SR_NT 512          // 16 warps, 32 columns of the slice each
+#define SR_R 64            // at most R
+#define SR_LD (SR_W + 8)   // row stride of A's rows and of the tiles (ldmatrix and 4-byte loads without bank conflicts)
+
+static size_t sr_smem_bytes(int R) { return sizeof(bf16) * SR_LD * ((size_t)R + 2 * 16); }
+
+__global__ void __launch_bounds__(SR_NT, 2) swiglu_rows_forward_kernel(float *part, const bf16 *__restrict__ gu,
+                                                                       int64_t ldgu, bf16 *out, int64_t ldo, bf16 *h,
+                                                                       int64_t ldh, const bf16 *__restrict__ A, int R,
+                                                                       int64_t T, int I, int S, int G) {
+    extern __shared__ __align__(16) unsigned char sw_smem[];
+    bf16 *Fs = (bf16 *)sw_smem;  // [R][SR_LD]: A's row n, the slice's columns
+    bf16 *As = Fs + R * SR_LD;   // [2 bands][16][SR_LD]: a
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    int s = blockIdx.x % S, gi = blockIdx.x / S, f0 = s * SR_W;
+    for (int v = threadIdx.x; v < R * (SR_W / 8); v += SR_NT) {
+        int n = v / (SR_W / 8), fl = (v % (SR_W / 8)) * 8, f = f0 + fl;
+        uint4 x = make_uint4(0, 0, 0, 0);
+        if (f < I) x = *(const uint4 *)(A + (int64_t)n * I + f);  // I % 8 == 0: a vector is in or out whole
+        *(uint4 *)(Fs + n * SR_LD + fl) = x;
+    }
+    const int64_t nb = (T + 15) / 16;
+    const int fl = warp * 32 + 8 * c, f = f0 + fl;  // the lane's 8 columns (in the slice, in I)
+    uint4 x[2][2], xn[2][2];  // [gate, up][row g, g + 8] of this band and of the next, zero outside T x I
+    auto load = [&](uint4 (&y)[2][2], int64_t band) {
+#pragma unroll
+        for (int hl = 0; hl < 2; hl++) {
+            int64_t t = band * 16 + g + 8 * hl;
+            bool ok = band < nb && t < T && f < I;
+            const bf16 *p = gu + t * ldgu + f;
+            y[0][hl] = ok ? *(const uint4 *)p : make_uint4(0, 0, 0, 0);
+            y[1][hl] = ok ? *(const uint4 *)(p + I) : make_uint4(0, 0, 0, 0);
+        }
+    };
+    load(x, gi);
+    int buf = 0;
+    for (int64_t band = gi; band < nb; band += G, buf ^= 1) {
+        int64_t t0 = band * 16;
+        load(xn, band + G);  // in flight through this band's work
+        bf16 *at = As + buf * 16 * SR_LD;
+#pragma unroll
+        for (int hl = 0; hl < 2; hl++) {  // as swiglu_lowrank_kernel's (the same expressions: the same bits)
+            int64_t t = t0 + g + 8 * hl;
+            float gf[8], uf[8];
+            load_bf16<8>((const bf16 *)&x[0][hl], gf);
+            load_bf16<8>((const bf16 *)&x[1][hl], uf);
+#pragma unroll
+            for (int k = 0; k < 8; k++) gf[k] = gf[k] * __fdividef(1.0f, 1.0f + __expf(-gf[k])) * uf[k];
+            bf16 *ar = at + (g + 8 * hl) * SR_LD + fl;
+            store_bf16<8>(ar, gf);  // zeros outside T x I, which the product then adds
+            if (t < T && f < I) *(uint4 *)(out + t * ldo + f) = *(const uint4 *)ar;
+        }
+        __syncthreads();  // the band's tile is whole, and the one of two bands ago free (every warp is past it)
+        if (warp < R / 8) {  // output columns 8 warp .. of the band's 16 rows, over the slice
+            float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            const bf16 *fr = Fs + (warp * 8 + g) * SR_LD + 2 * c;
+            int kmax = I - f0 < SR_W ? (I - f0 + 15) / 16 * 16 : SR_W;  // a short last slice
+            for (int kk = 0; kk < kmax; kk += 16) {
+                uint32_t a[4];
+                ldsm4(a, at + (lane & 15) * SR_LD + kk + (lane >> 4) * 8);
+                mma16816(acc, a, ld32(fr + kk), ld32(fr + kk + 8));
+            }
+            int oc = warp * 8 + 2 * c;
+#pragma unroll
+            for (int hl = 0; hl < 2; hl++) {
+                int64_t t = t0 + g + 8 * hl;
+                if (t >= T) continue;
+                if (part)
+                    *(float2 *)(part + ((int64_t)s * T + t) * R + oc) = make_float2(acc[2 * hl], acc[2 * hl + 1]);
+                else
+                    *(__nv_bfloat162 *)(h + t * ldh + oc) = __floats2bfloat162_rn(acc[2 * hl], acc[2 * hl + 1]);
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < 2; i++) x[i][0] = xn[i][0], x[i][1] = xn[i][1];
     }
 }
 
@@ -1086,6 +1186,44 @@ extern "C" void lowrank_dropout_dx_cuda(cuda_ctx *ctx, void *gx, int gx_f32, int
     CUDA_LAUNCH_CHECK();
 }
 
+// The streaming-rows forward where it fits (R <= SR_R, room for the slices' partials unless one slice
+// covers I); swiglu_lowrank_use_rows(0) or MOSFT_SWIGLU_ROWS=0 keeps swiglu_lowrank_kernel.
+static int g_rows = -1;
+extern "C" void swiglu_lowrank_use_rows(int on) { g_rows = on ? 1 : 0; }
+static int rows_on(void) {
+    if (g_rows < 0) {
+        const char *e = getenv("MOSFT_SWIGLU_ROWS");
+        g_rows = !(e && !strcmp(e, "0"));
+    }
+    return g_rows;
+}
+extern "C" size_t swiglu_rows_part_floats(int64_t T, int I, int R) {
+    return (size_t)ceil_div_i(I, SR_W) * (size_t)(T * R);
+}
+
+static int swiglu_rows_forward(cuda_ctx *ctx, float *part, size_t part_floats, const bf16 *gu, int64_t ldgu, bf16 *out,
+                               int64_t ldo, bf16 *h, int64_t ldh, const bf16 *A, int R, int64_t T, int I) {
+    int S = ceil_div_i(I, SR_W);
+    if (!rows_on() || R > SR_R || (S > 1 && (!part || swiglu_rows_part_floats(T, I, R) > part_floats))) return 0;
+    size_t smem = sr_smem_bytes(R);
+    static int attr_set = 0;
+    if (!attr_set) {
+        CUDA_CHECK(cudaFuncSetAttribute(swiglu_rows_forward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        (int)sr_smem_bytes(SR_R)));
+        attr_set = 1;
+    }
+    int per_sm = 0;
+    CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, swiglu_rows_forward_kernel, SR_NT, smem));
+    int64_t nb = (T + 15) / 16, G = (int64_t)(per_sm > 0 ? per_sm : 1) * ctx->sm_count / S;
+    if (G < 1) G = 1;
+    if (G > nb) G = nb;
+    swiglu_rows_forward_kernel<<<(unsigned)(S * G), SR_NT, smem, ctx->stream>>>(S > 1 ? part : NULL, gu, ldgu, out, ldo,
+                                                                               h, ldh, A, R, T, I, S, (int)G);
+    CUDA_LAUNCH_CHECK();
+    if (S > 1) splitk_sum_cuda(ctx, part, S, T, R, h, ldh, GEMM_BF16);
+    return 1;
+}
+
 extern "C" int swiglu_lowrank_fits(int bwd, int I, int64_t ldgu, int R, int r) {
     return I % 8 == 0 && ldgu % 8 == 0 && R % 16 == 0 && r % 16 == 0 && r >= 16 && r <= SW_R &&
            R <= (bwd ? 3 * SW_R : SW_R);
@@ -1117,6 +1255,7 @@ extern "C" void swiglu_lowrank_forward_cuda(cuda_ctx *ctx, bf16 *out, int64_t ld
     MOSFT_ASSERT(swiglu_lowrank_fits(0, I, ldgu, R, 16) && ldo % 8 == 0 && ldh % 2 == 0);
     MOSFT_ASSERT((uintptr_t)gu % 16 == 0 && (uintptr_t)out % 16 == 0 && (uintptr_t)A % 16 == 0);
     if (T == 0) return;
+    if (swiglu_rows_forward(ctx, part, part_floats, gu, ldgu, out, ldo, h, ldh, A, R, T, I)) return;
     swiglu_lowrank_launch<false>(ctx, part, part_floats, (bf16 *)gu, ldgu, NULL, out, ldo, h, ldh, A, R, 0, -1, -1, T, I,
                                  NULL);
 }

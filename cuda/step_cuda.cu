@@ -221,6 +221,10 @@ void cuda_acts_layout(backend *be, cuda_arena *ar, int B, int S, mem_plan *plan)
                 size_t n = (size_t)partial_splits(sh[i][0], sh[i][1], sh[i][2]) * (size_t)(sh[i][0] * sh[i][1]);
                 mx = n > mx ? n : mx;
             }
+            if (g == GRP_DOWN) {  // the SwiGLU forward's slices (swiglu_rows_part_floats)
+                size_t n = swiglu_rows_part_floats(T, d.I, ag->R);
+                mx = n > mx ? n : mx;
+            }
         }
         c->ad_part_floats = mx;
         c->ad_part = F32(mx);

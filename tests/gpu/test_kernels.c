@@ -1261,7 +1261,9 @@ static void check_dropout_h(cuda_ctx *ctx, rng_state *r, int64_t T, int d, int n
 // SwiGLU with the adapter product in one pass. Forward: a against swiglu_forward_cpu, h = a A^T against a
 // double sum over the kernel's own bf16 a; backward: dgate | dup against swiglu_backward_cpu, gh over the
 // gate / up blocks of sB against a double sum over the kernel's own bf16 dgate | dup; with and without
-// splits of I, T and I not multiples of the tiles, columns outside the outputs untouched.
+// splits of I, T and I not multiples of the tiles, columns outside the outputs untouched. The forward
+// twice more with the streaming-rows kernel (slices of 512 columns of I; without room for their
+// partials only where one slice covers I, the tiles otherwise).
 static void check_swiglu_lowrank(cuda_ctx *ctx, rng_state *r, int64_t T, int I, int rk, int cg, int cu, int R) {
     ck_assert(swiglu_lowrank_fits(1, I, 2 * I + R + 8, R, rk));
     ck_assert(swiglu_lowrank_fits(0, I, 2 * I + R + 8, R, rk) == (R <= 64));
@@ -1279,9 +1281,13 @@ static void check_swiglu_lowrank(cuda_ctx *ctx, rng_state *r, int64_t T, int I, 
     float *part = dev_alloc(4 * part_floats);
     void *dA = dev_bf16(A, (size_t)R * I), *dB = dev_bf16(B, (size_t)(2 * I) * R), *dgo = dev_bf16(go, n);
     char name[160];
-    for (int split = 1; split >= 0; split--) {
+    for (int pass = 3; pass >= 0; pass--) {  // forward rows kernel with partials, without; tiles with, without
+        int split = pass & 1;
+        swiglu_lowrank_use_rows(pass >> 1);
         float *part_ = split ? part : NULL;
         size_t pf = split ? part_floats : 0;
+        const char *how = pass == 3 ? "rows kernel, slices" : pass == 2 ? "rows kernel, no room for partials"
+                        : split ? "tiles, splits" : "tiles, one split";
         // forward (R columns of h; the down group's R is at most 64)
         void *dgu = dev_bf16(gu, ngu), *da = dev_bf16(a0, na);
         int64_t touched = 0;
@@ -1298,14 +1304,18 @@ static void check_swiglu_lowrank(cuda_ctx *ctx, rng_state *r, int64_t T, int I, 
             }
             for (int64_t c = I + R; c < lda; c++) touched += ga[t * lda + c] != bf16_round(a0[t * lda + c]);
         }
-        snprintf(name, sizeof name, "swiglu+h fwd a, T %lld I %d R %d (%s)", (long long)T, I, R, split ? "splits" : "one split");
+        snprintf(name, sizeof name, "swiglu+h fwd a, T %lld I %d R %d (%s)", (long long)T, I, R, how);
         ck_assert(close_enough(name, got, a, n, 1e-3 * max_abs(a, n), RT));
-        snprintf(name, sizeof name, "swiglu+h fwd h, T %lld I %d R %d (%s)", (long long)T, I, R, split ? "splits" : "one split");
+        snprintf(name, sizeof name, "swiglu+h fwd h, T %lld I %d R %d (%s)", (long long)T, I, R, how);
         ck_assert(close_enough(name, gh, want, (size_t)(T * R), 1e-3, RT));
         ck_assert_msg(touched == 0, "swiglu+h fwd: %lld spare values changed", (long long)touched);
         free(ga), free(got), free(gh), free(want);
         }
         cudaFree(da);
+        if (pass >= 2) {  // the backward has the tiles only
+            cudaFree(dgu);
+            continue;
+        }
         // backward (gh of the gate / up blocks)
         swiglu_lowrank_backward_cuda(ctx, dgu, ldgu, dgo, (bf16 *)dgu + 2 * I, ldgu, dB, R, rk, cg, cu, T, I, part_, pf, NULL);
         float *gg = down_bf16(dgu, ngu), *gga = xmalloc(sizeof(float) * n), *ggb = xmalloc(sizeof(float) * n);
@@ -1329,16 +1339,17 @@ static void check_swiglu_lowrank(cuda_ctx *ctx, rng_state *r, int64_t T, int I, 
             }
             for (int64_t c = 2 * I + R; c < ldgu; c++) touched += gg[t * ldgu + c] != bf16_round(gu[t * ldgu + c]);
         }
-        snprintf(name, sizeof name, "swiglu+gh bwd dgate, T %lld I %d (%s)", (long long)T, I, split ? "splits" : "one split");
+        snprintf(name, sizeof name, "swiglu+gh bwd dgate, T %lld I %d (%s)", (long long)T, I, how);
         ck_assert(close_enough(name, gga, dg, n, 1e-3 * max_abs(dg, n), RT));
-        snprintf(name, sizeof name, "swiglu+gh bwd dup, T %lld I %d (%s)", (long long)T, I, split ? "splits" : "one split");
+        snprintf(name, sizeof name, "swiglu+gh bwd dup, T %lld I %d (%s)", (long long)T, I, how);
         ck_assert(close_enough(name, ggb, du, n, 1e-3 * max_abs(du, n), RT));
-        snprintf(name, sizeof name, "swiglu+gh bwd gh, r %d gate %d up %d R %d (%s)", rk, cg, cu, R, split ? "splits" : "one split");
+        snprintf(name, sizeof name, "swiglu+gh bwd gh, r %d gate %d up %d R %d (%s)", rk, cg, cu, R, how);
         ck_assert(close_enough(name, ghg, ghw, (size_t)(T * R), 1e-3, RT));
         ck_assert_msg(touched == 0, "swiglu+gh bwd: %lld values outside the outputs changed", (long long)touched);
         free(gg), free(gga), free(ggb), free(ghw), free(ghg);
         cudaFree(dgu);
     }
+    swiglu_lowrank_use_rows(1);
     free(gu), free(go), free(a0), free(A), free(B), free(g), free(u), free(a), free(dg), free(du);
     cudaFree(part), cudaFree(dA), cudaFree(dB), cudaFree(dgo);
 }
@@ -1418,6 +1429,9 @@ START_TEST(test_swiglu_lowrank) {
     check_swiglu_lowrank(ctx, &r, 70, 136, 64, 0, -1, 64);    // gate only, LoRA r 64
     check_swiglu_lowrank(ctx, &r, 33, 256, 48, 48, 0, 96);    // up before gate in R
     check_swiglu_lowrank(ctx, &r, 130, 392, 32, 0, 32, 64);   // several chunks and row blocks
+    check_swiglu_lowrank(ctx, &r, 100, 1000, 32, 0, 32, 64);  // rows kernel: two slices, the last one short
+    check_swiglu_lowrank(ctx, &r, 37, 1544, 16, -1, 0, 16);   // four slices, the last one 8 columns; up only
+    check_swiglu_lowrank(ctx, &r, 48, 1024, 32, 32, 0, 64);   // whole slices, up before gate in R
     check_swiglu_dx(ctx, &r, 100, 192, 32, 0.1f);               // the down module's dropout term, MoS r 32
     check_swiglu_dx(ctx, &r, 130, 416, 16, 0.3f);               // a half chunk at the end of I, r 16
     check_swiglu_dx(ctx, &r, 70, 256, 64, 0.1f);                // LoRA r 64
