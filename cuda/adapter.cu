@@ -883,9 +883,10 @@ __global__ void __launch_bounds__(SW_NT, BWD ? 3 : 4) swiglu_lowrank_kernel(floa
 // tile by A's n-tile w over the whole slice (its own output columns: no sum across warps) and writes its
 // fp32 partial [slice][t][R]; splitk_sum_cuda adds the slices in order afterwards (deterministic). ncu, a
 // 3B layer in the step: 152 us at 80 % of DRAM bandwidth, against swiglu_lowrank_kernel's 169 at 70 %.
-// The backward the same way (three inputs, sB's blocks transposed in shared memory, 8 warps and one tile
-// so that two blocks fit) was slower than the tiles, 314 against 279 us: 16 warps a multiprocessor
-// cannot hide its loads, exponentials and shared-memory traffic (docs/BENCHMARKS.md, seventeenth session).
+// The backward the same way (three inputs, sB's gate and up blocks transposed in shared memory: 66 KB)
+// was slower than the tiles in every arrangement tried, ncu 314-323 against 279 us: the 16-32 warps that
+// fit a multiprocessor cannot hide its loads, exponentials and shared-memory traffic (docs/BENCHMARKS.md,
+// seventeenth session).
 #define SR_W 512           // columns of I a block's slice
 #define SR_NT 512          // 16 warps, 32 columns of the slice each
 #define SR_R 64            // at most R
