@@ -61,7 +61,8 @@ void gemm_batched_cuda(cuda_ctx *ctx, int trans_a, int trans_b, int64_t M, int64
                        const bf16 *A, int64_t lda, int64_t sa, const bf16 *B, int64_t ldb, int64_t sb, float beta, void *D,
                        int64_t ldd, int64_t sd, gemm_dtype cd, int batch);
 // D[M][N] (row stride ldd, bf16 or fp32) = sum over c = 0 .. splits-1 of P[c][M][N], in that order: the
-// fp32 partials of the fused low-rank kernels (cuda/adapter.cu) that split their contraction.
+// fp32 partials of the fused low-rank kernels (cuda/adapter.cu, cuda/swiglu_lowrank.cu) that split their
+// contraction.
 void splitk_sum_cuda(cuda_ctx *ctx, const float *P, int splits, int64_t M, int64_t N, void *D, int64_t ldd, gemm_dtype cd);
 
 // ---- NF4 on the device (cuda/nf4.cu), bit-identical to core/nf4.c and bitsandbytes ----
@@ -128,7 +129,7 @@ void rmsnorm_backward_cuda(cuda_ctx *ctx, bf16 *ghi, int64_t ldh, bf16 *glo, int
 void swiglu_forward_cuda(cuda_ctx *ctx, bf16 *out, int64_t ldo, const bf16 *gu, int64_t ldgu, int64_t T, int I);
 // In place: gu[T][2I] becomes (dL/dgate | dL/dup) from gout[T][I] (overwrites, no accumulation).
 void swiglu_backward_cuda(cuda_ctx *ctx, bf16 *gu, int64_t ldgu, const bf16 *gout, int64_t T, int I);
-// The same two with the adapter product that reads their output, in one pass (cuda/adapter.cu):
+// The same two with the adapter product that reads their output, in one pass (cuda/swiglu_lowrank.cu):
 // forward: out as swiglu_forward_cuda and h[T][R] (bf16, row stride ldh) = out A^T, A [R][I] bf16;
 // backward: gu as swiglu_backward_cuda and gh[T][R] (bf16, row stride ldh) = dgate sB[0:I] + dup sB[I:2I]
 // over the r columns from c_gate (gate rows) and from c_up (up rows) only (-1: no such module), sB [2I][R]
