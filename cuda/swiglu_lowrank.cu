@@ -20,13 +20,13 @@
 // gate rows, the up module's (from c_up) on the up rows, zeros elsewhere; only those blocks are
 // multiplied (with dropout the backward can also add the down module's masked input gradient to the
 // output-gradient tile first: swiglu_dx, see its block in the kernel). Block: 64 tokens and a range of
-// 64-column chunks of I (the splits: fp32 partials summed in a fixed order afterwards); 8 warps. Per chunk the gate, up (and output-gradient) tiles and the
-// factor's chunk stream in through two cp.async stages; each thread makes the elementwise results of 8
-// columns at a time (one __expf and one approximate reciprocal an element: with a quarter of the
-// elementwise kernel's threads a multiprocessor, exact expf and division made this the bottleneck),
-// writes them out and back into the gate / up tiles (bf16: the values a GEMM would read), then the
-// products run on the tensor cores: warp w owns tokens 16 (w % 4) .. +15 and, backward, the gate module
-// (w < 4) or the up module, forward every other pair of n-tiles.
+// 64-column chunks of I (the splits: fp32 partials summed in a fixed order afterwards); 8 warps. Per chunk
+// the gate, up (and output-gradient) tiles and the factor's chunk stream in through two cp.async stages;
+// each thread makes the elementwise results of 8 columns at a time (one __expf and one approximate
+// reciprocal an element: with a quarter of the elementwise kernel's threads a multiprocessor, exact expf
+// and division made this the bottleneck), writes them out and back into the gate / up tiles (bf16: the
+// values a GEMM would read), then the products run on the tensor cores: warp w owns tokens 16 (w % 4) ..
+// +15 and, backward, the gate module (w < 4) or the up module, forward every other pair of n-tiles.
 // ncu (one 7B layer): backward 0.38 ms, forward 0.22 ms (2.4 TB/s; the elementwise kernels alone run at
 // ~3.1), 57 % of the issue slots busy at 50 % theoretical occupancy (registers, shared memory):
 // latency-bound. Tiles of 32 tokens x 128 columns (256-byte row runs) were no faster (branch
@@ -45,6 +45,10 @@
 // against 221 (tests/gpu/bench_stream: this walk 162 us, one short pass 135, bands of whole rows 148, on
 // random data; zero buffers run slower and mislead). The forward now streams rows where it fits
 // (swiglu_rows_forward_kernel, below).
+// sigmoid(g) as both walks compute it (one __expf, one approximate reciprocal), so that they give the
+// same bits: silu(g) = g sw_sigmoid(g).
+__device__ __forceinline__ float sw_sigmoid(float g) { return __fdividef(1.0f, 1.0f + __expf(-g)); }
+
 #define SW_T 64           // tokens per block
 #define SW_K 64           // columns of I per chunk
 #define SW_LD (SW_K + 8)  // row stride of the tiles
@@ -178,7 +182,7 @@ __global__ void __launch_bounds__(SW_NT, BWD ? 3 : 4) swiglu_lowrank_kernel(floa
                 load_bf16<8>(us + SW_T * SW_LD, go);
 #pragma unroll
                 for (int k = 0; k < 8; k++) {  // as swiglu_backward_kernel
-                    float sg = __fdividef(1.0f, 1.0f + __expf(-gf[k]));
+                    float sg = sw_sigmoid(gf[k]);
                     dg[k] = go[k] * uf[k] * (sg * (1.0f + gf[k] * (1.0f - sg)));
                     du[k] = go[k] * (gf[k] * sg);
                 }
@@ -190,7 +194,7 @@ __global__ void __launch_bounds__(SW_NT, BWD ? 3 : 4) swiglu_lowrank_kernel(floa
                 }
             } else {
 #pragma unroll
-                for (int k = 0; k < 8; k++) gf[k] = gf[k] * __fdividef(1.0f, 1.0f + __expf(-gf[k])) * uf[k];
+                for (int k = 0; k < 8; k++) gf[k] = gf[k] * sw_sigmoid(gf[k]) * uf[k];
                 store_bf16<8>(gs, gf);
                 if (ok) *(uint4 *)(out + t * ldo + k0 + cq) = *(const uint4 *)gs;
             }
@@ -304,13 +308,13 @@ __global__ void __launch_bounds__(SR_NT, 2) swiglu_rows_forward_kernel(float *pa
         load(xn, band + G);  // in flight through this band's work
         bf16 *at = As + buf * 16 * SR_LD;
 #pragma unroll
-        for (int hl = 0; hl < 2; hl++) {  // as swiglu_lowrank_kernel's (the same expressions: the same bits)
+        for (int hl = 0; hl < 2; hl++) {
             int64_t t = t0 + g + 8 * hl;
             float gf[8], uf[8];
             load_bf16<8>((const bf16 *)&x[0][hl], gf);
             load_bf16<8>((const bf16 *)&x[1][hl], uf);
 #pragma unroll
-            for (int k = 0; k < 8; k++) gf[k] = gf[k] * __fdividef(1.0f, 1.0f + __expf(-gf[k])) * uf[k];
+            for (int k = 0; k < 8; k++) gf[k] = gf[k] * sw_sigmoid(gf[k]) * uf[k];
             bf16 *ar = at + (g + 8 * hl) * SR_LD + fl;
             store_bf16<8>(ar, gf);  // zeros outside T x I, which the product then adds
             if (t < T && f < I) *(uint4 *)(out + t * ldo + f) = *(const uint4 *)ar;
@@ -354,15 +358,8 @@ static int swiglu_rows_forward(cuda_ctx *ctx, float *part, size_t part_floats, c
     int S = ceil_div_i(I, SR_W);
     if (!rows_on() || R > SR_R || (S > 1 && (!part || swiglu_rows_part_floats(T, I, R) > part_floats))) return 0;
     size_t smem = sr_smem_bytes(R);
-    static int attr_set = 0;
-    if (!attr_set) {
-        CUDA_CHECK(cudaFuncSetAttribute(swiglu_rows_forward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        (int)sr_smem_bytes(SR_R)));
-        attr_set = 1;
-    }
-    int per_sm = 0;
-    CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, swiglu_rows_forward_kernel, SR_NT, smem));
-    int64_t nb = (T + 15) / 16, G = (int64_t)(per_sm > 0 ? per_sm : 1) * ctx->sm_count / S;
+    int per_sm = resident_blocks(swiglu_rows_forward_kernel, SR_NT, smem, sr_smem_bytes(SR_R));
+    int64_t nb = (T + 15) / 16, G = (int64_t)per_sm * ctx->sm_count / S;
     if (G < 1) G = 1;
     if (G > nb) G = nb;
     swiglu_rows_forward_kernel<<<(unsigned)(S * G), SR_NT, smem, ctx->stream>>>(S > 1 ? part : NULL, gu, ldgu, out, ldo,
