@@ -134,6 +134,33 @@ __global__ void __launch_bounds__(128) rmsnorm_forward_reg_kernel(bf16 *out, int
     }
 }
 
+// 8 raw elements of the output gradient held in registers between the two passes (bf16: one 16-byte
+// vector; fp32: two).
+template <typename TG>
+struct raw8;
+template <>
+struct raw8<bf16> {
+    uint4 v;
+    __device__ __forceinline__ void load(const bf16 *p) { v = *(const uint4 *)p; }
+    __device__ __forceinline__ void get(float *f) const { load_bf16<8>((const bf16 *)&v, f); }
+};
+template <>
+struct raw8<float> {
+    float4 a, b;
+    __device__ __forceinline__ void load(const float *p) { a = *(const float4 *)p, b = *(const float4 *)(p + 4); }
+    __device__ __forceinline__ void get(float *f) const {
+        f[0] = a.x, f[1] = a.y, f[2] = a.z, f[3] = a.w, f[4] = b.x, f[5] = b.y, f[6] = b.z, f[7] = b.w;
+    }
+};
+__device__ __forceinline__ void load_w8(const float *w, float *f) {
+    float4 a = *(const float4 *)w, b = *(const float4 *)(w + 4);
+    f[0] = a.x, f[1] = a.y, f[2] = a.z, f[3] = a.w, f[4] = b.x, f[5] = b.y, f[6] = b.z, f[7] = b.w;
+}
+
+// The row's inputs (x, the output gradient and, with acc, the pair's old values) are all loaded in the
+// first pass and held raw (bf16) in registers, so one round of loads is in flight a row and the second
+// pass only unpacks (the pair's loads used to wait for the row's sum): ncu, one layer's norm in the step,
+// 3B 104.0 -> 99.0 us, 7B 154.2 -> 132.5 (docs/BENCHMARKS.md, eighteenth session).
 template <int NV, typename TG>
 __global__ void __launch_bounds__(128) rmsnorm_backward_reg_kernel(bf16 *ghi, int64_t ldh, bf16 *glo, int acc,
                                                                    const TG *__restrict__ gout,
@@ -143,36 +170,39 @@ __global__ void __launch_bounds__(128) rmsnorm_backward_reg_kernel(bf16 *ghi, in
     int64_t t = blockIdx.x;
     const bf16 *x = inp + t * C;
     const TG *g = gout + t * C;
-    float xf[NV][8], gw[NV][8];
+    bf16 *hi = ghi + t * ldh, *lo = glo + t * C;
+    uint4 xr[NV], ph[NV], pl[NV];  // x and the pair's old values, raw
+    raw8<TG> gr[NV];
     float dot = 0.0f;
 #pragma unroll
     for (int v = 0; v < NV; v++) {
         int c = (v * blockDim.x + threadIdx.x) * 8;
         if (c < C) {
-            load_bf16<8>(x + c, xf[v]);
-            float gv[8];
-            load_g8(g + c, gv);
-            float4 w0 = *(const float4 *)(w + c), w1 = *(const float4 *)(w + c + 4);
-            float wv[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
+            if (acc) ph[v] = *(const uint4 *)(hi + c), pl[v] = *(const uint4 *)(lo + c);
+            xr[v] = *(const uint4 *)(x + c);
+            gr[v].load(g + c);
+            float xf[8], gv[8], wv[8];
+            load_bf16<8>((const bf16 *)&xr[v], xf);
+            gr[v].get(gv);
+            load_w8(w + c, wv);
 #pragma unroll
-            for (int k = 0; k < 8; k++) {
-                gw[v][k] = gv[k] * wv[k];
-                dot += gw[v][k] * xf[v][k];
-            }
+            for (int k = 0; k < 8; k++) dot += (gv[k] * wv[k]) * xf[k];
         }
     }
     dot = block_sum(dot);
     float r = rstd[t];
     float coef = r * r * r * dot / (float)C;
-    bf16 *hi = ghi + t * ldh, *lo = glo + t * C;
 #pragma unroll
     for (int v = 0; v < NV; v++) {
         int c = (v * blockDim.x + threadIdx.x) * 8;
         if (c < C) {
-            float o[8] = {};
-            if (acc) load_pair8(hi + c, lo + c, o);
+            float o[8] = {}, xf[8], gv[8], wv[8];
+            if (acc) load_pair8((const bf16 *)&ph[v], (const bf16 *)&pl[v], o);
+            load_bf16<8>((const bf16 *)&xr[v], xf);
+            gr[v].get(gv);
+            load_w8(w + c, wv);
 #pragma unroll
-            for (int k = 0; k < 8; k++) o[k] = o[k] + (r * gw[v][k] - coef * xf[v][k]);
+            for (int k = 0; k < 8; k++) o[k] = o[k] + (r * (gv[k] * wv[k]) - coef * xf[k]);
             split_store8(hi + c, lo + c, o);
         }
     }
