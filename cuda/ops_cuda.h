@@ -221,8 +221,10 @@ void flash_attention_backward_cuda(cuda_ctx *ctx, bf16 *gqkv, int64_t ldg, float
                                    int D, void *scratch, int bc);
 
 // ---- GEMM algorithm choice (cuda/context.cu) ----
-// Products of at least `flop` (2 M N K; default 5e10) choose their cuBLASLt algorithm by measurement
-// the second time they run (see gemm_tune); tests lower it to reach small shapes.
+// With the choice on (MOSFT_GEMM_TUNE=1 or 2, or gemm_tune_set_level; -1: back to the environment, whose
+// default is off), products of at least `flop` (2 M N K; default 5e10) choose their cuBLASLt algorithm
+// by measurement the second time they run (see gemm_tune); tests lower it to reach small shapes.
+void gemm_tune_set_level(int level);
 void gemm_tune_set_min_flop(double flop);
 // An order-independent 64-bit hash of rows x wpr 32-bit words with row stride ldw (words): the CUDA
 // kernel (part: 256 words of device scratch; synchronizes) and its CPU twin give the same value.

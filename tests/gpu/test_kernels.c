@@ -386,11 +386,11 @@ START_TEST(test_gemm_tune) {
             gemm_tune_set_min_flop(1e300);  // c0: the heuristic's first choice
             gemm_cuda(c0, 0, 1, M, N, K, 0.5f, dA, K, dB, K, acc ? 1.0f : 0.0f, acc ? dC : NULL, d0, ldd,
                       out32 ? GEMM_F32 : GEMM_BF16);
-            gemm_tune_set_min_flop(0);  // c1: chosen by measurement, at the plan's second run
+            gemm_tune_set_level(1), gemm_tune_set_min_flop(0);  // c1: chosen by measurement, at the plan's second run
             for (int run = 0; run < 2; run++)
                 gemm_cuda(c1, 0, 1, M, N, K, 0.5f, dA, K, dB, K, acc ? 1.0f : 0.0f, acc ? dC : NULL, d1, ldd,
                           out32 ? GEMM_F32 : GEMM_BF16);
-            gemm_tune_set_min_flop(5e10);
+            gemm_tune_set_level(-1), gemm_tune_set_min_flop(5e10);
             CK_CUDA(cudaDeviceSynchronize());
             uint8_t *h0 = xmalloc(es * (size_t)(M * ldd)), *h1 = xmalloc(es * (size_t)(M * ldd));
             dev_down(h0, d0, es * (size_t)(M * ldd));
