@@ -160,6 +160,16 @@ int swiglu_dx_fits(int I, int r, int64_t ldgh, const void *gh, const void *A);
 void swiglu_lowrank_backward_cuda(cuda_ctx *ctx, bf16 *gu, int64_t ldgu, const bf16 *gout, bf16 *gh, int64_t ldh,
                                   const bf16 *B, int R, int r, int c_gate, int c_up, int64_t T, int I, float *part,
                                   size_t part_floats, const swiglu_dx *dx);
+// The backward (without dx) with the gate|up group's weight gradient as well: gB ([2I][R] fp32, the layout
+// of the dL/dB GEMM, s gy^T h) gets s dgate^T h[:, c_gate:+r] in its gate rows' block at c_gate and s
+// dup^T h[:, c_up:+r] in its up rows' block at c_up (nothing else is written), h [T][R] bf16 with row
+// stride ldhh: one pass over gu instead of a second reading of dL/dgate | dL/dup. Needs r <= 32 and room
+// in part for swiglu_bands_part_floats(T, I, R, r) (a partial's worth less: fewer token groups); returns
+// 0 (and does nothing) where it does not fit or MOSFT_SWIGLU_ROWS=0.
+size_t swiglu_bands_part_floats(int64_t T, int I, int R, int r);
+int swiglu_lowrank_backward_db_cuda(cuda_ctx *ctx, bf16 *gu, int64_t ldgu, const bf16 *gout, bf16 *gh, int64_t ldh,
+                                    const bf16 *B, int R, int r, int c_gate, int c_up, const bf16 *h, int64_t ldhh, float s,
+                                    float *gB, int64_t T, int I, float *part, size_t part_floats);
 // out[T][C] = table[ids[t]]; ids[T] device, in [0, V) (checked on the host).
 void embedding_forward_cuda(cuda_ctx *ctx, bf16 *out, const int32_t *ids, const bf16 *table, int64_t T, int C);
 

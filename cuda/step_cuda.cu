@@ -221,8 +221,9 @@ void cuda_acts_layout(backend *be, cuda_arena *ar, int B, int S, mem_plan *plan)
                 size_t n = (size_t)partial_splits(sh[i][0], sh[i][1], sh[i][2]) * (size_t)(sh[i][0] * sh[i][1]);
                 mx = n > mx ? n : mx;
             }
-            if (g == GRP_DOWN) {  // the SwiGLU forward's slices (swiglu_rows_part_floats)
-                size_t n = swiglu_rows_part_floats(T, d.I, ag->R);
+            if (g == GRP_DOWN || g == GRP_GU) {  // the SwiGLU kernels' slices (and the backward's dL/dB groups)
+                size_t n = g == GRP_DOWN ? swiglu_rows_part_floats(T, d.I, ag->R)
+                                         : swiglu_bands_part_floats(T, d.I, ag->R, c->rank);
                 mx = n > mx ? n : mx;
             }
         }
@@ -574,8 +575,9 @@ static void ad_scatter(cuda_impl *c, const ad_lane *ln, const cuda_adapter_group
 static int64_t k_fwd(const cuda_impl *c, int g, int64_t d_in) { return d_in + c->grp[g].R; }
 
 // Backward of group g's adapters, before its input-gradient GEMM: gh = gy (sB) into gy's extra columns
-// (gy [T][d_out + Rp], row stride ldgy) on the main lane (unless gh_done: the SwiGLU backward made it),
-// then on the side lane dL/dB = s gy^T h, dL/dA = gh^T xd, both scattered into c->grad. Returns the K of the input-gradient GEMM: d_out + R
+// (gy [T][d_out + Rp], row stride ldgy) on the main lane (unless gh_done & 1: the SwiGLU backward made it),
+// then on the side lane dL/dB = s gy^T h (unless gh_done & 2: the SwiGLU backward made it, in c->ad_gB),
+// dL/dA = gh^T xd, both scattered into c->grad. Returns the K of the input-gradient GEMM: d_out + R
 // when gh A rides along (no dropout), else d_out (adapter_dx_dropout adds the masked term after it).
 static int64_t adapter_grads(backend *be, const dims *d, int l, int g, const bf16 *x, int64_t ldx, bf16 *gy, int64_t ldgy,
                              const dropout_ctx *dc, int gh_done) {
@@ -588,12 +590,16 @@ static int64_t adapter_grads(backend *be, const dims *d, int l, int g, const bf1
     bf16 *gh = gy + dout;
     const bf16 *h = x + di;
     ad_lane m = lane_main(c);
-    if (!gh_done) ad_gemm(&m, 0, 0, d->T, R, dout, 1.0f, gy, ldgy, ag->B[l], R, gh, ldgy, GEMM_BF16);
+    if (!(gh_done & 1)) ad_gemm(&m, 0, 0, d->T, R, dout, 1.0f, gy, ldgy, ag->B[l], R, gh, ldgy, GEMM_BF16);
     ad_lane w = side_begin(c);
-    ad_gemm(&w, 1, 0, dout, R, d->T, c->scaling, gy, ldgy, h, ldx, w.gB, R, GEMM_F32);
+    float *gB = w.gB;
+    if (gh_done & 2)
+        gB = c->ad_gB;
+    else
+        ad_gemm(&w, 1, 0, dout, R, d->T, c->scaling, gy, ldgy, h, ldx, gB, R, GEMM_F32);
     if (!dropout_on(be, dc)) {
         ad_gemm(&w, 1, 0, R, di, d->T, 1.0f, gh, ldgy, x, ldx, w.gA, di, GEMM_F32);
-        ad_scatter(c, &w, ag, l, 0, ag->n, w.gA, (int64_t)r * di, w.gB);
+        ad_scatter(c, &w, ag, l, 0, ag->n, w.gA, (int64_t)r * di, gB);
         side_end(c, g);
         return dout + R;
     }
@@ -603,7 +609,7 @@ static int64_t adapter_grads(backend *be, const dims *d, int l, int g, const bf1
         drop_spec ds = group_masks(be, dc, l, g, keys, bits);
         lowrank_dropout_da_cuda(w.ctx, w.gA, gh, ldgy, x, ldx, ag->n, r, d->T, di, keys, ds.thr, ds.keep,
                                 mask_bits_read(c, l, g) ? bits : NULL, w.part, c->ad_part_floats);
-        ad_scatter(c, &w, ag, l, 0, ag->n, w.gA, (int64_t)r * di, w.gB);
+        ad_scatter(c, &w, ag, l, 0, ag->n, w.gA, (int64_t)r * di, gB);
         side_end(c, g);
         return dout;
     }
@@ -611,7 +617,7 @@ static int64_t adapter_grads(backend *be, const dims *d, int l, int g, const bf1
         drop_spec ds = drop_of(be, dc, l, ag->mod[i]);
         dropout_apply_cuda(w.ctx, w.xd, x, ldx, d->T, di, ds.key, ds.thr, ds.keep, NULL);
         ad_gemm(&w, 1, 0, r, di, d->T, 1.0f, gh + i * r, ldgy, w.xd, di, w.gA, di, GEMM_F32);
-        ad_scatter(c, &w, ag, l, i, 1, w.gA, 0, w.gB);
+        ad_scatter(c, &w, ag, l, i, 1, w.gA, 0, gB);
     }
     side_end(c, g);
     return dout;
@@ -676,7 +682,10 @@ static int down_dx_in_swiglu(backend *be, const dims *d, int l, const bf16 *gy, 
 
 // dL/dgate | dL/dup (in place over layer l's gate | up, from ga = dL/da) with the gate|up adapter's
 // gh = [dgate | dup] sB in one pass, when the shapes allow (and with dx, ga read with the down module's
-// dropout term added). Returns whether gh was made (else only the SwiGLU backward ran).
+// dropout term added). Without dx (and the peers' host-side scatter) the same pass also makes the
+// group's dL/dB into c->ad_gB where it fits (the side lane then scatters it from there instead of
+// reading gu again). Returns adapter_grads' gh_done: 1 gh made, | 2 dL/dB made, 0 only the SwiGLU
+// backward ran.
 static int swiglu_backward_gh(cuda_impl *c, const dims *d, int l, const bf16 *ga, const swiglu_dx *dx) {
     const cuda_adapter_group *ag = &c->grp[GRP_GU];
     cuda_acts *a = &c->acts[l];
@@ -691,8 +700,15 @@ static int swiglu_backward_gh(cuda_impl *c, const dims *d, int l, const bf16 *ga
         if (ag->mod[i] == MOD_GATE) cg = i * c->rank;
         if (ag->mod[i] == MOD_UP) cu = i * c->rank;
     }
-    swiglu_lowrank_backward_cuda(c->ctx, a->gu, ld.gu, ga, a->gu + 2 * (int64_t)d->I, ld.gu, ag->B[l], ag->R, c->rank, cg, cu,
-                                 d->T, d->I, c->ad_part, c->ad_part_floats, dx);
+    bf16 *gh = a->gu + 2 * (int64_t)d->I;
+    if (!dx && !c->peer) {
+        side_join(c, GRP_GU);  // the layer above's gate|up scatter read c->ad_gB
+        if (swiglu_lowrank_backward_db_cuda(c->ctx, a->gu, ld.gu, ga, gh, ld.gu, ag->B[l], ag->R, c->rank, cg, cu, a->h2 + d->C,
+                                            ld.h2, c->scaling, c->ad_gB, d->T, d->I, c->ad_part, c->ad_part_floats))
+            return 3;
+    }
+    swiglu_lowrank_backward_cuda(c->ctx, a->gu, ld.gu, ga, gh, ld.gu, ag->B[l], ag->R, c->rank, cg, cu, d->T, d->I, c->ad_part,
+                                 c->ad_part_floats, dx);
     return 1;
 }
 

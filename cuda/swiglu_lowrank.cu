@@ -2,7 +2,8 @@
 // adapter's h = a A^T in the forward, the gate|up adapter's gh = [dgate | dup] sB in the backward
 // (declared in cuda/ops_cuda.h; the CPU twins are swiglu_*_cpu and the GEMM path they replace). Two
 // walks over gu: tiles of 64 tokens x 64 columns (both directions; the backward's dropout term), and
-// blocks that own a slice of I and stream bands of whole rows (the forward, where it fits).
+// blocks that own a slice of I and stream bands of whole rows (the forward, and the backward with the
+// gate|up adapter's dL/dB too, where they fit).
 #include <stdlib.h>
 #include <string.h>
 
@@ -336,6 +337,227 @@ __global__ void __launch_bounds__(SR_NT, 2) swiglu_rows_forward_kernel(float *pa
     }
 }
 
+// ---- the backward with the gate|up adapter's dL/dB, streaming bands ----------------------------------
+// The weight gradient dL/dB = s [dgate | dup]^T h of the gate|up group read the T x 2I output gradient
+// again on the side stream (268 MB a 3B layer; leaving that product out shortens a 3B step by ~2-3 ms:
+// docs/BENCHMARKS.md, eighteenth session). Summing it where dgate, dup are made needs the columns of I
+// owned across all tokens, so this backward walks as the rows forward does: a block owns a slice of SR_W
+// columns (sB's gate and up blocks transposed in shared memory) and the bands of 16 tokens gi, gi + G, ...
+// A band's gate, up and output-gradient rows and the gate|up h of its tokens stream in by cp.async, two
+// bands ahead in three stages (no registers held for loads; each thread's copies are fixed but for the
+// band, so their addresses advance by a stride); warp w makes row w's dgate, dup over the slice and writes
+// them out and back over the stage's gate and up rows; after a barrier, warps w and w + 8 multiply the
+// dgate (n-tile w % 8 < r/8) or dup rows by sB's n-tile w % 8 over one half of the slice each, and every
+// warp adds its 32 columns' dgate^T h_gate and dup^T h_up over the band's tokens to its dL/dB accumulators
+// (mma.sync, 64 a thread); after a second barrier warp w adds warp w + 8's half of gh (through shared
+// memory) and writes the fp32 partial gh [slice][t][R] (summed over slices in order afterwards). dL/dB
+// leaves once at the end, as fp32 partials [module][gi][I][r] summed in order when G > 1. In the step
+// (CUPTI, a 3B layer) 338 us against the tiles' 305, while the side stream no longer reads gu: steps 3B
+// -0.1 to -0.7 ms, 7B -1.3 to -3.5. The kernel is bound by latency, not DRAM (~36 % of the issue slots a
+// band at the step's ~1.4 GHz; ncu at the boost clock had the first version at 292 us, the step 362-382).
+#define SB_NS 3  // stages
+#define SB_R 32  // at most r
+#define SB_HLD (2 * SB_R + 8)
+
+static size_t sb_smem_bytes(int r) {
+    return sizeof(bf16) * ((size_t)2 * r * SR_LD + (size_t)SB_NS * 16 * (3 * SR_LD + SB_HLD)) + sizeof(float) * 8 * 32 * 4;
+}
+
+__global__ void __launch_bounds__(SR_NT, 1) swiglu_bands_backward_kernel(float *part, bf16 *gu, int64_t ldgu,
+                                                                         const bf16 *__restrict__ gout, bf16 *gh,
+                                                                         int64_t ldh, const bf16 *__restrict__ B,
+                                                                         const bf16 *__restrict__ hh, int64_t ldhh,
+                                                                         float *dbp, float *gB, float s_db, int R, int r,
+                                                                         int c_gate, int c_up, int64_t T, int I, int S,
+                                                                         int G) {
+    extern __shared__ __align__(16) unsigned char sw_smem[];
+    bf16 *Fs = (bf16 *)sw_smem;               // [2r][SR_LD]: sB's gate block, then its up block, transposed
+    bf16 *Xs = Fs + 2 * r * SR_LD;            // [SB_NS][gate, up, gout][16][SR_LD]
+    bf16 *Hs = Xs + SB_NS * 3 * 16 * SR_LD;   // [SB_NS][16][SB_HLD]: h_gate | h_up of the band's tokens
+    float4 *Ex = (float4 *)(Hs + SB_NS * 16 * SB_HLD);  // [8 n-tiles][32 lanes]: gh's second half of the slice
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3, i4 = lane >> 3;
+    int s = blockIdx.x % S, gi = blockIdx.x / S, f0 = s * SR_W;
+    {  // sB[m I + f][c_m + n] -> Fs[m r + n][f - f0]
+        int vr = r / 8;
+        for (int v = threadIdx.x; v < 2 * SR_W * vr; v += SR_NT) {
+            int m = v / (SR_W * vr), fl = (v / vr) % SR_W, n8 = (v % vr) * 8, cm = m ? c_up : c_gate, f = f0 + fl;
+            uint4 x = make_uint4(0, 0, 0, 0);
+            if (cm >= 0 && f < I) x = *(const uint4 *)(B + ((int64_t)m * I + f) * R + cm + n8);
+            const bf16 *xe = (const bf16 *)&x;
+#pragma unroll
+            for (int e = 0; e < 8; e++) Fs[(m * r + n8 + e) * SR_LD + fl] = xe[e];
+        }
+    }
+    const int64_t nb = (T + 15) / 16, n_my = gi < nb ? (nb - 1 - gi) / G + 1 : 0;  // this block's bands
+    // A thread's copies are the same every band but for the band's rows: rows r0 and r0 + 8 of the gate, up
+    // and output-gradient tiles at column cq (thread 64 r0 + cq / 8), and one vector of the h band (the
+    // first 16 * 2r/8 threads): pointers advanced by G bands a call, no index arithmetic in the loop.
+    static_assert(SR_NT == 512 && SR_W == 512, "a thread copies rows r0 and r0 + 8 of one column vector");
+    const int r0 = threadIdx.x >> 6, cq = (threadIdx.x & 63) * 8, nhv = 2 * r / 8;
+    const bool okf = f0 + cq < I, hthr = (int)threadIdx.x < 16 * nhv;
+    const int hrow = threadIdx.x / nhv, hq = (threadIdx.x % nhv) * 8, hm = hq >= r, hcm = hm ? c_up : c_gate;
+    const int64_t rows_g = (int64_t)G * 16;  // rows from one of this block's bands to the next
+    int64_t tl = (int64_t)gi * 16 + r0, th = (int64_t)gi * 16 + hrow;  // the next band's rows for this thread
+    const bf16 *pg = gu + tl * ldgu + f0 + cq, *po = gout + tl * I + f0 + cq;
+    const bf16 *ph = hh + th * ldhh + (hcm >= 0 ? hcm + hq - hm * r : 0);
+    bf16 *xs0 = Xs + r0 * SR_LD + cq, *hs0 = Hs + hrow * SB_HLD + hq;
+    int stage = 0;
+    auto load = [&](int64_t k) {  // band gi + k G into the next stage (an empty group past the last)
+        if (k < n_my) {
+            bool ok0 = okf && tl < T, ok1 = okf && tl + 8 < T;
+            bf16 *xs = xs0 + stage * 3 * 16 * SR_LD;
+            cp_async16(xs, ok0 ? pg : gu, ok0);
+            cp_async16(xs + 8 * SR_LD, ok1 ? pg + 8 * ldgu : gu, ok1);
+            cp_async16(xs + 16 * SR_LD, ok0 ? pg + I : gu, ok0);
+            cp_async16(xs + 24 * SR_LD, ok1 ? pg + 8 * ldgu + I : gu, ok1);
+            cp_async16(xs + 32 * SR_LD, ok0 ? po : gu, ok0);
+            cp_async16(xs + 40 * SR_LD, ok1 ? po + 8 * I : gu, ok1);
+            if (hthr) {  // zeros past T and for a missing module
+                bool okh = th < T && hcm >= 0;
+                cp_async16(hs0 + stage * 16 * SB_HLD, okh ? ph : hh, okh);
+            }
+            tl += rows_g, th += rows_g, pg += rows_g * ldgu, po += rows_g * I, ph += rows_g * ldhh;
+            stage = stage == SB_NS - 1 ? 0 : stage + 1;
+        }
+        cp_commit();
+    };
+    float db[2][2][SB_R / 8][4];  // [module][m-tile: 16 columns][n-tile of r][C fragment]
+#pragma unroll
+    for (int m = 0; m < 2; m++)
+#pragma unroll
+        for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+            for (int nt = 0; nt < SB_R / 8; nt++) db[m][mt][nt][0] = db[m][mt][nt][1] = db[m][mt][nt][2] = db[m][mt][nt][3] = 0.0f;
+    const int kmax = I - f0 < SR_W ? (I - f0 + 15) / 16 * 16 : SR_W;  // a short last slice
+    load(0);
+    load(1);
+    for (int64_t k = 0; k < n_my; k++) {
+        cp_wait<1>();     // this thread's copies of band k have landed
+        __syncthreads();  // everyone's have, and every warp is done with band k - 1 (whose stage is reloaded)
+        load(k + 2);
+        int64_t t0 = (gi + k * G) * 16, t = t0 + warp;
+        bf16 *xs = Xs + (k % SB_NS) * 3 * 16 * SR_LD;
+        const bf16 *hs = Hs + (k % SB_NS) * 16 * SB_HLD;
+#pragma unroll
+        for (int h2 = 0; h2 < 2; h2++) {  // row `warp`, columns 8 lane + 256 h2 ..: swiglu_lowrank_kernel's math
+            int fl = 8 * lane + 256 * h2, f = f0 + fl;
+            bf16 *gs = xs + warp * SR_LD + fl, *us = gs + 16 * SR_LD;
+            float gf[8], uf[8], go[8], dg[8], du[8];
+            load_bf16<8>(gs, gf);
+            load_bf16<8>(us, uf);
+            load_bf16<8>(us + 16 * SR_LD, go);
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+                float sg = sw_sigmoid(gf[e]);
+                dg[e] = go[e] * uf[e] * (sg * (1.0f + gf[e] * (1.0f - sg)));
+                du[e] = go[e] * (gf[e] * sg);
+            }
+            store_bf16<8>(gs, dg);  // zeros outside T x I: they add nothing below
+            store_bf16<8>(us, du);
+            if (t < T && f < I) {
+                *(uint4 *)(gu + t * ldgu + f) = *(const uint4 *)gs;
+                *(uint4 *)(gu + t * ldgu + I + f) = *(const uint4 *)us;
+            }
+        }
+        __syncthreads();  // the band's dgate and dup rows are whole
+        // gh: output n-tile nt = warp % 8 (module m's columns 8 (nt - m r / 8) ..), warps w and w + 8 each over
+        // half of the slice; the second half's sum goes through shared memory (Ex) to warp w after the dL/dB
+        // products and a barrier
+        const int nt = warp & 7, kh = warp >> 3, m_gh = nt * 8 / r, cm_gh = m_gh ? c_up : c_gate;
+        const bool gh_on = nt < 2 * r / 8 && cm_gh >= 0;
+        float acc[4][4] = {};  // four chains, added at the end
+        if (gh_on) {
+            const bf16 *a_t = xs + m_gh * 16 * SR_LD + (lane & 15) * SR_LD + (lane >> 4) * 8;
+            if (kmax == SR_W) {  // a whole slice: B fragments by ldmatrix too, two k-steps a load
+                const bf16 *b_t = Fs + (nt * 8 + (lane & 7)) * SR_LD + (lane >> 3) * 8;
+#pragma unroll 4
+                for (int kk = kh * (SR_W / 2); kk < (kh + 1) * (SR_W / 2); kk += 32) {
+                    uint32_t a0[4], a1[4], b[4];
+                    ldsm4(b, b_t + kk);
+                    ldsm4(a0, a_t + kk);
+                    ldsm4(a1, a_t + kk + 16);
+                    int j = (kk >> 5) & 1;
+                    mma16816(acc[2 * j], a0, b[0], b[1]);
+                    mma16816(acc[2 * j + 1], a1, b[2], b[3]);
+                }
+            } else {  // a short last slice
+                const bf16 *fr = Fs + (nt * 8 + g) * SR_LD + 2 * c;
+                int k1 = kh ? kmax : (kmax < SR_W / 2 ? kmax : SR_W / 2);
+                for (int kk = kh * (SR_W / 2); kk < k1; kk += 16) {
+                    uint32_t a[4];
+                    ldsm4(a, a_t + kk);
+                    mma16816(acc[0], a, ld32(fr + kk), ld32(fr + kk + 8));
+                }
+            }
+#pragma unroll
+            for (int e = 0; e < 4; e++) acc[0][e] = (acc[0][e] + acc[1][e]) + (acc[2][e] + acc[3][e]);
+            if (kh) Ex[nt * 32 + lane] = make_float4(acc[0][0], acc[0][1], acc[0][2], acc[0][3]);
+        }
+#pragma unroll
+        for (int m = 0; m < 2; m++) {  // dL/dB rows: this warp's columns 32 warp .., k = the band's tokens
+            if ((m ? c_up : c_gate) < 0) continue;
+            uint32_t a[2][4];  // A[i][t] = d(module m)[t][32 warp + 16 mt + i]: .trans
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++)
+                ldsm4t(a[mt], xs + (m * 16 + (i4 >> 1) * 8 + (lane & 7)) * SR_LD + warp * 32 + mt * 16 + (i4 & 1) * 8);
+#pragma unroll
+            for (int np = 0; np < SB_R / 16; np++) {
+                if (np >= r / 16) break;
+                uint32_t b[4];  // B[t][n] = h_m[t][n]: .trans
+                ldsm4t(b, hs + ((i4 & 1) * 8 + (lane & 7)) * SB_HLD + m * r + np * 16 + (i4 >> 1) * 8);
+#pragma unroll
+                for (int mt = 0; mt < 2; mt++) {
+                    mma16816(db[m][mt][2 * np], a[mt], b[0], b[1]);
+                    mma16816(db[m][mt][2 * np + 1], a[mt], b[2], b[3]);
+                }
+            }
+        }
+        __syncthreads();  // the second halves of gh are in Ex
+        if (gh_on && !kh) {
+            float4 o = Ex[nt * 32 + lane];
+            acc[0][0] += o.x, acc[0][1] += o.y, acc[0][2] += o.z, acc[0][3] += o.w;
+            store_acc_rows(acc[0], S > 1 ? part : NULL, s, R, gh, ldh, t0 + g, T, cm_gh + nt * 8 - m_gh * r + 2 * c);
+        }
+    }
+    cp_wait<0>();  // no copy outlives the block
+#pragma unroll
+    for (int m = 0; m < 2; m++) {
+        int cm = m ? c_up : c_gate;
+        if (cm < 0) continue;
+#pragma unroll
+        for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+            for (int nt = 0; nt < SB_R / 8; nt++) {
+                if (nt >= r / 8) break;
+#pragma unroll
+                for (int hl = 0; hl < 2; hl++) {
+                    int f = f0 + warp * 32 + mt * 16 + g + 8 * hl, n = nt * 8 + 2 * c;
+                    if (f >= I) continue;
+                    float2 v = make_float2(s_db * db[m][mt][nt][2 * hl], s_db * db[m][mt][nt][2 * hl + 1]);
+                    if (G > 1)
+                        *(float2 *)(dbp + (((int64_t)m * G + gi) * I + f) * r + n) = v;
+                    else
+                        *(float2 *)(gB + ((int64_t)m * I + f) * R + cm + n) = v;
+                }
+            }
+    }
+}
+
+// dL/dB from the bands kernel's partials [2][G][I][r]: both modules' blocks in one launch, the groups
+// added in order (as splitk_sum_cuda).
+__global__ void swiglu_bands_db_sum_kernel(const float *__restrict__ part, int G, int I, int r, float *gB, int R,
+                                           int c_gate, int c_up) {
+    int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x, n1 = (int64_t)I * r;
+    if (e >= 2 * n1) return;
+    int m = (int)(e / n1), cm = m ? c_up : c_gate;
+    if (cm < 0) return;
+    int64_t i = e % n1;
+    const float *p = part + (int64_t)m * G * n1 + i;
+    float sum = 0.0f;
+    for (int k = 0; k < G; k++) sum += p[(int64_t)k * n1];
+    gB[((int64_t)m * I + i / r) * R + cm + i % r] = sum;
+}
+
 // ---- kernel launchers ---------------------------------------------------------------------------------
 
 // The streaming-rows forward where it fits (R <= SR_R, room for the slices' partials unless one slice
@@ -408,6 +630,44 @@ extern "C" void swiglu_lowrank_forward_cuda(cuda_ctx *ctx, bf16 *out, int64_t ld
 extern "C" int swiglu_dx_fits(int I, int r, int64_t ldgh, const void *gh, const void *A) {
     return I % 32 == 0 && r % 16 == 0 && r >= 16 && r <= SW_R && ldgh % 8 == 0 && (uintptr_t)gh % 16 == 0 &&
            (uintptr_t)A % 16 == 0;
+}
+
+// The bands backward's partials: gh's slices [S][T][R] (S > 1) and dL/dB's [2][G][I][r] for up to SB_G
+// token groups (fewer when part is smaller).
+#define SB_G 32
+extern "C" size_t swiglu_bands_part_floats(int64_t T, int I, int R, int r) {
+    return swiglu_rows_part_floats(T, I, R) + (size_t)2 * SB_G * I * r;
+}
+
+extern "C" int swiglu_lowrank_backward_db_cuda(cuda_ctx *ctx, bf16 *gu, int64_t ldgu, const bf16 *gout, bf16 *gh,
+                                               int64_t ldh, const bf16 *B, int R, int r, int c_gate, int c_up,
+                                               const bf16 *h, int64_t ldhh, float s, float *gB, int64_t T, int I,
+                                               float *part, size_t part_floats) {
+    MOSFT_ASSERT(swiglu_lowrank_fits(1, I, ldgu, R, r) && ldh % 2 == 0 && (c_gate >= 0 || c_up >= 0));
+    MOSFT_ASSERT((c_gate < 0 || (c_gate % 8 == 0 && c_gate + r <= R)) && (c_up < 0 || (c_up % 8 == 0 && c_up + r <= R)));
+    MOSFT_ASSERT((uintptr_t)gu % 16 == 0 && (uintptr_t)gout % 16 == 0 && (uintptr_t)B % 16 == 0);
+    MOSFT_ASSERT(ldhh % 8 == 0 && (uintptr_t)h % 16 == 0);
+    if (!rows_on() || r > SB_R || T == 0) return 0;
+    int S = ceil_div_i(I, SR_W);
+    size_t ghp = S > 1 ? swiglu_rows_part_floats(T, I, R) : 0, dbf = (size_t)2 * I * r;  // dL/dB's floats a group
+    if (ghp > 0 && (!part || ghp > part_floats)) return 0;
+    size_t smem = sb_smem_bytes(r);
+    int per_sm = resident_blocks(swiglu_bands_backward_kernel, SR_NT, smem, sb_smem_bytes(SB_R));
+    int64_t nb = (T + 15) / 16, G = (int64_t)per_sm * ctx->sm_count / S;
+    if (G > nb) G = nb;
+    while (G > 1 && (!part || ghp + (size_t)G * dbf > part_floats)) G--;
+    if (G < 1) G = 1;
+    float *dbp = G > 1 ? part + ghp : NULL;
+    swiglu_bands_backward_kernel<<<(unsigned)(S * G), SR_NT, smem, ctx->stream>>>(
+        part, gu, ldgu, gout, gh, ldh, B, h, ldhh, dbp, gB, s, R, r, c_gate, c_up, T, I, S, (int)G);
+    CUDA_LAUNCH_CHECK();
+    if (S > 1) splitk_sum_cuda(ctx, part, S, T, R, gh, ldh, GEMM_BF16);
+    if (G > 1) {
+        swiglu_bands_db_sum_kernel<<<ceil_div_i((int64_t)dbf, 256), 256, 0, ctx->stream>>>(dbp, (int)G, I, r, gB, R, c_gate,
+                                                                                          c_up);
+        CUDA_LAUNCH_CHECK();
+    }
+    return 1;
 }
 
 extern "C" void swiglu_lowrank_backward_cuda(cuda_ctx *ctx, bf16 *gu, int64_t ldgu, const bf16 *gout, bf16 *gh, int64_t ldh,

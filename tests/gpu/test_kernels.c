@@ -1278,8 +1278,11 @@ static void check_swiglu_lowrank(cuda_ctx *ctx, rng_state *r, int64_t T, int I, 
     swiglu_forward_cpu(a, g, u, (int64_t)n);
     swiglu_backward_cpu(dg, du, go, g, u, (int64_t)n);
     size_t part_floats = (size_t)16 * T * R;
+    if (swiglu_bands_part_floats(T, I, R, rk) > part_floats) part_floats = swiglu_bands_part_floats(T, I, R, rk);
     float *part = dev_alloc(4 * part_floats);
     void *dA = dev_bf16(A, (size_t)R * I), *dB = dev_bf16(B, (size_t)(2 * I) * R), *dgo = dev_bf16(go, n);
+    int64_t ldhh = R + 8;  // the gate|up group's h (module m's columns from its c_m), 8 spare
+    float *hh = rnd_bf16(r, (size_t)(T * ldhh), 1.0f);
     char name[160];
     for (int pass = 3; pass >= 0; pass--) {  // forward rows kernel with partials, without; tiles with, without
         int split = pass & 1;
@@ -1312,12 +1315,28 @@ static void check_swiglu_lowrank(cuda_ctx *ctx, rng_state *r, int64_t T, int I, 
         free(ga), free(got), free(gh), free(want);
         }
         cudaFree(da);
-        if (pass >= 2) {  // the backward has the tiles only
-            cudaFree(dgu);
-            continue;
+        // backward (gh of the gate / up blocks): with the rows kernels on, the bands kernel with dL/dB
+        // (where it takes the shape; else the tiles run in passes 1 and 0)
+        float *gbw = NULL, *gbg = NULL;
+        if (pass >= 2) {
+            float *gb0 = xmalloc(sizeof(float) * (size_t)(2 * I) * R);
+            for (size_t i = 0; i < (size_t)(2 * I) * R; i++) gb0[i] = 7.0f;  // what must stay
+            float *dgb = dev_up(gb0, sizeof(float) * (size_t)(2 * I) * R);
+            void *dhh = dev_bf16(hh, (size_t)(T * ldhh));
+            int made = swiglu_lowrank_backward_db_cuda(ctx, dgu, ldgu, dgo, (bf16 *)dgu + 2 * I, ldgu, dB, R, rk, cg, cu, dhh,
+                                                       ldhh, 0.5f, dgb, T, I, split ? part : NULL, split ? part_floats : 0);
+            if (made) gbg = down_f32(dgb, (size_t)(2 * I) * R), gbw = gb0;
+            else free(gb0);
+            cudaFree(dgb), cudaFree(dhh);
+            if (!made) {
+                ck_assert_msg(rk > 32 || !split, "swiglu bands bwd: refused r %d with room for partials", rk);
+                cudaFree(dgu);
+                continue;
+            }
+        } else {
+            swiglu_lowrank_backward_cuda(ctx, dgu, ldgu, dgo, (bf16 *)dgu + 2 * I, ldgu, dB, R, rk, cg, cu, T, I, part_, pf,
+                                         NULL);
         }
-        // backward (gh of the gate / up blocks)
-        swiglu_lowrank_backward_cuda(ctx, dgu, ldgu, dgo, (bf16 *)dgu + 2 * I, ldgu, dB, R, rk, cg, cu, T, I, part_, pf, NULL);
         float *gg = down_bf16(dgu, ngu), *gga = xmalloc(sizeof(float) * n), *ggb = xmalloc(sizeof(float) * n);
         float *ghw = xcalloc((size_t)(T * R), sizeof(float)), *ghg = xmalloc(sizeof(float) * (size_t)(T * R));
         touched = 0;
@@ -1346,11 +1365,26 @@ static void check_swiglu_lowrank(cuda_ctx *ctx, rng_state *r, int64_t T, int I, 
         snprintf(name, sizeof name, "swiglu+gh bwd gh, r %d gate %d up %d R %d (%s)", rk, cg, cu, R, how);
         ck_assert(close_enough(name, ghg, ghw, (size_t)(T * R), 1e-3, RT));
         ck_assert_msg(touched == 0, "swiglu+gh bwd: %lld values outside the outputs changed", (long long)touched);
+        if (gbw) {  // dL/dB = 0.5 d_m^T h over the module's block (of the GPU's bf16 dgate, dup), 7 elsewhere
+            for (int m = 0; m < 2; m++) {
+                int c0 = m ? cu : cg;
+                const float *dm = m ? ggb : gga;
+                for (int i = 0; c0 >= 0 && i < I; i++)
+                    for (int j = 0; j < rk; j++) {
+                        double acc = 0;
+                        for (int64_t t = 0; t < T; t++) acc += (double)dm[t * I + i] * hh[t * ldhh + c0 + j];
+                        gbw[(int64_t)(m * I + i) * R + c0 + j] = (float)(0.5 * acc);
+                    }
+            }
+            snprintf(name, sizeof name, "swiglu+dB bwd dB, r %d gate %d up %d R %d (%s)", rk, cg, cu, R, how);
+            ck_assert(close_enough(name, gbg, gbw, (size_t)(2 * I) * R, 1e-3 * max_abs(gbw, (size_t)(2 * I) * R), RT));
+            free(gbw), free(gbg);
+        }
         free(gg), free(gga), free(ggb), free(ghw), free(ghg);
         cudaFree(dgu);
     }
     swiglu_lowrank_use_rows(1);
-    free(gu), free(go), free(a0), free(A), free(B), free(g), free(u), free(a), free(dg), free(du);
+    free(gu), free(go), free(a0), free(A), free(B), free(g), free(u), free(a), free(dg), free(du), free(hh);
     cudaFree(part), cudaFree(dA), cudaFree(dB), cudaFree(dgo);
 }
 
@@ -1432,6 +1466,7 @@ START_TEST(test_swiglu_lowrank) {
     check_swiglu_lowrank(ctx, &r, 100, 1000, 32, 0, 32, 64);  // rows kernel: two slices, the last one short
     check_swiglu_lowrank(ctx, &r, 37, 1544, 16, -1, 0, 16);   // four slices, the last one 8 columns; up only
     check_swiglu_lowrank(ctx, &r, 48, 1024, 32, 32, 0, 64);   // whole slices, up before gate in R
+    check_swiglu_lowrank(ctx, &r, 1000, 1536, 32, 0, 32, 64); // bands kernel: token groups of several bands
     check_swiglu_dx(ctx, &r, 100, 192, 32, 0.1f);               // the down module's dropout term, MoS r 32
     check_swiglu_dx(ctx, &r, 130, 416, 16, 0.3f);               // a half chunk at the end of I, r 16
     check_swiglu_dx(ctx, &r, 70, 256, 64, 0.1f);                // LoRA r 64
