@@ -165,7 +165,8 @@ void swiglu_lowrank_backward_cuda(cuda_ctx *ctx, bf16 *gu, int64_t ldgu, const b
 // dup^T h[:, c_up:+r] in its up rows' block at c_up (nothing else is written), h [T][R] bf16 with row
 // stride ldhh: one pass over gu instead of a second reading of dL/dgate | dL/dup. Needs r <= 32 and room
 // in part for swiglu_bands_part_floats(T, I, R, r) (a partial's worth less: fewer token groups); returns
-// 0 (and does nothing) where it does not fit or MOSFT_SWIGLU_ROWS=0.
+// 0 (and does nothing) where it does not fit, where its one wave of blocks would leave more than 5 % of
+// the multiprocessors idle, or with MOSFT_SWIGLU_ROWS=0.
 size_t swiglu_bands_part_floats(int64_t T, int I, int R, int r);
 int swiglu_lowrank_backward_db_cuda(cuda_ctx *ctx, bf16 *gu, int64_t ldgu, const bf16 *gout, bf16 *gh, int64_t ldh,
                                     const bf16 *B, int R, int r, int c_gate, int c_up, const bf16 *h, int64_t ldhh, float s,

@@ -634,7 +634,7 @@ extern "C" int swiglu_dx_fits(int I, int r, int64_t ldgh, const void *gh, const 
 
 // The bands backward's partials: gh's slices [S][T][R] (S > 1) and dL/dB's [2][G][I][r] for up to SB_G
 // token groups (fewer when part is smaller).
-#define SB_G 32
+#define SB_G 8
 extern "C" size_t swiglu_bands_part_floats(int64_t T, int I, int R, int r) {
     return swiglu_rows_part_floats(T, I, R) + (size_t)2 * SB_G * I * r;
 }
@@ -653,7 +653,10 @@ extern "C" int swiglu_lowrank_backward_db_cuda(cuda_ctx *ctx, bf16 *gu, int64_t 
     if (ghp > 0 && (!part || ghp > part_floats)) return 0;
     size_t smem = sb_smem_bytes(r);
     int per_sm = resident_blocks(swiglu_bands_backward_kernel, SR_NT, smem, sb_smem_bytes(SB_R));
-    int64_t nb = (T + 15) / 16, G = (int64_t)per_sm * ctx->sm_count / S;
+    int64_t nb = (T + 15) / 16, slots = (int64_t)per_sm * ctx->sm_count, G = slots / S;
+    // one block a multiprocessor and one wave: where the slices leave more than 5 % of the multiprocessors
+    // idle while there are bands for them (13B: 27 slices x 4 groups on 132), the tiles do better
+    if (G < nb && S * G * 20 < slots * 19) return 0;
     if (G > nb) G = nb;
     while (G > 1 && (!part || ghp + (size_t)G * dbf > part_floats)) G--;
     if (G < 1) G = 1;

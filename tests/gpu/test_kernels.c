@@ -1329,7 +1329,8 @@ static void check_swiglu_lowrank(cuda_ctx *ctx, rng_state *r, int64_t T, int I, 
             else free(gb0);
             cudaFree(dgb), cudaFree(dhh);
             if (!made) {
-                ck_assert_msg(rk > 32 || !split, "swiglu bands bwd: refused r %d with room for partials", rk);
+                // (with several slices it may also leave a GPU's wave to the tiles: on the H100 every shape here runs)
+                ck_assert_msg(rk > 32 || !split || I > 512, "swiglu bands bwd: refused r %d with room for partials", rk);
                 cudaFree(dgu);
                 continue;
             }
