@@ -33,13 +33,13 @@ __global__ void rmsnorm_forward_kernel(bf16 *out, int64_t ldo, float *rstd, cons
     }
 }
 
-// 8 elements of the norm's output gradient (fp32 from the lm_head's loss, bf16 from the layers' input-
-// gradient GEMMs) as floats.
-__device__ __forceinline__ void load_g8(const float *g, float *f) {
+// 8 consecutive elements as floats: the norm's weight, its output gradient (fp32 from the lm_head's loss,
+// bf16 from the layers' input-gradient GEMMs).
+__device__ __forceinline__ void load8(const float *g, float *f) {
     float4 a = *(const float4 *)g, b = *(const float4 *)(g + 4);
     f[0] = a.x, f[1] = a.y, f[2] = a.z, f[3] = a.w, f[4] = b.x, f[5] = b.y, f[6] = b.z, f[7] = b.w;
 }
-__device__ __forceinline__ void load_g8(const bf16 *g, float *f) { load_bf16<8>(g, f); }
+__device__ __forceinline__ void load8(const bf16 *g, float *f) { load_bf16<8>(g, f); }
 
 // The residual stream's gradient dL/dx is held as a pair of bf16 tensors, hi + lo: hi = bf16(dL/dx) is
 // what the next input-gradient GEMM reads (row stride ldh: the adapter's columns ride beside it) and lo =
@@ -78,7 +78,7 @@ __global__ void rmsnorm_backward_kernel(bf16 *ghi, int64_t ldh, bf16 *glo, int a
     for (int c = threadIdx.x * 8; c < C; c += blockDim.x * 8) {
         float f[8], gv[8];
         load_bf16<8>(x + c, f);
-        load_g8(g + c, gv);
+        load8(g + c, gv);
 #pragma unroll
         for (int k = 0; k < 8; k++) dot += gv[k] * w[c + k] * f[k];
     }
@@ -89,7 +89,7 @@ __global__ void rmsnorm_backward_kernel(bf16 *ghi, int64_t ldh, bf16 *glo, int a
     for (int c = threadIdx.x * 8; c < C; c += blockDim.x * 8) {
         float f[8], o[8] = {}, gv[8];
         load_bf16<8>(x + c, f);
-        load_g8(g + c, gv);
+        load8(g + c, gv);
         if (acc) load_pair8(hi + c, lo + c, o);
 #pragma unroll
         for (int k = 0; k < 8; k++) o[k] = o[k] + (r * (w[c + k] * gv[k]) - coef * f[k]);
@@ -125,8 +125,8 @@ __global__ void __launch_bounds__(128) rmsnorm_forward_reg_kernel(bf16 *out, int
     for (int v = 0; v < NV; v++) {
         int c = (v * blockDim.x + threadIdx.x) * 8;
         if (c < C) {
-            float4 w0 = *(const float4 *)(w + c), w1 = *(const float4 *)(w + c + 4);
-            float wv[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
+            float wv[8];
+            load8(w + c, wv);
 #pragma unroll
             for (int k = 0; k < 8; k++) f[v][k] = wv[k] * (f[v][k] * r);
             store_bf16<8>(y + c, f[v]);
@@ -134,28 +134,17 @@ __global__ void __launch_bounds__(128) rmsnorm_forward_reg_kernel(bf16 *out, int
     }
 }
 
-// 8 raw elements of the output gradient held in registers between the two passes (bf16: one 16-byte
-// vector; fp32: two).
-template <typename TG>
-struct raw8;
-template <>
-struct raw8<bf16> {
-    uint4 v;
-    __device__ __forceinline__ void load(const bf16 *p) { v = *(const uint4 *)p; }
-    __device__ __forceinline__ void get(float *f) const { load_bf16<8>((const bf16 *)&v, f); }
-};
-template <>
-struct raw8<float> {
-    float4 a, b;
-    __device__ __forceinline__ void load(const float *p) { a = *(const float4 *)p, b = *(const float4 *)(p + 4); }
-    __device__ __forceinline__ void get(float *f) const {
-        f[0] = a.x, f[1] = a.y, f[2] = a.z, f[3] = a.w, f[4] = b.x, f[5] = b.y, f[6] = b.z, f[7] = b.w;
+// 8 raw elements held in registers between the backward's two passes (bf16: one 16-byte vector; fp32:
+// two), unpacked by load8.
+template <typename T>
+struct raw8 {
+    uint4 v[sizeof(T) / 2];
+    __device__ __forceinline__ void load(const T *p) {
+#pragma unroll
+        for (int i = 0; i < (int)(sizeof(T) / 2); i++) v[i] = ((const uint4 *)p)[i];
     }
+    __device__ __forceinline__ void get(float *f) const { load8((const T *)v, f); }
 };
-__device__ __forceinline__ void load_w8(const float *w, float *f) {
-    float4 a = *(const float4 *)w, b = *(const float4 *)(w + 4);
-    f[0] = a.x, f[1] = a.y, f[2] = a.z, f[3] = a.w, f[4] = b.x, f[5] = b.y, f[6] = b.z, f[7] = b.w;
-}
 
 // The row's inputs (x, the output gradient and, with acc, the pair's old values) are all loaded in the
 // first pass and held raw (bf16) in registers, so one round of loads is in flight a row and the second
@@ -171,20 +160,20 @@ __global__ void __launch_bounds__(128) rmsnorm_backward_reg_kernel(bf16 *ghi, in
     const bf16 *x = inp + t * C;
     const TG *g = gout + t * C;
     bf16 *hi = ghi + t * ldh, *lo = glo + t * C;
-    uint4 xr[NV], ph[NV], pl[NV];  // x and the pair's old values, raw
+    raw8<bf16> xr[NV], ph[NV], pl[NV];  // x and the pair's old values, raw
     raw8<TG> gr[NV];
     float dot = 0.0f;
 #pragma unroll
     for (int v = 0; v < NV; v++) {
         int c = (v * blockDim.x + threadIdx.x) * 8;
         if (c < C) {
-            if (acc) ph[v] = *(const uint4 *)(hi + c), pl[v] = *(const uint4 *)(lo + c);
-            xr[v] = *(const uint4 *)(x + c);
+            if (acc) ph[v].load(hi + c), pl[v].load(lo + c);
+            xr[v].load(x + c);
             gr[v].load(g + c);
             float xf[8], gv[8], wv[8];
-            load_bf16<8>((const bf16 *)&xr[v], xf);
+            xr[v].get(xf);
             gr[v].get(gv);
-            load_w8(w + c, wv);
+            load8(w + c, wv);
 #pragma unroll
             for (int k = 0; k < 8; k++) dot += (gv[k] * wv[k]) * xf[k];
         }
@@ -197,10 +186,10 @@ __global__ void __launch_bounds__(128) rmsnorm_backward_reg_kernel(bf16 *ghi, in
         int c = (v * blockDim.x + threadIdx.x) * 8;
         if (c < C) {
             float o[8] = {}, xf[8], gv[8], wv[8];
-            if (acc) load_pair8((const bf16 *)&ph[v], (const bf16 *)&pl[v], o);
-            load_bf16<8>((const bf16 *)&xr[v], xf);
+            if (acc) load_pair8((const bf16 *)ph[v].v, (const bf16 *)pl[v].v, o);
+            xr[v].get(xf);
             gr[v].get(gv);
-            load_w8(w + c, wv);
+            load8(w + c, wv);
 #pragma unroll
             for (int k = 0; k < 8; k++) o[k] = o[k] + (r * (gv[k] * wv[k]) - coef * xf[k]);
             split_store8(hi + c, lo + c, o);

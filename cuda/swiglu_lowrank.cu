@@ -49,6 +49,15 @@
 // sigmoid(g) as both walks compute it (one __expf, one approximate reciprocal), so that they give the
 // same bits: silu(g) = g sw_sigmoid(g).
 __device__ __forceinline__ float sw_sigmoid(float g) { return __fdividef(1.0f, 1.0f + __expf(-g)); }
+// dL/dgate, dL/dup of 8 elements from gate, up and dL/da, as both backward walks compute them.
+__device__ __forceinline__ void sw_backward8(const float *g, const float *u, const float *go, float *dg, float *du) {
+#pragma unroll
+    for (int k = 0; k < 8; k++) {  // as swiglu_backward_kernel
+        float sg = sw_sigmoid(g[k]);
+        dg[k] = go[k] * u[k] * (sg * (1.0f + g[k] * (1.0f - sg)));
+        du[k] = go[k] * (g[k] * sg);
+    }
+}
 
 #define SW_T 64           // tokens per block
 #define SW_K 64           // columns of I per chunk
@@ -181,12 +190,7 @@ __global__ void __launch_bounds__(SW_NT, BWD ? 3 : 4) swiglu_lowrank_kernel(floa
             if (BWD) {
                 float go[8], dg[8], du[8];
                 load_bf16<8>(us + SW_T * SW_LD, go);
-#pragma unroll
-                for (int k = 0; k < 8; k++) {  // as swiglu_backward_kernel
-                    float sg = sw_sigmoid(gf[k]);
-                    dg[k] = go[k] * uf[k] * (sg * (1.0f + gf[k] * (1.0f - sg)));
-                    du[k] = go[k] * (gf[k] * sg);
-                }
+                sw_backward8(gf, uf, go, dg, du);
                 store_bf16<8>(gs, dg);
                 store_bf16<8>(us, du);
                 if (ok) {
@@ -446,12 +450,7 @@ __global__ void __launch_bounds__(SR_NT, 1) swiglu_bands_backward_kernel(float *
             load_bf16<8>(gs, gf);
             load_bf16<8>(us, uf);
             load_bf16<8>(us + 16 * SR_LD, go);
-#pragma unroll
-            for (int e = 0; e < 8; e++) {
-                float sg = sw_sigmoid(gf[e]);
-                dg[e] = go[e] * uf[e] * (sg * (1.0f + gf[e] * (1.0f - sg)));
-                du[e] = go[e] * (gf[e] * sg);
-            }
+            sw_backward8(gf, uf, go, dg, du);
             store_bf16<8>(gs, dg);  // zeros outside T x I: they add nothing below
             store_bf16<8>(us, du);
             if (t < T && f < I) {
