@@ -114,11 +114,13 @@ __device__ __forceinline__ void store_rows_unrope(bf16 *dst_lo, bf16 *dst_hi, co
 // accumulator fragments s[FA_BN / 8][4] (element e of n: key k0 + 8 n + 2 t + (e & 1), row e < 2 ? r_lo :
 // r_hi): masks to -inf the padding keys and keys past S (mask entry Mt 0; `full`: the tile has none) and,
 // on the tile that reaches the block's first query (`diag`), the keys after the row; updates the rows'
-// maxima m (taken on the raw scores: scale > 0) and sums l, rescales o[D / 8][4], and leaves P =
-// exp2(s sl2 - m sl2) in s (one exp2 of an FMA a probability).
-template <int D>
-__device__ __forceinline__ void softmax_tile(float (*s)[4], float (*o)[4], float &m_lo, float &m_hi, float &l_lo, float &l_hi,
-                                             const int *Mt, bool full, bool diag, int k0, int r_lo, int r_hi, float sl2) {
+// maxima m (taken on the raw scores: scale > 0) and sums l, leaves P = exp2(s sl2 - m sl2) in s (one exp2
+// of an FMA a probability) and returns in al_lo, al_hi the factors by which o must be rescaled before this
+// tile's P V is added (softmax_tile applies them; the pipelined warpgroup forward once the previous tile's
+// P V, still running when this is computed, has landed).
+__device__ __forceinline__ void softmax_p(float (*s)[4], float &m_lo, float &m_hi, float &l_lo, float &l_hi, float &al_lo,
+                                          float &al_hi, const int *Mt, bool full, bool diag, int k0, int r_lo, int r_hi,
+                                          float sl2) {
     int t = threadIdx.x & 3;
     if (!full || diag) {
 #pragma unroll
@@ -143,18 +145,12 @@ __device__ __forceinline__ void softmax_tile(float (*s)[4], float (*o)[4], float
     // a row with no allowed key so far keeps m = -inf: with 0 in its place every exp2 is of -inf
     // (p = 0) and the rescale of its zero sums is exp2(-inf) = 0
     float ms_lo = mn_lo == -INFINITY ? 0.0f : mn_lo * sl2, ms_hi = mn_hi == -INFINITY ? 0.0f : mn_hi * sl2;
-    float al_lo = ex2_ftz(fmaf(m_lo, sl2, -ms_lo)), al_hi = ex2_ftz(fmaf(m_hi, sl2, -ms_hi));
+    al_lo = ex2_ftz(fmaf(m_lo, sl2, -ms_lo));
+    al_hi = ex2_ftz(fmaf(m_hi, sl2, -ms_hi));
     m_lo = mn_lo;
     m_hi = mn_hi;
     l_lo *= al_lo;
     l_hi *= al_hi;
-#pragma unroll
-    for (int i = 0; i < D / 8; i++) {
-        o[i][0] *= al_lo;
-        o[i][1] *= al_lo;
-        o[i][2] *= al_hi;
-        o[i][3] *= al_hi;
-    }
 #pragma unroll
     for (int n = 0; n < FA_BN / 8; n++) {
         s[n][0] = ex2_ftz(fmaf(s[n][0], sl2, -ms_lo));
@@ -164,6 +160,25 @@ __device__ __forceinline__ void softmax_tile(float (*s)[4], float (*o)[4], float
         l_lo += s[n][0] + s[n][1];
         l_hi += s[n][2] + s[n][3];
     }
+}
+// o[D / 8][4] (rows r_lo, r_hi of a thread's accumulator fragments) *= al_lo, al_hi.
+template <int D>
+__device__ __forceinline__ void rescale_o(float (*o)[4], float al_lo, float al_hi) {
+#pragma unroll
+    for (int i = 0; i < D / 8; i++) {
+        o[i][0] *= al_lo;
+        o[i][1] *= al_lo;
+        o[i][2] *= al_hi;
+        o[i][3] *= al_hi;
+    }
+}
+// softmax_p, then o rescaled at once.
+template <int D>
+__device__ __forceinline__ void softmax_tile(float (*s)[4], float (*o)[4], float &m_lo, float &m_hi, float &l_lo, float &l_hi,
+                                             const int *Mt, bool full, bool diag, int k0, int r_lo, int r_hi, float sl2) {
+    float al_lo, al_hi;
+    softmax_p(s, m_lo, m_hi, l_lo, l_hi, al_lo, al_hi, Mt, full, diag, k0, r_lo, r_hi, sl2);
+    rescale_o<D>(o, al_lo, al_hi);
 }
 
 // The forward's end for a thread's rows r_lo, r_hi: the row sums over the quad, O / l as bf16 into the
@@ -325,7 +340,12 @@ __device__ __forceinline__ void tile_sw128_async(bf16 *sh, const bf16 *src, int6
 
 // The same contract and grid as flash_fwd_kernel<128>, one warpgroup a block of 64 queries: S = Q K^T with
 // Q and K in shared memory, O += P V with P from registers (the accumulators packed to bf16) and V read
-// transposed (cuda/wgmma.cuh).
+// transposed (cuda/wgmma.cuh). Pipelined in the FlashAttention-3 manner within the warpgroup: step j issues
+// S_j = Q K_j^T and then O += P_{j-1} V_{j-1}, computes tile j's softmax while that product runs, and
+// rescales O once it has landed. o sees the same operations in the same order as without the overlap
+// (... *= alpha_{j-1}, += P_{j-1} V_{j-1}, *= alpha_j, += P_j V_j ...), so the results are the same bits.
+// V lags K by one tile in the copies: group j brings K_j, tile j's key mask and V_{j-1}; its stages are
+// free by then (K_{j-2}'s product and V_{j-2}'s ended in step j - 1, before its closing barrier).
 __global__ void __launch_bounds__(128) flash_fwd_wg_kernel(bf16 *out, int64_t ld, float *lse, const bf16 *__restrict__ q,
                                                          const bf16 *__restrict__ k, const bf16 *__restrict__ v,
                                                          const int32_t *__restrict__ mask, int S, int Hq, int Hkv, float scale) {
@@ -341,11 +361,12 @@ __global__ void __launch_bounds__(128) flash_fwd_wg_kernel(bf16 *out, int64_t ld
     const int32_t *mb = mask + (int64_t)b * S;
     int kend = q0 + 64 < S ? q0 + 64 : S;  // causal: keys < the block's last query + 1
     int n_tiles = (kend + 63) / 64;
-    auto load = [&](int j) {
-        int st = j & 1, k0 = j * 64;
-        tile_sw128_async(Ks + st * T, kb, D, k0, S);
-        tile_sw128_async(Vs + st * T, vb, D, k0, S);
-        vec_async(Ms + st * 64, mb, k0, 64, S);
+    auto load = [&](int j) {  // group j: K_j and tile j's mask (j < n_tiles), V_{j-1} (j >= 1)
+        if (j < n_tiles) {
+            tile_sw128_async(Ks + (j & 1) * T, kb, D, j * 64, S);
+            vec_async(Ms + (j & 1) * 64, mb, j * 64, 64, S);
+        }
+        if (j > 0) tile_sw128_async(Vs + ((j - 1) & 1) * T, vb, D, (j - 1) * 64, S);
         cp_commit();
     };
     tile_sw128_async(Qs, qb, D, q0, S);
@@ -356,38 +377,74 @@ __global__ void __launch_bounds__(128) flash_fwd_wg_kernel(bf16 *out, int64_t ld
     for (int i = 0; i < 64; i++) o[i] = 0.0f;
     float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.0f, l_hi = 0.0f;
     float sl2 = scale * LOG2E_F;
-    for (int j = 0; j < n_tiles; j++) {
-        stage_next(load, j, n_tiles);
+    uint32_t pa[16];  // P_{j-1} as bf16 A operands, 4 a k-chunk of 16 keys
+    float s[32];
+    // step j's start: tile j's copies landed (and group j + 1 issued), full: every key of tile j a token
+    auto arrive = [&](int j) {
+        stage_next(load, j, n_tiles + 1);
         fence_proxy_async();
-        int st = j & 1, k0 = j * 64;
-        const bf16 *Kt = Ks + st * T, *Vt = Vs + st * T;
-        const int *Mt = Ms + st * 64;
-        int full = __syncthreads_and(threadIdx.x >= 64 || Mt[threadIdx.x] != 0);  // every key of the tile a token
-        float s[32];
+        return __syncthreads_and(j >= n_tiles || threadIdx.x >= 64 || Ms[(j & 1) * 64 + threadIdx.x] != 0);
+    };
+    auto issue_s = [&](int j) {  // S_j = Q K_j^T
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) wgmma_m64n64_ss(s, wg_desc_kmajor(Qs, 64, kk), wg_desc_kmajor(Ks + (j & 1) * T, 64, kk), 1);
+        wg_commit();
+    };
+    auto issue_pv = [&](int j) {  // O += P_{j-1} V_{j-1}: k = key, n = d
+#pragma unroll
+        for (int kc = 0; kc < 4; kc++) wgmma_m64n128_rs_t(o, pa + 4 * kc, wg_desc_mnmajor(Vs + ((j - 1) & 1) * T, 64, kc), 1);
+        wg_commit();
+    };
+    auto zero_s = [&]() {
 #pragma unroll
         for (int i = 0; i < 32; i++) s[i] = 0.0f;
-        wg_pin<32>(s);
-        wg_fence();
-#pragma unroll
-        for (int kk = 0; kk < D / 16; kk++) wgmma_m64n64_ss(s, wg_desc_kmajor(Qs, 64, kk), wg_desc_kmajor(Kt, 64, kk), 1);
-        wg_commit();
-        wg_pin<32>(s);
-        wg_wait<0>();
-        wg_pin<32>(s);
-        softmax_tile<D>((float(*)[4])s, (float(*)[4])o, m_lo, m_hi, l_lo, l_hi, Mt, full, k0 + 63 > q0, k0, r_lo, r_hi, sl2);
-        uint32_t pa[16];  // P as bf16 A operands, 4 a k-chunk of 16 keys
+    };
+    auto pack_p = [&]() {
 #pragma unroll
         for (int i = 0; i < 32; i += 2) pa[i / 2] = pack_bf16(s[i], s[i + 1]);
-        // O += P V: k = key, n = d
+    };
+    float al_lo, al_hi;
+    {  // step 0: S_0 and its softmax (o is still 0)
+        int full = arrive(0);
+        zero_s();
+        wg_pin<32>(s);
+        wg_fence();
+        issue_s(0);
+        wg_pin<32>(s);
+        wg_wait<0>();
+        wg_pin<32>(s);
+        softmax_p((float(*)[4])s, m_lo, m_hi, l_lo, l_hi, al_lo, al_hi, Ms, full, 63 > q0, 0, r_lo, r_hi, sl2);
+        rescale_o<D>((float(*)[4])o, al_lo, al_hi);
+        pack_p();
+        __syncthreads();  // the next group's copies overwrite this step's stages
+    }
+    for (int j = 1; j < n_tiles; j++) {
+        int full = arrive(j);
+        zero_s();
+        wg_pin<32>(s), wg_pin<64>(o);
+        wg_fence();
+        issue_s(j);
+        issue_pv(j);
+        wg_pin<32>(s), wg_pin<64>(o), wg_pin<16>(pa);  // pa: read by the running P V until its wait
+        wg_wait<1>();  // S_j (the older group) has landed; P_{j-1} V_{j-1} may still run
+        wg_pin<32>(s);
+        int k0 = j * 64;
+        softmax_p((float(*)[4])s, m_lo, m_hi, l_lo, l_hi, al_lo, al_hi, Ms + (j & 1) * 64, full, k0 + 63 > q0, k0, r_lo, r_hi,
+                  sl2);
+        wg_wait<0>();
+        wg_pin<64>(o), wg_pin<16>(pa);
+        rescale_o<D>((float(*)[4])o, al_lo, al_hi);
+        pack_p();
+        __syncthreads();
+    }
+    {  // the last tile's P V
+        arrive(n_tiles);
         wg_pin<64>(o);
         wg_fence();
-#pragma unroll
-        for (int kc = 0; kc < 4; kc++) wgmma_m64n128_rs_t(o, pa + 4 * kc, wg_desc_mnmajor(Vt, 64, kc), 1);
-        wg_commit();
-        wg_pin<64>(o);
+        issue_pv(n_tiles);
+        wg_pin<64>(o), wg_pin<16>(pa);
         wg_wait<0>();
         wg_pin<64>(o);
-        __syncthreads();  // the next load overwrites this stage
     }
     int wr = warp * 16 + g;  // the thread's rows in the staged tile (in K's stages)
     store_out_rows<D>(staged_row<D>(Ks, wr, r_lo < S), staged_row<D>(Ks, wr + 8, r_hi < S),

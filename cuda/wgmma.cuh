@@ -63,6 +63,12 @@ __device__ __forceinline__ void wg_pin(float *d) {
 #pragma unroll
     for (int i = 0; i < N; i++) asm volatile("" : "+f"(d[i])::"memory");
 }
+// The same for A operands in registers that a running product still reads.
+template <int N>
+__device__ __forceinline__ void wg_pin(uint32_t *a) {
+#pragma unroll
+    for (int i = 0; i < N; i++) asm volatile("" : "+r"(a[i])::"memory");
+}
 
 // A bulk copy (the async proxy) of `bytes` (a multiple of 16; both addresses 16-byte aligned) from shared
 // to global memory, issued by one thread. The threads that wrote the source fence_proxy_async() and meet

@@ -20,6 +20,8 @@ static inline uint64_t wg_desc(const void *p, uint32_t lbo, uint32_t sbo) {
 static inline void fence_proxy_async() {}
 template <int N>
 static inline void wg_pin(float *d) {}
+template <int N>
+static inline void wg_pin(uint32_t *a) {}
 static inline void wg_fence() {}
 static inline void wg_commit() {}
 template <int N>

@@ -1,6 +1,8 @@
 // bench_flash.c: times the flash attention kernels alone at real shapes (Llama-2-7B: 32 heads, Llama-3.2-3B:
 // 24 query / 8 kv heads; B 16, S 512, D 128, causal, no padding) with CUDA events, median of N runs, and
 // checks that the backward is bitwise deterministic (first run against last) and writes every element.
+// The hashes of the forward's output and lse and of the backward's gradient (FNV-1a over the bytes, fixed
+// inputs) tell whether two builds give the same bits.
 //   build/tests/gpu/bench_flash [reps]        BENCH_FA_ONCE=1: one run of each (for ncu);
 //   BENCH_FA_SHAPE=7b|3b: one shape only
 #include <cuda_runtime_api.h>
@@ -32,6 +34,19 @@ static void *drand_bf16(rng_state *r, size_t n, float sd) {
     free(h);
     return d;
 }
+static uint64_t fnv1a(uint64_t h, const void *p, size_t n) {
+    const unsigned char *c = p;
+    for (size_t i = 0; i < n; i++) h = (h ^ c[i]) * 1099511628211ull;
+    return h;
+}
+static uint64_t dhash(uint64_t h, const void *d, size_t n) {
+    void *x = malloc(n);
+    CK(cudaMemcpy(x, d, n, cudaMemcpyDeviceToHost));
+    h = fnv1a(h, x, n);
+    free(x);
+    return h;
+}
+
 static void shape(const char *name, int B, int S, int Hq, int Hkv, int D, int reps, int once) {
     cuda_ctx *ctx = cuda_ctx_create();
     if (!ctx) {
@@ -72,7 +87,8 @@ static void shape(const char *name, int B, int S, int Hq, int Hkv, int D, int re
     }
     if (!once) {
         qsort(ms, reps, sizeof(float), probe_cmp_float);
-        printf("%-6s fwd            %8.3f ms (min %.3f)\n", name, ms[reps / 2], ms[0]);
+        uint64_t hf = dhash(dhash(1469598103934665603ull, out, 2 * nq), lse, 4 * T * Hq);
+        printf("%-6s fwd            %8.3f ms (min %.3f)  hash %016llx\n", name, ms[reps / 2], ms[0], (unsigned long long)hf);
     }
     {
         int n = once ? 1 : reps + 2;
@@ -93,8 +109,9 @@ static void shape(const char *name, int B, int S, int Hq, int Hkv, int D, int re
             int64_t nan = 0;
             for (int64_t i = 0; i < T * W; i++) nan += bf16_to_f32(h2[i]) != bf16_to_f32(h2[i]);  // poison left
             qsort(ms, reps, sizeof(float), probe_cmp_float);
-            printf("%-6s bwd            %8.3f ms (min %.3f)  deterministic %s  unwritten/nan %lld\n", name, ms[reps / 2], ms[0],
-                   det ? "yes" : "NO", (long long)nan);
+            printf("%-6s bwd            %8.3f ms (min %.3f)  deterministic %s  unwritten/nan %lld  hash %016llx\n", name,
+                   ms[reps / 2], ms[0], det ? "yes" : "NO", (long long)nan,
+                   (unsigned long long)fnv1a(1469598103934665603ull, h2, 2 * T * W));
         }
     }
     cudaFree(q), cudaFree(k), cudaFree(v), cudaFree(dO), cudaFree(mask), cudaFree(dcs), cudaFree(out), cudaFree(lse);
