@@ -344,8 +344,8 @@ __device__ __forceinline__ void tile_sw128_async(bf16 *sh, const bf16 *src, int6
 // S_j = Q K_j^T and then O += P_{j-1} V_{j-1}, computes tile j's softmax while that product runs, and
 // rescales O once it has landed. o sees the same operations in the same order as without the overlap
 // (... *= alpha_{j-1}, += P_{j-1} V_{j-1}, *= alpha_j, += P_j V_j ...), so the results are the same bits.
-// V lags K by one tile in the copies: group j brings K_j, tile j's key mask and V_{j-1}; its stages are
-// free by then (K_{j-2}'s product and V_{j-2}'s ended in step j - 1, before its closing barrier).
+// V lags K by one tile in the copies: group j, issued as step j - 1 starts, brings K_j, tile j's key mask
+// and V_{j-1} into the stages of K_{j-2} and V_{j-3}, whose products ended in step j - 2.
 __global__ void __launch_bounds__(128) flash_fwd_wg_kernel(bf16 *out, int64_t ld, float *lse, const bf16 *__restrict__ q,
                                                          const bf16 *__restrict__ k, const bf16 *__restrict__ v,
                                                          const int32_t *__restrict__ mask, int S, int Hq, int Hkv, float scale) {
@@ -387,12 +387,14 @@ __global__ void __launch_bounds__(128) flash_fwd_wg_kernel(bf16 *out, int64_t ld
     };
     auto issue_s = [&](int j) {  // S_j = Q K_j^T
 #pragma unroll
-        for (int kk = 0; kk < D / 16; kk++) wgmma_m64n64_ss(s, wg_desc_kmajor(Qs, 64, kk), wg_desc_kmajor(Ks + (j & 1) * T, 64, kk), 1);
+        for (int kk = 0; kk < D / 16; kk++)
+            wgmma_m64n64_ss(s, wg_desc_kmajor(Qs, 64, kk), wg_desc_kmajor(Ks + (j & 1) * T, 64, kk), 1);
         wg_commit();
     };
     auto issue_pv = [&](int j) {  // O += P_{j-1} V_{j-1}: k = key, n = d
 #pragma unroll
-        for (int kc = 0; kc < 4; kc++) wgmma_m64n128_rs_t(o, pa + 4 * kc, wg_desc_mnmajor(Vs + ((j - 1) & 1) * T, 64, kc), 1);
+        for (int kc = 0; kc < 4; kc++)
+            wgmma_m64n128_rs_t(o, pa + 4 * kc, wg_desc_mnmajor(Vs + ((j - 1) & 1) * T, 64, kc), 1);
         wg_commit();
     };
     auto zero_s = [&]() {
