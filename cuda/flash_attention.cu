@@ -344,15 +344,17 @@ __device__ __forceinline__ void tile_sw128_async(bf16 *sh, const bf16 *src, int6
 // S_j = Q K_j^T and then O += P_{j-1} V_{j-1}, computes tile j's softmax while that product runs, and
 // rescales O once it has landed. o sees the same operations in the same order as without the overlap
 // (... *= alpha_{j-1}, += P_{j-1} V_{j-1}, *= alpha_j, += P_j V_j ...), so the results are the same bits.
-// V lags K by one tile in the copies: group j, issued as step j - 1 starts, brings K_j, tile j's key mask
-// and V_{j-1} into the stages of K_{j-2} and V_{j-3}, whose products ended in step j - 2.
-__global__ void __launch_bounds__(128) flash_fwd_wg_kernel(bf16 *out, int64_t ld, float *lse, const bf16 *__restrict__ q,
-                                                         const bf16 *__restrict__ k, const bf16 *__restrict__ v,
-                                                         const int32_t *__restrict__ mask, int S, int Hq, int Hkv, float scale) {
+// One K stage (66 KB of shared memory: three blocks a multiprocessor, the kernel being bound by latency):
+// K_{j+1} and its key mask are copied as soon as S_j has landed (while tile j's softmax runs), V_j into
+// one of two V stages as step j starts (V_{j-2}'s product ended in step j - 1).
+__global__ void __launch_bounds__(128, 3) flash_fwd_wg_kernel(bf16 *out, int64_t ld, float *lse, const bf16 *__restrict__ q,
+                                                            const bf16 *__restrict__ k, const bf16 *__restrict__ v,
+                                                            const int32_t *__restrict__ mask, int S, int Hq, int Hkv,
+                                                            float scale) {
     constexpr int D = 128, T = 64 * D;
     extern __shared__ __align__(16) unsigned char fa_smem[];  // aligned to 1024 below
     bf16 *Qs = (bf16 *)smem_align1024(fa_smem);  // 1024-byte aligned
-    bf16 *Ks = Qs + T, *Vs = Ks + 2 * T;                                            // [2][64][128] each
+    bf16 *Ks = Qs + T, *Vs = Ks + T;                                                // K [64][128], V [2][64][128]
     int *Ms = (int *)(Vs + 2 * T);                                                  // [2][64]
     int bh = blockIdx.y, b = bh / Hq, h = bh % Hq, kvh = h / (Hq / Hkv);
     int q0 = (gridDim.x - 1 - blockIdx.x) * 64, warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane >> 2;
@@ -361,16 +363,17 @@ __global__ void __launch_bounds__(128) flash_fwd_wg_kernel(bf16 *out, int64_t ld
     const int32_t *mb = mask + (int64_t)b * S;
     int kend = q0 + 64 < S ? q0 + 64 : S;  // causal: keys < the block's last query + 1
     int n_tiles = (kend + 63) / 64;
-    auto load = [&](int j) {  // group j: K_j and tile j's mask (j < n_tiles), V_{j-1} (j >= 1)
-        if (j < n_tiles) {
-            tile_sw128_async(Ks + (j & 1) * T, kb, D, j * 64, S);
-            vec_async(Ms + (j & 1) * 64, mb, j * 64, 64, S);
-        }
-        if (j > 0) tile_sw128_async(Vs + ((j - 1) & 1) * T, vb, D, (j - 1) * 64, S);
+    auto load_k = [&](int j) {  // K_j and tile j's mask, one commit group
+        tile_sw128_async(Ks, kb, D, j * 64, S);
+        vec_async(Ms + (j & 1) * 64, mb, j * 64, 64, S);
+        cp_commit();
+    };
+    auto load_v = [&](int j) {  // V_j, one commit group
+        tile_sw128_async(Vs + (j & 1) * T, vb, D, j * 64, S);
         cp_commit();
     };
     tile_sw128_async(Qs, qb, D, q0, S);
-    load(0);  // one group with Q
+    load_k(0);  // one group with Q
     int r_lo = q0 + warp * 16 + g, r_hi = r_lo + 8;  // this thread's two rows
     float o[64];  // [64 queries][128 d]: accumulator layout
 #pragma unroll
@@ -379,16 +382,18 @@ __global__ void __launch_bounds__(128) flash_fwd_wg_kernel(bf16 *out, int64_t ld
     float sl2 = scale * LOG2E_F;
     uint32_t pa[16];  // P_{j-1} as bf16 A operands, 4 a k-chunk of 16 keys
     float s[32];
-    // step j's start: tile j's copies landed (and group j + 1 issued), full: every key of tile j a token
+    // step j's start: every copy issued so far has landed (K_j and its mask, V_{j-1}) and every warp is past
+    // step j - 1; then V_j's copy goes out. full: every key of tile j a token
     auto arrive = [&](int j) {
-        stage_next(load, j, n_tiles + 1);
+        cp_wait<0>();
         fence_proxy_async();
-        return __syncthreads_and(j >= n_tiles || threadIdx.x >= 64 || Ms[(j & 1) * 64 + threadIdx.x] != 0);
+        int full = __syncthreads_and(j >= n_tiles || threadIdx.x >= 64 || Ms[(j & 1) * 64 + threadIdx.x] != 0);
+        if (j < n_tiles) load_v(j);
+        return full;
     };
-    auto issue_s = [&](int j) {  // S_j = Q K_j^T
+    auto issue_s = [&]() {  // S_j = Q K_j^T
 #pragma unroll
-        for (int kk = 0; kk < D / 16; kk++)
-            wgmma_m64n64_ss(s, wg_desc_kmajor(Qs, 64, kk), wg_desc_kmajor(Ks + (j & 1) * T, 64, kk), 1);
+        for (int kk = 0; kk < D / 16; kk++) wgmma_m64n64_ss(s, wg_desc_kmajor(Qs, 64, kk), wg_desc_kmajor(Ks, 64, kk), 1);
         wg_commit();
     };
     auto issue_pv = [&](int j) {  // O += P_{j-1} V_{j-1}: k = key, n = d
@@ -405,31 +410,36 @@ __global__ void __launch_bounds__(128) flash_fwd_wg_kernel(bf16 *out, int64_t ld
 #pragma unroll
         for (int i = 0; i < 32; i += 2) pa[i / 2] = pack_bf16(s[i], s[i + 1]);
     };
+    auto next_k = [&](int j) {  // S_j has landed in every warp: K_{j+1}'s copy may overwrite K_j
+        __syncthreads();
+        if (j + 1 < n_tiles) load_k(j + 1);
+    };
     float al_lo, al_hi;
     {  // step 0: S_0 and its softmax (o is still 0)
         int full = arrive(0);
         zero_s();
         wg_pin<32>(s);
         wg_fence();
-        issue_s(0);
+        issue_s();
         wg_pin<32>(s);
         wg_wait<0>();
         wg_pin<32>(s);
+        next_k(0);
         softmax_p((float(*)[4])s, m_lo, m_hi, l_lo, l_hi, al_lo, al_hi, Ms, full, 63 > q0, 0, r_lo, r_hi, sl2);
         rescale_o<D>((float(*)[4])o, al_lo, al_hi);
         pack_p();
-        __syncthreads();  // the next group's copies overwrite this step's stages
     }
     for (int j = 1; j < n_tiles; j++) {
         int full = arrive(j);
         zero_s();
         wg_pin<32>(s), wg_pin<64>(o);
         wg_fence();
-        issue_s(j);
+        issue_s();
         issue_pv(j);
         wg_pin<32>(s), wg_pin<64>(o), wg_pin<16>(pa);  // pa: read by the running P V until its wait
         wg_wait<1>();  // S_j (the older group) has landed; P_{j-1} V_{j-1} may still run
         wg_pin<32>(s);
+        next_k(j);
         int k0 = j * 64;
         softmax_p((float(*)[4])s, m_lo, m_hi, l_lo, l_hi, al_lo, al_hi, Ms + (j & 1) * 64, full, k0 + 63 > q0, k0, r_lo, r_hi,
                   sl2);
@@ -437,7 +447,6 @@ __global__ void __launch_bounds__(128) flash_fwd_wg_kernel(bf16 *out, int64_t ld
         wg_pin<64>(o), wg_pin<16>(pa);
         rescale_o<D>((float(*)[4])o, al_lo, al_hi);
         pack_p();
-        __syncthreads();
     }
     {  // the last tile's P V
         arrive(n_tiles);
@@ -448,11 +457,12 @@ __global__ void __launch_bounds__(128) flash_fwd_wg_kernel(bf16 *out, int64_t ld
         wg_wait<0>();
         wg_pin<64>(o);
     }
-    int wr = warp * 16 + g;  // the thread's rows in the staged tile (in K's stages)
-    store_out_rows<D>(staged_row<D>(Ks, wr, r_lo < S), staged_row<D>(Ks, wr + 8, r_hi < S),
+    __syncthreads();  // every warp's last product has read V's stages, where the output is staged
+    int wr = warp * 16 + g;  // the thread's rows in the staged tile
+    store_out_rows<D>(staged_row<D>(Vs, wr, r_lo < S), staged_row<D>(Vs, wr + 8, r_hi < S),
                       lse + ((int64_t)b * Hq + h) * S, (const float(*)[4])o, m_lo, m_hi, l_lo, l_hi, S, r_lo, r_hi, scale);
     __syncthreads();
-    staged_rows_out<D>(out + (int64_t)b * S * ld + (int64_t)h * D, ld, Ks, q0, S);
+    staged_rows_out<D>(out + (int64_t)b * S * ld + (int64_t)h * D, ld, Vs, q0, S);
 }
 
 // ---- backward: delta, then dK and dV (and dS into scratch), then dQ = dS K ----------------------------
@@ -949,7 +959,7 @@ static void fwd_launch(cuda_ctx *ctx, bf16 *out, int64_t ldo, float *lse, const 
     dim3 grid((unsigned)((S + FA_TILE - 1) / FA_TILE), (unsigned)(B * Hq));
     MOSFT_ASSERT(ldo % 8 == 0);  // the output's rows leave with 16-byte stores
     if (flash_attention_uses_wgmma(ctx, D)) {
-        size_t smem_w = WG_SMEM_ALIGN + (size_t)5 * 64 * 128 * sizeof(bf16) + 2 * 64 * sizeof(int);  // align, Q, 2 K, 2 V, mask
+        size_t smem_w = WG_SMEM_ALIGN + (size_t)4 * 64 * 128 * sizeof(bf16) + 2 * 64 * sizeof(int);  // align, Q, K, 2 V, mask
         smem_optin(flash_fwd_wg_kernel, smem_w, &done_w);
         flash_fwd_wg_kernel<<<grid, 128, smem_w, ctx->stream>>>(out, ldo, lse, q, k, v, mask, S, Hq, Hkv, scale);
     } else {
