@@ -716,7 +716,6 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv_wg_kernel(bf16 *gqkv, int6
             *x = -*x * LOG2E_F;
         }
         fence_proxy_async();
-        if (threadIdx.x == 0) bulk_wait_read();  // the last step's dS^T has left Ds
         __syncthreads();
         const bf16 *Qt = Qs + st * T, *Ot = Os + st * T;
         // S^T = K Q^T, dP^T = V dO^T: [64 keys][64 queries], k = d
@@ -759,7 +758,11 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv_wg_kernel(bf16 *gqkv, int6
             pa[i / 2] = pack_bf16(sT[i], sT[i + 1]);
             sa[i / 2] = pack_bf16(sT[i] * (dpt[i] - LDt[qi].y), sT[i + 1] * (dpt[i + 1] - LDt[qi + 1].y));
         }
-        // dS^T (unscaled) into Ds, for its tile (key tile jt, query tile q0 / 64): [64 keys][64 queries]
+        // dS^T (unscaled) into Ds, for its tile (key tile jt, query tile q0 / 64): [64 keys][64 queries], once
+        // the last step's has left (its bulk copy, issued at the end of that step, had this step's products
+        // and exponentials to read it out: waited for at the top of the step, it held every warp there)
+        if (threadIdx.x == 0) bulk_wait_read();
+        __syncthreads();
 #pragma unroll
         for (int j = 0; j < 8; j++) {
             *(uint32_t *)(Ds + sw128_off(wk, j * 8 + 2 * t)) = sa[2 * j];
