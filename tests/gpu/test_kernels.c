@@ -347,6 +347,60 @@ START_TEST(test_gemm) {
 }
 END_TEST
 
+// The fused kernels' split sums: D = sum of the partials in split order, bit for bit against the same
+// fp32 loop on the CPU (bf16 and fp32 outputs, a row stride past N, the spare columns untouched; a -0
+// partial alone sums to +0, as the loop from 0 gives).
+START_TEST(test_splitk_sum) {
+    cuda_ctx *ctx = ctx_new();
+    rng_state r;
+    rng_seed(&r, 515);
+    const int64_t shapes[][3] = {{37, 64, 72}, {100, 96, 96}, {13, 7, 9}, {20, 32, 34}};  // M, N, ldd
+    for (int si = 0; si < 4; si++) {
+        int64_t M = shapes[si][0], N = shapes[si][1], ldd = shapes[si][2];
+        for (int splits = 1; splits <= 7; splits += 3) {
+            size_t np = (size_t)(splits * M * N);
+            float *P = xmalloc(sizeof(float) * np);
+            for (size_t i = 0; i < np; i++) P[i] = (float)(rng_next_double(&r) * 8.0 - 4.0);
+            P[0] = -0.0f;  // a sum from +0 turns it into +0
+            float *dP = dev_up(P, sizeof(float) * np);
+            for (int f32 = 0; f32 < 2; f32++) {
+                size_t es = f32 ? 4 : 2, nd = (size_t)(M * ldd);
+                void *dD = dev_alloc(es * nd);  // 0xff poison: the spare columns keep it
+                splitk_sum_cuda(ctx, dP, splits, M, N, dD, ldd, f32 ? GEMM_F32 : GEMM_BF16);
+                CK_CUDA(cudaDeviceSynchronize());
+                unsigned char *got = xmalloc(es * nd);
+                CK_CUDA(cudaMemcpy(got, dD, es * nd, cudaMemcpyDeviceToHost));
+                int64_t bad = 0;
+                for (int64_t m = 0; m < M; m++)
+                    for (int64_t n = 0; n < ldd; n++) {
+                        const unsigned char *g = got + es * (size_t)(m * ldd + n);
+                        if (n >= N) {
+                            bad += f32 ? *(const uint32_t *)g != 0xffffffffu : *(const uint16_t *)g != 0xffff;
+                            continue;
+                        }
+                        float sum = 0.0f;
+                        for (int c = 0; c < splits; c++) sum += P[(size_t)c * M * N + m * N + n];
+                        if (f32) {
+                            uint32_t w;
+                            memcpy(&w, &sum, 4);
+                            bad += *(const uint32_t *)g != w;
+                        } else {
+                            bad += *(const uint16_t *)g != f32_to_bf16(sum);
+                        }
+                    }
+                ck_assert_msg(bad == 0, "split sum M %lld N %lld ldd %lld splits %d %s: %lld elements differ", (long long)M,
+                              (long long)N, (long long)ldd, splits, f32 ? "f32" : "bf16", (long long)bad);
+                free(got);
+                cudaFree(dD);
+            }
+            free(P);
+            cudaFree(dP);
+        }
+    }
+    cuda_ctx_free(ctx);
+}
+END_TEST
+
 // The algorithm choice by measurement: the bit hash against its CPU twin, then products tuned (every
 // size tunes here) against the same products on the heuristic's first choice: identical bits, and
 // within tolerance of the CPU product. On the GPU cuBLASLt offers several candidates for these shapes.
@@ -1536,6 +1590,7 @@ static Suite *kernels_suite(void) {
     tcase_add_test(tc, test_weight_group_fill);
     tcase_add_test(tc, test_gemm);
     tcase_add_test(tc, test_gemm_tune);
+    tcase_add_test(tc, test_splitk_sum);
     tcase_add_test(tc, test_rmsnorm);
     tcase_add_test(tc, test_swiglu_embedding);
     tcase_add_test(tc, test_swiglu_lowrank);
