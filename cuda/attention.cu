@@ -1,12 +1,13 @@
-// attention.cu: rotary embedding (fused with the split of the QKV projection into heads) and causal
-// grouped-query attention with a key padding mask, forward and backward (twins of rope_*_cpu and
-// attention_*_cpu). Head sizes 16, 32, 64 and 128 go to the FlashAttention-style kernels of
-// flash_attention.cu; the others (stories260K's 8), or MOSFT_ATTENTION=gemm, take the path below.
+// attention.cu: rotary embedding (in place on the q|k|v projection's output, which attention reads
+// token-major) and causal grouped-query attention with a key padding mask, forward and backward (twins
+// of rope_*_cpu and attention_*_cpu). Head sizes 16, 32, 64 and 128 go to the FlashAttention-style
+// kernels of flash_attention.cu; the others (stories260K's 8), or MOSFT_ATTENTION=gemm, take the path
+// below.
 //
 // That path is "batched GEMMs + a fused masked softmax", the simple correct version: per chunk of
-// sequences, scores = scale * Q K^T (fp32, cuBLASLt strided-batched), a softmax kernel applies the
-// causal and padding masks and writes the probabilities (bf16) and each row's log-sum-exp, and
-// O = P V. GQA needs no copies: query head h = kv*group + g, so for each g the query heads
+// sequences, q, k, v are copied head-major, scores = scale * Q K^T (fp32, cuBLASLt strided-batched), a
+// softmax kernel applies the causal and padding masks and writes the probabilities (bf16) and each row's
+// log-sum-exp, and O = P V. GQA needs no further copies: query head h = kv*group + g, so for each g the query heads
 // {kv*group + g} are one strided batch against the kv heads. Backward recomputes the probabilities
 // from the saved log-sum-exp (nothing of size S^2 is kept between forward and backward) and follows
 // FlashAttention's equations: dP = dO V^T, dS = P (dP - rowsum(dO * O)), dQ = scale dS K,
@@ -21,61 +22,30 @@
 
 // ---- CUDA kernels ----------------------------------------------------------------------------------
 
-// One thread per rotated pair (q and k heads) or per copied pair (v heads).
-__global__ void rope_split_kernel(bf16 *q, bf16 *k, bf16 *v, const bf16 *__restrict__ qkv, int64_t ldqkv,
-                                  const float2 *__restrict__ cs, int B, int S, int Hq, int Hkv, int D) {
-    int half = D / 2, NH = Hq + 2 * Hkv;
-    int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x, total = (int64_t)B * S * NH * half;
+// RoPE in place on heads h0 .. Hq + Hkv - 1 of the token-major projection qkv[B*S][ld] (the q heads, then
+// the k heads; the v heads after them are not touched): one thread per rotated pair.
+__global__ void rope_qk_kernel(bf16 *qkv, int64_t ld, const float2 *__restrict__ cs, int S, int NH, int h0, int D,
+                               int64_t total) {
+    int half = D / 2;
+    int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (e >= total) return;
     int i = (int)(e % half);
     int64_t r = e / half;
-    int hh = (int)(r % NH);
+    int hh = h0 + (int)(r % NH);
     int64_t t = r / NH;
-    int b = (int)(t / S), s = (int)(t % S);
-    const bf16 *src = qkv + t * ldqkv + (int64_t)hh * D;
-    float x1 = __bfloat162float(src[i]), x2 = __bfloat162float(src[i + half]);
-    bf16 *dst;
-    if (hh < Hq) {
-        dst = q + (((int64_t)b * Hq + hh) * S + s) * D;
-    } else if (hh < Hq + Hkv) {
-        dst = k + (((int64_t)b * Hkv + (hh - Hq)) * S + s) * D;
-    } else {
-        dst = v + (((int64_t)b * Hkv + (hh - Hq - Hkv)) * S + s) * D;
-        dst[i] = src[i];
-        dst[i + half] = src[i + half];
-        return;
-    }
+    int s = (int)(t % S);
+    bf16 *x = qkv + t * ld + (int64_t)hh * D;
+    float x1 = __bfloat162float(x[i]), x2 = __bfloat162float(x[i + half]);
     float2 c = cs[(int64_t)s * half + i];
-    dst[i] = __float2bfloat16_rn(x1 * c.x - x2 * c.y);
-    dst[i + half] = __float2bfloat16_rn(x2 * c.x + x1 * c.y);
+    x[i] = __float2bfloat16_rn(x1 * c.x - x2 * c.y);
+    x[i + half] = __float2bfloat16_rn(x2 * c.x + x1 * c.y);
 }
 
-// 8 consecutive pairs (two 16-byte loads, two 16-byte stores) per thread when D % 16 == 0.
-__global__ void rope_split8_kernel(bf16 *q, bf16 *k, bf16 *v, const bf16 *__restrict__ qkv, int64_t ldqkv,
-                                   const float2 *__restrict__ cs, int B, int S, int Hq, int Hkv, int D) {
-    int half = D / 2, per = half / 8, NH = Hq + 2 * Hkv;
-    int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x, total = (int64_t)B * S * NH * per;
-    if (e >= total) return;
-    int i = (int)(e % per) * 8;
-    int64_t r = e / per;
-    int hh = (int)(r % NH);
-    int64_t t = r / NH;
-    int b = (int)(t / S), s = (int)(t % S);
-    const bf16 *src = qkv + t * ldqkv + (int64_t)hh * D;
-    uint4 u1 = *(const uint4 *)(src + i), u2 = *(const uint4 *)(src + i + half);
-    bf16 *dst;
-    if (hh < Hq) {
-        dst = q + (((int64_t)b * Hq + hh) * S + s) * D;
-    } else if (hh < Hq + Hkv) {
-        dst = k + (((int64_t)b * Hkv + (hh - Hq)) * S + s) * D;
-    } else {
-        dst = v + (((int64_t)b * Hkv + (hh - Hq - Hkv)) * S + s) * D;
-        *(uint4 *)(dst + i) = u1;
-        *(uint4 *)(dst + i + half) = u2;
-        return;
-    }
-    const bf16 *h1 = (const bf16 *)&u1, *h2 = (const bf16 *)&u2;
-    const float4 *c4 = (const float4 *)(cs + (int64_t)s * half + i);
+// RoPE on 8 pairs held as two 16-byte vectors: lo = x[i .. i+8), hi = x[i + D/2 .. i + D/2 + 8) of a head,
+// c4[4] = (cos, sin) of pairs i .. i+8 (float2 each): lo' = lo cos - hi sin, hi' = hi cos + lo sin, in fp32,
+// rounded to bf16 (rope_forward_cpu's arithmetic). In place.
+__device__ __forceinline__ void rope8(uint4 &lo, uint4 &hi, const float4 *c4) {
+    const bf16 *h1 = (const bf16 *)&lo, *h2 = (const bf16 *)&hi;
     __align__(16) bf16 o1[8], o2[8];
 #pragma unroll
     for (int j = 0; j < 4; j++) {
@@ -87,8 +57,26 @@ __global__ void rope_split8_kernel(bf16 *q, bf16 *k, bf16 *v, const bf16 *__rest
         o1[2 * j + 1] = __float2bfloat16_rn(a1 * c.z - b1 * c.w);
         o2[2 * j + 1] = __float2bfloat16_rn(b1 * c.z + a1 * c.w);
     }
-    *(uint4 *)(dst + i) = *(const uint4 *)o1;
-    *(uint4 *)(dst + i + half) = *(const uint4 *)o2;
+    lo = *(const uint4 *)o1;
+    hi = *(const uint4 *)o2;
+}
+
+// 8 consecutive pairs (two 16-byte loads, two 16-byte stores) per thread when D % 16 == 0.
+__global__ void rope_qk8_kernel(bf16 *qkv, int64_t ld, const float2 *__restrict__ cs, int S, int NH, int h0, int D,
+                                int64_t total) {
+    int half = D / 2, per = half / 8;
+    int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= total) return;
+    int i = (int)(e % per) * 8;
+    int64_t r = e / per;
+    int hh = h0 + (int)(r % NH);
+    int64_t t = r / NH;
+    int s = (int)(t % S);
+    bf16 *x = qkv + t * ld + (int64_t)hh * D;
+    uint4 u1 = *(const uint4 *)(x + i), u2 = *(const uint4 *)(x + i + half);
+    rope8(u1, u2, (const float4 *)(cs + (int64_t)s * half + i));
+    *(uint4 *)(x + i) = u1;
+    *(uint4 *)(x + i + half) = u2;
 }
 
 __global__ void rope_merge_backward_kernel(bf16 *gqkv, int64_t ldg, const float *__restrict__ gq, const float *__restrict__ gk,
@@ -243,16 +231,17 @@ extern "C" void rope_table_host(float *cs, const float *inv_freq, int S, int D) 
         }
 }
 
-extern "C" void rope_split_cuda(cuda_ctx *ctx, bf16 *q, bf16 *k, bf16 *v, const bf16 *qkv, int64_t ldqkv, const float *cs,
-                                int B, int S, int Hq, int Hkv, int D) {
-    int64_t total = (int64_t)B * S * (Hq + 2 * Hkv) * (D / 2);
+extern "C" void rope_qk_cuda(cuda_ctx *ctx, bf16 *qkv, int64_t ld, const float *cs, int B, int S, int Hq, int Hkv, int D,
+                             int h0) {
+    MOSFT_ASSERT(h0 >= 0 && h0 <= Hq + Hkv && D % 2 == 0);
+    int NH = Hq + Hkv - h0;
+    int64_t total = (int64_t)B * S * NH * (D / 2);
     if (total == 0) return;
-    if (D % 16 == 0 && ldqkv % 8 == 0 && (uintptr_t)qkv % 16 == 0)
-        rope_split8_kernel<<<ceil_div_i(total / 8, 256), 256, 0, ctx->stream>>>(q, k, v, qkv, ldqkv, (const float2 *)cs, B, S,
-                                                                                 Hq, Hkv, D);
+    if (D % 16 == 0 && ld % 8 == 0 && (uintptr_t)qkv % 16 == 0)
+        rope_qk8_kernel<<<ceil_div_i(total / 8, 256), 256, 0, ctx->stream>>>(qkv, ld, (const float2 *)cs, S, NH, h0, D,
+                                                                              total / 8);
     else
-        rope_split_kernel<<<ceil_div_i(total, 256), 256, 0, ctx->stream>>>(q, k, v, qkv, ldqkv, (const float2 *)cs, B, S, Hq,
-                                                                           Hkv, D);
+        rope_qk_kernel<<<ceil_div_i(total, 256), 256, 0, ctx->stream>>>(qkv, ld, (const float2 *)cs, S, NH, h0, D, total);
     CUDA_LAUNCH_CHECK();
 }
 
@@ -273,25 +262,40 @@ static void heads_tokens(cuda_ctx *ctx, bf16 *tok, int64_t ldt, bf16 *heads, int
     CUDA_LAUNCH_CHECK();
 }
 
-extern "C" size_t attention_scratch_bytes(int bc, int S, int Hq) {
+// Scores (fp32) and probabilities (bf16) of a chunk, then its q, k, v head-major (bf16).
+extern "C" size_t attention_scratch_bytes(int bc, int S, int Hq, int Hkv, int D) {
     size_t n = (size_t)bc * Hq * S * S;
-    return cuda_align(n * 4) + cuda_align(n * 2);
+    return cuda_align(n * 4) + cuda_align(n * 2) + cuda_align((size_t)bc * S * (Hq + 2 * Hkv) * D * 2);
 }
 
-extern "C" int attention_chunk(size_t budget, int B, int S, int Hq) {
+extern "C" int attention_chunk(size_t budget, int B, int S, int Hq, int Hkv, int D) {
     int bc = B;
-    while (bc > 1 && attention_scratch_bytes(bc, S, Hq) > budget) bc--;
+    while (bc > 1 && attention_scratch_bytes(bc, S, Hq, Hkv, D) > budget) bc--;
     return bc;
 }
 
-// scores[bc][Hq][S][S] = scale * Q K^T for sequences b0 .. b0+bc-1.
-static void attn_scores(cuda_ctx *ctx, float *Sc, const bf16 *q, const bf16 *k, int b0, int bc, int S, int Hq, int Hkv,
-                        int D, float scale) {
+// The chunk's q, k, v (sequences b0 .. b0+n-1 of the token-major qkv) head-major into the scratch after its
+// scores and probabilities: [n][Hq][S][D], [n][Hkv][S][D], [n][Hkv][S][D].
+static void chunk_heads(cuda_ctx *ctx, bf16 **qh, bf16 **kh, bf16 **vh, void *scratch, int bc, const bf16 *qkv,
+                        int64_t ldqkv, int b0, int n, int S, int Hq, int Hkv, int D) {
+    size_t sc = (size_t)bc * Hq * S * S;
+    *qh = (bf16 *)((char *)scratch + cuda_align(sc * 4) + cuda_align(sc * 2));
+    *kh = *qh + (int64_t)n * Hq * S * D;
+    *vh = *kh + (int64_t)n * Hkv * S * D;
+    const bf16 *src = qkv + (int64_t)b0 * S * ldqkv;
+    heads_tokens(ctx, (bf16 *)src, ldqkv, *qh, n, S, Hq, D, 0);
+    heads_tokens(ctx, (bf16 *)src + (int64_t)Hq * D, ldqkv, *kh, n, S, Hkv, D, 0);
+    heads_tokens(ctx, (bf16 *)src + (int64_t)(Hq + Hkv) * D, ldqkv, *vh, n, S, Hkv, D, 0);
+}
+
+// scores[bc][Hq][S][S] = scale * Q K^T for a chunk of bc sequences (its head-major q, k).
+static void attn_scores(cuda_ctx *ctx, float *Sc, const bf16 *q, const bf16 *k, int bc, int S, int Hq, int Hkv, int D,
+                        float scale) {
     int group = Hq / Hkv;
     int64_t SD = (int64_t)S * D, SS = (int64_t)S * S;
     for (int g = 0; g < group; g++)
-        gemm_batched_cuda(ctx, 0, 1, S, S, D, scale, q + ((int64_t)b0 * Hq + g) * SD, D, group * SD,
-                          k + (int64_t)b0 * Hkv * SD, D, SD, 0.0f, Sc + g * SS, S, group * SS, GEMM_F32, bc * Hkv);
+        gemm_batched_cuda(ctx, 0, 1, S, S, D, scale, q + g * SD, D, group * SD, k, D, SD, 0.0f, Sc + g * SS, S, group * SS,
+                          GEMM_F32, bc * Hkv);
 }
 
 static void warp_rows_launch_dims(int64_t rows, unsigned *grid, unsigned *block) {
@@ -311,15 +315,15 @@ static int use_flash(int D) {
     return g_use_flash && flash_attention_supported(D);
 }
 
-extern "C" void attention_forward_cuda(cuda_ctx *ctx, bf16 *out, int64_t ldo, float *lse, const bf16 *q, const bf16 *k,
-                                       const bf16 *v,
-                                       const int32_t *mask, int B, int S, int Hq, int Hkv, int D, void *scratch, int bc,
-                                       bf16 *o_tmp) {
+extern "C" void attention_forward_cuda(cuda_ctx *ctx, bf16 *out, int64_t ldo, float *lse, bf16 *qkv, int64_t ldqkv,
+                                       const float *cs, const int32_t *mask, int B, int S, int Hq, int Hkv, int D,
+                                       void *scratch, int bc, bf16 *o_tmp) {
     MOSFT_ASSERT(Hkv > 0 && Hq % Hkv == 0 && bc >= 1);
     if (use_flash(D)) {
-        flash_attention_forward_cuda(ctx, out, ldo, lse, q, k, v, mask, B, S, Hq, Hkv, D);
+        flash_attention_forward_cuda(ctx, out, ldo, lse, qkv, ldqkv, cs, mask, B, S, Hq, Hkv, D);
         return;
     }
+    rope_qk_cuda(ctx, qkv, ldqkv, cs, B, S, Hq, Hkv, D, 0);
     int group = Hq / Hkv;
     float scale = (float)(1.0 / sqrt((double)D));
     int64_t SD = (int64_t)S * D, SS = (int64_t)S * S;
@@ -327,13 +331,15 @@ extern "C" void attention_forward_cuda(cuda_ctx *ctx, bf16 *out, int64_t ldo, fl
     bf16 *P = (bf16 *)((char *)scratch + cuda_align((size_t)bc * Hq * SS * 4));
     for (int b0 = 0; b0 < B; b0 += bc) {
         int n = B - b0 < bc ? B - b0 : bc;
-        attn_scores(ctx, Sc, q, k, b0, n, S, Hq, Hkv, D, scale);
+        bf16 *q, *k, *v;
+        chunk_heads(ctx, &q, &k, &v, scratch, bc, qkv, ldqkv, b0, n, S, Hq, Hkv, D);
+        attn_scores(ctx, Sc, q, k, n, S, Hq, Hkv, D, scale);
         unsigned grid, block;
         warp_rows_launch_dims((int64_t)n * Hq * S, &grid, &block);
         attn_softmax_kernel<<<grid, block, 0, ctx->stream>>>(P, lse, Sc, mask, b0, n, Hq, S);
         CUDA_LAUNCH_CHECK();
         for (int g = 0; g < group; g++)
-            gemm_batched_cuda(ctx, 0, 0, S, D, S, 1.0f, P + g * SS, S, group * SS, v + (int64_t)b0 * Hkv * SD, D, SD, 0.0f,
+            gemm_batched_cuda(ctx, 0, 0, S, D, S, 1.0f, P + g * SS, S, group * SS, v, D, SD, 0.0f,
                               o_tmp + ((int64_t)b0 * Hq + g) * SD, D, group * SD, GEMM_BF16, n * Hkv);
     }
     heads_tokens(ctx, out, ldo, o_tmp, B, S, Hq, D, 1);
@@ -342,13 +348,13 @@ extern "C" void attention_forward_cuda(cuda_ctx *ctx, bf16 *out, int64_t ldo, fl
 extern "C" int attention_uses_flash(int D) { return use_flash(D); }
 
 extern "C" void attention_backward_cuda(cuda_ctx *ctx, bf16 *gqkv, int64_t ldg, const float *cs, const bf16 *gout,
-                                        const bf16 *out, int64_t ldo, const float *lse, const bf16 *q, const bf16 *k,
-                                        const bf16 *v, const int32_t *mask, int B, int S, int Hq, int Hkv, int D,
-                                        float *delta, void *scratch, int bc, bf16 *do_tmp, float *gq, float *gk, float *gv) {
+                                        const bf16 *out, int64_t ldo, const float *lse, const bf16 *qkv, int64_t ldqkv,
+                                        const int32_t *mask, int B, int S, int Hq, int Hkv, int D, float *delta,
+                                        void *scratch, int bc, bf16 *do_tmp, float *gq, float *gk, float *gv) {
     MOSFT_ASSERT(Hkv > 0 && Hq % Hkv == 0 && bc >= 1);
     if (use_flash(D)) {
-        flash_attention_backward_cuda(ctx, gqkv, ldg, delta, gout, (int64_t)Hq * D, out, ldo, lse, q, k, v, mask, cs, B, S,
-                                      Hq, Hkv, D, scratch, bc);
+        flash_attention_backward_cuda(ctx, gqkv, ldg, delta, gout, (int64_t)Hq * D, out, ldo, lse, qkv, ldqkv, mask, cs, B,
+                                      S, Hq, Hkv, D, scratch, bc);
         return;
     }
     int group = Hq / Hkv;
@@ -366,14 +372,16 @@ extern "C" void attention_backward_cuda(cuda_ctx *ctx, bf16 *gqkv, int64_t ldg, 
         int n = B - b0 < bc ? B - b0 : bc;
         unsigned grid, block;
         warp_rows_launch_dims((int64_t)n * Hq * S, &grid, &block);
-        attn_scores(ctx, Sc, q, k, b0, n, S, Hq, Hkv, D, scale);
+        bf16 *q, *k, *v;
+        chunk_heads(ctx, &q, &k, &v, scratch, bc, qkv, ldqkv, b0, n, S, Hq, Hkv, D);
+        attn_scores(ctx, Sc, q, k, n, S, Hq, Hkv, D, scale);
         attn_probs_kernel<<<grid, block, 0, ctx->stream>>>(P, Sc, lse, mask, b0, n, Hq, S);
         CUDA_LAUNCH_CHECK();
         const bf16 *dO = do_tmp + (int64_t)b0 * Hq * SD;
         // dP = dO V^T (into the scores buffer)
         for (int g = 0; g < group; g++)
-            gemm_batched_cuda(ctx, 0, 1, S, S, D, 1.0f, dO + g * SD, D, group * SD, v + (int64_t)b0 * Hkv * SD, D, SD, 0.0f,
-                              Sc + g * SS, S, group * SS, GEMM_F32, n * Hkv);
+            gemm_batched_cuda(ctx, 0, 1, S, S, D, 1.0f, dO + g * SD, D, group * SD, v, D, SD, 0.0f, Sc + g * SS, S,
+                              group * SS, GEMM_F32, n * Hkv);
         // dV = sum over the group of P^T dO
         for (int g = 0; g < group; g++)
             gemm_batched_cuda(ctx, 1, 0, S, D, S, 1.0f, P + g * SS, S, group * SS, dO + g * SD, D, group * SD,
@@ -382,11 +390,11 @@ extern "C" void attention_backward_cuda(cuda_ctx *ctx, bf16 *gqkv, int64_t ldg, 
         CUDA_LAUNCH_CHECK();
         // dQ = scale dS K;  dK = scale sum over the group of dS^T Q
         for (int g = 0; g < group; g++)
-            gemm_batched_cuda(ctx, 0, 0, S, D, S, scale, P + g * SS, S, group * SS, k + (int64_t)b0 * Hkv * SD, D, SD, 0.0f,
+            gemm_batched_cuda(ctx, 0, 0, S, D, S, scale, P + g * SS, S, group * SS, k, D, SD, 0.0f,
                               gq + ((int64_t)b0 * Hq + g) * SD, D, group * SD, GEMM_F32, n * Hkv);
         for (int g = 0; g < group; g++)
-            gemm_batched_cuda(ctx, 1, 0, S, D, S, scale, P + g * SS, S, group * SS, q + ((int64_t)b0 * Hq + g) * SD, D,
-                              group * SD, g ? 1.0f : 0.0f, gk + (int64_t)b0 * Hkv * SD, D, SD, GEMM_F32, n * Hkv);
+            gemm_batched_cuda(ctx, 1, 0, S, D, S, scale, P + g * SS, S, group * SS, q + g * SD, D, group * SD,
+                              g ? 1.0f : 0.0f, gk + (int64_t)b0 * Hkv * SD, D, SD, GEMM_F32, n * Hkv);
     }
     rope_merge_backward_cuda(ctx, gqkv, ldg, gq, gk, gv, cs, B, S, Hq, Hkv, D);
 }

@@ -61,9 +61,7 @@ typedef struct {
     bf16 *x_in;    // [T][C] layer input (residual stream), always saved
     bf16 *h1;      // [T][C + Rp_qkv] input_layernorm(x_in) | the q,k,v adapters' h
     float *rstd1;  // [T]
-    bf16 *q;       // [B][Hq][S][D] after rope
-    bf16 *k;       // [B][Hkv][S][D] after rope
-    bf16 *v;       // [B][Hkv][S][D]
+    bf16 *qkv;     // [T][Q + 2 KV] q|k|v projection output, token-major; q and k rotated by the attention forward
     bf16 *att;     // [T][Hq*D + Rp_o] attention output (input of o_proj) | the o adapter's h
     float *lse;    // [B][Hq][S]
     bf16 *x_mid;   // [T][C] x_in + o(att)
@@ -152,7 +150,7 @@ typedef struct {
     cuda_acts *acts;               // [L]
     bf16 *x_final, *xf;            // [T][C]
     float *rstd_f;                 // [T]
-    bf16 *qkv;                     // [T][Q+2KV + Rp_qkv] projection output, also gqkv | gh in backward
+    bf16 *qkv;                     // [T][Q+2KV + Rp_qkv] the projection's gradient gqkv | gh in backward
     bf16 *o_tmp;                   // [B][Hq][S][D] attention output head-major, also dO head-major (GEMM attention only)
     bf16 *gx_lo;                   // [T][C] dL/d residual stream, low half (rmsnorm_backward_cuda); gxb the high
     bf16 *gxb;                     // [T][C + max(Rp_o, Rp_down)] dL/d residual stream, high half (GEMM operand) | gh

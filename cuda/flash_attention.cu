@@ -2,8 +2,9 @@
 // queries and keys in shared memory, scores and probabilities only in registers (bf16 tensor-core
 // mma.sync m16n8k16 with fp32 accumulation, online softmax), so nothing of size S x S ever reaches
 // device memory. Forward: same contract as attention_forward_cuda (the batched-GEMM version in
-// attention.cu, kept for head sizes these kernels do not cover): head-major q, k, v (after RoPE); the
-// output token-major; lse per row (+inf for a row without any key).
+// attention.cu, kept for head sizes these kernels do not cover): q, k, v read token-major where the
+// q|k|v projection left them (row stride ldqkv), rotated in place first (rope_qk_cuda); the output
+// token-major; lse per row (+inf for a row without any key).
 //
 // Backward is three kernels so that every gradient element has one writer (no atomics, deterministic):
 //   delta = rowsum(dO * O), one pass;
@@ -236,7 +237,7 @@ __device__ __forceinline__ void staged_rows_out(bf16 *dst, int64_t ld, const bf1
 // than two (201): 0.253 -> 0.242 ms a 7B layer, 0.195 -> 0.188 at 3B (bench_flash, H100).
 template <int D>
 __global__ void __launch_bounds__(128, 3) flash_fwd_kernel(bf16 *out, int64_t ld, float *lse, const bf16 *__restrict__ q,
-                                                        const bf16 *__restrict__ k, const bf16 *__restrict__ v,
+                                                        const bf16 *__restrict__ k, const bf16 *__restrict__ v, int64_t lx,
                                                         const int32_t *__restrict__ mask, int S, int Hq, int Hkv,
                                                         float scale) {
     constexpr int P = D + 8;
@@ -246,15 +247,15 @@ __global__ void __launch_bounds__(128, 3) flash_fwd_kernel(bf16 *out, int64_t ld
     int bh = blockIdx.y, b = bh / Hq, h = bh % Hq, kvh = h / (Hq / Hkv);
     int q0 = (gridDim.x - 1 - blockIdx.x) * FA_TILE, warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane >> 2,
         t = lane & 3;
-    const bf16 *qb = q + ((int64_t)b * Hq + h) * S * D, *kb = k + ((int64_t)b * Hkv + kvh) * S * D,
-               *vb = v + ((int64_t)b * Hkv + kvh) * S * D;
+    const bf16 *qb = q + (int64_t)b * S * lx + (int64_t)h * D, *kb = k + (int64_t)b * S * lx + (int64_t)kvh * D,
+               *vb = v + (int64_t)b * S * lx + (int64_t)kvh * D;
     const int32_t *mb = mask + (int64_t)b * S;
     int kend = q0 + FA_TILE < S ? q0 + FA_TILE : S;  // causal: keys < the block's last query + 1
     int n_tiles = (kend + FA_BN - 1) / FA_BN;
     auto load = [&](int j) {
         int st = j & 1, k0 = j * FA_BN;
-        tile_async<D>(Ks + st * FA_BN * P, kb, D, k0, FA_BN, S);
-        tile_async<D>(Vs + st * FA_BN * P, vb, D, k0, FA_BN, S);
+        tile_async<D>(Ks + st * FA_BN * P, kb, lx, k0, FA_BN, S);
+        tile_async<D>(Vs + st * FA_BN * P, vb, lx, k0, FA_BN, S);
         vec_async(Ms + st * FA_BN, mb, k0, FA_BN, S);
         cp_commit();
     };
@@ -264,10 +265,10 @@ __global__ void __launch_bounds__(128, 3) flash_fwd_kernel(bf16 *out, int64_t ld
 #pragma unroll
     for (int kk = 0; kk < D / 16; kk++) {
         int c = kk * 16 + 2 * t;
-        qa[kk][0] = r_lo < S ? ld32(qb + (int64_t)r_lo * D + c) : 0;
-        qa[kk][1] = r_hi < S ? ld32(qb + (int64_t)r_hi * D + c) : 0;
-        qa[kk][2] = r_lo < S ? ld32(qb + (int64_t)r_lo * D + c + 8) : 0;
-        qa[kk][3] = r_hi < S ? ld32(qb + (int64_t)r_hi * D + c + 8) : 0;
+        qa[kk][0] = r_lo < S ? ld32(qb + (int64_t)r_lo * lx + c) : 0;
+        qa[kk][1] = r_hi < S ? ld32(qb + (int64_t)r_hi * lx + c) : 0;
+        qa[kk][2] = r_lo < S ? ld32(qb + (int64_t)r_lo * lx + c + 8) : 0;
+        qa[kk][3] = r_hi < S ? ld32(qb + (int64_t)r_hi * lx + c + 8) : 0;
     }
     float o[D / 8][4];
 #pragma unroll
@@ -349,8 +350,8 @@ __device__ __forceinline__ void tile_sw128_async(bf16 *sh, const bf16 *src, int6
 // one of two V stages as step j starts (V_{j-2}'s product ended in step j - 1).
 __global__ void __launch_bounds__(128, 3) flash_fwd_wg_kernel(bf16 *out, int64_t ld, float *lse, const bf16 *__restrict__ q,
                                                             const bf16 *__restrict__ k, const bf16 *__restrict__ v,
-                                                            const int32_t *__restrict__ mask, int S, int Hq, int Hkv,
-                                                            float scale) {
+                                                            int64_t lx, const int32_t *__restrict__ mask, int S, int Hq,
+                                                            int Hkv, float scale) {
     constexpr int D = 128, T = 64 * D;
     extern __shared__ __align__(16) unsigned char fa_smem[];  // aligned to 1024 below
     bf16 *Qs = (bf16 *)smem_align1024(fa_smem);  // 1024-byte aligned
@@ -358,21 +359,21 @@ __global__ void __launch_bounds__(128, 3) flash_fwd_wg_kernel(bf16 *out, int64_t
     int *Ms = (int *)(Vs + 2 * T);                                                  // [2][64]
     int bh = blockIdx.y, b = bh / Hq, h = bh % Hq, kvh = h / (Hq / Hkv);
     int q0 = (gridDim.x - 1 - blockIdx.x) * 64, warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane >> 2;
-    const bf16 *qb = q + ((int64_t)b * Hq + h) * S * D, *kb = k + ((int64_t)b * Hkv + kvh) * S * D,
-               *vb = v + ((int64_t)b * Hkv + kvh) * S * D;
+    const bf16 *qb = q + (int64_t)b * S * lx + (int64_t)h * D, *kb = k + (int64_t)b * S * lx + (int64_t)kvh * D,
+               *vb = v + (int64_t)b * S * lx + (int64_t)kvh * D;
     const int32_t *mb = mask + (int64_t)b * S;
     int kend = q0 + 64 < S ? q0 + 64 : S;  // causal: keys < the block's last query + 1
     int n_tiles = (kend + 63) / 64;
     auto load_k = [&](int j) {  // K_j and tile j's mask, one commit group
-        tile_sw128_async(Ks, kb, D, j * 64, S);
+        tile_sw128_async(Ks, kb, lx, j * 64, S);
         vec_async(Ms + (j & 1) * 64, mb, j * 64, 64, S);
         cp_commit();
     };
     auto load_v = [&](int j) {  // V_j, one commit group
-        tile_sw128_async(Vs + (j & 1) * T, vb, D, j * 64, S);
+        tile_sw128_async(Vs + (j & 1) * T, vb, lx, j * 64, S);
         cp_commit();
     };
-    tile_sw128_async(Qs, qb, D, q0, S);
+    tile_sw128_async(Qs, qb, lx, q0, S);
     load_k(0);  // one group with Q
     int r_lo = q0 + warp * 16 + g, r_hi = r_lo + 8;  // this thread's two rows
     float o[64];  // [64 queries][128 d]: accumulator layout
@@ -514,7 +515,7 @@ __global__ void __launch_bounds__(256) flash_bwd_delta_kernel(float *delta, cons
 template <int D, int NW, int QS, int STG>
 __global__ void __launch_bounds__(NW * 32) flash_bwd_dkdv_kernel(bf16 *gqkv, int64_t ldg, bf16 *dsg, const bf16 *__restrict__ q,
                                                                  const bf16 *__restrict__ k, const bf16 *__restrict__ v,
-                                                                 const bf16 *__restrict__ dO, int64_t ldd,
+                                                                 int64_t lx, const bf16 *__restrict__ dO, int64_t ldd,
                                                                  const float *__restrict__ lse, const float *__restrict__ delta,
                                                                  const int32_t *__restrict__ mask, const float2 *__restrict__ cs,
                                                                  int S, int Hq, int Hkv, float scale) {
@@ -525,20 +526,20 @@ __global__ void __launch_bounds__(NW * 32) flash_bwd_dkdv_kernel(bf16 *gqkv, int
     float *Ls = (float *)(Ds + STG * QS * P), *Dl = Ls + STG * QS;  // [STG][QS]
     int bk = blockIdx.y, b = bk / Hkv, kvh = bk % Hkv, group = Hq / Hkv;
     int k0 = blockIdx.x * KB, warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const bf16 *kb = k + ((int64_t)b * Hkv + kvh) * S * D, *vb = v + ((int64_t)b * Hkv + kvh) * S * D;
+    const bf16 *kb = k + (int64_t)b * S * lx + (int64_t)kvh * D, *vb = v + (int64_t)b * S * lx + (int64_t)kvh * D;
     int S64 = (S + 63) & ~63;
     int nq = (S64 - k0 + QS - 1) / QS;  // causal: query tiles from the block's first key on
     int n_it = group * nq;
     auto load = [&](int it) {
         int st = it % STG, hh = kvh * group + it / nq, q0 = k0 + (it % nq) * QS;
-        tile_async<D>(Qs + st * QS * P, q + ((int64_t)b * Hq + hh) * S * D, D, q0, QS, S);
+        tile_async<D>(Qs + st * QS * P, q + (int64_t)b * S * lx + (int64_t)hh * D, lx, q0, QS, S);
         tile_async<D>(Ds + st * QS * P, dO + (int64_t)b * S * ldd + (int64_t)hh * D, ldd, q0, QS, S);
         vec_async(Ls + st * QS, lse + ((int64_t)b * Hq + hh) * S, q0, QS, S);
         vec_async(Dl + st * QS, delta + ((int64_t)b * Hq + hh) * S, q0, QS, S);
         cp_commit();
     };
-    tile_async<D>(Ks, kb, D, k0, KB, S);
-    tile_async<D>(Vs, vb, D, k0, KB, S);
+    tile_async<D>(Ks, kb, lx, k0, KB, S);
+    tile_async<D>(Vs, vb, lx, k0, KB, S);
     load(0);  // one group with K and V
 #pragma unroll
     for (int i = 1; i < STG - 1; i++)
@@ -659,7 +660,7 @@ __global__ void __launch_bounds__(NW * 32) flash_bwd_dkdv_kernel(bf16 *gqkv, int
 // (those scattered sector writes took 18 % of the kernel: 385 -> 315 us a 7B layer without them).
 __global__ void __launch_bounds__(128) flash_bwd_dkdv_wg_kernel(bf16 *gqkv, int64_t ldg, bf16 *dsg, const bf16 *__restrict__ q,
                                                               const bf16 *__restrict__ k, const bf16 *__restrict__ v,
-                                                              const bf16 *__restrict__ dO, int64_t ldd,
+                                                              int64_t lx, const bf16 *__restrict__ dO, int64_t ldd,
                                                               const float *__restrict__ lse, const float *__restrict__ delta,
                                                               const int32_t *__restrict__ mask, const float2 *__restrict__ cs,
                                                               int S, int Hq, int Hkv, float scale) {
@@ -671,7 +672,7 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv_wg_kernel(bf16 *gqkv, int6
     float2 *LD = (float2 *)(Ds + 64 * 64);  // [2][64]: (-lse log2(e), delta) of the step's queries
     int bk = blockIdx.y, b = bk / Hkv, kvh = bk % Hkv, group = Hq / Hkv;
     int k0 = blockIdx.x * 64, warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const bf16 *kb = k + ((int64_t)b * Hkv + kvh) * S * D, *vb = v + ((int64_t)b * Hkv + kvh) * S * D;
+    const bf16 *kb = k + (int64_t)b * S * lx + (int64_t)kvh * D, *vb = v + (int64_t)b * S * lx + (int64_t)kvh * D;
     int S64 = (S + 63) & ~63;
     int nq = (S64 - k0) / 64;  // causal: query tiles from the block's first key on
     int n_it = group * nq;
@@ -680,7 +681,7 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv_wg_kernel(bf16 *gqkv, int6
     int ld_h = kvh * group, ld_q = k0, hh = ld_h, q0 = k0;
     auto load = [&](int it) {
         int st = it & 1;
-        tile_sw128_async(Qs + st * T, q + ((int64_t)b * Hq + ld_h) * S * D, D, ld_q, S);
+        tile_sw128_async(Qs + st * T, q + (int64_t)b * S * lx + (int64_t)ld_h * D, lx, ld_q, S);
         tile_sw128_async(Os + st * T, dO + (int64_t)b * S * ldd + (int64_t)ld_h * D, ldd, ld_q, S);
         {  // lse (threads 0-63) into .x, delta (64-127) into .y of the query's pair
             int i = threadIdx.x & 63, qq = ld_q + i;
@@ -691,8 +692,8 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv_wg_kernel(bf16 *gqkv, int6
         ld_q += 64;
         if (ld_q >= S64) ld_q = k0, ld_h++;
     };
-    tile_sw128_async(Ks, kb, D, k0, S);
-    tile_sw128_async(Vs, vb, D, k0, S);
+    tile_sw128_async(Ks, kb, lx, k0, S);
+    tile_sw128_async(Vs, vb, lx, k0, S);
     load(0);  // one group with K and V
     int wk = warp * 16 + g, key_lo = k0 + wk, key_hi = key_lo + 8;
     bool ok_lo = key_lo < S && mask[(int64_t)b * S + (key_lo < S ? key_lo : 0)] != 0;
@@ -807,19 +808,20 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv_wg_kernel(bf16 *gqkv, int6
 // dS^T tile (already swizzled in scratch), both read transposed: A = dS [queries][keys] from the [keys][queries]
 // tile, B = K).
 __global__ void __launch_bounds__(128) flash_bwd_dq_wg_kernel(bf16 *gqkv, int64_t ldg, const bf16 *__restrict__ dsg,
-                                                            const bf16 *__restrict__ k, const float2 *__restrict__ cs, int S,
-                                                            int Hq, int Hkv, float scale) {
+                                                            const bf16 *__restrict__ k, int64_t lx,
+                                                            const float2 *__restrict__ cs, int S, int Hq, int Hkv,
+                                                            float scale) {
     constexpr int D = 128, T = 64 * D;
     extern __shared__ __align__(16) unsigned char fa_smem[];  // aligned to 1024 below
     bf16 *Ks = (bf16 *)smem_align1024(fa_smem);  // K [2][64][128], 1024-byte aligned
     bf16 *Ts = Ks + 2 * T;                                                         // dS^T [2][64][64]
     int bh = blockIdx.y, b = bh / Hq, h = bh % Hq, kvh = h / (Hq / Hkv);
     int qt = gridDim.x - 1 - blockIdx.x, q0 = qt * 64, warp = threadIdx.x / 32, g = (threadIdx.x & 31) >> 2;
-    const bf16 *kb = k + ((int64_t)b * Hkv + kvh) * S * D;
+    const bf16 *kb = k + (int64_t)b * S * lx + (int64_t)kvh * D;
     const bf16 *tb = dsg + ((int64_t)bh * ds_tiles(S) + (int64_t)qt * (qt + 1) / 2) * FA_DS_TILE;
     auto load = [&](int j) {
         int st = j & 1;
-        tile_sw128_async(Ks + st * T, kb, D, j * 64, S);
+        tile_sw128_async(Ks + st * T, kb, lx, j * 64, S);
         const bf16 *src = tb + (int64_t)j * FA_DS_TILE;
 #pragma unroll
         for (int u = 0; u < 4; u++) {
@@ -860,8 +862,9 @@ __global__ void __launch_bounds__(128) flash_bwd_dq_wg_kernel(bf16 *gqkv, int64_
 // back and written as bf16 into gqkv. The heaviest query tiles (the last ones) start first.
 template <int D, int MT, int NWQ>
 __global__ void __launch_bounds__(NWQ * 32) flash_bwd_dq_kernel(bf16 *gqkv, int64_t ldg, const bf16 *__restrict__ dsg,
-                                                           const bf16 *__restrict__ k, const float2 *__restrict__ cs, int S,
-                                                           int Hq, int Hkv, float scale) {
+                                                           const bf16 *__restrict__ k, int64_t lx,
+                                                           const float2 *__restrict__ cs, int S, int Hq, int Hkv,
+                                                           float scale) {
     constexpr int P = D + 8, PT = 64 + 8, QB = 16 * MT * NWQ, QT = QB / 64;  // queries, query tiles a block
     extern __shared__ __align__(16) unsigned char fa_smem[];
     bf16 *Ks = (bf16 *)fa_smem, *Ts = Ks + 2 * 64 * P;  // K [2][64][P], dS^T [2][MT][64][PT]
@@ -869,13 +872,13 @@ __global__ void __launch_bounds__(NWQ * 32) flash_bwd_dq_kernel(bf16 *gqkv, int6
     int T = (S + 63) / 64, qb = gridDim.x - 1 - blockIdx.x, q0 = qb * QB, warp = threadIdx.x / 32, lane = threadIdx.x & 31,
         g = lane >> 2;
     int wq = q0 + warp * 16 * MT, wt = wq / 64;  // this warp's first query, its tile
-    const bf16 *kb = k + ((int64_t)b * Hkv + kvh) * S * D;
+    const bf16 *kb = k + (int64_t)b * S * lx + (int64_t)kvh * D;
     const bf16 *tb = dsg + (int64_t)bh * ds_tiles(S) * FA_DS_TILE;
     int last = q0 / 64 + QT - 1 < T - 1 ? q0 / 64 + QT - 1 : T - 1;  // the block's last query tile
     int n_tiles = last + 1;
     auto load = [&](int j) {
         int st = j & 1;
-        tile_async<D>(Ks + st * 64 * P, kb, D, j * 64, 64, S);
+        tile_async<D>(Ks + st * 64 * P, kb, lx, j * 64, 64, S);
 #pragma unroll
         for (int m = 0; m < QT; m++) {
             int qt = q0 / 64 + m;
@@ -956,7 +959,7 @@ extern "C" int flash_attention_uses_wgmma(const cuda_ctx *ctx, int D) {
 
 template <int D>
 static void fwd_launch(cuda_ctx *ctx, bf16 *out, int64_t ldo, float *lse, const bf16 *q, const bf16 *k, const bf16 *v,
-                       const int32_t *mask, int B, int S, int Hq, int Hkv, float scale) {
+                       int64_t lx, const int32_t *mask, int B, int S, int Hq, int Hkv, float scale) {
     size_t smem = (size_t)4 * FA_BN * (D + 8) * 2 + 2 * FA_BN * sizeof(int);
     static int done = 0, done_w = 0;  // per template instance
     dim3 grid((unsigned)((S + FA_TILE - 1) / FA_TILE), (unsigned)(B * Hq));
@@ -964,23 +967,26 @@ static void fwd_launch(cuda_ctx *ctx, bf16 *out, int64_t ldo, float *lse, const 
     if (flash_attention_uses_wgmma(ctx, D)) {
         size_t smem_w = WG_SMEM_ALIGN + (size_t)4 * 64 * 128 * sizeof(bf16) + 2 * 64 * sizeof(int);  // align, Q, K, 2 V, mask
         smem_optin(flash_fwd_wg_kernel, smem_w, &done_w);
-        flash_fwd_wg_kernel<<<grid, 128, smem_w, ctx->stream>>>(out, ldo, lse, q, k, v, mask, S, Hq, Hkv, scale);
+        flash_fwd_wg_kernel<<<grid, 128, smem_w, ctx->stream>>>(out, ldo, lse, q, k, v, lx, mask, S, Hq, Hkv, scale);
     } else {
         smem_optin(flash_fwd_kernel<D>, smem, &done);
-        flash_fwd_kernel<D><<<grid, 128, smem, ctx->stream>>>(out, ldo, lse, q, k, v, mask, S, Hq, Hkv, scale);
+        flash_fwd_kernel<D><<<grid, 128, smem, ctx->stream>>>(out, ldo, lse, q, k, v, lx, mask, S, Hq, Hkv, scale);
     }
     CUDA_LAUNCH_CHECK();
 }
 
-extern "C" void flash_attention_forward_cuda(cuda_ctx *ctx, bf16 *out, int64_t ldo, float *lse, const bf16 *q, const bf16 *k,
-                                             const bf16 *v, const int32_t *mask, int B, int S, int Hq, int Hkv, int D) {
+extern "C" void flash_attention_forward_cuda(cuda_ctx *ctx, bf16 *out, int64_t ldo, float *lse, bf16 *qkv, int64_t ldqkv,
+                                             const float *cs, const int32_t *mask, int B, int S, int Hq, int Hkv, int D) {
     MOSFT_ASSERT(Hkv > 0 && Hq % Hkv == 0 && flash_attention_supported(D));
+    MOSFT_ASSERT(ldqkv % 8 == 0 && (uintptr_t)qkv % 16 == 0);  // 16-byte rows for cp.async
     float scale = (float)(1.0 / sqrt((double)D));
+    rope_qk_cuda(ctx, qkv, ldqkv, cs, B, S, Hq, Hkv, D, 0);
+    const bf16 *q = qkv, *k = qkv + (int64_t)Hq * D, *v = k + (int64_t)Hkv * D;
     switch (D) {
-    case 16: fwd_launch<16>(ctx, out, ldo, lse, q, k, v, mask, B, S, Hq, Hkv, scale); break;
-    case 32: fwd_launch<32>(ctx, out, ldo, lse, q, k, v, mask, B, S, Hq, Hkv, scale); break;
-    case 64: fwd_launch<64>(ctx, out, ldo, lse, q, k, v, mask, B, S, Hq, Hkv, scale); break;
-    default: fwd_launch<128>(ctx, out, ldo, lse, q, k, v, mask, B, S, Hq, Hkv, scale); break;
+    case 16: fwd_launch<16>(ctx, out, ldo, lse, q, k, v, ldqkv, mask, B, S, Hq, Hkv, scale); break;
+    case 32: fwd_launch<32>(ctx, out, ldo, lse, q, k, v, ldqkv, mask, B, S, Hq, Hkv, scale); break;
+    case 64: fwd_launch<64>(ctx, out, ldo, lse, q, k, v, ldqkv, mask, B, S, Hq, Hkv, scale); break;
+    default: fwd_launch<128>(ctx, out, ldo, lse, q, k, v, ldqkv, mask, B, S, Hq, Hkv, scale); break;
     }
 }
 
@@ -992,8 +998,8 @@ extern "C" size_t flash_attention_scratch_bytes(int bc, int S, int Hq) {
 template <int D, int NW, int QS, int STG, int MT, int NWQ>
 static void bwd_launch(cuda_ctx *ctx, bf16 *gqkv, int64_t ldg, float *delta, const bf16 *dO, int64_t ldd,
                        const bf16 *out, int64_t ldo, const float *lse, const bf16 *q, const bf16 *k, const bf16 *v,
-                       const int32_t *mask, const float *cs, int B, int S, int Hq, int Hkv, float scale, void *scratch,
-                       int bc) {
+                       int64_t lx, const int32_t *mask, const float *cs, int B, int S, int Hq, int Hkv, float scale,
+                       void *scratch, int bc) {
     constexpr int KB = 16 * NW;
     constexpr int QB = 16 * MT * NWQ;
     size_t smem_k = (size_t)(2 * KB + 2 * STG * QS) * (D + 8) * 2 + 2 * STG * QS * sizeof(float);
@@ -1014,24 +1020,24 @@ static void bwd_launch(cuda_ctx *ctx, bf16 *gqkv, int64_t ldg, float *delta, con
         int n = B - b0 < bc ? B - b0 : bc;
         int64_t tq = (int64_t)b0 * S;  // first token of the chunk
         bf16 *gq = gqkv + tq * ldg;
-        const bf16 *qc = q + tq * Hq * D, *kc = k + tq * Hkv * D, *vc = v + tq * Hkv * D, *dc = dO + tq * ldd;
+        const bf16 *qc = q + tq * lx, *kc = k + tq * lx, *vc = v + tq * lx, *dc = dO + tq * ldd;
         const float *lc = lse + tq * Hq, *dlc = delta + tq * Hq;
         dim3 g1((unsigned)((S + KB - 1) / KB), (unsigned)(n * Hkv));
         if (wg)
             flash_bwd_dkdv_wg_kernel<<<dim3((unsigned)((S + 63) / 64), (unsigned)(n * Hkv)), 128, smem_w, ctx->stream>>>(
-                gq, ldg, dsg, qc, kc, vc, dc, ldd, lc, dlc, mask + tq, (const float2 *)cs, S, Hq, Hkv, scale);
+                gq, ldg, dsg, qc, kc, vc, lx, dc, ldd, lc, dlc, mask + tq, (const float2 *)cs, S, Hq, Hkv, scale);
         else
-            flash_bwd_dkdv_kernel<D, NW, QS, STG><<<g1, NW * 32, smem_k, ctx->stream>>>(gq, ldg, dsg, qc, kc, vc, dc, ldd, lc,
-                                                                                  dlc, mask + tq, (const float2 *)cs, S, Hq,
-                                                                                  Hkv, scale);
+            flash_bwd_dkdv_kernel<D, NW, QS, STG><<<g1, NW * 32, smem_k, ctx->stream>>>(gq, ldg, dsg, qc, kc, vc, lx, dc, ldd,
+                                                                                  lc, dlc, mask + tq, (const float2 *)cs, S,
+                                                                                  Hq, Hkv, scale);
         CUDA_LAUNCH_CHECK();
         dim3 g2((unsigned)((S + QB - 1) / QB), (unsigned)(n * Hq));
         if (wg)
             flash_bwd_dq_wg_kernel<<<dim3((unsigned)((S + 63) / 64), (unsigned)(n * Hq)), 128, smem_wq, ctx->stream>>>(
-                gq, ldg, dsg, kc, (const float2 *)cs, S, Hq, Hkv, scale);
+                gq, ldg, dsg, kc, lx, (const float2 *)cs, S, Hq, Hkv, scale);
         else
-            flash_bwd_dq_kernel<D, MT, NWQ><<<g2, NWQ * 32, smem_q, ctx->stream>>>(gq, ldg, dsg, kc, (const float2 *)cs, S, Hq,
-                                                                              Hkv, scale);
+            flash_bwd_dq_kernel<D, MT, NWQ><<<g2, NWQ * 32, smem_q, ctx->stream>>>(gq, ldg, dsg, kc, lx, (const float2 *)cs, S,
+                                                                              Hq, Hkv, scale);
         CUDA_LAUNCH_CHECK();
     }
 }
@@ -1042,24 +1048,27 @@ static void bwd_launch(cuda_ctx *ctx, bf16 *gqkv, int64_t ldg, float *delta, con
 // overall, 8 warps: slower).
 template <int D>
 static void bwd_run(cuda_ctx *ctx, bf16 *gqkv, int64_t ldg, float *delta, const bf16 *dO, int64_t ldd, const bf16 *out,
-                    int64_t ldo, const float *lse, const bf16 *q, const bf16 *k, const bf16 *v, const int32_t *mask,
-                    const float *cs, int B, int S, int Hq, int Hkv, float scale, void *scratch, int bc) {
-    bwd_launch<D, 4, 64, 2, 2, 4>(ctx, gqkv, ldg, delta, dO, ldd, out, ldo, lse, q, k, v, mask, cs, B, S, Hq, Hkv, scale,
+                    int64_t ldo, const float *lse, const bf16 *q, const bf16 *k, const bf16 *v, int64_t lx,
+                    const int32_t *mask, const float *cs, int B, int S, int Hq, int Hkv, float scale, void *scratch, int bc) {
+    bwd_launch<D, 4, 64, 2, 2, 4>(ctx, gqkv, ldg, delta, dO, ldd, out, ldo, lse, q, k, v, lx, mask, cs, B, S, Hq, Hkv, scale,
                                   scratch, bc);
 }
 
 extern "C" void flash_attention_backward_cuda(cuda_ctx *ctx, bf16 *gqkv, int64_t ldg, float *delta, const bf16 *dO,
-                                              int64_t ldd, const bf16 *out, int64_t ldo, const float *lse, const bf16 *q,
-                                              const bf16 *k, const bf16 *v, const int32_t *mask, const float *cs, int B,
-                                              int S, int Hq, int Hkv, int D, void *scratch, int bc) {
+                                              int64_t ldd, const bf16 *out, int64_t ldo, const float *lse, const bf16 *qkv,
+                                              int64_t ldqkv, const int32_t *mask, const float *cs, int B, int S, int Hq,
+                                              int Hkv, int D, void *scratch, int bc) {
     MOSFT_ASSERT(Hkv > 0 && Hq % Hkv == 0 && flash_attention_supported(D));
     MOSFT_ASSERT(ldg % 8 == 0 && ldd % 8 == 0 && ldo % 8 == 0);  // 16-byte rows for cp.async and the delta loads
+    MOSFT_ASSERT(ldqkv % 8 == 0 && (uintptr_t)qkv % 16 == 0);
     MOSFT_ASSERT(scratch && bc >= 1);
     float scale = (float)(1.0 / sqrt((double)D));
+    const bf16 *q = qkv, *k = qkv + (int64_t)Hq * D, *v = k + (int64_t)Hkv * D;
+    int64_t lx = ldqkv;
     switch (D) {
-    case 16: bwd_run<16>(ctx, gqkv, ldg, delta, dO, ldd, out, ldo, lse, q, k, v, mask, cs, B, S, Hq, Hkv, scale, scratch, bc); break;
-    case 32: bwd_run<32>(ctx, gqkv, ldg, delta, dO, ldd, out, ldo, lse, q, k, v, mask, cs, B, S, Hq, Hkv, scale, scratch, bc); break;
-    case 64: bwd_run<64>(ctx, gqkv, ldg, delta, dO, ldd, out, ldo, lse, q, k, v, mask, cs, B, S, Hq, Hkv, scale, scratch, bc); break;
-    default: bwd_run<128>(ctx, gqkv, ldg, delta, dO, ldd, out, ldo, lse, q, k, v, mask, cs, B, S, Hq, Hkv, scale, scratch, bc); break;
+    case 16: bwd_run<16>(ctx, gqkv, ldg, delta, dO, ldd, out, ldo, lse, q, k, v, lx, mask, cs, B, S, Hq, Hkv, scale, scratch, bc); break;
+    case 32: bwd_run<32>(ctx, gqkv, ldg, delta, dO, ldd, out, ldo, lse, q, k, v, lx, mask, cs, B, S, Hq, Hkv, scale, scratch, bc); break;
+    case 64: bwd_run<64>(ctx, gqkv, ldg, delta, dO, ldd, out, ldo, lse, q, k, v, lx, mask, cs, B, S, Hq, Hkv, scale, scratch, bc); break;
+    default: bwd_run<128>(ctx, gqkv, ldg, delta, dO, ldd, out, ldo, lse, q, k, v, lx, mask, cs, B, S, Hq, Hkv, scale, scratch, bc); break;
     }
 }

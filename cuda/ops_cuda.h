@@ -178,36 +178,37 @@ void embedding_forward_cuda(cuda_ctx *ctx, bf16 *out, const int32_t *ids, const 
 // cos/sin table for positions [0, S): cs[S][D/2] pairs (cos, sin) computed on the host exactly as
 // rope_forward_cpu does; the caller uploads it (rope_table_host fills a host array of S*D floats).
 void rope_table_host(float *cs, const float *inv_freq, int S, int D);
-// Split the fused projection qkv[B*S][Hq*D + 2*Hkv*D] into head-major q[B][Hq][S][D], k[B][Hkv][S][D],
-// v[B][Hkv][S][D], rotating q and k (position = index within the sequence). cs[S][D/2][2].
-void rope_split_cuda(cuda_ctx *ctx, bf16 *q, bf16 *k, bf16 *v, const bf16 *qkv, int64_t ldqkv, const float *cs, int B,
-                     int S, int Hq, int Hkv, int D);
+// RoPE in place on the fused projection's output qkv[B*S][ld] (token-major: Hq q heads at column 0, then
+// Hkv k heads, then Hkv v heads, D columns each): heads h0 .. Hq+Hkv-1 rotated (h0 = 0: q and k; h0 = Hq:
+// k only), position = index within the sequence; the v heads are not touched. cs[S][D/2][2].
+void rope_qk_cuda(cuda_ctx *ctx, bf16 *qkv, int64_t ld, const float *cs, int B, int S, int Hq, int Hkv, int D, int h0);
 // Backward: gqkv[B*S][Hq*D + 2*Hkv*D] (bf16, overwritten) from head-major fp32 gq, gk, gv, with the
 // inverse rotation on q and k.
 void rope_merge_backward_cuda(cuda_ctx *ctx, bf16 *gqkv, int64_t ldg, const float *gq, const float *gk, const float *gv,
                               const float *cs, int B, int S, int Hq, int Hkv, int D);
-// Attention scratch bytes for chunks of `bc` sequences (scores fp32 + probabilities bf16; the
-// batched-GEMM path; the flash backward needs flash_attention_scratch_bytes(bc, S, Hq) instead).
-size_t attention_scratch_bytes(int bc, int S, int Hq);
+// Attention scratch bytes for chunks of `bc` sequences (scores fp32 + probabilities bf16 + the chunk's q, k, v
+// head-major; the batched-GEMM path; the flash backward needs flash_attention_scratch_bytes(bc, S, Hq) instead).
+size_t attention_scratch_bytes(int bc, int S, int Hq, int Hkv, int D);
 // Sequences per chunk that fit `budget` bytes of scratch (at least 1).
-int attention_chunk(size_t budget, int B, int S, int Hq);
-// Causal GQA attention with key padding, as attention_forward_cpu: out[B*S][Hq*D] (token-major) and
-// lse[B][Hq][S] (log-sum-exp of each row's scaled scores, +inf for a row with no key) from head-major
-// q, k, v. mask[B][S] device (1 = token). scratch: attention_scratch_bytes(bc, S, Hq) bytes;
-// o_tmp[B][Hq][S][D] bf16 scratch.
-void attention_forward_cuda(cuda_ctx *ctx, bf16 *out, int64_t ldo, float *lse, const bf16 *q, const bf16 *k, const bf16 *v,
+int attention_chunk(size_t budget, int B, int S, int Hq, int Hkv, int D);
+// Causal GQA attention with key padding, as attention_forward_cpu after RoPE: out[B*S][Hq*D] (token-major)
+// and lse[B][Hq][S] (log-sum-exp of each row's scaled scores, +inf for a row with no key) from the fused
+// projection's output qkv[B*S][ldqkv] (token-major, as rope_qk_cuda; before RoPE). On return its q and k
+// heads are rotated: that is what the backward reads. mask[B][S] device (1 = token), cs the rope table.
+// scratch: attention_scratch_bytes(bc, S, Hq, Hkv, D) bytes; o_tmp[B][Hq][S][D] bf16 scratch.
+void attention_forward_cuda(cuda_ctx *ctx, bf16 *out, int64_t ldo, float *lse, bf16 *qkv, int64_t ldqkv, const float *cs,
                             const int32_t *mask, int B, int S, int Hq, int Hkv, int D, void *scratch, int bc,
                             bf16 *o_tmp);
 // Backward into the fused projection's gradient: gqkv[B*S][Hq*D + 2*Hkv*D] (bf16, row stride ldg,
 // overwritten) = RoPE backward of (dQ, dK) | dV, from gout[B*S][Hq*D] (token-major dO), the forward's
-// out (row stride ldo) and lse, head-major q, k (rotated), v, and the rope table cs[S][D/2][2].
-// delta[B][Hq][S] fp32 scratch. The batched-GEMM path also takes scratch
-// (attention_scratch_bytes(bc, S, Hq)), do_tmp[B][Hq][S][D] bf16 and gq[B][Hq][S][D], gk, gv[B][Hkv][S][D]
-// fp32; with attention_uses_flash(D) they may be NULL.
+// out (row stride ldo) and lse, qkv as the forward left it (q, k rotated), and the rope table
+// cs[S][D/2][2]. delta[B][Hq][S] fp32 scratch. The batched-GEMM path also takes scratch
+// (attention_scratch_bytes(bc, S, Hq, Hkv, D)), do_tmp[B][Hq][S][D] bf16 and gq[B][Hq][S][D],
+// gk, gv[B][Hkv][S][D] fp32; with attention_uses_flash(D) they may be NULL.
 void attention_backward_cuda(cuda_ctx *ctx, bf16 *gqkv, int64_t ldg, const float *cs, const bf16 *gout, const bf16 *out,
-                             int64_t ldo, const float *lse, const bf16 *q, const bf16 *k, const bf16 *v, const int32_t *mask,
-                             int B, int S, int Hq, int Hkv, int D, float *delta, void *scratch, int bc, bf16 *do_tmp,
-                             float *gq, float *gk, float *gv);
+                             int64_t ldo, const float *lse, const bf16 *qkv, int64_t ldqkv, const int32_t *mask, int B,
+                             int S, int Hq, int Hkv, int D, float *delta, void *scratch, int bc, bf16 *do_tmp, float *gq,
+                             float *gk, float *gv);
 
 // FlashAttention-style kernels (cuda/flash_attention.cu) serve head sizes 16, 32, 64 and 128: the two
 // functions above use them (no scratch needed) unless attention_use_flash(0) or MOSFT_ATTENTION=gemm
@@ -215,8 +216,8 @@ void attention_backward_cuda(cuda_ctx *ctx, bf16 *gqkv, int64_t ldg, const float
 int flash_attention_supported(int D);
 void attention_use_flash(int on);
 int attention_uses_flash(int D);
-void flash_attention_forward_cuda(cuda_ctx *ctx, bf16 *out, int64_t ldo, float *lse, const bf16 *q, const bf16 *k, const bf16 *v,
-                                  const int32_t *mask, int B, int S, int Hq, int Hkv, int D);
+void flash_attention_forward_cuda(cuda_ctx *ctx, bf16 *out, int64_t ldo, float *lse, bf16 *qkv, int64_t ldqkv,
+                                  const float *cs, const int32_t *mask, int B, int S, int Hq, int Hkv, int D);
 // dO[B*S][Hq*D] token-major (row stride ldd); delta[B][Hq][S] is computed (= rowsum(dO * O)); gqkv as
 // attention_backward_cuda. scratch: flash_attention_scratch_bytes(bc, S, Hq) bytes (dS of bc sequences at
 // a time: the dQ kernel reads what the dK/dV kernel wrote instead of computing it again).
@@ -227,9 +228,9 @@ size_t flash_attention_scratch_bytes(int bc, int S, int Hq);
 void flash_attention_use_wgmma(int on);
 int flash_attention_uses_wgmma(const cuda_ctx *ctx, int D);
 void flash_attention_backward_cuda(cuda_ctx *ctx, bf16 *gqkv, int64_t ldg, float *delta, const bf16 *dO, int64_t ldd,
-                                   const bf16 *out, int64_t ldo, const float *lse, const bf16 *q, const bf16 *k,
-                                   const bf16 *v, const int32_t *mask, const float *cs, int B, int S, int Hq, int Hkv,
-                                   int D, void *scratch, int bc);
+                                   const bf16 *out, int64_t ldo, const float *lse, const bf16 *qkv, int64_t ldqkv,
+                                   const int32_t *mask, const float *cs, int B, int S, int Hq, int Hkv, int D, void *scratch,
+                                   int bc);
 
 // ---- GEMM algorithm choice (cuda/context.cu) ----
 // With the choice on (MOSFT_GEMM_TUNE=1 or 2, or gemm_tune_set_level; -1: back to the environment, whose

@@ -3,7 +3,7 @@
 //
 // Per layer (T = B*S token rows):
 //   h1 = rmsnorm(x_in)                     qkv = h1 Wqkv^T + adapters(q, k, v)    (one GEMM, [T][Q+2KV])
-//   q, k, v = rope/split(qkv)  (head-major) att = attention(q, k, v)              (batched GEMMs + softmax)
+//   q, k = rope(q, k) (in place in qkv)    att = attention(q, k, v)              (read token-major from qkv)
 //   x_mid = x_in + att Wo^T + adapter(o)   (GEMM epilogue: C = x_in, beta = 1)
 //   h2 = rmsnorm(x_mid)                    gu = h2 Wgu^T + adapters(gate, up)     (one GEMM, [T][2I])
 //   a = silu(gate) * up                    x_out = x_mid + a Wd^T + adapter(down)
@@ -14,7 +14,7 @@
 // side_join), since nothing in the layer's backward chain needs them.
 //
 // Recompute levels (which of cuda_acts is per layer): none keeps everything; partial keeps the layer
-// input, q/k/v, the attention output and its log-sum-exp and x_mid, and recomputes the norms and the
+// input, q|k|v, the attention output and its log-sum-exp and x_mid, and recomputes the norms and the
 // MLP's gate|up GEMM; full keeps only the layer input and recomputes the layer's forward, except its
 // last GEMM (down_proj), whose output backward never reads. Dropout masks are functions of
 // (seed, step, micro-batch, layer, module), so recomputation sees the same ones.
@@ -128,9 +128,7 @@ void cuda_acts_layout(backend *be, cuda_arena *ar, int B, int S, mem_plan *plan)
         sh.gu = BF(T * ld.gu);
         sh.a = BF(T * ld.a);
         if (lev == RECOMPUTE_FULL) {
-            sh.q = BF(T * d.Q);
-            sh.k = BF(T * d.KV);
-            sh.v = BF(T * d.KV);
+            sh.qkv = BF(T * d.W);
             sh.att = BF(T * ld.att);
             sh.lse = F32(T * d.Hq);
             sh.x_mid = BF(T * d.C);
@@ -149,9 +147,7 @@ void cuda_acts_layout(backend *be, cuda_arena *ar, int B, int S, mem_plan *plan)
             a->a = BF(T * ld.a);
         }
         if (lev != RECOMPUTE_FULL) {
-            a->q = BF(T * d.Q);
-            a->k = BF(T * d.KV);
-            a->v = BF(T * d.KV);
+            a->qkv = BF(T * d.W);
             a->att = BF(T * ld.att);
             a->lse = F32(T * d.Hq);
             a->x_mid = BF(T * d.C);
@@ -179,11 +175,12 @@ void cuda_acts_layout(backend *be, cuda_arena *ar, int B, int S, mem_plan *plan)
         c->o_tmp = NULL;
         c->gq = c->gk = c->gv = NULL;
     }
-    int bc = attention_chunk(ATT_BUDGET, B, S, d.Hq);
+    int bc = attention_chunk(ATT_BUDGET, B, S, d.Hq, d.Hkv, d.D);
     c->ce_rows = lmhead_ce_chunk_rows(CE_BUDGET, d.C, d.V);
     if (c->ce_rows > T) c->ce_rows = T;
     // the flash backward keeps the dS tiles of at least one sequence (it shares the lm_head's scratch)
-    size_t att = flash_attention_supported(d.D) ? flash_attention_scratch_bytes(1, S, d.Hq) : attention_scratch_bytes(bc, S, d.Hq);
+    size_t att = attention_uses_flash(d.D) ? flash_attention_scratch_bytes(1, S, d.Hq)
+                                           : attention_scratch_bytes(bc, S, d.Hq, d.Hkv, d.D);
     size_t ce = lmhead_ce_scratch_bytes(c->ce_rows, d.C, d.V);
     c->big_bytes = att > ce ? att : ce;
     c->big = take(ar, c->big_bytes, plan, CAT_WORK);
@@ -717,9 +714,12 @@ static int swiglu_backward_gh(cuda_impl *c, const dims *d, int l, const bf16 *ga
 static int att_chunk(const cuda_impl *c, const dims *d) {
     int bc = d->B;
     int flash = attention_uses_flash(d->D);
-    while (bc > 1 && (flash ? flash_attention_scratch_bytes(bc, d->S, d->Hq) : attention_scratch_bytes(bc, d->S, d->Hq)) >
-                         c->big_bytes)
+    while (bc > 1) {
+        size_t need = flash ? flash_attention_scratch_bytes(bc, d->S, d->Hq)
+                            : attention_scratch_bytes(bc, d->S, d->Hq, d->Hkv, d->D);
+        if (need <= c->big_bytes) break;
         bc--;
+    }
     return bc;
 }
 
@@ -744,12 +744,10 @@ static void attn_block_forward(backend *be, const dims *d, int l, const dropout_
     const bf16 *w = group_weight(c, d, l, GRP_QKV);
     prof_mark(c, PROF_GEMM);
     gemm_cuda(ctx, 0, 1, d->T, d->W, k_fwd(c, GRP_QKV, d->C), 1.0f, a->h1, ld.h1, w, d->C + rp(c, GRP_QKV), 0.0f, NULL,
-              c->qkv, ld.qkv, GEMM_BF16);
-    prof_mark(c, PROF_ELEM);
-    rope_split_cuda(ctx, a->q, a->k, a->v, c->qkv, ld.qkv, c->cs, d->B, d->S, d->Hq, d->Hkv, d->D);
+              a->qkv, d->W, GEMM_BF16);
     weights_ahead(c, d);
     prof_mark(c, PROF_ATTN);
-    attention_forward_cuda(ctx, a->att, ld.att, a->lse, a->q, a->k, a->v, c->mask, d->B, d->S, d->Hq, d->Hkv, d->D, c->big,
+    attention_forward_cuda(ctx, a->att, ld.att, a->lse, a->qkv, d->W, c->cs, c->mask, d->B, d->S, d->Hq, d->Hkv, d->D, c->big,
                            att_chunk(c, d), c->o_tmp);
     prof_mark(c, PROF_ADAPTER);
     adapter_h(be, d, l, GRP_O, a->att, ld.att, dc);
@@ -833,8 +831,8 @@ static void layer_backward(backend *be, const dims *d, int l, const dropout_ctx 
     weights_ahead(c, d);
     prof_mark(c, PROF_ATTN_BWD);
     bf16 *gqkv = c->qkv;  // the q|k|v projection's gradient, RoPE undone
-    attention_backward_cuda(ctx, gqkv, ld.qkv, c->cs, gatt, a->att, ld.att, a->lse, a->q, a->k, a->v, c->mask, d->B, d->S,
-                            d->Hq, d->Hkv, d->D, c->delta, c->big, att_chunk(c, d), c->o_tmp, c->gq, c->gk, c->gv);
+    attention_backward_cuda(ctx, gqkv, ld.qkv, c->cs, gatt, a->att, ld.att, a->lse, a->qkv, d->W, c->mask, d->B, d->S, d->Hq,
+                            d->Hkv, d->D, c->delta, c->big, att_chunk(c, d), c->o_tmp, c->gq, c->gk, c->gv);
     prof_mark(c, PROF_ADAPTER_BWD);
     K = adapter_grads(be, d, l, GRP_QKV, a->h1, ld.h1, gqkv, ld.qkv, dc, 0);
     if (l == 0) return;  // dL/dx_in of layer 0 would only reach the embedding, which is frozen

@@ -2,7 +2,8 @@
 // 24 query / 8 kv heads; B 16, S 512, D 128, causal, no padding) with CUDA events, median of N runs, and
 // checks that the backward is bitwise deterministic (first run against last) and writes every element.
 // The hashes of the forward's output and lse and of the backward's gradient (FNV-1a over the bytes, fixed
-// inputs) tell whether two builds give the same bits.
+// inputs) tell whether two builds give the same bits. The forward is RoPE's pass over the token-major q and
+// k, then the kernel; the pass is also timed alone.
 //   build/tests/gpu/bench_flash [reps]        BENCH_FA_ONCE=1: one run of each (for ncu);
 //   BENCH_FA_SHAPE=7b|3b: one shape only
 #include <cuda_runtime_api.h>
@@ -56,8 +57,8 @@ static void shape(const char *name, int B, int S, int Hq, int Hkv, int D, int re
     cudaStream_t st = cuda_ctx_stream(ctx);
     rng_state r;
     rng_seed(&r, 1234);
-    int64_t T = (int64_t)B * S, nq = T * Hq * D, nk = T * Hkv * D, W = (int64_t)(Hq + 2 * Hkv) * D;
-    void *q = drand_bf16(&r, nq, 1.0f), *k = drand_bf16(&r, nk, 1.0f), *v = drand_bf16(&r, nk, 1.0f);
+    int64_t T = (int64_t)B * S, nq = T * Hq * D, W = (int64_t)(Hq + 2 * Hkv) * D;
+    void *qkv0 = drand_bf16(&r, T * W, 1.0f), *qkv = dalloc(2 * T * W);  // before RoPE, token-major
     void *dO = drand_bf16(&r, nq, 0.01f);
     int32_t *hm = malloc(4 * T);
     for (int64_t i = 0; i < T; i++) hm[i] = 1;
@@ -77,10 +78,24 @@ static void shape(const char *name, int B, int S, int Hq, int Hkv, int D, int re
     CK(cudaEventCreate(&e1));
     float *ms = malloc(sizeof(float) * (reps + 1));
     CK(cudaDeviceSynchronize());
-    // forward
+    // the RoPE pass alone
+    if (!once) {
+        for (int i = 0; i < reps + 2; i++) {
+            CK(cudaMemcpyAsync(qkv, qkv0, 2 * T * W, cudaMemcpyDeviceToDevice, st));
+            CK(cudaEventRecord(e0, st));
+            rope_qk_cuda(ctx, qkv, W, dcs, B, S, Hq, Hkv, D, 0);
+            CK(cudaEventRecord(e1, st));
+            CK(cudaEventSynchronize(e1));
+            if (i >= 2) CK(cudaEventElapsedTime(&ms[i - 2], e0, e1));
+        }
+        qsort(ms, reps, sizeof(float), probe_cmp_float);
+        printf("%-6s rope pass       %8.3f ms (min %.3f)\n", name, ms[reps / 2], ms[0]);
+    }
+    // forward (its q|k|v, rotated, is what the backward reads)
     for (int i = 0; i < (once ? 1 : reps + 2); i++) {
+        CK(cudaMemcpyAsync(qkv, qkv0, 2 * T * W, cudaMemcpyDeviceToDevice, st));
         CK(cudaEventRecord(e0, st));
-        flash_attention_forward_cuda(ctx, out, Hq * D, lse, q, k, v, mask, B, S, Hq, Hkv, D);
+        flash_attention_forward_cuda(ctx, out, Hq * D, lse, qkv, W, dcs, mask, B, S, Hq, Hkv, D);
         CK(cudaEventRecord(e1, st));
         CK(cudaEventSynchronize(e1));
         if (i >= 2) CK(cudaEventElapsedTime(&ms[i - 2], e0, e1));
@@ -88,15 +103,15 @@ static void shape(const char *name, int B, int S, int Hq, int Hkv, int D, int re
     if (!once) {
         qsort(ms, reps, sizeof(float), probe_cmp_float);
         uint64_t hf = dhash(dhash(1469598103934665603ull, out, 2 * nq), lse, 4 * T * Hq);
-        printf("%-6s fwd            %8.3f ms (min %.3f)  hash %016llx\n", name, ms[reps / 2], ms[0], (unsigned long long)hf);
+        printf("%-6s fwd (with rope) %7.3f ms (min %.3f)  hash %016llx\n", name, ms[reps / 2], ms[0], (unsigned long long)hf);
     }
     {
         int n = once ? 1 : reps + 2;
         for (int i = 0; i < n; i++) {
             if (i == n - 1 && !once) CK(cudaMemsetAsync(g, 0xff, 2 * T * W, st));  // poison before the checked run
             CK(cudaEventRecord(e0, st));
-            flash_attention_backward_cuda(ctx, g, W, delta, dO, Hq * D, out, Hq * D, lse, q, k, v, mask, dcs, B, S, Hq,
-                                          Hkv, D, scratch, B);
+            flash_attention_backward_cuda(ctx, g, W, delta, dO, Hq * D, out, Hq * D, lse, qkv, W, mask, dcs, B, S, Hq, Hkv,
+                                          D, scratch, B);
             CK(cudaEventRecord(e1, st));
             CK(cudaEventSynchronize(e1));
             CK(cudaGetLastError());
@@ -114,7 +129,7 @@ static void shape(const char *name, int B, int S, int Hq, int Hkv, int D, int re
                    (unsigned long long)fnv1a(1469598103934665603ull, h2, 2 * T * W));
         }
     }
-    cudaFree(q), cudaFree(k), cudaFree(v), cudaFree(dO), cudaFree(mask), cudaFree(dcs), cudaFree(out), cudaFree(lse);
+    cudaFree(qkv0), cudaFree(qkv), cudaFree(dO), cudaFree(mask), cudaFree(dcs), cudaFree(out), cudaFree(lse);
     cudaFree(delta), cudaFree(g), cudaFree(scratch);
     free(hm), free(inv), free(cs), free(h1), free(h2), free(ms);
     cuda_ctx_free(ctx);

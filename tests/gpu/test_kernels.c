@@ -621,27 +621,38 @@ START_TEST(test_rope) {
     for (int i = 0; i < D / 2; i++) inv[i] = (float)(1.0 / pow(10000.0, 2.0 * i / D));
     float *cs = xmalloc(sizeof(float) * (size_t)S * D);
     rope_table_host(cs, inv, S, D);
-    float *qkv = rnd_bf16(&r, (size_t)(T * W), 1.0f);
-    float *q = xmalloc(sizeof(float) * (size_t)(T * Hq * D)), *k = xmalloc(sizeof(float) * (size_t)(T * Hkv * D));
     int32_t *pos = xmalloc(sizeof(int32_t) * (size_t)T);
-    for (int64_t t = 0; t < T; t++) {
-        pos[t] = (int32_t)(t % S);
-        memcpy(q + t * Hq * D, qkv + t * W, sizeof(float) * Hq * D);
-        memcpy(k + t * Hkv * D, qkv + t * W + Hq * D, sizeof(float) * Hkv * D);
-    }
-    rope_forward_cpu(q, pos, inv, T, Hq, D);
-    rope_forward_cpu(k, pos, inv, T, Hkv, D);
-    void *dqkv = dev_bf16(qkv, (size_t)(T * W));
+    for (int64_t t = 0; t < T; t++) pos[t] = (int32_t)(t % S);
     float *dcs = dev_up(cs, sizeof(float) * (size_t)S * D);
-    void *dq = dev_alloc(2 * (size_t)(T * Hq * D)), *dk = dev_alloc(2 * (size_t)(T * Hkv * D)),
-         *dv = dev_alloc(2 * (size_t)(T * Hkv * D));
-    rope_split_cuda(ctx, dq, dk, dv, dqkv, W, dcs, B, S, Hq, Hkv, D);
-    float *gq = down_bf16(dq, (size_t)(T * Hq * D)), *gk = down_bf16(dk, (size_t)(T * Hkv * D));
-    float *rq = xmalloc(sizeof(float) * (size_t)(T * Hq * D)), *rk = xmalloc(sizeof(float) * (size_t)(T * Hkv * D));
-    to_heads(rq, q, B, S, Hq, D);
-    to_heads(rk, k, B, S, Hkv, D);
-    ck_assert(close_enough("rope split q", gq, rq, (size_t)(T * Hq * D), 1e-3, RT));
-    ck_assert(close_enough("rope split k", gk, rk, (size_t)(T * Hkv * D), 1e-3, RT));
+    // forward: in place on the token-major projection output, heads h0 .. Hq+Hkv-1 (q and k, or k only), with a
+    // row stride past the row (16-byte rows: the 8-pair kernel; an odd stride: the one-pair kernel). The v heads,
+    // the q heads with h0 = Hq and the spare columns keep their bits.
+    for (int lv = 0; lv < 2; lv++)
+        for (int h0 = 0; h0 <= Hq; h0 += Hq) {
+            int64_t ld = lv ? W + 1 : W + 8;
+            float *x = rnd_bf16(&r, (size_t)(T * ld), 1.0f), *want = xmalloc(sizeof(float) * (size_t)(T * ld));
+            memcpy(want, x, sizeof(float) * (size_t)(T * ld));
+            int nh = Hq + Hkv - h0;
+            float *hx = xmalloc(sizeof(float) * (size_t)(T * nh * D));
+            for (int64_t t = 0; t < T; t++) memcpy(hx + t * nh * D, x + t * ld + (int64_t)h0 * D, sizeof(float) * nh * D);
+            rope_forward_cpu(hx, pos, inv, T, nh, D);
+            for (int64_t t = 0; t < T; t++) memcpy(want + t * ld + (int64_t)h0 * D, hx + t * nh * D, sizeof(float) * nh * D);
+            void *dx = dev_bf16(x, (size_t)(T * ld));
+            rope_qk_cuda(ctx, dx, ld, dcs, B, S, Hq, Hkv, D, h0);
+            float *got = down_bf16(dx, (size_t)(T * ld));
+            int64_t same = 0, kept = 0;
+            for (int64_t t = 0; t < T; t++)
+                for (int64_t c = 0; c < ld; c++)
+                    if (c < (int64_t)h0 * D || c >= (int64_t)(Hq + Hkv) * D) {
+                        kept++;
+                        same += !memcmp(&got[t * ld + c], &x[t * ld + c], sizeof(float));
+                    }
+            ck_assert_msg(same == kept, "rope (ld %lld, h0 %d): %lld of %lld untouched elements changed", (long long)ld, h0,
+                          (long long)(kept - same), (long long)kept);
+            ck_assert(close_enough(h0 ? "rope k" : "rope q, k", got, want, (size_t)(T * ld), 1e-3, RT));
+            free(x), free(want), free(hx), free(got);
+            cudaFree(dx);
+        }
     // backward: head-major fp32 gradients -> token-major bf16 gqkv with the inverse rotation
     float *g = rnd_bf16(&r, (size_t)(T * W), 1.0f);
     float *gqt = xmalloc(sizeof(float) * (size_t)(T * Hq * D)), *gkt = xmalloc(sizeof(float) * (size_t)(T * Hkv * D)),
@@ -671,18 +682,15 @@ START_TEST(test_rope) {
     rope_merge_backward_cuda(ctx, dg, W, dgq, dgk, dgv, dcs, B, S, Hq, Hkv, D);
     float *got = down_bf16(dg, (size_t)(T * W));
     ck_assert(close_enough("rope merge backward", got, ref, (size_t)(T * W), 1e-3, RT));
-    free(cs), free(qkv), free(q), free(k), free(pos), free(gq), free(gk), free(rq), free(rk), free(g), free(gqt),
-        free(gkt);
-    free(gvt), free(hq), free(hk), free(hv), free(ref), free(got);
-    cudaFree(dqkv), cudaFree(dcs), cudaFree(dq), cudaFree(dk), cudaFree(dv), cudaFree(dgq), cudaFree(dgk),
-        cudaFree(dgv);
-    cudaFree(dg);
+    free(cs), free(pos), free(g), free(gqt), free(gkt), free(gvt), free(hq), free(hk), free(hv), free(ref), free(got);
+    cudaFree(dcs), cudaFree(dgq), cudaFree(dgk), cudaFree(dgv), cudaFree(dg);
     cuda_ctx_free(ctx);
 }
 END_TEST
 
-// One shape, one implementation (flash: the FlashAttention-style kernels, 2: with the warpgroup
-// kernels where the device has them; 0: the batched GEMMs).
+// One shape, one implementation (flash 0: the batched GEMMs; 1: the FlashAttention-style kernels; 2: with the
+// warpgroup kernels where the device has them). The input is the q|k|v projection's output before RoPE,
+// token-major with a row stride past its width; the forward leaves q and k rotated in it.
 static void attention_case(cuda_ctx *ctx, int flash, int B, int S, int Hq, int Hkv, int D, uint64_t seed) {
     attention_use_flash(flash != 0);
     flash_attention_use_wgmma(flash == 2);
@@ -691,52 +699,73 @@ static void attention_case(cuda_ctx *ctx, int flash, int B, int S, int Hq, int H
     rng_state r;
     rng_seed(&r, seed);
     int64_t T = (int64_t)B * S, nq = T * Hq * D, nk = T * Hkv * D;
+    int64_t W = (int64_t)(Hq + 2 * Hkv) * D, ldx = W + 8;  // a row stride wider than the row
     int32_t *mask = xmalloc(sizeof(int32_t) * (size_t)T);
     for (int b = 0; b < B; b++)
         for (int s = 0; s < S; s++) mask[b * S + s] = b == 1 ? s < 25 : (b == 2 ? s >= 3 : 1);  // right / left padding
-    float *q = rnd_bf16(&r, (size_t)nq, 1.0f), *k = rnd_bf16(&r, (size_t)nk, 1.0f), *v = rnd_bf16(&r, (size_t)nk, 1.0f);
-    for (int64_t i = 0; i < 40; i++) q[i] = bf16_round(q[i] * 8.0f);  // a few sharp rows
-    float *out = xmalloc(sizeof(float) * (size_t)nq);
-    attention_forward_cpu(out, q, k, v, mask, B, S, Hq, Hkv, D);
-    float *qh = xmalloc(sizeof(float) * (size_t)nq), *kh = xmalloc(sizeof(float) * (size_t)nk),
-          *vh = xmalloc(sizeof(float) * (size_t)nk);
-    to_heads(qh, q, B, S, Hq, D);
-    to_heads(kh, k, B, S, Hkv, D);
-    to_heads(vh, v, B, S, Hkv, D);
-    void *dq = dev_bf16(qh, (size_t)nq), *dk = dev_bf16(kh, (size_t)nk), *dv = dev_bf16(vh, (size_t)nk);
-    int32_t *dm = dev_up(mask, sizeof(int32_t) * (size_t)T);
-    int bc = 2;  // two chunks (the second one partial)
-    size_t sb = attention_scratch_bytes(bc, S, Hq), sf = flash_attention_scratch_bytes(bc, S, Hq);
-    void *scratch = dev_alloc(sb > sf ? sb : sf);
-    void *dout = dev_alloc(2 * (size_t)nq), *otmp = dev_alloc(2 * (size_t)nq);
-    float *lse = dev_alloc(sizeof(float) * (size_t)(T * Hq));
-    attention_forward_cuda(ctx, dout, (int64_t)Hq * D, lse, dq, dk, dv, dm, B, S, Hq, Hkv, D, scratch, bc, otmp);
-    float *got = down_bf16(dout, (size_t)nq);
-    double mx = max_abs(out, (size_t)nq);
-    ck_assert(close_enough("attention fwd", got, out, (size_t)nq, 1e-2 * mx, 1.0 / 64));
-    ck_assert(rel_l2(got, out, (size_t)nq) < 1e-2);
-    // backward, into the fused projection's gradient gqkv [T][W] with RoPE's inverse rotation
-    float *go = rnd_bf16(&r, (size_t)nq, 1.0f);
-    float *gq = xcalloc((size_t)nq, sizeof(float)), *gk = xcalloc((size_t)nk, sizeof(float)),
-          *gv = xcalloc((size_t)nk, sizeof(float));
-    // the CPU twin on the GPU's bf16 output (delta uses it), its inputs otherwise
-    attention_backward_cpu(gq, gk, gv, go, q, k, v, mask, B, S, Hq, Hkv, D);
+    float *x = rnd_bf16(&r, (size_t)(T * ldx), 1.0f);
+    for (int64_t i = 0; i < 40; i++) x[i] = bf16_round(x[i] * 8.0f);  // a few sharp rows
     float *inv = xmalloc(sizeof(float) * (size_t)(D / 2));
     for (int i = 0; i < D / 2; i++) inv[i] = (float)(1.0 / pow(10000.0, 2.0 * i / D));
     float *cs = xmalloc(sizeof(float) * (size_t)S * D);
     rope_table_host(cs, inv, S, D);
     int32_t *pos = xmalloc(sizeof(int32_t) * (size_t)T);
     for (int64_t t = 0; t < T; t++) pos[t] = (int32_t)(t % S);
+    // the CPU twin's inputs: q and k rotated and rounded to bf16 (as the GPU keeps them), v as it is
+    float *q = xmalloc(sizeof(float) * (size_t)nq), *k = xmalloc(sizeof(float) * (size_t)nk),
+          *v = xmalloc(sizeof(float) * (size_t)nk);
+    for (int64_t t = 0; t < T; t++) {
+        memcpy(q + t * Hq * D, x + t * ldx, sizeof(float) * Hq * D);
+        memcpy(k + t * Hkv * D, x + t * ldx + Hq * D, sizeof(float) * Hkv * D);
+        memcpy(v + t * Hkv * D, x + t * ldx + (Hq + Hkv) * D, sizeof(float) * Hkv * D);
+    }
+    rope_forward_cpu(q, pos, inv, T, Hq, D);
+    rope_forward_cpu(k, pos, inv, T, Hkv, D);
+    for (int64_t i = 0; i < nq; i++) q[i] = bf16_round(q[i]);
+    for (int64_t i = 0; i < nk; i++) k[i] = bf16_round(k[i]);
+    float *out = xmalloc(sizeof(float) * (size_t)nq);
+    attention_forward_cpu(out, q, k, v, mask, B, S, Hq, Hkv, D);
+    void *dx = dev_bf16(x, (size_t)(T * ldx));
+    float *dcs = dev_up(cs, sizeof(float) * (size_t)S * D);
+    int32_t *dm = dev_up(mask, sizeof(int32_t) * (size_t)T);
+    int bc = 2;  // two chunks (the second one partial)
+    size_t sb = attention_scratch_bytes(bc, S, Hq, Hkv, D), sf = flash_attention_scratch_bytes(bc, S, Hq);
+    void *scratch = dev_alloc(sb > sf ? sb : sf);
+    void *dout = dev_alloc(2 * (size_t)nq), *otmp = dev_alloc(2 * (size_t)nq);
+    float *lse = dev_alloc(sizeof(float) * (size_t)(T * Hq));
+    attention_forward_cuda(ctx, dout, (int64_t)Hq * D, lse, dx, ldx, dcs, dm, B, S, Hq, Hkv, D, scratch, bc, otmp);
+    float *got = down_bf16(dout, (size_t)nq);
+    double mx = max_abs(out, (size_t)nq);
+    ck_assert(close_enough("attention fwd", got, out, (size_t)nq, 1e-2 * mx, 1.0 / 64));
+    ck_assert(rel_l2(got, out, (size_t)nq) < 1e-2);
+    {  // q and k left rotated (what the backward reads); v and the spare columns keep their bits
+        float *xr = down_bf16(dx, (size_t)(T * ldx)), *want = xmalloc(sizeof(float) * (size_t)(T * ldx));
+        memcpy(want, x, sizeof(float) * (size_t)(T * ldx));
+        int64_t kept = 0;
+        for (int64_t t = 0; t < T; t++) {
+            memcpy(want + t * ldx, q + t * Hq * D, sizeof(float) * Hq * D);
+            memcpy(want + t * ldx + Hq * D, k + t * Hkv * D, sizeof(float) * Hkv * D);
+            for (int64_t c = (Hq + Hkv) * D; c < ldx; c++) kept += !memcmp(&xr[t * ldx + c], &x[t * ldx + c], sizeof(float));
+        }
+        ck_assert_msg(kept == T * (ldx - (Hq + Hkv) * D), "attention fwd: v or the spare columns changed");
+        ck_assert(close_enough("attention fwd: q, k rotated", xr, want, (size_t)(T * ldx), 1e-3, RT));
+        free(xr), free(want);
+    }
+    // backward, into the fused projection's gradient gqkv [T][W] with RoPE's inverse rotation
+    float *go = rnd_bf16(&r, (size_t)nq, 1.0f);
+    float *gq = xcalloc((size_t)nq, sizeof(float)), *gk = xcalloc((size_t)nk, sizeof(float)),
+          *gv = xcalloc((size_t)nk, sizeof(float));
+    // the CPU twin on the GPU's bf16 output (delta uses it), its inputs otherwise
+    attention_backward_cpu(gq, gk, gv, go, q, k, v, mask, B, S, Hq, Hkv, D);
     rope_backward_cpu(gq, pos, inv, T, Hq, D);
     rope_backward_cpu(gk, pos, inv, T, Hkv, D);
-    int64_t W = (int64_t)(Hq + 2 * Hkv) * D, ldg = W + 8;  // a row stride wider than the row (the adapter's columns)
+    int64_t ldg = W + 8;  // a row stride wider than the row (the adapter's columns)
     void *dgo = dev_bf16(go, (size_t)nq);
-    float *dcs = dev_up(cs, sizeof(float) * (size_t)S * D);
     void *dg = dev_alloc(2 * (size_t)(T * ldg));
     float *dgq = dev_alloc(4 * (size_t)nq), *dgk = dev_alloc(4 * (size_t)nk), *dgv = dev_alloc(4 * (size_t)nk);
     float *delta = dev_alloc(4 * (size_t)(T * Hq));
     void *dotmp = dev_alloc(2 * (size_t)nq);
-    attention_backward_cuda(ctx, dg, ldg, dcs, dgo, dout, (int64_t)Hq * D, lse, dq, dk, dv, dm, B, S, Hq, Hkv, D, delta,
+    attention_backward_cuda(ctx, dg, ldg, dcs, dgo, dout, (int64_t)Hq * D, lse, dx, ldx, dm, B, S, Hq, Hkv, D, delta,
                             scratch, bc, dotmp, dgq, dgk, dgv);
     float *hg = down_bf16(dg, (size_t)(T * ldg));
     float *tq = xmalloc(sizeof(float) * (size_t)nq), *tk = xmalloc(sizeof(float) * (size_t)nk),
@@ -755,10 +784,9 @@ static void attention_case(cuda_ctx *ctx, int flash, int B, int S, int Hq, int H
         ck_assert_msg(ok[i], "%s: beyond the tolerance", nm[i]);
         ck_assert_msg(rel_l2(gs[i], rs[i], ns[i]) < 1e-2, "%s: rel L2 %g", nm[i], rel_l2(gs[i], rs[i], ns[i]));
     }
-    free(mask), free(q), free(k), free(v), free(out), free(qh), free(kh), free(vh), free(got), free(go), free(gq),
-        free(gk);
+    free(mask), free(x), free(q), free(k), free(v), free(out), free(got), free(go), free(gq), free(gk);
     free(gv), free(hg), free(tq), free(tk), free(tv), free(inv), free(cs), free(pos);
-    cudaFree(dq), cudaFree(dk), cudaFree(dv), cudaFree(dm), cudaFree(scratch), cudaFree(dout), cudaFree(otmp),
+    cudaFree(dx), cudaFree(dm), cudaFree(scratch), cudaFree(dout), cudaFree(otmp),
         cudaFree(lse);
     cudaFree(dgo), cudaFree(dgq), cudaFree(dgk), cudaFree(dgv), cudaFree(delta), cudaFree(dotmp), cudaFree(dcs),
         cudaFree(dg);
