@@ -315,15 +315,14 @@ static int use_flash(int D) {
     return g_use_flash && flash_attention_supported(D);
 }
 
-extern "C" void attention_forward_cuda(cuda_ctx *ctx, bf16 *out, int64_t ldo, float *lse, bf16 *qkv, int64_t ldqkv,
-                                       const float *cs, const int32_t *mask, int B, int S, int Hq, int Hkv, int D,
+extern "C" void attention_forward_cuda(cuda_ctx *ctx, bf16 *out, int64_t ldo, float *lse, const bf16 *qkv,
+                                       int64_t ldqkv, const int32_t *mask, int B, int S, int Hq, int Hkv, int D,
                                        void *scratch, int bc, bf16 *o_tmp) {
     MOSFT_ASSERT(Hkv > 0 && Hq % Hkv == 0 && bc >= 1);
     if (use_flash(D)) {
-        flash_attention_forward_cuda(ctx, out, ldo, lse, qkv, ldqkv, cs, mask, B, S, Hq, Hkv, D);
+        flash_attention_forward_cuda(ctx, out, ldo, lse, qkv, ldqkv, mask, B, S, Hq, Hkv, D);
         return;
     }
-    rope_qk_cuda(ctx, qkv, ldqkv, cs, B, S, Hq, Hkv, D, 0);
     int group = Hq / Hkv;
     float scale = (float)(1.0 / sqrt((double)D));
     int64_t SD = (int64_t)S * D, SS = (int64_t)S * S;

@@ -3,8 +3,8 @@
 // mma.sync m16n8k16 with fp32 accumulation, online softmax), so nothing of size S x S ever reaches
 // device memory. Forward: same contract as attention_forward_cuda (the batched-GEMM version in
 // attention.cu, kept for head sizes these kernels do not cover): q, k, v read token-major where the
-// q|k|v projection left them (row stride ldqkv), rotated in place first (rope_qk_cuda); the output
-// token-major; lse per row (+inf for a row without any key).
+// q|k|v projection left them (row stride ldqkv; q and k rotated in place before, rope_qk_cuda); the
+// output token-major; lse per row (+inf for a row without any key).
 //
 // Backward is three kernels so that every gradient element has one writer (no atomics, deterministic):
 //   delta = rowsum(dO * O), one pass;
@@ -975,12 +975,11 @@ static void fwd_launch(cuda_ctx *ctx, bf16 *out, int64_t ldo, float *lse, const 
     CUDA_LAUNCH_CHECK();
 }
 
-extern "C" void flash_attention_forward_cuda(cuda_ctx *ctx, bf16 *out, int64_t ldo, float *lse, bf16 *qkv, int64_t ldqkv,
-                                             const float *cs, const int32_t *mask, int B, int S, int Hq, int Hkv, int D) {
+extern "C" void flash_attention_forward_cuda(cuda_ctx *ctx, bf16 *out, int64_t ldo, float *lse, const bf16 *qkv,
+                                             int64_t ldqkv, const int32_t *mask, int B, int S, int Hq, int Hkv, int D) {
     MOSFT_ASSERT(Hkv > 0 && Hq % Hkv == 0 && flash_attention_supported(D));
     MOSFT_ASSERT(ldqkv % 8 == 0 && (uintptr_t)qkv % 16 == 0);  // 16-byte rows for cp.async
     float scale = (float)(1.0 / sqrt((double)D));
-    rope_qk_cuda(ctx, qkv, ldqkv, cs, B, S, Hq, Hkv, D, 0);
     const bf16 *q = qkv, *k = qkv + (int64_t)Hq * D, *v = k + (int64_t)Hkv * D;
     switch (D) {
     case 16: fwd_launch<16>(ctx, out, ldo, lse, q, k, v, ldqkv, mask, B, S, Hq, Hkv, scale); break;

@@ -191,17 +191,17 @@ void rope_merge_backward_cuda(cuda_ctx *ctx, bf16 *gqkv, int64_t ldg, const floa
 size_t attention_scratch_bytes(int bc, int S, int Hq, int Hkv, int D);
 // Sequences per chunk that fit `budget` bytes of scratch (at least 1).
 int attention_chunk(size_t budget, int B, int S, int Hq, int Hkv, int D);
-// Causal GQA attention with key padding, as attention_forward_cpu after RoPE: out[B*S][Hq*D] (token-major)
-// and lse[B][Hq][S] (log-sum-exp of each row's scaled scores, +inf for a row with no key) from the fused
-// projection's output qkv[B*S][ldqkv] (token-major, as rope_qk_cuda; before RoPE). On return its q and k
-// heads are rotated: that is what the backward reads. mask[B][S] device (1 = token), cs the rope table.
-// scratch: attention_scratch_bytes(bc, S, Hq, Hkv, D) bytes; o_tmp[B][Hq][S][D] bf16 scratch.
-void attention_forward_cuda(cuda_ctx *ctx, bf16 *out, int64_t ldo, float *lse, bf16 *qkv, int64_t ldqkv, const float *cs,
+// Causal GQA attention with key padding, as attention_forward_cpu: out[B*S][Hq*D] (token-major) and
+// lse[B][Hq][S] (log-sum-exp of each row's scaled scores, +inf for a row with no key) from the fused
+// projection's output qkv[B*S][ldqkv] (token-major, as rope_qk_cuda) after RoPE (rope_qk_cuda(..., 0)).
+// mask[B][S] device (1 = token). scratch: attention_scratch_bytes(bc, S, Hq, Hkv, D) bytes;
+// o_tmp[B][Hq][S][D] bf16 scratch.
+void attention_forward_cuda(cuda_ctx *ctx, bf16 *out, int64_t ldo, float *lse, const bf16 *qkv, int64_t ldqkv,
                             const int32_t *mask, int B, int S, int Hq, int Hkv, int D, void *scratch, int bc,
                             bf16 *o_tmp);
 // Backward into the fused projection's gradient: gqkv[B*S][Hq*D + 2*Hkv*D] (bf16, row stride ldg,
 // overwritten) = RoPE backward of (dQ, dK) | dV, from gout[B*S][Hq*D] (token-major dO), the forward's
-// out (row stride ldo) and lse, qkv as the forward left it (q, k rotated), and the rope table
+// out (row stride ldo) and lse, qkv as the forward read it (q, k rotated), and the rope table
 // cs[S][D/2][2]. delta[B][Hq][S] fp32 scratch. The batched-GEMM path also takes scratch
 // (attention_scratch_bytes(bc, S, Hq, Hkv, D)), do_tmp[B][Hq][S][D] bf16 and gq[B][Hq][S][D],
 // gk, gv[B][Hkv][S][D] fp32; with attention_uses_flash(D) they may be NULL.
@@ -216,8 +216,8 @@ void attention_backward_cuda(cuda_ctx *ctx, bf16 *gqkv, int64_t ldg, const float
 int flash_attention_supported(int D);
 void attention_use_flash(int on);
 int attention_uses_flash(int D);
-void flash_attention_forward_cuda(cuda_ctx *ctx, bf16 *out, int64_t ldo, float *lse, bf16 *qkv, int64_t ldqkv,
-                                  const float *cs, const int32_t *mask, int B, int S, int Hq, int Hkv, int D);
+void flash_attention_forward_cuda(cuda_ctx *ctx, bf16 *out, int64_t ldo, float *lse, const bf16 *qkv, int64_t ldqkv,
+                                  const int32_t *mask, int B, int S, int Hq, int Hkv, int D);
 // dO[B*S][Hq*D] token-major (row stride ldd); delta[B][Hq][S] is computed (= rowsum(dO * O)); gqkv as
 // attention_backward_cuda. scratch: flash_attention_scratch_bytes(bc, S, Hq) bytes (dS of bc sequences at
 // a time: the dQ kernel reads what the dK/dV kernel wrote instead of computing it again).

@@ -95,7 +95,8 @@ static void shape(const char *name, int B, int S, int Hq, int Hkv, int D, int re
     for (int i = 0; i < (once ? 1 : reps + 2); i++) {
         CK(cudaMemcpyAsync(qkv, qkv0, 2 * T * W, cudaMemcpyDeviceToDevice, st));
         CK(cudaEventRecord(e0, st));
-        flash_attention_forward_cuda(ctx, out, Hq * D, lse, qkv, W, dcs, mask, B, S, Hq, Hkv, D);
+        rope_qk_cuda(ctx, qkv, W, dcs, B, S, Hq, Hkv, D, 0);
+        flash_attention_forward_cuda(ctx, out, Hq * D, lse, qkv, W, mask, B, S, Hq, Hkv, D);
         CK(cudaEventRecord(e1, st));
         CK(cudaEventSynchronize(e1));
         if (i >= 2) CK(cudaEventElapsedTime(&ms[i - 2], e0, e1));

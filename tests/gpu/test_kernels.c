@@ -689,8 +689,8 @@ START_TEST(test_rope) {
 END_TEST
 
 // One shape, one implementation (flash 0: the batched GEMMs; 1: the FlashAttention-style kernels; 2: with the
-// warpgroup kernels where the device has them). The input is the q|k|v projection's output before RoPE,
-// token-major with a row stride past its width; the forward leaves q and k rotated in it.
+// warpgroup kernels where the device has them). The input is the q|k|v projection's output, token-major with
+// a row stride past its width, rotated in place by rope_qk_cuda as the step does.
 static void attention_case(cuda_ctx *ctx, int flash, int B, int S, int Hq, int Hkv, int D, uint64_t seed) {
     attention_use_flash(flash != 0);
     flash_attention_use_wgmma(flash == 2);
@@ -733,12 +733,13 @@ static void attention_case(cuda_ctx *ctx, int flash, int B, int S, int Hq, int H
     void *scratch = dev_alloc(sb > sf ? sb : sf);
     void *dout = dev_alloc(2 * (size_t)nq), *otmp = dev_alloc(2 * (size_t)nq);
     float *lse = dev_alloc(sizeof(float) * (size_t)(T * Hq));
-    attention_forward_cuda(ctx, dout, (int64_t)Hq * D, lse, dx, ldx, dcs, dm, B, S, Hq, Hkv, D, scratch, bc, otmp);
+    rope_qk_cuda(ctx, dx, ldx, dcs, B, S, Hq, Hkv, D, 0);
+    attention_forward_cuda(ctx, dout, (int64_t)Hq * D, lse, dx, ldx, dm, B, S, Hq, Hkv, D, scratch, bc, otmp);
     float *got = down_bf16(dout, (size_t)nq);
     double mx = max_abs(out, (size_t)nq);
     ck_assert(close_enough("attention fwd", got, out, (size_t)nq, 1e-2 * mx, 1.0 / 64));
     ck_assert(rel_l2(got, out, (size_t)nq) < 1e-2);
-    {  // q and k left rotated (what the backward reads); v and the spare columns keep their bits
+    {  // q and k rotated (what the backward reads); v and the spare columns keep their bits
         float *xr = down_bf16(dx, (size_t)(T * ldx)), *want = xmalloc(sizeof(float) * (size_t)(T * ldx));
         memcpy(want, x, sizeof(float) * (size_t)(T * ldx));
         int64_t kept = 0;
