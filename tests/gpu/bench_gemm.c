@@ -9,7 +9,7 @@
 // products run at higher clocks and can rank the algorithms differently. BENCH_GEMM_DATA=nf4: the weight
 // operand holds dequantized-NF4-like values (a random absmax per 64 times one of the 16 NF4 levels) and
 // the activations are normal, as in the step (the power a product draws depends on its operands' bits).
-// BENCH_GEMM_MODEL=3b: Llama-3.2-3B's layer. BENCH_GEMM_LD_ALIGN=n: every row stride rounded up to a
+// BENCH_GEMM_MODEL=3b: Llama-3.2-3B's layer. BENCH_GEMM_SET=skinny: the adapter's skinny products instead. BENCH_GEMM_LD_ALIGN=n: every row stride rounded up to a
 // multiple of n elements (64: 128-byte rows), the shapes unchanged, to see what rows that start off a
 // 128-byte line cost. BENCH_GEMM_ALGOS=n: the first n candidates only.
 #include <cublasLt.h>
@@ -86,7 +86,25 @@ int main(int argc, char **argv) {
         {"fwd gu   K=4096", 0, 1, T, 2 * I, C, C, C, 2 * I, 0, 0},
         {"fwd gu   K=4224", 0, 1, T, 2 * I, C + 128, C + 128, C + 128, 2 * I + 128, 0, 0},
     };
+    // BENCH_GEMM_SET=skinny: the adapter's skinny products on the main stream instead: the forward's h = x A^T
+    // (into x's extra columns: lda = ldd = d_in + R) and the backward's gh = gy sB, plus two other ways to
+    // make the o group's h (R 32): A padded to 64 rows, and h^T = A x^T
+    shape sk[] = {
+        {"h qkv   ", 0, 1, T, Rq, C, C + Rq, C, C + Rq, 0, 0},
+        {"h o     ", 0, 1, T, Ro, C, C + Ro, C, C + Ro, 0, 0},
+        {"h gu    ", 0, 1, T, Rg, C, C + Rg, C, C + Rg, 0, 0},
+        {"h o N64 ", 0, 1, T, 64, C, C + Ro, C, C + 64, 0, 0},
+        {"h o ^T  ", 0, 1, Ro, T, C, C, C + Ro, T, 0, 0},
+        {"gh qkv  ", 0, 0, T, Rq, W, W + Rq, Rq, W + Rq, 0, 0},
+        {"gh o    ", 0, 0, T, Ro, C, C + Ro, Ro, C + Ro, 0, 0},
+        {"gh down ", 0, 0, T, Rd, C, C + Rd, Rd, C + Rd, 0, 0},
+    };
+    const char *set = getenv("BENCH_GEMM_SET");
     int n_sh = (int)(sizeof sh / sizeof sh[0]);
+    if (set && !strcmp(set, "skinny")) {
+        memcpy(sh, sk, sizeof sk);
+        n_sh = (int)(sizeof sk / sizeof sk[0]);
+    }
     const char *al = getenv("BENCH_GEMM_LD_ALIGN"), *na = getenv("BENCH_GEMM_ALGOS");
     int64_t align = al && atoi(al) > 1 ? atoi(al) : 1;
     int max_algos = na && atoi(na) > 0 ? atoi(na) : 16;
