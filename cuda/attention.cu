@@ -7,8 +7,8 @@
 // That path is "batched GEMMs + a fused masked softmax", the simple correct version: per chunk of
 // sequences, q, k, v are copied head-major, scores = scale * Q K^T (fp32, cuBLASLt strided-batched), a
 // softmax kernel applies the causal and padding masks and writes the probabilities (bf16) and each row's
-// log-sum-exp, and O = P V. GQA needs no further copies: query head h = kv*group + g, so for each g the query heads
-// {kv*group + g} are one strided batch against the kv heads. Backward recomputes the probabilities
+// log-sum-exp, and O = P V. GQA needs no further copies: query head h = kv*group + g, so for each g the
+// query heads {kv*group + g} are one strided batch against the kv heads. Backward recomputes the probabilities
 // from the saved log-sum-exp (nothing of size S^2 is kept between forward and backward) and follows
 // FlashAttention's equations: dP = dO V^T, dS = P (dP - rowsum(dO * O)), dQ = scale dS K,
 // dK = scale dS^T Q, dV = P^T dO (dK, dV summed over a kv head's query heads by GEMM accumulation),
