@@ -61,7 +61,7 @@ typedef struct {
     bf16 *x_in;    // [T][C] layer input (residual stream), always saved
     bf16 *h1;      // [T][C + Rp_qkv] input_layernorm(x_in) | the q,k,v adapters' h
     float *rstd1;  // [T]
-    bf16 *qkv;     // [T][Q + 2 KV] q|k|v projection output, token-major; q and k rotated by the attention forward
+    bf16 *qkv;     // [T][Q + 2 KV] q|k|v projection output, token-major; q, k rotated in place (rope_qk_cuda)
     bf16 *att;     // [T][Hq*D + Rp_o] attention output (input of o_proj) | the o adapter's h
     float *lse;    // [B][Hq][S]
     bf16 *x_mid;   // [T][C] x_in + o(att)
