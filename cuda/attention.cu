@@ -22,16 +22,15 @@
 
 // ---- CUDA kernels ----------------------------------------------------------------------------------
 
-// RoPE in place on heads h0 .. Hq + Hkv - 1 of the token-major projection qkv[B*S][ld] (the q heads, then
-// the k heads; the v heads after them are not touched): one thread per rotated pair.
-__global__ void rope_qk_kernel(bf16 *qkv, int64_t ld, const float2 *__restrict__ cs, int S, int NH, int h0, int D,
-                               int64_t total) {
+// RoPE in place on the NH = Hq + Hkv q and k heads of the token-major projection qkv[B*S][ld] (the v heads
+// after them are not touched): one thread per rotated pair.
+__global__ void rope_qk_kernel(bf16 *qkv, int64_t ld, const float2 *__restrict__ cs, int S, int NH, int D, int64_t total) {
     int half = D / 2;
     int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (e >= total) return;
     int i = (int)(e % half);
     int64_t r = e / half;
-    int hh = h0 + (int)(r % NH);
+    int hh = (int)(r % NH);
     int64_t t = r / NH;
     int s = (int)(t % S);
     bf16 *x = qkv + t * ld + (int64_t)hh * D;
@@ -62,14 +61,14 @@ __device__ __forceinline__ void rope8(uint4 &lo, uint4 &hi, const float4 *c4) {
 }
 
 // 8 consecutive pairs (two 16-byte loads, two 16-byte stores) per thread when D % 16 == 0.
-__global__ void rope_qk8_kernel(bf16 *qkv, int64_t ld, const float2 *__restrict__ cs, int S, int NH, int h0, int D,
+__global__ void rope_qk8_kernel(bf16 *qkv, int64_t ld, const float2 *__restrict__ cs, int S, int NH, int D,
                                 int64_t total) {
     int half = D / 2, per = half / 8;
     int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (e >= total) return;
     int i = (int)(e % per) * 8;
     int64_t r = e / per;
-    int hh = h0 + (int)(r % NH);
+    int hh = (int)(r % NH);
     int64_t t = r / NH;
     int s = (int)(t % S);
     bf16 *x = qkv + t * ld + (int64_t)hh * D;
@@ -231,17 +230,15 @@ extern "C" void rope_table_host(float *cs, const float *inv_freq, int S, int D) 
         }
 }
 
-extern "C" void rope_qk_cuda(cuda_ctx *ctx, bf16 *qkv, int64_t ld, const float *cs, int B, int S, int Hq, int Hkv, int D,
-                             int h0) {
-    MOSFT_ASSERT(h0 >= 0 && h0 <= Hq + Hkv && D % 2 == 0);
-    int NH = Hq + Hkv - h0;
+extern "C" void rope_qk_cuda(cuda_ctx *ctx, bf16 *qkv, int64_t ld, const float *cs, int B, int S, int Hq, int Hkv, int D) {
+    MOSFT_ASSERT(D % 2 == 0);
+    int NH = Hq + Hkv;
     int64_t total = (int64_t)B * S * NH * (D / 2);
     if (total == 0) return;
     if (D % 16 == 0 && ld % 8 == 0 && (uintptr_t)qkv % 16 == 0)
-        rope_qk8_kernel<<<ceil_div_i(total / 8, 256), 256, 0, ctx->stream>>>(qkv, ld, (const float2 *)cs, S, NH, h0, D,
-                                                                              total / 8);
+        rope_qk8_kernel<<<ceil_div_i(total / 8, 256), 256, 0, ctx->stream>>>(qkv, ld, (const float2 *)cs, S, NH, D, total / 8);
     else
-        rope_qk_kernel<<<ceil_div_i(total, 256), 256, 0, ctx->stream>>>(qkv, ld, (const float2 *)cs, S, NH, h0, D, total);
+        rope_qk_kernel<<<ceil_div_i(total, 256), 256, 0, ctx->stream>>>(qkv, ld, (const float2 *)cs, S, NH, D, total);
     CUDA_LAUNCH_CHECK();
 }
 

@@ -179,9 +179,9 @@ void embedding_forward_cuda(cuda_ctx *ctx, bf16 *out, const int32_t *ids, const 
 // rope_forward_cpu does; the caller uploads it (rope_table_host fills a host array of S*D floats).
 void rope_table_host(float *cs, const float *inv_freq, int S, int D);
 // RoPE in place on the fused projection's output qkv[B*S][ld] (token-major: Hq q heads at column 0, then
-// Hkv k heads, then Hkv v heads, D columns each): heads h0 .. Hq+Hkv-1 rotated (h0 = 0: q and k; h0 = Hq:
-// k only), position = index within the sequence; the v heads are not touched. cs[S][D/2][2].
-void rope_qk_cuda(cuda_ctx *ctx, bf16 *qkv, int64_t ld, const float *cs, int B, int S, int Hq, int Hkv, int D, int h0);
+// Hkv k heads, then Hkv v heads, D columns each): the q and k heads rotated, position = index within the
+// sequence; the v heads are not touched. cs[S][D/2][2].
+void rope_qk_cuda(cuda_ctx *ctx, bf16 *qkv, int64_t ld, const float *cs, int B, int S, int Hq, int Hkv, int D);
 // Backward: gqkv[B*S][Hq*D + 2*Hkv*D] (bf16, overwritten) from head-major fp32 gq, gk, gv, with the
 // inverse rotation on q and k.
 void rope_merge_backward_cuda(cuda_ctx *ctx, bf16 *gqkv, int64_t ldg, const float *gq, const float *gk, const float *gv,
@@ -193,7 +193,7 @@ size_t attention_scratch_bytes(int bc, int S, int Hq, int Hkv, int D);
 int attention_chunk(size_t budget, int B, int S, int Hq, int Hkv, int D);
 // Causal GQA attention with key padding, as attention_forward_cpu: out[B*S][Hq*D] (token-major) and
 // lse[B][Hq][S] (log-sum-exp of each row's scaled scores, +inf for a row with no key) from the fused
-// projection's output qkv[B*S][ldqkv] (token-major, as rope_qk_cuda) after RoPE (rope_qk_cuda(..., 0)).
+// projection's output qkv[B*S][ldqkv] (token-major, as rope_qk_cuda) after RoPE (rope_qk_cuda).
 // mask[B][S] device (1 = token). scratch: attention_scratch_bytes(bc, S, Hq, Hkv, D) bytes;
 // o_tmp[B][Hq][S][D] bf16 scratch.
 void attention_forward_cuda(cuda_ctx *ctx, bf16 *out, int64_t ldo, float *lse, const bf16 *qkv, int64_t ldqkv,

@@ -746,7 +746,7 @@ static void attn_block_forward(backend *be, const dims *d, int l, const dropout_
     gemm_cuda(ctx, 0, 1, d->T, d->W, k_fwd(c, GRP_QKV, d->C), 1.0f, a->h1, ld.h1, w, d->C + rp(c, GRP_QKV), 0.0f, NULL,
               a->qkv, d->W, GEMM_BF16);
     prof_mark(c, PROF_ELEM);
-    rope_qk_cuda(ctx, a->qkv, d->W, c->cs, d->B, d->S, d->Hq, d->Hkv, d->D, 0);
+    rope_qk_cuda(ctx, a->qkv, d->W, c->cs, d->B, d->S, d->Hq, d->Hkv, d->D);
     weights_ahead(c, d);  // after the RoPE pass: the weight stream's fill runs beside the attention kernels, not
                           // beside a pass that also streams DRAM (docs/BENCHMARKS.md, twentieth session)
     prof_mark(c, PROF_ATTN);

@@ -83,7 +83,7 @@ static void shape(const char *name, int B, int S, int Hq, int Hkv, int D, int re
         for (int i = 0; i < reps + 2; i++) {
             CK(cudaMemcpyAsync(qkv, qkv0, 2 * T * W, cudaMemcpyDeviceToDevice, st));
             CK(cudaEventRecord(e0, st));
-            rope_qk_cuda(ctx, qkv, W, dcs, B, S, Hq, Hkv, D, 0);
+            rope_qk_cuda(ctx, qkv, W, dcs, B, S, Hq, Hkv, D);
             CK(cudaEventRecord(e1, st));
             CK(cudaEventSynchronize(e1));
             if (i >= 2) CK(cudaEventElapsedTime(&ms[i - 2], e0, e1));
@@ -95,7 +95,7 @@ static void shape(const char *name, int B, int S, int Hq, int Hkv, int D, int re
     for (int i = 0; i < (once ? 1 : reps + 2); i++) {
         CK(cudaMemcpyAsync(qkv, qkv0, 2 * T * W, cudaMemcpyDeviceToDevice, st));
         CK(cudaEventRecord(e0, st));
-        rope_qk_cuda(ctx, qkv, W, dcs, B, S, Hq, Hkv, D, 0);
+        rope_qk_cuda(ctx, qkv, W, dcs, B, S, Hq, Hkv, D);
         flash_attention_forward_cuda(ctx, out, Hq * D, lse, qkv, W, mask, B, S, Hq, Hkv, D);
         CK(cudaEventRecord(e1, st));
         CK(cudaEventSynchronize(e1));

@@ -624,35 +624,33 @@ START_TEST(test_rope) {
     int32_t *pos = xmalloc(sizeof(int32_t) * (size_t)T);
     for (int64_t t = 0; t < T; t++) pos[t] = (int32_t)(t % S);
     float *dcs = dev_up(cs, sizeof(float) * (size_t)S * D);
-    // forward: in place on the token-major projection output, heads h0 .. Hq+Hkv-1 (q and k, or k only), with a
-    // row stride past the row (16-byte rows: the 8-pair kernel; an odd stride: the one-pair kernel). The v heads,
-    // the q heads with h0 = Hq and the spare columns keep their bits.
-    for (int lv = 0; lv < 2; lv++)
-        for (int h0 = 0; h0 <= Hq; h0 += Hq) {
-            int64_t ld = lv ? W + 1 : W + 8;
-            float *x = rnd_bf16(&r, (size_t)(T * ld), 1.0f), *want = xmalloc(sizeof(float) * (size_t)(T * ld));
-            memcpy(want, x, sizeof(float) * (size_t)(T * ld));
-            int nh = Hq + Hkv - h0;
-            float *hx = xmalloc(sizeof(float) * (size_t)(T * nh * D));
-            for (int64_t t = 0; t < T; t++) memcpy(hx + t * nh * D, x + t * ld + (int64_t)h0 * D, sizeof(float) * nh * D);
-            rope_forward_cpu(hx, pos, inv, T, nh, D);
-            for (int64_t t = 0; t < T; t++) memcpy(want + t * ld + (int64_t)h0 * D, hx + t * nh * D, sizeof(float) * nh * D);
-            void *dx = dev_bf16(x, (size_t)(T * ld));
-            rope_qk_cuda(ctx, dx, ld, dcs, B, S, Hq, Hkv, D, h0);
-            float *got = down_bf16(dx, (size_t)(T * ld));
-            int64_t same = 0, kept = 0;
-            for (int64_t t = 0; t < T; t++)
-                for (int64_t c = 0; c < ld; c++)
-                    if (c < (int64_t)h0 * D || c >= (int64_t)(Hq + Hkv) * D) {
-                        kept++;
-                        same += !memcmp(&got[t * ld + c], &x[t * ld + c], sizeof(float));
-                    }
-            ck_assert_msg(same == kept, "rope (ld %lld, h0 %d): %lld of %lld untouched elements changed", (long long)ld, h0,
-                          (long long)(kept - same), (long long)kept);
-            ck_assert(close_enough(h0 ? "rope k" : "rope q, k", got, want, (size_t)(T * ld), 1e-3, RT));
-            free(x), free(want), free(hx), free(got);
-            cudaFree(dx);
-        }
+    // forward: in place on the q and k heads of the token-major projection output, with a row stride past the
+    // row (16-byte rows: the 8-pair kernel; an odd stride: the one-pair kernel). The v heads and the spare
+    // columns keep their bits.
+    int nh = Hq + Hkv;
+    for (int lv = 0; lv < 2; lv++) {
+        int64_t ld = lv ? W + 1 : W + 8;
+        float *x = rnd_bf16(&r, (size_t)(T * ld), 1.0f), *want = xmalloc(sizeof(float) * (size_t)(T * ld));
+        memcpy(want, x, sizeof(float) * (size_t)(T * ld));
+        float *hx = xmalloc(sizeof(float) * (size_t)(T * nh * D));
+        for (int64_t t = 0; t < T; t++) memcpy(hx + t * nh * D, x + t * ld, sizeof(float) * nh * D);
+        rope_forward_cpu(hx, pos, inv, T, nh, D);
+        for (int64_t t = 0; t < T; t++) memcpy(want + t * ld, hx + t * nh * D, sizeof(float) * nh * D);
+        void *dx = dev_bf16(x, (size_t)(T * ld));
+        rope_qk_cuda(ctx, dx, ld, dcs, B, S, Hq, Hkv, D);
+        float *got = down_bf16(dx, (size_t)(T * ld));
+        int64_t same = 0, kept = 0;
+        for (int64_t t = 0; t < T; t++)
+            for (int64_t c = (int64_t)nh * D; c < ld; c++) {
+                kept++;
+                same += !memcmp(&got[t * ld + c], &x[t * ld + c], sizeof(float));
+            }
+        ck_assert_msg(same == kept, "rope (ld %lld): %lld of %lld untouched elements changed", (long long)ld,
+                      (long long)(kept - same), (long long)kept);
+        ck_assert(close_enough("rope q, k", got, want, (size_t)(T * ld), 1e-3, RT));
+        free(x), free(want), free(hx), free(got);
+        cudaFree(dx);
+    }
     // backward: head-major fp32 gradients -> token-major bf16 gqkv with the inverse rotation
     float *g = rnd_bf16(&r, (size_t)(T * W), 1.0f);
     float *gqt = xmalloc(sizeof(float) * (size_t)(T * Hq * D)), *gkt = xmalloc(sizeof(float) * (size_t)(T * Hkv * D)),
@@ -733,7 +731,7 @@ static void attention_case(cuda_ctx *ctx, int flash, int B, int S, int Hq, int H
     void *scratch = dev_alloc(sb > sf ? sb : sf);
     void *dout = dev_alloc(2 * (size_t)nq), *otmp = dev_alloc(2 * (size_t)nq);
     float *lse = dev_alloc(sizeof(float) * (size_t)(T * Hq));
-    rope_qk_cuda(ctx, dx, ldx, dcs, B, S, Hq, Hkv, D, 0);
+    rope_qk_cuda(ctx, dx, ldx, dcs, B, S, Hq, Hkv, D);
     attention_forward_cuda(ctx, dout, (int64_t)Hq * D, lse, dx, ldx, dm, B, S, Hq, Hkv, D, scratch, bc, otmp);
     float *got = down_bf16(dout, (size_t)nq);
     double mx = max_abs(out, (size_t)nq);
