@@ -1,0 +1,404 @@
+// bench_nf4_gemm.cu: can a GEMM dequantize its NF4 weight operand in its own load path and keep up?
+// (a standalone probe: no mosft library, no check; sm_90a only.)
+//
+// The step dequantizes each NF4 weight group into a bf16 buffer on a second stream before its cuBLASLt GEMM
+// (~2.5 bytes moved a weight a use: ~4.8 ms of a 3B step, docs/BENCHMARKS.md). A GEMM that reads the
+// packed codes instead would move 0.53. This probe times, at a layer's forward shapes (T = 8,192 tokens):
+//   cublas   cuBLASLt on the bf16 weight (what the step runs, after the dequantization);
+//   tma      a warp-specialized Hopper GEMM of our own: one producer thread loads both tiles by TMA
+//            (128-byte swizzle), two consumer warpgroups run wgmma m64n128k16 on them; 128 x 128 tiles,
+//            BK 64, STAGES stages, mbarriers between them, tiles walked GROUP_M tiles of M at a time;
+//   nf4      the same mainloop, but the weight tile is made by two producer warpgroups from the packed
+//            codes (TMA, PD k-tiles ahead) and the double-quantized absmax (bitsandbytes' formula, as
+//            cuda/nf4.cu: code * absmax in fp32, rounded to bf16), written in the swizzled layout the
+//            wgmma reads; the activation tile still by TMA;
+//   dequant+cublas  the dequantization kernel, then cuBLASLt, one after the other.
+// nf4 against tma says what the dequantization costs inside the GEMM; tma against cublas what our own
+// GEMM still lacks. Checks: tma against cublas (rel L2), nf4 against tma (the same bits: the same
+// mainloop on the same bf16 values).
+//   build/tests/gpu/bench_nf4_gemm [reps]
+#include <cublasLt.h>
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <cudaTypedefs.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define CK(call)                                                                                  \
+    do {                                                                                          \
+        cudaError_t e_ = (call);                                                                  \
+        if (e_ != cudaSuccess) {                                                                  \
+            fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
+            exit(1);                                                                              \
+        }                                                                                         \
+    } while (0)
+#define CB(call)                                                                         \
+    do {                                                                                 \
+        cublasStatus_t s_ = (call);                                                      \
+        if (s_ != CUBLAS_STATUS_SUCCESS) {                                               \
+            fprintf(stderr, "%s:%d %s: status %d\n", __FILE__, __LINE__, #call, (int)s_); \
+            exit(1);                                                                     \
+        }                                                                                \
+    } while (0)
+
+typedef __nv_bfloat16 bf16;
+#define BM 128
+#define BN 128
+#define BK 64
+#define STAGES 5
+#define TILE_BYTES (BM * BK * 2)  // = BN * BK * 2
+#define GROUP_M 16                // tiles of M walked for one tile of N before the next (L2 reuse)
+
+static const float k_nf4[16] = {-1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+                                -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+                                0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
+                                0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
+__constant__ float c_code[16];
+
+typedef struct {
+    const uint8_t *packed;     // [N][K / 2]: element 2i in the high nibble
+    const uint8_t *absmax_q;   // [N K / 64]
+    const float *nested_absmax;  // [N K / 64 / 256]
+    const float *nested_code;  // [256]
+    float offset;
+} nf4_w;
+
+__device__ __forceinline__ uint32_t su32(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void mbar_init(uint64_t *b, int n) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(su32(b)), "r"(n));
+}
+__device__ __forceinline__ void mbar_expect_arrive(uint64_t *b, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(su32(b)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t *b) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(su32(b)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t *b, int parity) {
+    asm volatile(
+        "{\n.reg .pred P1;\nWAIT_%=:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
+        "@P1 bra DONE_%=;\nbra WAIT_%=;\nDONE_%=:\n}\n" ::"r"(su32(b)),
+        "r"(parity)
+        : "memory");
+}
+__device__ __forceinline__ void tma_load(void *dst, const CUtensorMap *map, uint64_t *bar, int c0, int c1) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];\n" ::"r"(
+            su32(dst)),
+        "l"(map), "r"(su32(bar)), "r"(c0), "r"(c1)
+        : "memory");
+}
+// K-major tile of rows of 64 bf16 (128 bytes) in the 128-byte swizzle: start, LBO 16, SBO 1024.
+__device__ __forceinline__ uint64_t desc(const void *p) {
+    return (uint64_t)((su32(p) & 0x3FFFF) >> 4) | (uint64_t)(16 >> 4) << 16 | (uint64_t)(1024 >> 4) << 32 | 1ull << 62;
+}
+#define A8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
+__device__ __forceinline__ void wgmma128(float *d, uint64_t da, uint64_t db) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+        "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+        : A8(0), A8(8), A8(16), A8(24), A8(32), A8(40), A8(48), A8(56)
+        : "l"(da), "l"(db));
+}
+
+// Tile order: GROUP_M tiles of M for each tile of N, then the next tile of N; then the next group.
+__device__ __forceinline__ void tile_of(int bid, int tiles_m, int tiles_n, int *tm, int *tn) {
+    int per_group = GROUP_M * tiles_n, group = bid / per_group, first = group * GROUP_M;
+    int gm = tiles_m - first < GROUP_M ? tiles_m - first : GROUP_M, in = bid % per_group;
+    *tm = first + in % gm, *tn = in / gm;
+}
+
+// C[M][N] (bf16) = A[M][K] B[N][K]^T. NF4: B from w (the producer warpgroup dequantizes), else B by TMA.
+#define NPROD (NF4 ? 2 : 1)  // producer warpgroups
+#define PD 3                 // k-tiles the copies run ahead of the NF4 producers (< STAGES)
+template <int NF4>
+__global__ void __launch_bounds__(512, 1) gemm_kernel(const __grid_constant__ CUtensorMap ma,
+                                                      const __grid_constant__ CUtensorMap mb, nf4_w w, bf16 *C, int M,
+                                                      int N, int K) {
+    extern __shared__ __align__(1024) unsigned char smem_raw[];
+    unsigned char *smem = (unsigned char *)(((uintptr_t)smem_raw + 1023) & ~(uintptr_t)1023);
+    bf16 *As = (bf16 *)smem, *Bs = (bf16 *)(smem + STAGES * TILE_BYTES);
+    uint8_t *codes = smem + 2 * STAGES * TILE_BYTES;  // NF4: [STAGES][BN][BK / 2] packed codes
+    uint64_t *full = (uint64_t *)(codes + STAGES * BN * BK / 2), *empty = full + STAGES, *cfull = empty + STAGES;
+    float *code16 = (float *)(cfull + STAGES);
+    const int wg = threadIdx.x / 128, t = threadIdx.x % 128;
+    if (wg >= NPROD + 2) return;  // the bf16 kernel's fourth warpgroup
+    int tm, tn;
+    tile_of(blockIdx.x, M / BM, N / BN, &tm, &tn);
+    const int m0 = tm * BM, n0 = tn * BN, nk = K / BK;
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < STAGES; s++)
+            mbar_init(&full[s], NF4 ? 128 * NPROD + 1 : 1), mbar_init(&empty[s], 8), mbar_init(&cfull[s], 1);
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    if (threadIdx.x < 16) code16[threadIdx.x] = c_code[threadIdx.x];
+    __syncthreads();
+    if (wg < NPROD) {  // producers
+        if (!NF4) {
+            if (threadIdx.x == 0)
+                for (int kt = 0; kt < nk; kt++) {
+                    int s = kt % STAGES;
+                    mbar_wait(&empty[s], ((kt / STAGES) & 1) ^ 1);
+                    mbar_expect_arrive(&full[s], 2 * TILE_BYTES);
+                    tma_load(As + s * BM * BK, &ma, &full[s], kt * BK, m0);
+                    tma_load(Bs + s * BN * BK, &mb, &full[s], kt * BK, n0);
+                }
+            return;
+        }
+        // NF4: thread p makes half p % 2 (32 elements, 16 packed bytes) of row p / 2 of the weight tile.
+        // Thread 0 also issues the copies, PD k-tiles ahead: the activation tile (TMA, into full[s]) and
+        // the tile's packed codes (TMA, [128 rows][32 bytes], into codes[s] / cfull[s]).
+        const int p = threadIdx.x, rr = p >> 1, half = p & 1, n = n0 + rr;
+        const size_t blk0 = (size_t)n * (K / 64);
+        auto issue = [&](int kt) {
+            int s = kt % STAGES;
+            mbar_wait(&empty[s], ((kt / STAGES) & 1) ^ 1);
+            mbar_expect_arrive(&full[s], TILE_BYTES);
+            tma_load(As + s * BM * BK, &ma, &full[s], kt * BK, m0);
+            mbar_expect_arrive(&cfull[s], BN * BK / 2);
+            tma_load(codes + s * BN * BK / 2, &mb, &cfull[s], kt * (BK / 2), n0);
+        };
+        if (p == 0)
+            for (int kt = 0; kt < PD && kt < nk; kt++) issue(kt);
+        uint8_t q = __ldg(w.absmax_q + blk0);
+        float na = __ldg(w.nested_absmax + blk0 / 256);
+        for (int kt = 0; kt < nk; kt++) {
+            if (p == 0 && kt + PD < nk) issue(kt + PD);
+            int s = kt % STAGES;
+            float sc = __fadd_rn(__fmul_rn(__ldg(w.nested_code + q), na), w.offset);
+            if (kt + 1 < nk) q = __ldg(w.absmax_q + blk0 + kt + 1), na = __ldg(w.nested_absmax + (blk0 + kt + 1) / 256);
+            mbar_wait(&cfull[s], (kt / STAGES) & 1);
+            uint4 cw = *(const uint4 *)(codes + s * BN * BK / 2 + rr * 32 + half * 16);
+            unsigned char *row = (unsigned char *)(Bs + s * BN * BK) + rr * 128;
+            uint32_t words[4] = {cw.x, cw.y, cw.z, cw.w};
+#pragma unroll
+            for (int jj = 0; jj < 4; jj++) {  // 16-byte chunk j = 4 half + jj: elements 8 j .. 8 j + 7
+                uint32_t v[4], x = words[jj];
+#pragma unroll
+                for (int e = 0; e < 4; e++) {  // packed byte e: element 2e in the high nibble
+                    float hi = code16[(x >> (8 * e + 4)) & 15], lo = code16[(x >> (8 * e)) & 15];
+                    __nv_bfloat162 h = __floats2bfloat162_rn(__fmul_rn(hi, sc), __fmul_rn(lo, sc));
+                    v[e] = *(uint32_t *)&h;
+                }
+                int j = 4 * half + jj;
+                *(uint4 *)(row + ((j ^ (rr & 7)) << 4)) = make_uint4(v[0], v[1], v[2], v[3]);
+            }
+            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the wgmma (async proxy) reads them
+            mbar_arrive(&full[s]);
+        }
+        return;
+    }
+    // consumers: warpgroup c = wg - 1 owns rows 64 c .. 64 c + 63 of the tile
+    const int c = wg - NPROD;
+    float d[64];
+#pragma unroll
+    for (int i = 0; i < 64; i++) d[i] = 0.0f;
+    for (int kt = 0; kt < nk; kt++) {
+        int s = kt % STAGES;
+        mbar_wait(&full[s], (kt / STAGES) & 1);
+        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+        const bf16 *a = As + s * BM * BK + c * 64 * BK, *bb = Bs + s * BN * BK;
+#pragma unroll
+        for (int k = 0; k < BK / 16; k++) wgmma128(d, desc(a) + 2 * k, desc(bb) + 2 * k);  // +32 bytes a k-step
+        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+        if (t % 32 == 0) mbar_arrive(&empty[s]);
+    }
+    const int warp = t / 32, lane = t % 32, g = lane / 4, q4 = lane % 4;
+#pragma unroll
+    for (int i = 0; i < 64; i += 2) {
+        int row = m0 + c * 64 + warp * 16 + g + 8 * ((i / 2) % 2), col = n0 + (i / 4) * 8 + 2 * q4;
+        *(__nv_bfloat162 *)(C + (size_t)row * N + col) = __floats2bfloat162_rn(d[i], d[i + 1]);
+    }
+}
+
+// The reference dequantization (as cuda/nf4.cu): an element a thread.
+__global__ void dequant_kernel(nf4_w w, bf16 *out, size_t numel) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= numel) return;
+    uint8_t byte = w.packed[i >> 1];
+    unsigned q = (i & 1) ? (byte & 15) : (byte >> 4);
+    size_t b = i / 64;
+    float s = __fadd_rn(__fmul_rn(w.nested_code[w.absmax_q[b]], w.nested_absmax[b / 256]), w.offset);
+    out[i] = __float2bfloat16_rn(__fmul_rn(c_code[q], s));
+}
+
+static PFN_cuTensorMapEncodeTiled_v12000 encode_fn(void) {
+    void *fn = NULL;
+    cudaDriverEntryPointQueryResult q;
+    CK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &q));
+    if (!fn || q != cudaDriverEntryPointSuccess) {
+        fprintf(stderr, "bench_nf4_gemm: no cuTensorMapEncodeTiled\n");
+        exit(1);
+    }
+    return (PFN_cuTensorMapEncodeTiled_v12000)fn;
+}
+// A [rows][K] bf16 row-major, boxes of BK x box_rows, 128-byte swizzle.
+static CUtensorMap tmap(const void *p, int rows, int K, int box_rows) {
+    CUtensorMap m;
+    cuuint64_t dims[2] = {(cuuint64_t)K, (cuuint64_t)rows}, strides[1] = {(cuuint64_t)K * 2};
+    cuuint32_t box[2] = {BK, (cuuint32_t)box_rows}, es[2] = {1, 1};
+    CUresult r = encode_fn()(&m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, (void *)p, dims, strides, box, es,
+                             CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                             CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    if (r != CUDA_SUCCESS) {
+        fprintf(stderr, "bench_nf4_gemm: cuTensorMapEncodeTiled %d\n", (int)r);
+        exit(1);
+    }
+    return m;
+}
+
+// The packed codes [N][K / 2] (uint8), boxes of 32 bytes x BN rows, no swizzle.
+static CUtensorMap tmap_codes(const void *p, int N, int K) {
+    CUtensorMap m;
+    cuuint64_t dims[2] = {(cuuint64_t)K / 2, (cuuint64_t)N}, strides[1] = {(cuuint64_t)K / 2};
+    cuuint32_t box[2] = {BK / 2, BN}, es[2] = {1, 1};
+    CUresult r = encode_fn()(&m, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, (void *)p, dims, strides, box, es, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                             CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    if (r != CUDA_SUCCESS) {
+        fprintf(stderr, "bench_nf4_gemm: cuTensorMapEncodeTiled (codes) %d\n", (int)r);
+        exit(1);
+    }
+    return m;
+}
+
+static uint64_t rs = 88172645463325252ull;
+static uint32_t rnd32(void) {
+    rs ^= rs << 13, rs ^= rs >> 7, rs ^= rs << 17;
+    return (uint32_t)(rs >> 16);
+}
+static void *dev_upload(const void *h, size_t n) {
+    void *d;
+    CK(cudaMalloc(&d, n));
+    CK(cudaMemcpy(d, h, n, cudaMemcpyHostToDevice));
+    return d;
+}
+static int cmpf(const void *a, const void *b) {
+    float x = *(const float *)a, y = *(const float *)b;
+    return (x > y) - (x < y);
+}
+
+static void shape(const char *name, int M, int N, int K, int reps, cublasLtHandle_t lt, void *ws, size_t ws_bytes) {
+    size_t nw = (size_t)N * K, nb = nw / 64, nn = (nb + 255) / 256;
+    // the activations: uniform [-1, 1); the weight: random codes and scales
+    uint16_t *ha = (uint16_t *)malloc(2 * (size_t)M * K);
+    for (size_t i = 0; i < (size_t)M * K; i++) {
+        float f = (float)(rnd32() % 2001) / 1000.0f - 1.0f;
+        uint32_t u;
+        memcpy(&u, &f, 4);
+        ha[i] = (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+    }
+    uint8_t *hp = (uint8_t *)malloc(nw / 2), *hq = (uint8_t *)malloc(nb);
+    float *hn = (float *)malloc(4 * nn), hc[256];
+    for (size_t i = 0; i < nw / 2; i++) hp[i] = (uint8_t)rnd32();
+    for (size_t i = 0; i < nb; i++) hq[i] = (uint8_t)rnd32();
+    for (size_t i = 0; i < nn; i++) hn[i] = 0.02f + (float)(rnd32() % 1000) * 1e-5f;
+    for (int i = 0; i < 256; i++) hc[i] = -1.0f + (float)i / 127.5f;
+    bf16 *dA = (bf16 *)dev_upload(ha, 2 * (size_t)M * K), *dB, *C0, *C1, *C2;
+    nf4_w w = {(const uint8_t *)dev_upload(hp, nw / 2), (const uint8_t *)dev_upload(hq, nb),
+               (const float *)dev_upload(hn, 4 * nn), (const float *)dev_upload(hc, 4 * 256), 0.031f};
+    CK(cudaMalloc(&dB, 2 * nw));
+    dequant_kernel<<<(unsigned)((nw + 255) / 256), 256>>>(w, dB, nw);
+    CK(cudaGetLastError());
+    size_t nc = (size_t)M * N;
+    CK(cudaMalloc(&C0, 2 * nc));
+    CK(cudaMalloc(&C1, 2 * nc));
+    CK(cudaMalloc(&C2, 2 * nc));
+    CUtensorMap ma = tmap(dA, M, K, BM), mb = tmap(dB, N, K, BN), mc = tmap_codes(w.packed, N, K);
+    size_t smem = 2 * STAGES * TILE_BYTES + STAGES * BN * BK / 2 + 3 * STAGES * 8 + 64 + 1024;
+    CK(cudaFuncSetAttribute(gemm_kernel<0>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    CK(cudaFuncSetAttribute(gemm_kernel<1>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    // cuBLASLt, row-major C = A B^T as column-major C^T = B A^T (the step's gemm_cuda(0, 1, ...))
+    cublasLtMatmulDesc_t op;
+    CB(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    cublasOperation_t tT = CUBLAS_OP_T, tN = CUBLAS_OP_N;
+    CB(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &tT, sizeof tT));
+    CB(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &tN, sizeof tN));
+    cublasLtMatrixLayout_t lb, la, lc;
+    CB(cublasLtMatrixLayoutCreate(&lb, CUDA_R_16BF, K, N, K));
+    CB(cublasLtMatrixLayoutCreate(&la, CUDA_R_16BF, K, M, K));
+    CB(cublasLtMatrixLayoutCreate(&lc, CUDA_R_16BF, N, M, N));
+    cublasLtMatmulPreference_t pref;
+    CB(cublasLtMatmulPreferenceCreate(&pref));
+    CB(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_bytes, sizeof ws_bytes));
+    cublasLtMatmulHeuristicResult_t heur;
+    int nres = 0;
+    CB(cublasLtMatmulAlgoGetHeuristic(lt, op, lb, la, lc, lc, pref, 1, &heur, &nres));
+    float one = 1.0f, zero = 0.0f;
+    cudaEvent_t e0, e1;
+    CK(cudaEventCreate(&e0));
+    CK(cudaEventCreate(&e1));
+    float *ms = (float *)malloc(sizeof(float) * (reps + 2)), med[4];
+    const char *way[4] = {"cublas", "tma", "nf4", "dequant+cublas"};
+    int tiles = (M / BM) * (N / BN);
+    for (int v = 0; v < 4; v++) {
+        for (int i = 0; i < reps + 2; i++) {
+            CK(cudaEventRecord(e0));
+            if (v == 0 || v == 3) {
+                if (v == 3) dequant_kernel<<<(unsigned)((nw + 255) / 256), 256>>>(w, dB, nw);
+                CB(cublasLtMatmul(lt, op, &one, dB, lb, dA, la, &zero, C0, lc, C0, lc, &heur.algo, ws, ws_bytes, 0));
+            } else if (v == 1) {
+                gemm_kernel<0><<<tiles, 512, smem>>>(ma, mb, w, C1, M, N, K);
+            } else {
+                gemm_kernel<1><<<tiles, 512, smem>>>(ma, mc, w, C2, M, N, K);
+            }
+            CK(cudaEventRecord(e1));
+            CK(cudaEventSynchronize(e1));
+            CK(cudaGetLastError());
+            if (i >= 2) CK(cudaEventElapsedTime(&ms[i - 2], e0, e1));
+        }
+        qsort(ms, reps, sizeof(float), cmpf);
+        med[v] = ms[reps / 2];
+    }
+    uint16_t *h0 = (uint16_t *)malloc(2 * nc), *h1 = (uint16_t *)malloc(2 * nc), *h2 = (uint16_t *)malloc(2 * nc);
+    CK(cudaMemcpy(h0, C0, 2 * nc, cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(h1, C1, 2 * nc, cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(h2, C2, 2 * nc, cudaMemcpyDeviceToHost));
+    double num = 0, den = 0;
+    size_t same12 = 0;
+    for (size_t i = 0; i < nc; i++) {
+        uint32_t u0 = (uint32_t)h0[i] << 16, u1 = (uint32_t)h1[i] << 16;
+        float f0, f1;
+        memcpy(&f0, &u0, 4), memcpy(&f1, &u1, 4);
+        num += (double)(f0 - f1) * (f0 - f1), den += (double)f0 * f0;
+        same12 += h1[i] == h2[i];
+    }
+    double fl = 2.0 * M * N * K;
+    printf("%-8s %5d x %5d x %5d:", name, M, N, K);
+    for (int v = 0; v < 4; v++) printf("  %s %.3f ms (%.0f TF/s)", way[v], med[v], fl / med[v] / 1e9);
+    printf("  | tma vs cublas rel L2 %.2e, nf4 == tma %s (%zu of %zu)\n", sqrt(num / (den > 0 ? den : 1)),
+           same12 == nc ? "yes" : "NO", same12, nc);
+    cudaFree(dA), cudaFree(dB), cudaFree(C0), cudaFree(C1), cudaFree(C2);
+    cudaFree((void *)w.packed), cudaFree((void *)w.absmax_q), cudaFree((void *)w.nested_absmax), cudaFree((void *)w.nested_code);
+    free(ha), free(hp), free(hq), free(hn), free(ms), free(h0), free(h1), free(h2);
+    cublasLtMatmulPreferenceDestroy(pref);
+    cublasLtMatrixLayoutDestroy(la), cublasLtMatrixLayoutDestroy(lb), cublasLtMatrixLayoutDestroy(lc);
+    cublasLtMatmulDescDestroy(op);
+}
+
+int main(int argc, char **argv) {
+    int reps = argc > 1 ? atoi(argv[1]) : 20;
+    if (reps < 1) reps = 1;
+    CK(cudaMemcpyToSymbol(c_code, k_nf4, sizeof k_nf4));
+    cublasLtHandle_t lt;
+    CB(cublasLtCreate(&lt));
+    size_t ws_bytes = (size_t)32 << 20;
+    void *ws;
+    CK(cudaMalloc(&ws, ws_bytes));
+    const int T = 16 * 512;
+    shape("3b gu", T, 16384, 3072, reps, lt, ws, ws_bytes);
+    shape("3b qkv", T, 5120, 3072, reps, lt, ws, ws_bytes);
+    shape("3b o", T, 3072, 3072, reps, lt, ws, ws_bytes);
+    shape("3b down", T, 3072, 8192, reps, lt, ws, ws_bytes);
+    shape("7b gu", T, 22016, 4096, reps, lt, ws, ws_bytes);
+    return 0;
+}
