@@ -46,11 +46,17 @@
     } while (0)
 
 typedef __nv_bfloat16 bf16;
+#ifndef BM                   // tile: BM x BN (-DBM=256 -DBN=64: half the dequantization a flop)
 #define BM 128
 #define BN 128
+#endif
 #define BK 64
+#ifndef STAGES
 #define STAGES 5
-#define TILE_BYTES (BM * BK * 2)  // = BN * BK * 2
+#endif
+#define A_BYTES (BM * BK * 2)
+#define B_BYTES (BN * BK * 2)
+#define IPR (256 / BN)             // NF4 producer threads a weight row (256 of them; BN <= 128)
 #define GROUP_M 16                // tiles of M walked for one tile of N before the next (L2 reuse)
 
 static const float k_nf4[16] = {-1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
@@ -110,6 +116,28 @@ __device__ __forceinline__ void wgmma128(float *d, uint64_t da, uint64_t db) {
         : "l"(da), "l"(db));
 }
 
+__device__ __forceinline__ void wgmma64(float *d, uint64_t da, uint64_t db) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+        "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+        : A8(0), A8(8), A8(16), A8(24)
+        : "l"(da), "l"(db));
+}
+
+__device__ __forceinline__ void wgmma256(float *d, uint64_t da, uint64_t db) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+        "}, %128, %129, p, 1, 1, 0, 0;\n}\n"
+        : A8(0), A8(8), A8(16), A8(24), A8(32), A8(40), A8(48), A8(56), A8(64), A8(72), A8(80), A8(88), A8(96), A8(104),
+          A8(112), A8(120)
+        : "l"(da), "l"(db));
+}
+
 // Tile order: GROUP_M tiles of M for each tile of N, then the next tile of N; then the next group.
 __device__ __forceinline__ void tile_of(int bid, int tiles_m, int tiles_n, int *tm, int *tn) {
     int per_group = GROUP_M * tiles_n, group = bid / per_group, first = group * GROUP_M;
@@ -121,17 +149,16 @@ __device__ __forceinline__ void tile_of(int bid, int tiles_m, int tiles_n, int *
 #define NPROD (NF4 ? 2 : 1)  // producer warpgroups
 #define PD 3                 // k-tiles the copies run ahead of the NF4 producers (< STAGES)
 template <int NF4>
-__global__ void __launch_bounds__(512, 1) gemm_kernel(const __grid_constant__ CUtensorMap ma,
+__global__ void __launch_bounds__(NF4 ? 512 : 384, 1) gemm_kernel(const __grid_constant__ CUtensorMap ma,
                                                       const __grid_constant__ CUtensorMap mb, nf4_w w, bf16 *C, int M,
                                                       int N, int K) {
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     unsigned char *smem = (unsigned char *)(((uintptr_t)smem_raw + 1023) & ~(uintptr_t)1023);
-    bf16 *As = (bf16 *)smem, *Bs = (bf16 *)(smem + STAGES * TILE_BYTES);
-    uint8_t *codes = smem + 2 * STAGES * TILE_BYTES;  // NF4: [STAGES][BN][BK / 2] packed codes
+    bf16 *As = (bf16 *)smem, *Bs = (bf16 *)(smem + STAGES * A_BYTES);
+    uint8_t *codes = smem + STAGES * (A_BYTES + B_BYTES);  // NF4: [STAGES][BN][BK / 2] packed codes
     uint64_t *full = (uint64_t *)(codes + STAGES * BN * BK / 2), *empty = full + STAGES, *cfull = empty + STAGES;
     float *code16 = (float *)(cfull + STAGES);
     const int wg = threadIdx.x / 128, t = threadIdx.x % 128;
-    if (wg >= NPROD + 2) return;  // the bf16 kernel's fourth warpgroup
     int tm, tn;
     tile_of(blockIdx.x, M / BM, N / BN, &tm, &tn);
     const int m0 = tm * BM, n0 = tn * BN, nk = K / BK;
@@ -143,26 +170,27 @@ __global__ void __launch_bounds__(512, 1) gemm_kernel(const __grid_constant__ CU
     if (threadIdx.x < 16) code16[threadIdx.x] = c_code[threadIdx.x];
     __syncthreads();
     if (wg < NPROD) {  // producers
+        if (NF4) asm volatile("setmaxnreg.dec.sync.aligned.u32 72;\n");  // registers to the consumers (2 x 72 + 2 x 184 = 512)
         if (!NF4) {
             if (threadIdx.x == 0)
                 for (int kt = 0; kt < nk; kt++) {
                     int s = kt % STAGES;
                     mbar_wait(&empty[s], ((kt / STAGES) & 1) ^ 1);
-                    mbar_expect_arrive(&full[s], 2 * TILE_BYTES);
+                    mbar_expect_arrive(&full[s], A_BYTES + B_BYTES);
                     tma_load(As + s * BM * BK, &ma, &full[s], kt * BK, m0);
                     tma_load(Bs + s * BN * BK, &mb, &full[s], kt * BK, n0);
                 }
             return;
         }
-        // NF4: thread p makes half p % 2 (32 elements, 16 packed bytes) of row p / 2 of the weight tile.
-        // Thread 0 also issues the copies, PD k-tiles ahead: the activation tile (TMA, into full[s]) and
-        // the tile's packed codes (TMA, [128 rows][32 bytes], into codes[s] / cfull[s]).
-        const int p = threadIdx.x, rr = p >> 1, half = p & 1, n = n0 + rr;
+        // NF4: thread p makes part p % IPR (64 / IPR elements, 32 / IPR packed bytes) of row p / IPR of the
+        // weight tile. Thread 0 also issues the copies, PD k-tiles ahead: the activation tile (TMA, into
+        // full[s]) and the tile's packed codes (TMA, [BN rows][32 bytes], into codes[s] / cfull[s]).
+        const int p = threadIdx.x, rr = p / IPR, half = p % IPR, n = n0 + rr;
         const size_t blk0 = (size_t)n * (K / 64);
         auto issue = [&](int kt) {
             int s = kt % STAGES;
             mbar_wait(&empty[s], ((kt / STAGES) & 1) ^ 1);
-            mbar_expect_arrive(&full[s], TILE_BYTES);
+            mbar_expect_arrive(&full[s], A_BYTES);
             tma_load(As + s * BM * BK, &ma, &full[s], kt * BK, m0);
             mbar_expect_arrive(&cfull[s], BN * BK / 2);
             tma_load(codes + s * BN * BK / 2, &mb, &cfull[s], kt * (BK / 2), n0);
@@ -177,11 +205,18 @@ __global__ void __launch_bounds__(512, 1) gemm_kernel(const __grid_constant__ CU
             float sc = __fadd_rn(__fmul_rn(__ldg(w.nested_code + q), na), w.offset);
             if (kt + 1 < nk) q = __ldg(w.absmax_q + blk0 + kt + 1), na = __ldg(w.nested_absmax + (blk0 + kt + 1) / 256);
             mbar_wait(&cfull[s], (kt / STAGES) & 1);
-            uint4 cw = *(const uint4 *)(codes + s * BN * BK / 2 + rr * 32 + half * 16);
+            const uint8_t *cp = codes + s * BN * BK / 2 + rr * 32 + half * (32 / IPR);
+            uint32_t words[8 / IPR];
+            if constexpr (IPR == 2) {
+                uint4 cw = *(const uint4 *)cp;
+                words[0] = cw.x, words[1] = cw.y, words[2] = cw.z, words[3] = cw.w;
+            } else {
+                uint2 cw = *(const uint2 *)cp;
+                words[0] = cw.x, words[1] = cw.y;
+            }
             unsigned char *row = (unsigned char *)(Bs + s * BN * BK) + rr * 128;
-            uint32_t words[4] = {cw.x, cw.y, cw.z, cw.w};
 #pragma unroll
-            for (int jj = 0; jj < 4; jj++) {  // 16-byte chunk j = 4 half + jj: elements 8 j .. 8 j + 7
+            for (int jj = 0; jj < 8 / IPR; jj++) {  // 16-byte chunk j = (8 / IPR) half + jj: elements 8 j .. 8 j + 7
                 uint32_t v[4], x = words[jj];
 #pragma unroll
                 for (int e = 0; e < 4; e++) {  // packed byte e: element 2e in the high nibble
@@ -189,7 +224,7 @@ __global__ void __launch_bounds__(512, 1) gemm_kernel(const __grid_constant__ CU
                     __nv_bfloat162 h = __floats2bfloat162_rn(__fmul_rn(hi, sc), __fmul_rn(lo, sc));
                     v[e] = *(uint32_t *)&h;
                 }
-                int j = 4 * half + jj;
+                int j = (8 / IPR) * half + jj;
                 *(uint4 *)(row + ((j ^ (rr & 7)) << 4)) = make_uint4(v[0], v[1], v[2], v[3]);
             }
             asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the wgmma (async proxy) reads them
@@ -199,26 +234,51 @@ __global__ void __launch_bounds__(512, 1) gemm_kernel(const __grid_constant__ CU
     }
     // consumers: warpgroup c = wg - 1 owns rows 64 c .. 64 c + 63 of the tile
     const int c = wg - NPROD;
-    float d[64];
+    if (NF4) asm volatile("setmaxnreg.inc.sync.aligned.u32 184;\n");
+    constexpr int MT = BM / 128;  // m64 tiles a consumer warpgroup
+    // the accumulators pinned around the asynchronous products (nothing else may touch them in between)
+    auto pin = [](float (*acc)[BN / 2]) {
 #pragma unroll
-    for (int i = 0; i < 64; i++) d[i] = 0.0f;
+        for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+            for (int i = 0; i < BN / 2; i++) asm volatile("" : "+f"(acc[mt][i])::"memory");
+    };
+    float d[MT][BN / 2];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int i = 0; i < BN / 2; i++) d[mt][i] = 0.0f;
     for (int kt = 0; kt < nk; kt++) {
         int s = kt % STAGES;
         mbar_wait(&full[s], (kt / STAGES) & 1);
         asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-        const bf16 *a = As + s * BM * BK + c * 64 * BK, *bb = Bs + s * BN * BK;
+        const bf16 *bb = Bs + s * BN * BK;
 #pragma unroll
-        for (int k = 0; k < BK / 16; k++) wgmma128(d, desc(a) + 2 * k, desc(bb) + 2 * k);  // +32 bytes a k-step
+        for (int mt = 0; mt < MT; mt++) {
+            const bf16 *a = As + s * BM * BK + (c * (BM / 2) + mt * 64) * BK;
+#pragma unroll
+            for (int k = 0; k < BK / 16; k++) {  // +32 bytes a k-step
+                if constexpr (BN == 256)
+                    wgmma256(d[mt], desc(a) + 2 * k, desc(bb) + 2 * k);
+                else if constexpr (BN == 128)
+                    wgmma128(d[mt], desc(a) + 2 * k, desc(bb) + 2 * k);
+                else
+                    wgmma64(d[mt], desc(a) + 2 * k, desc(bb) + 2 * k);
+            }
+        }
         asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");  // (waiting for 1 serialized the products)
         if (t % 32 == 0) mbar_arrive(&empty[s]);
     }
+    pin(d);
     const int warp = t / 32, lane = t % 32, g = lane / 4, q4 = lane % 4;
 #pragma unroll
-    for (int i = 0; i < 64; i += 2) {
-        int row = m0 + c * 64 + warp * 16 + g + 8 * ((i / 2) % 2), col = n0 + (i / 4) * 8 + 2 * q4;
-        *(__nv_bfloat162 *)(C + (size_t)row * N + col) = __floats2bfloat162_rn(d[i], d[i + 1]);
-    }
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int i = 0; i < BN / 2; i += 2) {
+            int row = m0 + c * (BM / 2) + mt * 64 + warp * 16 + g + 8 * ((i / 2) % 2), col = n0 + (i / 4) * 8 + 2 * q4;
+            *(__nv_bfloat162 *)(C + (size_t)row * N + col) = __floats2bfloat162_rn(d[mt][i], d[mt][i + 1]);
+        }
 }
 
 // The reference dequantization (as cuda/nf4.cu): an element a thread.
@@ -314,9 +374,9 @@ static void shape(const char *name, int M, int N, int K, int reps, cublasLtHandl
     CK(cudaMalloc(&C1, 2 * nc));
     CK(cudaMalloc(&C2, 2 * nc));
     CUtensorMap ma = tmap(dA, M, K, BM), mb = tmap(dB, N, K, BN), mc = tmap_codes(w.packed, N, K);
-    size_t smem = 2 * STAGES * TILE_BYTES + STAGES * BN * BK / 2 + 3 * STAGES * 8 + 64 + 1024;
+    size_t smem = STAGES * (A_BYTES + B_BYTES) + STAGES * BN * BK / 2 + 3 * STAGES * 8 + 64 + 1024;
     CK(cudaFuncSetAttribute(gemm_kernel<0>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-    CK(cudaFuncSetAttribute(gemm_kernel<1>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    if constexpr (BN <= 128) CK(cudaFuncSetAttribute(gemm_kernel<1>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     // cuBLASLt, row-major C = A B^T as column-major C^T = B A^T (the step's gemm_cuda(0, 1, ...))
     cublasLtMatmulDesc_t op;
     CB(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
@@ -347,9 +407,9 @@ static void shape(const char *name, int M, int N, int K, int reps, cublasLtHandl
                 if (v == 3) dequant_kernel<<<(unsigned)((nw + 255) / 256), 256>>>(w, dB, nw);
                 CB(cublasLtMatmul(lt, op, &one, dB, lb, dA, la, &zero, C0, lc, C0, lc, &heur.algo, ws, ws_bytes, 0));
             } else if (v == 1) {
-                gemm_kernel<0><<<tiles, 512, smem>>>(ma, mb, w, C1, M, N, K);
+                gemm_kernel<0><<<tiles, 384, smem>>>(ma, mb, w, C1, M, N, K);
             } else {
-                gemm_kernel<1><<<tiles, 512, smem>>>(ma, mc, w, C2, M, N, K);
+                if constexpr (BN <= 128) gemm_kernel<1><<<tiles, 512, smem>>>(ma, mc, w, C2, M, N, K);
             }
             CK(cudaEventRecord(e1));
             CK(cudaEventSynchronize(e1));
@@ -374,9 +434,14 @@ static void shape(const char *name, int M, int N, int K, int reps, cublasLtHandl
     }
     double fl = 2.0 * M * N * K;
     printf("%-8s %5d x %5d x %5d:", name, M, N, K);
-    for (int v = 0; v < 4; v++) printf("  %s %.3f ms (%.0f TF/s)", way[v], med[v], fl / med[v] / 1e9);
-    printf("  | tma vs cublas rel L2 %.2e, nf4 == tma %s (%zu of %zu)\n", sqrt(num / (den > 0 ? den : 1)),
-           same12 == nc ? "yes" : "NO", same12, nc);
+    for (int v = 0; v < 4; v++)
+        if (v == 2 && BN > 128)
+            printf("  nf4 n/a");
+        else
+            printf("  %s %.3f ms (%.0f TF/s)", way[v], med[v], fl / med[v] / 1e9);
+    printf("  | tma vs cublas rel L2 %.2e", sqrt(num / (den > 0 ? den : 1)));
+    if (BN <= 128) printf(", nf4 == tma %s (%zu of %zu)", same12 == nc ? "yes" : "NO", same12, nc);
+    printf("\n");
     cudaFree(dA), cudaFree(dB), cudaFree(C0), cudaFree(C1), cudaFree(C2);
     cudaFree((void *)w.packed), cudaFree((void *)w.absmax_q), cudaFree((void *)w.nested_absmax), cudaFree((void *)w.nested_code);
     free(ha), free(hp), free(hq), free(hn), free(ms), free(h0), free(h1), free(h2);
