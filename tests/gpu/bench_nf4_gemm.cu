@@ -8,15 +8,19 @@
 //   tma      a warp-specialized Hopper GEMM of our own: one producer thread loads both tiles by TMA
 //            (128-byte swizzle), two consumer warpgroups run wgmma m64n128k16 on them; 128 x 128 tiles,
 //            BK 64, STAGES stages, mbarriers between them, tiles walked GROUP_M tiles of M at a time;
-//   nf4      the same mainloop, but the weight tile is made by two producer warpgroups from the packed
-//            codes (TMA, PD k-tiles ahead) and the double-quantized absmax (bitsandbytes' formula, as
-//            cuda/nf4.cu: code * absmax in fp32, rounded to bf16), written in the swizzled layout the
-//            wgmma reads; the activation tile still by TMA;
+//   nf4      the same mainloop, but the weight tile is made by two producer warpgroups (setmaxnreg: their
+//            registers go to the consumers) from the packed codes and the double-quantized absmax
+//            (bitsandbytes' formula, as cuda/nf4.cu: code * absmax in fp32, rounded to bf16), written in the
+//            swizzled layout the wgmma reads. The codes come by TMA into a ring of CS slots, PD k-tiles ahead
+//            (issued by a producer thread that waits only for the producers); each consumer warpgroup
+//            copies its half of the activation tile by TMA as soon as it has read that half of a stage;
 //   dequant+cublas  the dequantization kernel, then cuBLASLt, one after the other.
 // nf4 against tma says what the dequantization costs inside the GEMM; tma against cublas what our own
 // GEMM still lacks. Checks: tma against cublas (rel L2), nf4 against tma (the same bits: the same
 // mainloop on the same bf16 values).
-//   build/tests/gpu/bench_nf4_gemm [reps]
+//   build/tests/gpu/bench_nf4_gemm [reps]     (128 x 128 tiles; other shapes: build it by hand with
+//   -DBM=256 -DBN=64 / -DBM=256 -DBN=128 -DSTAGES=4 / -DBM=128 -DBN=256 -DSTAGES=4 (no nf4 variant there),
+//   the Makefile's nvcc line otherwise; docs/BENCHMARKS.md, twenty-first session, has what they measured)
 #include <cublasLt.h>
 #include <cuda.h>
 #include <cuda_bf16.h>
@@ -147,24 +151,28 @@ __device__ __forceinline__ void tile_of(int bid, int tiles_m, int tiles_n, int *
 
 // C[M][N] (bf16) = A[M][K] B[N][K]^T. NF4: B from w (the producer warpgroup dequantizes), else B by TMA.
 #define NPROD (NF4 ? 2 : 1)  // producer warpgroups
-#define PD 3                 // k-tiles the copies run ahead of the NF4 producers (< STAGES)
+#define CS 6                 // slots of the NF4 codes' ring
+#define PD 4                 // k-tiles the codes' copies run ahead of the NF4 producers (< CS)
 template <int NF4>
 __global__ void __launch_bounds__(NF4 ? 512 : 384, 1) gemm_kernel(const __grid_constant__ CUtensorMap ma,
                                                       const __grid_constant__ CUtensorMap mb, nf4_w w, bf16 *C, int M,
                                                       int N, int K) {
     extern __shared__ __align__(1024) unsigned char smem_raw[];
-    unsigned char *smem = (unsigned char *)(((uintptr_t)smem_raw + 1023) & ~(uintptr_t)1023);
+    // (an offset from smem_raw, not a pointer rebuilt from an integer: the compiler keeps the shared address
+    // space, so the table lookups and tile stores are LDS / STS, not generic loads with 64-bit addresses)
+    unsigned char *smem = smem_raw + ((1024 - (su32(smem_raw) & 1023)) & 1023);
     bf16 *As = (bf16 *)smem, *Bs = (bf16 *)(smem + STAGES * A_BYTES);
     uint8_t *codes = smem + STAGES * (A_BYTES + B_BYTES);  // NF4: [STAGES][BN][BK / 2] packed codes
-    uint64_t *full = (uint64_t *)(codes + STAGES * BN * BK / 2), *empty = full + STAGES, *cfull = empty + STAGES;
-    float *code16 = (float *)(cfull + STAGES);
+    uint64_t *full = (uint64_t *)(codes + CS * BN * BK / 2), *empty = full + STAGES, *cfull = empty + STAGES;
+    uint64_t *cempty = cfull + CS;
+    float *code16 = (float *)(cempty + CS);
     const int wg = threadIdx.x / 128, t = threadIdx.x % 128;
     int tm, tn;
     tile_of(blockIdx.x, M / BM, N / BN, &tm, &tn);
     const int m0 = tm * BM, n0 = tn * BN, nk = K / BK;
     if (threadIdx.x == 0) {
-        for (int s = 0; s < STAGES; s++)
-            mbar_init(&full[s], NF4 ? 128 * NPROD + 1 : 1), mbar_init(&empty[s], 8), mbar_init(&cfull[s], 1);
+        for (int s = 0; s < STAGES; s++) mbar_init(&full[s], NF4 ? 128 * NPROD + 2 : 1), mbar_init(&empty[s], 8);
+        for (int s = 0; s < CS; s++) mbar_init(&cfull[s], 1), mbar_init(&cempty[s], 128 * NPROD);
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
     if (threadIdx.x < 16) code16[threadIdx.x] = c_code[threadIdx.x];
@@ -183,29 +191,29 @@ __global__ void __launch_bounds__(NF4 ? 512 : 384, 1) gemm_kernel(const __grid_c
             return;
         }
         // NF4: thread p makes part p % IPR (64 / IPR elements, 32 / IPR packed bytes) of row p / IPR of the
-        // weight tile. Thread 0 also issues the copies, PD k-tiles ahead: the activation tile (TMA, into
-        // full[s]) and the tile's packed codes (TMA, [BN rows][32 bytes], into codes[s] / cfull[s]).
+        // weight tile. Thread 0 also issues the packed codes' copies (TMA, [BN rows][32 bytes], a ring of CS
+        // slots: cfull / cempty) PD k-tiles ahead; it waits there only for the producers themselves. The
+        // activation tile is the consumers' to copy (each its half), so nothing here waits for them but
+        // the weight stage itself (empty).
         const int p = threadIdx.x, rr = p / IPR, half = p % IPR, n = n0 + rr;
         const size_t blk0 = (size_t)n * (K / 64);
-        auto issue = [&](int kt) {
-            int s = kt % STAGES;
-            mbar_wait(&empty[s], ((kt / STAGES) & 1) ^ 1);
-            mbar_expect_arrive(&full[s], A_BYTES);
-            tma_load(As + s * BM * BK, &ma, &full[s], kt * BK, m0);
-            mbar_expect_arrive(&cfull[s], BN * BK / 2);
-            tma_load(codes + s * BN * BK / 2, &mb, &cfull[s], kt * (BK / 2), n0);
+        auto issue_codes = [&](int kt) {
+            int cs = kt % CS;
+            mbar_wait(&cempty[cs], ((kt / CS) & 1) ^ 1);
+            mbar_expect_arrive(&cfull[cs], BN * BK / 2);
+            tma_load(codes + cs * BN * BK / 2, &mb, &cfull[cs], kt * (BK / 2), n0);
         };
         if (p == 0)
-            for (int kt = 0; kt < PD && kt < nk; kt++) issue(kt);
+            for (int kt = 0; kt < PD && kt < nk; kt++) issue_codes(kt);
         uint8_t q = __ldg(w.absmax_q + blk0);
         float na = __ldg(w.nested_absmax + blk0 / 256);
         for (int kt = 0; kt < nk; kt++) {
-            if (p == 0 && kt + PD < nk) issue(kt + PD);
-            int s = kt % STAGES;
+            if (p == 0 && kt + PD < nk) issue_codes(kt + PD);
+            int s = kt % STAGES, cs = kt % CS;
             float sc = __fadd_rn(__fmul_rn(__ldg(w.nested_code + q), na), w.offset);
             if (kt + 1 < nk) q = __ldg(w.absmax_q + blk0 + kt + 1), na = __ldg(w.nested_absmax + (blk0 + kt + 1) / 256);
-            mbar_wait(&cfull[s], (kt / STAGES) & 1);
-            const uint8_t *cp = codes + s * BN * BK / 2 + rr * 32 + half * (32 / IPR);
+            mbar_wait(&cfull[cs], (kt / CS) & 1);
+            const uint8_t *cp = codes + cs * BN * BK / 2 + rr * 32 + half * (32 / IPR);
             uint32_t words[8 / IPR];
             if constexpr (IPR == 2) {
                 uint4 cw = *(const uint4 *)cp;
@@ -214,6 +222,8 @@ __global__ void __launch_bounds__(NF4 ? 512 : 384, 1) gemm_kernel(const __grid_c
                 uint2 cw = *(const uint2 *)cp;
                 words[0] = cw.x, words[1] = cw.y;
             }
+            mbar_arrive(&cempty[cs]);                        // the codes are in registers
+            mbar_wait(&empty[s], ((kt / STAGES) & 1) ^ 1);  // the consumers are done with k-tile kt - STAGES
             unsigned char *row = (unsigned char *)(Bs + s * BN * BK) + rr * 128;
 #pragma unroll
             for (int jj = 0; jj < 8 / IPR; jj++) {  // 16-byte chunk j = (8 / IPR) half + jj: elements 8 j .. 8 j + 7
@@ -248,6 +258,14 @@ __global__ void __launch_bounds__(NF4 ? 512 : 384, 1) gemm_kernel(const __grid_c
     for (int mt = 0; mt < MT; mt++)
 #pragma unroll
         for (int i = 0; i < BN / 2; i++) d[mt][i] = 0.0f;
+    // NF4: this warpgroup copies its half of the activation tile (TMA, box BM / 2 rows), STAGES ahead
+    auto issue_a = [&](int kt) {
+        int s = kt % STAGES;
+        mbar_expect_arrive(&full[s], A_BYTES / 2);
+        tma_load(As + s * BM * BK + c * (BM / 2) * BK, &ma, &full[s], kt * BK, m0 + c * (BM / 2));
+    };
+    if (NF4 && t == 0)
+        for (int kt = 0; kt < STAGES && kt < nk; kt++) issue_a(kt);
     for (int kt = 0; kt < nk; kt++) {
         int s = kt % STAGES;
         mbar_wait(&full[s], (kt / STAGES) & 1);
@@ -269,6 +287,7 @@ __global__ void __launch_bounds__(NF4 ? 512 : 384, 1) gemm_kernel(const __grid_c
         asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");  // (waiting for 1 serialized the products)
         if (t % 32 == 0) mbar_arrive(&empty[s]);
+        if (NF4 && t == 0 && kt + STAGES < nk) issue_a(kt + STAGES);  // this half of stage s is read
     }
     pin(d);
     const int warp = t / 32, lane = t % 32, g = lane / 4, q4 = lane % 4;
@@ -373,8 +392,8 @@ static void shape(const char *name, int M, int N, int K, int reps, cublasLtHandl
     CK(cudaMalloc(&C0, 2 * nc));
     CK(cudaMalloc(&C1, 2 * nc));
     CK(cudaMalloc(&C2, 2 * nc));
-    CUtensorMap ma = tmap(dA, M, K, BM), mb = tmap(dB, N, K, BN), mc = tmap_codes(w.packed, N, K);
-    size_t smem = STAGES * (A_BYTES + B_BYTES) + STAGES * BN * BK / 2 + 3 * STAGES * 8 + 64 + 1024;
+    CUtensorMap ma = tmap(dA, M, K, BM), ma2 = tmap(dA, M, K, BM / 2), mb = tmap(dB, N, K, BN), mc = tmap_codes(w.packed, N, K);
+    size_t smem = STAGES * (A_BYTES + B_BYTES) + CS * BN * BK / 2 + 8 * (2 * STAGES + 2 * CS) + 64 + 1024;
     CK(cudaFuncSetAttribute(gemm_kernel<0>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     if constexpr (BN <= 128) CK(cudaFuncSetAttribute(gemm_kernel<1>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     // cuBLASLt, row-major C = A B^T as column-major C^T = B A^T (the step's gemm_cuda(0, 1, ...))
@@ -409,7 +428,7 @@ static void shape(const char *name, int M, int N, int K, int reps, cublasLtHandl
             } else if (v == 1) {
                 gemm_kernel<0><<<tiles, 384, smem>>>(ma, mb, w, C1, M, N, K);
             } else {
-                if constexpr (BN <= 128) gemm_kernel<1><<<tiles, 512, smem>>>(ma, mc, w, C2, M, N, K);
+                if constexpr (BN <= 128) gemm_kernel<1><<<tiles, 512, smem>>>(ma2, mc, w, C2, M, N, K);
             }
             CK(cudaEventRecord(e1));
             CK(cudaEventSynchronize(e1));
