@@ -46,6 +46,7 @@ typedef struct {
     char device[64];    // "CPU (host memory)" / "NVIDIA H100 80GB HBM3 (79.1 GiB)"
     double capacity;    // bytes available on the device (0 = unknown)
     char weights_note[48];  // how the base is kept ("NF4", "NF4 kept dequantized (bf16)", ...; "" = say nothing)
+    char hint[256];         // a setting that would pay here ("" = none): printed under the plan
 } mem_plan;
 
 typedef struct backend backend;

@@ -57,7 +57,8 @@ static const field k_schema[] = {
       "quantize the NF4 block scales again (8-bit, blocks of 256), as bnb_4bit_use_double_quant"),
     F("model.keep_dequantized", T_BOOL, model.keep_dequantized, "false", 0, 0, 0, NULL,
       "cuda, nf4: keep the base dequantized to bf16 (once, at load) instead of dequantizing each weight where "
-      "it is used: the same values and results, ~4 % faster steps, 2 bytes a weight more GPU memory (7B: +8.8 GiB)"),
+      "it is used: the same values and results, ~4 % faster steps, 2 bytes a weight more GPU memory (7B: +8.8 GiB; "
+      "the memory plan before step 1 says when it fits)"),
     F("model.name", T_STR, model.name, "", 0, 0, 0, NULL,
       "base_model_name_or_path written by export (default: model.path)"),
     F("tokenizer.path", T_STR, tokenizer.path, "", 0, 0, 0, NULL,

@@ -155,6 +155,7 @@ static void print_plan(FILE *f, const mem_plan *p) {
     } else {
         fprintf(f, "  total                        %10s\n", t);
     }
+    if (p->hint[0]) fprintf(f, "  hint: %s\n", p->hint);
 }
 
 static int write_text(const char *dir, const char *name, const char *text) {

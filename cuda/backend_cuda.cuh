@@ -120,6 +120,7 @@ typedef struct {
     cuda_arena acts_ar;  // activations and scratch for micro-batches up to B_cap x S_cap
     int B_cap, S_cap;
     double bytes_weights, bytes_adapter;
+    double bytes_kept;             // the NF4 base's bytes dequantized (0: not NF4 per use): the plan's hint
     // trainable state: one contiguous fp32 buffer each
     float *params, *grad, *m, *v;  // [n_params]
     cuda_adapter_group grp[GRP_COUNT];

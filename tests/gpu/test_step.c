@@ -501,6 +501,27 @@ START_TEST(test_keep_dequantized_identical) {
 }
 END_TEST
 
+// The memory plan's hint: an NF4 base dequantized where used, with room on the device for it kept as bf16,
+// gets model.keep_dequantized=true with the bytes it adds; a kept or bf16 base gets none.
+START_TEST(test_plan_hint) {
+    const char *quant[] = {"nf4", "nf4", "none"};
+    for (int i = 0; i < 3; i++) {
+        g_keep_dequantized = i == 1;
+        engine gpu;
+        engine_open(&gpu, 1, quant[i], "none", 1, 0.0);
+        mem_plan p;
+        gpu.be->ops->memory_plan(gpu.be, 2, 64, &p);
+        fprintf(stderr, "plan hint (%s%s): \"%s\"\n", quant[i], i == 1 ? ", kept" : "", p.hint);
+        if (i == 0)
+            ck_assert(strstr(p.hint, "model.keep_dequantized=true fits here (+") != NULL);
+        else
+            ck_assert_str_eq(p.hint, "");
+        engine_close(&gpu);
+    }
+    g_keep_dequantized = 0;
+}
+END_TEST
+
 // ---- the other low-rank methods (built and scattered by their host code, cuda/peer_cuda.cu) ----
 
 static adapter_spec peer_spec(const char *method, int r, double dropout) {
@@ -683,6 +704,7 @@ static Suite *step_suite(void) {
     tcase_add_test(tc, test_determinism_resume);
     tcase_add_test(tc, test_overlap_identical);
     tcase_add_test(tc, test_keep_dequantized_identical);
+    tcase_add_test(tc, test_plan_hint);
     tcase_add_test(tc, test_swiglu_fused_step);
     tcase_add_test(tc, test_out_of_memory);
     tcase_add_test(tc, test_peers_vs_cpu);
