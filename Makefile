@@ -114,7 +114,7 @@ $(BUILD)/tests/gpu/%: tests/gpu/%.c tests/test_util.h $(LIB) $(BUILD)/lib/.stamp
 # The NF4 GEMM probe: Hopper only (wgmma, TMA), and cuBLASLt as its reference.
 $(BUILD)/tests/gpu/bench_nf4_gemm: tests/gpu/bench_nf4_gemm.cu
 	@mkdir -p $(dir $@)
-	$(NVCC) -std=c++17 -O3 -lineinfo -gencode arch=compute_90a,code=sm_90a -o $@ $< -lcublasLt
+	$(NVCC) -std=c++17 -O3 -lineinfo -I. -gencode arch=compute_90a,code=sm_90a -o $@ $< -lcublasLt
 
 # A standalone CUDA probe (tests/gpu/bench_*.cu: no mosft library, no check).
 $(BUILD)/tests/gpu/bench_%: tests/gpu/bench_%.cu

@@ -24,15 +24,6 @@
 #include "core/nf4.h"
 #include "tests/gpu/probe_util.h"
 
-#define CB(call)                                                                         \
-    do {                                                                                 \
-        cublasStatus_t s_ = (call);                                                      \
-        if (s_ != CUBLAS_STATUS_SUCCESS) {                                               \
-            fprintf(stderr, "%s:%d %s: status %d\n", __FILE__, __LINE__, #call, (int)s_); \
-            exit(1);                                                                     \
-        }                                                                                \
-    } while (0)
-
 // One product D[M][N] = op(A) op(B) (+ C), row-major, as gemm_cuda sees it.
 typedef struct {
     const char *name;

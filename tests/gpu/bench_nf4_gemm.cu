@@ -32,22 +32,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define CK(call)                                                                                  \
-    do {                                                                                          \
-        cudaError_t e_ = (call);                                                                  \
-        if (e_ != cudaSuccess) {                                                                  \
-            fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
-            exit(1);                                                                              \
-        }                                                                                         \
-    } while (0)
-#define CB(call)                                                                         \
-    do {                                                                                 \
-        cublasStatus_t s_ = (call);                                                      \
-        if (s_ != CUBLAS_STATUS_SUCCESS) {                                               \
-            fprintf(stderr, "%s:%d %s: status %d\n", __FILE__, __LINE__, #call, (int)s_); \
-            exit(1);                                                                     \
-        }                                                                                \
-    } while (0)
+#include "core/dtype.h"
+#include "tests/gpu/probe_util.h"
 
 typedef __nv_bfloat16 bf16;
 #ifndef BM                   // tile: BM x BN (-DBM=256 -DBN=64: half the dequantization a flop)
@@ -350,10 +336,10 @@ static CUtensorMap tmap_codes(const void *p, int N, int K) {
     return m;
 }
 
-static uint64_t rs = 88172645463325252ull;
+static uint64_t rs = 1;  // probe_seed(1) at the first use
 static uint32_t rnd32(void) {
-    rs ^= rs << 13, rs ^= rs >> 7, rs ^= rs << 17;
-    return (uint32_t)(rs >> 16);
+    if (rs == 1) rs = probe_seed(1);
+    return (uint32_t)(probe_uniform(&rs) * 4294967296.0);
 }
 static void *dev_upload(const void *h, size_t n) {
     void *d;
@@ -361,20 +347,13 @@ static void *dev_upload(const void *h, size_t n) {
     CK(cudaMemcpy(d, h, n, cudaMemcpyHostToDevice));
     return d;
 }
-static int cmpf(const void *a, const void *b) {
-    float x = *(const float *)a, y = *(const float *)b;
-    return (x > y) - (x < y);
-}
 
 static void shape(const char *name, int M, int N, int K, int reps, cublasLtHandle_t lt, void *ws, size_t ws_bytes) {
     size_t nw = (size_t)N * K, nb = nw / 64, nn = (nb + 255) / 256;
     // the activations: uniform [-1, 1); the weight: random codes and scales
     uint16_t *ha = (uint16_t *)malloc(2 * (size_t)M * K);
     for (size_t i = 0; i < (size_t)M * K; i++) {
-        float f = (float)(rnd32() % 2001) / 1000.0f - 1.0f;
-        uint32_t u;
-        memcpy(&u, &f, 4);
-        ha[i] = (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+        ha[i] = f32_to_bf16((float)(rnd32() % 2001) / 1000.0f - 1.0f);
     }
     uint8_t *hp = (uint8_t *)malloc(nw / 2), *hq = (uint8_t *)malloc(nb);
     float *hn = (float *)malloc(4 * nn), hc[256];
@@ -435,7 +414,7 @@ static void shape(const char *name, int M, int N, int K, int reps, cublasLtHandl
             CK(cudaGetLastError());
             if (i >= 2) CK(cudaEventElapsedTime(&ms[i - 2], e0, e1));
         }
-        qsort(ms, reps, sizeof(float), cmpf);
+        qsort(ms, reps, sizeof(float), probe_cmp_float);
         med[v] = ms[reps / 2];
     }
     uint16_t *h0 = (uint16_t *)malloc(2 * nc), *h1 = (uint16_t *)malloc(2 * nc), *h2 = (uint16_t *)malloc(2 * nc);
@@ -445,9 +424,7 @@ static void shape(const char *name, int M, int N, int K, int reps, cublasLtHandl
     double num = 0, den = 0;
     size_t same12 = 0;
     for (size_t i = 0; i < nc; i++) {
-        uint32_t u0 = (uint32_t)h0[i] << 16, u1 = (uint32_t)h1[i] << 16;
-        float f0, f1;
-        memcpy(&f0, &u0, 4), memcpy(&f1, &u1, 4);
+        float f0 = bf16_to_f32(h0[i]), f1 = bf16_to_f32(h1[i]);
         num += (double)(f0 - f1) * (f0 - f1), den += (double)f0 * f0;
         same12 += h1[i] == h2[i];
     }

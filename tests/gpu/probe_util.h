@@ -1,6 +1,6 @@
 // probe_util.h: what the standalone GPU probes (bench_flash, bench_gemm: timing programs, not check
-// tests) share: a CUDA call check that exits, the float comparison for qsort (medians), and a seeded host
-// random stream for their operands.
+// tests) share: CUDA and cuBLASLt call checks that exit, the float comparison for qsort (medians), and a
+// seeded host random stream for their operands.
 #ifndef MOSFT_PROBE_UTIL_H
 #define MOSFT_PROBE_UTIL_H
 
@@ -16,6 +16,16 @@
             fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_));    \
             exit(1);                                                                                 \
         }                                                                                            \
+    } while (0)
+
+// A cuBLASLt call check that exits (the probes that include cublasLt.h).
+#define CB(call)                                                                         \
+    do {                                                                                 \
+        cublasStatus_t s_ = (call);                                                      \
+        if (s_ != CUBLAS_STATUS_SUCCESS) {                                               \
+            fprintf(stderr, "%s:%d %s: status %d\n", __FILE__, __LINE__, #call, (int)s_); \
+            exit(1);                                                                     \
+        }                                                                                \
     } while (0)
 
 static inline int probe_cmp_float(const void *a, const void *b) {
