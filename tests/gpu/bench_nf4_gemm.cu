@@ -93,9 +93,9 @@ __device__ __forceinline__ uint64_t desc(const void *p) {
     return (uint64_t)((su32(p) & 0x3FFFF) >> 4) | (uint64_t)(16 >> 4) << 16 | (uint64_t)(1024 >> 4) << 32 | 1ull << 62;
 }
 #define A8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
-__device__ __forceinline__ void wgmma128(float *d, uint64_t da, uint64_t db) {
+__device__ __forceinline__ void wgmma128(float *d, uint64_t da, uint64_t db, int sd) {
     asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
         "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
         "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
@@ -103,29 +103,29 @@ __device__ __forceinline__ void wgmma128(float *d, uint64_t da, uint64_t db) {
         "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
         "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
         : A8(0), A8(8), A8(16), A8(24), A8(32), A8(40), A8(48), A8(56)
-        : "l"(da), "l"(db));
+        : "l"(da), "l"(db), "r"(sd));
 }
 
-__device__ __forceinline__ void wgmma64(float *d, uint64_t da, uint64_t db) {
+__device__ __forceinline__ void wgmma64(float *d, uint64_t da, uint64_t db, int sd) {
     asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
         "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
         "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
         "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
         : A8(0), A8(8), A8(16), A8(24)
-        : "l"(da), "l"(db));
+        : "l"(da), "l"(db), "r"(sd));
 }
 
-__device__ __forceinline__ void wgmma256(float *d, uint64_t da, uint64_t db) {
+__device__ __forceinline__ void wgmma256(float *d, uint64_t da, uint64_t db, int sd) {
     asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
         "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
         "}, %128, %129, p, 1, 1, 0, 0;\n}\n"
         : A8(0), A8(8), A8(16), A8(24), A8(32), A8(40), A8(48), A8(56), A8(64), A8(72), A8(80), A8(88), A8(96), A8(104),
           A8(112), A8(120)
-        : "l"(da), "l"(db));
+        : "l"(da), "l"(db), "r"(sd));
 }
 
 // Tile order: GROUP_M tiles of M for each tile of N, then the next tile of N; then the next group.
@@ -139,6 +139,7 @@ __device__ __forceinline__ void tile_of(int bid, int tiles_m, int tiles_n, int *
 #define NPROD (NF4 ? 2 : 1)  // producer warpgroups
 #define CS 6                 // slots of the NF4 codes' ring
 #define PD 4                 // k-tiles the codes' copies run ahead of the NF4 producers (< CS)
+#define CODES_BYTES (BN <= 128 ? CS * BN * BK / 2 : 0)  // the codes' ring (no NF4 variant past 128)
 template <int NF4>
 __global__ void __launch_bounds__(NF4 ? 512 : 384, 1) gemm_kernel(const __grid_constant__ CUtensorMap ma,
                                                       const __grid_constant__ CUtensorMap mb, nf4_w w, bf16 *C, int M,
@@ -149,7 +150,7 @@ __global__ void __launch_bounds__(NF4 ? 512 : 384, 1) gemm_kernel(const __grid_c
     unsigned char *smem = smem_raw + ((1024 - (su32(smem_raw) & 1023)) & 1023);
     bf16 *As = (bf16 *)smem, *Bs = (bf16 *)(smem + STAGES * A_BYTES);
     uint8_t *codes = smem + STAGES * (A_BYTES + B_BYTES);  // NF4: [STAGES][BN][BK / 2] packed codes
-    uint64_t *full = (uint64_t *)(codes + CS * BN * BK / 2), *empty = full + STAGES, *cfull = empty + STAGES;
+    uint64_t *full = (uint64_t *)(codes + CODES_BYTES), *empty = full + STAGES, *cfull = empty + STAGES;
     uint64_t *cempty = cfull + CS;
     float *code16 = (float *)(cempty + CS);
     const int wg = threadIdx.x / 128, t = threadIdx.x % 128;
@@ -240,10 +241,7 @@ __global__ void __launch_bounds__(NF4 ? 512 : 384, 1) gemm_kernel(const __grid_c
             for (int i = 0; i < BN / 2; i++) asm volatile("" : "+f"(acc[mt][i])::"memory");
     };
     float d[MT][BN / 2];
-#pragma unroll
-    for (int mt = 0; mt < MT; mt++)
-#pragma unroll
-        for (int i = 0; i < BN / 2; i++) d[mt][i] = 0.0f;
+    // (no zeroing: the first products overwrite, scale-d 0; a zeroing move made ptxas serialize them)
     // NF4: this warpgroup copies its half of the activation tile (TMA, box BM / 2 rows), STAGES ahead
     auto issue_a = [&](int kt) {
         int s = kt % STAGES;
@@ -263,18 +261,21 @@ __global__ void __launch_bounds__(NF4 ? 512 : 384, 1) gemm_kernel(const __grid_c
 #pragma unroll
             for (int k = 0; k < BK / 16; k++) {  // +32 bytes a k-step
                 if constexpr (BN == 256)
-                    wgmma256(d[mt], desc(a) + 2 * k, desc(bb) + 2 * k);
+                    wgmma256(d[mt], desc(a) + 2 * k, desc(bb) + 2 * k, kt > 0 || k > 0);
                 else if constexpr (BN == 128)
-                    wgmma128(d[mt], desc(a) + 2 * k, desc(bb) + 2 * k);
+                    wgmma128(d[mt], desc(a) + 2 * k, desc(bb) + 2 * k, kt > 0 || k > 0);
                 else
-                    wgmma64(d[mt], desc(a) + 2 * k, desc(bb) + 2 * k);
+                    wgmma64(d[mt], desc(a) + 2 * k, desc(bb) + 2 * k, kt > 0 || k > 0);
             }
         }
         asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");  // (waiting for 1 serialized the products)
-        if (t % 32 == 0) mbar_arrive(&empty[s]);
-        if (NF4 && t == 0 && kt + STAGES < nk) issue_a(kt + STAGES);  // this half of stage s is read
+        asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");  // k-tile kt - 1's products are done
+        if (kt > 0) {  // its stage is free (for NF4: this warpgroup's half of the activation tile too)
+            if (t % 32 == 0) mbar_arrive(&empty[(kt - 1) % STAGES]);
+            if (NF4 && t == 0 && kt - 1 + STAGES < nk) issue_a(kt - 1 + STAGES);
+        }
     }
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
     pin(d);
     const int warp = t / 32, lane = t % 32, g = lane / 4, q4 = lane % 4;
 #pragma unroll
@@ -372,7 +373,7 @@ static void shape(const char *name, int M, int N, int K, int reps, cublasLtHandl
     CK(cudaMalloc(&C1, 2 * nc));
     CK(cudaMalloc(&C2, 2 * nc));
     CUtensorMap ma = tmap(dA, M, K, BM), ma2 = tmap(dA, M, K, BM / 2), mb = tmap(dB, N, K, BN), mc = tmap_codes(w.packed, N, K);
-    size_t smem = STAGES * (A_BYTES + B_BYTES) + CS * BN * BK / 2 + 8 * (2 * STAGES + 2 * CS) + 64 + 1024;
+    size_t smem = STAGES * (A_BYTES + B_BYTES) + CODES_BYTES + 8 * (2 * STAGES + 2 * CS) + 64 + 1024;
     CK(cudaFuncSetAttribute(gemm_kernel<0>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     if constexpr (BN <= 128) CK(cudaFuncSetAttribute(gemm_kernel<1>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     // cuBLASLt, row-major C = A B^T as column-major C^T = B A^T (the step's gemm_cuda(0, 1, ...))
