@@ -287,6 +287,130 @@ __global__ void __launch_bounds__(NF4 ? 512 : 384, 1) gemm_kernel(const __grid_c
         }
 }
 
+
+// ---- nf4-rs: the weight as the products' A operand, dequantized in the consumers' registers ----------
+// The transposed problem C^T[feature][token] = W X^T: wgmma takes A (the weight, 64 feature rows x 16 k)
+// from registers, B (the activations, RS_TN tokens x 64 k, K-major) from shared memory by TMA. A consumer
+// thread makes its own A fragments (rows g and g + 8 of its warp's 16, columns 2 t4 .. and 2 t4 + 8 ..:
+// one packed byte each, two elements) from the tile's packed codes (TMA) while the previous k-tile's
+// products run: no dequantized tile is written anywhere, and the dequantization overlaps the tensor cores.
+// One producer thread (TMA), two consumer warpgroups of 64 feature rows; setmaxnreg gives them the
+// registers (128 accumulators at RS_TN 256, two k-tiles' A fragments).
+#define RS_FM 128
+#ifndef RS_TN
+#define RS_TN 256
+#endif
+#define RS_STAGES 5
+#define RS_ACT_BYTES (RS_TN * BK * 2)
+#define RS_CODE_BYTES (RS_FM * BK / 2)
+__device__ __forceinline__ void wgmma_rs256(float *d, const uint32_t *a, uint64_t db, int sd) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+        "}, {%128, %129, %130, %131}, %132, p, 1, 1, 0;\n}\n"
+        : A8(0), A8(8), A8(16), A8(24), A8(32), A8(40), A8(48), A8(56), A8(64), A8(72), A8(80), A8(88), A8(96), A8(104),
+          A8(112), A8(120)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(sd));
+}
+__device__ __forceinline__ float nf4_scale(const nf4_w &w, size_t b) {
+    return __fadd_rn(__fmul_rn(__ldg(w.nested_code + __ldg(w.absmax_q + b)), __ldg(w.nested_absmax + b / 256)), w.offset);
+}
+// byte t4 of word x (of a packed code row) -> the A register: {bf16(code[hi] s), bf16(code[lo] s)}
+__device__ __forceinline__ uint32_t nf4_pair(const float2 *pair, uint32_t x, int t4, float s) {
+    float2 c = pair[(x >> (8 * t4)) & 0xff];
+    __nv_bfloat162 h = __floats2bfloat162_rn(__fmul_rn(c.x, s), __fmul_rn(c.y, s));
+    return *(uint32_t *)&h;
+}
+
+__global__ void __launch_bounds__(384, 1) gemm_rs_kernel(const __grid_constant__ CUtensorMap mx,
+                                                         const __grid_constant__ CUtensorMap mc, nf4_w w, bf16 *C, int M,
+                                                         int N, int K) {
+    extern __shared__ __align__(1024) unsigned char smem_raw[];
+    unsigned char *smem = smem_raw + ((1024 - (su32(smem_raw) & 1023)) & 1023);
+    bf16 *Xs = (bf16 *)smem;                                         // [RS_STAGES][RS_TN][64], swizzled
+    uint8_t *Cs = smem + RS_STAGES * RS_ACT_BYTES;                   // [RS_STAGES][RS_FM][32] packed codes
+    uint64_t *full = (uint64_t *)(Cs + RS_STAGES * RS_CODE_BYTES), *empty = full + RS_STAGES;
+    float2 *pair = (float2 *)(empty + RS_STAGES);
+    const int wg = threadIdx.x / 128, t = threadIdx.x % 128, nk = K / BK;
+    int tm, tn;
+    tile_of(blockIdx.x, M / RS_TN, N / RS_FM, &tm, &tn);
+    const int m0 = tm * RS_TN, f0 = tn * RS_FM;
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < RS_STAGES; s++) mbar_init(&full[s], 1), mbar_init(&empty[s], 8);
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    if (threadIdx.x < 256) pair[threadIdx.x] = make_float2(c_code[threadIdx.x >> 4], c_code[threadIdx.x & 15]);
+    __syncthreads();
+    if (wg == 0) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+        if (t == 0)
+            for (int kt = 0; kt < nk; kt++) {
+                int s = kt % RS_STAGES;
+                mbar_wait(&empty[s], ((kt / RS_STAGES) & 1) ^ 1);
+                mbar_expect_arrive(&full[s], RS_ACT_BYTES + RS_CODE_BYTES);
+                tma_load(Xs + s * RS_TN * BK, &mx, &full[s], kt * BK, m0);
+                tma_load(Cs + s * RS_CODE_BYTES, &mc, &full[s], kt * (BK / 2), f0);
+            }
+        return;
+    }
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+    const int c = wg - 1, warp = t / 32, lane = t % 32, g = lane >> 2, t4 = lane & 3;
+    const int lr0 = c * 64 + warp * 16 + g;  // this thread's feature rows in the tile: lr0, lr0 + 8
+    const size_t b0 = (size_t)(f0 + lr0) * (K / 64), b1 = (size_t)(f0 + lr0 + 8) * (K / 64);
+    float d[RS_TN / 2];
+    uint32_t a0[16], a1[16];  // two k-tiles' A fragments: one feeds the running products, the other is made
+    // the rows' scales a k-tile ahead, their raw bytes two ahead: no dependent global load on the way to
+    // the products (one took the scale chain's two L2 round trips each k-tile)
+    float s0 = nf4_scale(w, b0), s1 = nf4_scale(w, b1);
+    uint8_t q0 = 0, q1 = 0;
+    float m0a = 0.0f, m1a = 0.0f;
+    if (nk > 1) q0 = __ldg(w.absmax_q + b0 + 1), q1 = __ldg(w.absmax_q + b1 + 1), m0a = __ldg(w.nested_absmax + (b0 + 1) / 256),
+    m1a = __ldg(w.nested_absmax + (b1 + 1) / 256);
+    auto step = [&](int kt, uint32_t (&ak)[16], uint32_t (&prev)[16]) {
+        int s = kt % RS_STAGES;
+        float n0 = __fadd_rn(__fmul_rn(__ldg(w.nested_code + q0), m0a), w.offset);  // k-tile kt + 1's
+        float n1 = __fadd_rn(__fmul_rn(__ldg(w.nested_code + q1), m1a), w.offset);
+        if (kt + 2 < nk)
+            q0 = __ldg(w.absmax_q + b0 + kt + 2), q1 = __ldg(w.absmax_q + b1 + kt + 2),
+            m0a = __ldg(w.nested_absmax + (b0 + kt + 2) / 256), m1a = __ldg(w.nested_absmax + (b1 + kt + 2) / 256);
+        mbar_wait(&full[s], (kt / RS_STAGES) & 1);
+        const uint4 *r0 = (const uint4 *)(Cs + s * RS_CODE_BYTES + lr0 * 32), *r1 = (const uint4 *)(Cs + s * RS_CODE_BYTES + (lr0 + 8) * 32);
+        uint4 p00 = r0[0], p01 = r0[1], p10 = r1[0], p11 = r1[1];
+        const uint32_t w0[8] = {p00.x, p00.y, p00.z, p00.w, p01.x, p01.y, p01.z, p01.w};
+        const uint32_t w1[8] = {p10.x, p10.y, p10.z, p10.w, p11.x, p11.y, p11.z, p11.w};
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) {  // k16 step kk: bytes kk 8 + t4 (word 2 kk) and kk 8 + 4 + t4 (word 2 kk + 1)
+            ak[4 * kk + 0] = nf4_pair(pair, w0[2 * kk], t4, s0);      // (g,     2 t4 ..)
+            ak[4 * kk + 1] = nf4_pair(pair, w1[2 * kk], t4, s1);      // (g + 8, 2 t4 ..)
+            ak[4 * kk + 2] = nf4_pair(pair, w0[2 * kk + 1], t4, s0);  // (g,     2 t4 + 8 ..)
+            ak[4 * kk + 3] = nf4_pair(pair, w1[2 * kk + 1], t4, s1);  // (g + 8, 2 t4 + 8 ..)
+        }
+        s0 = n0, s1 = n1;
+        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+        const bf16 *xb = Xs + s * RS_TN * BK;
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) wgmma_rs256(d, ak + 4 * kk, desc(xb) + 2 * kk, kt > 0 || kk > 0);
+        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#pragma unroll
+        for (int i = 0; i < 16; i++) asm volatile("" : "+r"(ak[i])::"memory");  // read by the running products
+        asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");  // k-tile kt - 1's products are done
+#pragma unroll
+        for (int i = 0; i < 16; i++) asm volatile("" : "+r"(prev[i])::"memory");  // free only from here
+        if (kt > 0 && lane == 0) mbar_arrive(&empty[(kt - 1) % RS_STAGES]);
+    };
+    for (int kt = 0; kt < nk; kt += 2) {
+        step(kt, a0, a1);
+        if (kt + 1 < nk) step(kt + 1, a1, a0);
+    }
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#pragma unroll
+    for (int i = 0; i < RS_TN / 2; i++) {  // d[i]: feature row lr0 + 8 ((i / 2) % 2), token (i / 4) 8 + 2 t4 + i % 2
+        int f = f0 + lr0 + 8 * ((i / 2) % 2), tok = m0 + (i / 4) * 8 + 2 * t4 + (i % 2);
+        C[(size_t)tok * N + f] = __float2bfloat16_rn(d[i]);
+    }
+}
+
 // The reference dequantization (as cuda/nf4.cu): an element a thread.
 __global__ void dequant_kernel(nf4_w w, bf16 *out, size_t numel) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -324,10 +448,10 @@ static CUtensorMap tmap(const void *p, int rows, int K, int box_rows) {
 }
 
 // The packed codes [N][K / 2] (uint8), boxes of 32 bytes x BN rows, no swizzle.
-static CUtensorMap tmap_codes(const void *p, int N, int K) {
+static CUtensorMap tmap_codes(const void *p, int N, int K, int box_rows) {
     CUtensorMap m;
     cuuint64_t dims[2] = {(cuuint64_t)K / 2, (cuuint64_t)N}, strides[1] = {(cuuint64_t)K / 2};
-    cuuint32_t box[2] = {BK / 2, BN}, es[2] = {1, 1};
+    cuuint32_t box[2] = {BK / 2, (cuuint32_t)box_rows}, es[2] = {1, 1};
     CUresult r = encode_fn()(&m, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, (void *)p, dims, strides, box, es, CU_TENSOR_MAP_INTERLEAVE_NONE,
                              CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
     if (r != CUDA_SUCCESS) {
@@ -372,7 +496,12 @@ static void shape(const char *name, int M, int N, int K, int reps, cublasLtHandl
     CK(cudaMalloc(&C0, 2 * nc));
     CK(cudaMalloc(&C1, 2 * nc));
     CK(cudaMalloc(&C2, 2 * nc));
-    CUtensorMap ma = tmap(dA, M, K, BM), ma2 = tmap(dA, M, K, BM / 2), mb = tmap(dB, N, K, BN), mc = tmap_codes(w.packed, N, K);
+    bf16 *C3;
+    CK(cudaMalloc(&C3, 2 * nc));
+    size_t smem_rs = RS_STAGES * (RS_ACT_BYTES + RS_CODE_BYTES) + 2 * RS_STAGES * 8 + 256 * 8 + 1024;
+    CK(cudaFuncSetAttribute(gemm_rs_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_rs));
+    CUtensorMap ma = tmap(dA, M, K, BM), ma2 = tmap(dA, M, K, BM / 2), mb = tmap(dB, N, K, BN), mc = tmap_codes(w.packed, N, K, BN), mx = tmap(dA, M, K, RS_TN),
+                mrc = tmap_codes(w.packed, N, K, RS_FM);
     size_t smem = STAGES * (A_BYTES + B_BYTES) + CODES_BYTES + 8 * (2 * STAGES + 2 * CS) + 64 + 1024;
     CK(cudaFuncSetAttribute(gemm_kernel<0>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     if constexpr (BN <= 128) CK(cudaFuncSetAttribute(gemm_kernel<1>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
@@ -396,15 +525,17 @@ static void shape(const char *name, int M, int N, int K, int reps, cublasLtHandl
     cudaEvent_t e0, e1;
     CK(cudaEventCreate(&e0));
     CK(cudaEventCreate(&e1));
-    float *ms = (float *)malloc(sizeof(float) * (reps + 2)), med[4];
-    const char *way[4] = {"cublas", "tma", "nf4", "dequant+cublas"};
+    float *ms = (float *)malloc(sizeof(float) * (reps + 2)), med[5];
+    const char *way[5] = {"cublas", "tma", "nf4", "dequant+cublas", "nf4-rs"};
     int tiles = (M / BM) * (N / BN);
-    for (int v = 0; v < 4; v++) {
+    for (int v = 0; v < 5; v++) {
         for (int i = 0; i < reps + 2; i++) {
             CK(cudaEventRecord(e0));
             if (v == 0 || v == 3) {
                 if (v == 3) dequant_kernel<<<(unsigned)((nw + 255) / 256), 256>>>(w, dB, nw);
                 CB(cublasLtMatmul(lt, op, &one, dB, lb, dA, la, &zero, C0, lc, C0, lc, &heur.algo, ws, ws_bytes, 0));
+            } else if (v == 4) {
+                gemm_rs_kernel<<<(M / RS_TN) * (N / RS_FM), 384, smem_rs>>>(mx, mrc, w, C3, M, N, K);
             } else if (v == 1) {
                 gemm_kernel<0><<<tiles, 384, smem>>>(ma, mb, w, C1, M, N, K);
             } else {
@@ -422,23 +553,26 @@ static void shape(const char *name, int M, int N, int K, int reps, cublasLtHandl
     CK(cudaMemcpy(h0, C0, 2 * nc, cudaMemcpyDeviceToHost));
     CK(cudaMemcpy(h1, C1, 2 * nc, cudaMemcpyDeviceToHost));
     CK(cudaMemcpy(h2, C2, 2 * nc, cudaMemcpyDeviceToHost));
-    double num = 0, den = 0;
+    uint16_t *h3 = (uint16_t *)malloc(2 * nc);
+    CK(cudaMemcpy(h3, C3, 2 * nc, cudaMemcpyDeviceToHost));
+    double num = 0, den = 0, num3 = 0;
     size_t same12 = 0;
     for (size_t i = 0; i < nc; i++) {
-        float f0 = bf16_to_f32(h0[i]), f1 = bf16_to_f32(h1[i]);
-        num += (double)(f0 - f1) * (f0 - f1), den += (double)f0 * f0;
+        float f0 = bf16_to_f32(h0[i]), f1 = bf16_to_f32(h1[i]), f3 = bf16_to_f32(h3[i]);
+        num += (double)(f0 - f1) * (f0 - f1), den += (double)f0 * f0, num3 += (double)(f0 - f3) * (f0 - f3);
         same12 += h1[i] == h2[i];
     }
     double fl = 2.0 * M * N * K;
     printf("%-8s %5d x %5d x %5d:", name, M, N, K);
-    for (int v = 0; v < 4; v++)
+    for (int v = 0; v < 5; v++)
         if (v == 2 && BN > 128)
             printf("  nf4 n/a");
         else
             printf("  %s %.3f ms (%.0f TF/s)", way[v], med[v], fl / med[v] / 1e9);
     printf("  | tma vs cublas rel L2 %.2e", sqrt(num / (den > 0 ? den : 1)));
     if (BN <= 128) printf(", nf4 == tma %s (%zu of %zu)", same12 == nc ? "yes" : "NO", same12, nc);
-    printf("\n");
+    printf(", nf4-rs vs cublas rel L2 %.2e\n", sqrt(num3 / (den > 0 ? den : 1)));
+    cudaFree(C3), free(h3);
     cudaFree(dA), cudaFree(dB), cudaFree(C0), cudaFree(C1), cudaFree(C2);
     cudaFree((void *)w.packed), cudaFree((void *)w.absmax_q), cudaFree((void *)w.nested_absmax), cudaFree((void *)w.nested_code);
     free(ha), free(hp), free(hq), free(hn), free(ms), free(h0), free(h1), free(h2);
