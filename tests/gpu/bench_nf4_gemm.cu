@@ -14,10 +14,13 @@
 //            swizzled layout the wgmma reads. The codes come by TMA into a ring of CS slots, PD k-tiles ahead
 //            (issued by a producer thread that waits only for the producers); each consumer warpgroup
 //            copies its half of the activation tile by TMA as soon as it has read that half of a stage;
-//   dequant+cublas  the dequantization kernel, then cuBLASLt, one after the other.
+//   dequant+cublas  the dequantization kernel, then cuBLASLt, one after the other;
+//   nf4-rs   the transposed product C^T = W X^T with the weight as wgmma's register operand: each
+//            consumer thread makes its own A fragments from the packed codes (TMA) while the previous
+//            k-tile's products run; no dequantized tile anywhere (128 features x RS_TN 256 tokens).
 // nf4 against tma says what the dequantization costs inside the GEMM; tma against cublas what our own
-// GEMM still lacks. Checks: tma against cublas (rel L2), nf4 against tma (the same bits: the same
-// mainloop on the same bf16 values).
+// GEMM still lacks. Checks: tma and nf4-rs against cublas (rel L2; both give its bits), nf4 against tma
+// (the same bits: the same mainloop on the same bf16 values).
 //   build/tests/gpu/bench_nf4_gemm [reps]     (128 x 128 tiles; other shapes: build it by hand with
 //   -DBM=256 -DBN=64 / -DBM=256 -DBN=128 -DSTAGES=4 / -DBM=128 -DBN=256 -DSTAGES=4 (no nf4 variant there),
 //   the Makefile's nvcc line otherwise; docs/BENCHMARKS.md, twenty-first session, has what they measured)
