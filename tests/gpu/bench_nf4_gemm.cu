@@ -17,10 +17,12 @@
 //   dequant+cublas  the dequantization kernel, then cuBLASLt, one after the other;
 //   nf4-rs   the transposed product C^T = W X^T with the weight as wgmma's register operand: each
 //            consumer thread makes its own A fragments from the packed codes (TMA) while the previous
-//            k-tile's products run; no dequantized tile anywhere (128 features x RS_TN 256 tokens).
+//            k-tile's products run; no dequantized tile anywhere (128 features x RS_TN 256 tokens);
+//   bf16-rs  the same kernel reading the bf16 weight by TMA and its fragments by ldmatrix: the
+//            register-operand mainloop without the dequantization.
 // nf4 against tma says what the dequantization costs inside the GEMM; tma against cublas what our own
-// GEMM still lacks. Checks: tma and nf4-rs against cublas (rel L2; both give its bits), nf4 against tma
-// (the same bits: the same mainloop on the same bf16 values).
+// GEMM still lacks. Checks: tma and nf4-rs against cublas (rel L2; both give its bits), nf4 against tma and
+// bf16-rs against nf4-rs (the same bits: the same mainloop on the same bf16 values).
 //   build/tests/gpu/bench_nf4_gemm [reps]     (128 x 128 tiles; other shapes: build it by hand with
 //   -DBM=256 -DBN=64 / -DBM=256 -DBN=128 -DSTAGES=4 / -DBM=128 -DBN=256 -DSTAGES=4 (no nf4 variant there),
 //   the Makefile's nvcc line otherwise; docs/BENCHMARKS.md, twenty-first session, has what they measured)
@@ -328,21 +330,30 @@ __device__ __forceinline__ uint32_t nf4_pair(const float *code, uint32_t x, int 
     return *(uint32_t *)&h;
 }
 
+// DQ 0: the same kernel with the weight read as bf16 (TMA, swizzled) and its fragments by ldmatrix: what the
+// register-operand mainloop does without the dequantization.
+__device__ __forceinline__ void ldsm4_p(uint32_t *r, const void *p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(su32(p)));
+}
+template <int DQ>
 __global__ void __launch_bounds__(384, 1) gemm_rs_kernel(const __grid_constant__ CUtensorMap mx,
                                                          const __grid_constant__ CUtensorMap mc, nf4_w w, bf16 *C, int M,
                                                          int N, int K) {
+    constexpr int NS = DQ ? RS_STAGES : 4, WB = DQ ? RS_CODE_BYTES : RS_FM * BK * 2;  // stages, weight bytes a stage
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     unsigned char *smem = smem_raw + ((1024 - (su32(smem_raw) & 1023)) & 1023);
-    bf16 *Xs = (bf16 *)smem;                                         // [RS_STAGES][RS_TN][64], swizzled
-    uint8_t *Cs = smem + RS_STAGES * RS_ACT_BYTES;                   // [RS_STAGES][RS_FM][32] packed codes
-    uint64_t *full = (uint64_t *)(Cs + RS_STAGES * RS_CODE_BYTES), *empty = full + RS_STAGES;
+    bf16 *Xs = (bf16 *)smem;                                         // [NS][RS_TN][64], swizzled
+    uint8_t *Cs = smem + NS * RS_ACT_BYTES;                          // [NS][RS_FM][32] packed codes (DQ 0: bf16 [RS_FM][64])
+    uint64_t *full = (uint64_t *)(Cs + NS * WB), *empty = full + NS;
     float *code = (float *)(empty + RS_STAGES);
     const int wg = threadIdx.x / 128, t = threadIdx.x % 128, nk = K / BK;
     int tm, tn;
     tile_of(blockIdx.x, M / RS_TN, N / RS_FM, &tm, &tn);
     const int m0 = tm * RS_TN, f0 = tn * RS_FM;
     if (threadIdx.x == 0) {
-        for (int s = 0; s < RS_STAGES; s++) mbar_init(&full[s], 1), mbar_init(&empty[s], 8);
+        for (int s = 0; s < NS; s++) mbar_init(&full[s], 1), mbar_init(&empty[s], 8);
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
     if (threadIdx.x < 16) code[threadIdx.x] = c_code[threadIdx.x];
@@ -351,11 +362,11 @@ __global__ void __launch_bounds__(384, 1) gemm_rs_kernel(const __grid_constant__
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
         if (t == 0)
             for (int kt = 0; kt < nk; kt++) {
-                int s = kt % RS_STAGES;
-                mbar_wait(&empty[s], ((kt / RS_STAGES) & 1) ^ 1);
-                mbar_expect_arrive(&full[s], RS_ACT_BYTES + RS_CODE_BYTES);
+                int s = kt % NS;
+                mbar_wait(&empty[s], ((kt / NS) & 1) ^ 1);
+                mbar_expect_arrive(&full[s], RS_ACT_BYTES + WB);
                 tma_load(Xs + s * RS_TN * BK, &mx, &full[s], kt * BK, m0);
-                tma_load(Cs + s * RS_CODE_BYTES, &mc, &full[s], kt * (BK / 2), f0);
+                tma_load(Cs + s * WB, &mc, &full[s], kt * (DQ ? BK / 2 : BK), f0);
             }
         return;
     }
@@ -373,23 +384,30 @@ __global__ void __launch_bounds__(384, 1) gemm_rs_kernel(const __grid_constant__
     if (nk > 1) q0 = __ldg(w.absmax_q + b0 + 1), q1 = __ldg(w.absmax_q + b1 + 1), m0a = __ldg(w.nested_absmax + (b0 + 1) / 256),
     m1a = __ldg(w.nested_absmax + (b1 + 1) / 256);
     auto step = [&](int kt, uint32_t (&ak)[16], uint32_t (&prev)[16]) {
-        int s = kt % RS_STAGES;
+        int s = kt % NS;
         float n0 = __fadd_rn(__fmul_rn(__ldg(w.nested_code + q0), m0a), w.offset);  // k-tile kt + 1's
         float n1 = __fadd_rn(__fmul_rn(__ldg(w.nested_code + q1), m1a), w.offset);
         if (kt + 2 < nk)
             q0 = __ldg(w.absmax_q + b0 + kt + 2), q1 = __ldg(w.absmax_q + b1 + kt + 2),
             m0a = __ldg(w.nested_absmax + (b0 + kt + 2) / 256), m1a = __ldg(w.nested_absmax + (b1 + kt + 2) / 256);
-        mbar_wait(&full[s], (kt / RS_STAGES) & 1);
-        const uint4 *r0 = (const uint4 *)(Cs + s * RS_CODE_BYTES + lr0 * 32), *r1 = (const uint4 *)(Cs + s * RS_CODE_BYTES + (lr0 + 8) * 32);
-        uint4 p00 = r0[0], p01 = r0[1], p10 = r1[0], p11 = r1[1];
-        const uint32_t w0[8] = {p00.x, p00.y, p00.z, p00.w, p01.x, p01.y, p01.z, p01.w};
-        const uint32_t w1[8] = {p10.x, p10.y, p10.z, p10.w, p11.x, p11.y, p11.z, p11.w};
+        mbar_wait(&full[s], (kt / NS) & 1);
+        if constexpr (DQ) {
+            const uint4 *r0 = (const uint4 *)(Cs + s * WB + lr0 * 32), *r1 = (const uint4 *)(Cs + s * WB + (lr0 + 8) * 32);
+            uint4 p00 = r0[0], p01 = r0[1], p10 = r1[0], p11 = r1[1];
+            const uint32_t w0[8] = {p00.x, p00.y, p00.z, p00.w, p01.x, p01.y, p01.z, p01.w};
+            const uint32_t w1[8] = {p10.x, p10.y, p10.z, p10.w, p11.x, p11.y, p11.z, p11.w};
 #pragma unroll
-        for (int kk = 0; kk < 4; kk++) {  // k16 step kk: bytes kk 8 + t4 (word 2 kk) and kk 8 + 4 + t4 (word 2 kk + 1)
-            ak[4 * kk + 0] = nf4_pair(code, w0[2 * kk], t4, s0);      // (g,     2 t4 ..)
-            ak[4 * kk + 1] = nf4_pair(code, w1[2 * kk], t4, s1);      // (g + 8, 2 t4 ..)
-            ak[4 * kk + 2] = nf4_pair(code, w0[2 * kk + 1], t4, s0);  // (g,     2 t4 + 8 ..)
-            ak[4 * kk + 3] = nf4_pair(code, w1[2 * kk + 1], t4, s1);  // (g + 8, 2 t4 + 8 ..)
+            for (int kk = 0; kk < 4; kk++) {  // k16 step kk: bytes kk 8 + t4 (word 2 kk) and kk 8 + 4 + t4 (word 2 kk + 1)
+                ak[4 * kk + 0] = nf4_pair(code, w0[2 * kk], t4, s0);      // (g,     2 t4 ..)
+                ak[4 * kk + 1] = nf4_pair(code, w1[2 * kk], t4, s1);      // (g + 8, 2 t4 ..)
+                ak[4 * kk + 2] = nf4_pair(code, w0[2 * kk + 1], t4, s0);  // (g,     2 t4 + 8 ..)
+                ak[4 * kk + 3] = nf4_pair(code, w1[2 * kk + 1], t4, s1);  // (g + 8, 2 t4 + 8 ..)
+            }
+        } else {  // the bf16 tile [RS_FM][64], 128-byte swizzle: rows lr0 - g + (lane & 15), 16-byte chunk 2 kk + lane / 16
+            const unsigned char *wt = Cs + s * WB;
+            int row = c * 64 + warp * 16 + (lane & 15);
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++) ldsm4_p(ak + 4 * kk, wt + row * 128 + (((2 * kk + (lane >> 4)) ^ (row & 7)) << 4));
         }
         s0 = n0, s1 = n1;
         asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
@@ -402,7 +420,7 @@ __global__ void __launch_bounds__(384, 1) gemm_rs_kernel(const __grid_constant__
         asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");  // k-tile kt - 1's products are done
 #pragma unroll
         for (int i = 0; i < 16; i++) asm volatile("" : "+r"(prev[i])::"memory");  // free only from here
-        if (kt > 0 && lane == 0) mbar_arrive(&empty[(kt - 1) % RS_STAGES]);
+        if (kt > 0 && lane == 0) mbar_arrive(&empty[(kt - 1) % NS]);
     };
     for (int kt = 0; kt < nk; kt += 2) {
         step(kt, a0, a1);
@@ -503,10 +521,14 @@ static void shape(const char *name, int M, int N, int K, int reps, cublasLtHandl
     CK(cudaMalloc(&C2, 2 * nc));
     bf16 *C3;
     CK(cudaMalloc(&C3, 2 * nc));
-    size_t smem_rs = RS_STAGES * (RS_ACT_BYTES + RS_CODE_BYTES) + 2 * RS_STAGES * 8 + 256 * 8 + 1024;
-    CK(cudaFuncSetAttribute(gemm_rs_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_rs));
+    size_t smem_rs = RS_STAGES * (RS_ACT_BYTES + RS_CODE_BYTES) + 2 * RS_STAGES * 8 + 64 + 1024;
+    size_t smem_rs0 = 4 * (RS_ACT_BYTES + RS_FM * BK * 2) + 2 * 4 * 8 + 64 + 1024;
+    CK(cudaFuncSetAttribute(gemm_rs_kernel<1>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_rs));
+    CK(cudaFuncSetAttribute(gemm_rs_kernel<0>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_rs0));
+    bf16 *C4;
+    CK(cudaMalloc(&C4, 2 * nc));
     CUtensorMap ma = tmap(dA, M, K, BM), ma2 = tmap(dA, M, K, BM / 2), mb = tmap(dB, N, K, BN), mc = tmap_codes(w.packed, N, K, BN), mx = tmap(dA, M, K, RS_TN),
-                mrc = tmap_codes(w.packed, N, K, RS_FM);
+                mrc = tmap_codes(w.packed, N, K, RS_FM), mwb = tmap(dB, N, K, RS_FM);
     size_t smem = STAGES * (A_BYTES + B_BYTES) + CODES_BYTES + 8 * (2 * STAGES + 2 * CS) + 64 + 1024;
     CK(cudaFuncSetAttribute(gemm_kernel<0>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     if constexpr (BN <= 128) CK(cudaFuncSetAttribute(gemm_kernel<1>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
@@ -530,17 +552,19 @@ static void shape(const char *name, int M, int N, int K, int reps, cublasLtHandl
     cudaEvent_t e0, e1;
     CK(cudaEventCreate(&e0));
     CK(cudaEventCreate(&e1));
-    float *ms = (float *)malloc(sizeof(float) * (reps + 2)), med[5];
-    const char *way[5] = {"cublas", "tma", "nf4", "dequant+cublas", "nf4-rs"};
+    float *ms = (float *)malloc(sizeof(float) * (reps + 2)), med[6];
+    const char *way[6] = {"cublas", "tma", "nf4", "dequant+cublas", "nf4-rs", "bf16-rs"};
     int tiles = (M / BM) * (N / BN);
-    for (int v = 0; v < 5; v++) {
+    for (int v = 0; v < 6; v++) {
         for (int i = 0; i < reps + 2; i++) {
             CK(cudaEventRecord(e0));
             if (v == 0 || v == 3) {
                 if (v == 3) dequant_kernel<<<(unsigned)((nw + 255) / 256), 256>>>(w, dB, nw);
                 CB(cublasLtMatmul(lt, op, &one, dB, lb, dA, la, &zero, C0, lc, C0, lc, &heur.algo, ws, ws_bytes, 0));
             } else if (v == 4) {
-                gemm_rs_kernel<<<(M / RS_TN) * (N / RS_FM), 384, smem_rs>>>(mx, mrc, w, C3, M, N, K);
+                gemm_rs_kernel<1><<<(M / RS_TN) * (N / RS_FM), 384, smem_rs>>>(mx, mrc, w, C3, M, N, K);
+            } else if (v == 5) {
+                gemm_rs_kernel<0><<<(M / RS_TN) * (N / RS_FM), 384, smem_rs0>>>(mx, mwb, w, C4, M, N, K);
             } else if (v == 1) {
                 gemm_kernel<0><<<tiles, 384, smem>>>(ma, mb, w, C1, M, N, K);
             } else {
@@ -558,8 +582,11 @@ static void shape(const char *name, int M, int N, int K, int reps, cublasLtHandl
     CK(cudaMemcpy(h0, C0, 2 * nc, cudaMemcpyDeviceToHost));
     CK(cudaMemcpy(h1, C1, 2 * nc, cudaMemcpyDeviceToHost));
     CK(cudaMemcpy(h2, C2, 2 * nc, cudaMemcpyDeviceToHost));
-    uint16_t *h3 = (uint16_t *)malloc(2 * nc);
+    uint16_t *h3 = (uint16_t *)malloc(2 * nc), *h4 = (uint16_t *)malloc(2 * nc);
     CK(cudaMemcpy(h3, C3, 2 * nc, cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(h4, C4, 2 * nc, cudaMemcpyDeviceToHost));
+    size_t same34 = 0;
+    for (size_t i = 0; i < nc; i++) same34 += h3[i] == h4[i];
     double num = 0, den = 0, num3 = 0;
     size_t same12 = 0;
     for (size_t i = 0; i < nc; i++) {
@@ -569,15 +596,15 @@ static void shape(const char *name, int M, int N, int K, int reps, cublasLtHandl
     }
     double fl = 2.0 * M * N * K;
     printf("%-8s %5d x %5d x %5d:", name, M, N, K);
-    for (int v = 0; v < 5; v++)
+    for (int v = 0; v < 6; v++)
         if (v == 2 && BN > 128)
             printf("  nf4 n/a");
         else
             printf("  %s %.3f ms (%.0f TF/s)", way[v], med[v], fl / med[v] / 1e9);
     printf("  | tma vs cublas rel L2 %.2e", sqrt(num / (den > 0 ? den : 1)));
     if (BN <= 128) printf(", nf4 == tma %s (%zu of %zu)", same12 == nc ? "yes" : "NO", same12, nc);
-    printf(", nf4-rs vs cublas rel L2 %.2e\n", sqrt(num3 / (den > 0 ? den : 1)));
-    cudaFree(C3), free(h3);
+    printf(", nf4-rs vs cublas rel L2 %.2e, bf16-rs == nf4-rs %s\n", sqrt(num3 / (den > 0 ? den : 1)), same34 == nc ? "yes" : "NO");
+    cudaFree(C3), free(h3), cudaFree(C4), free(h4);
     cudaFree(dA), cudaFree(dB), cudaFree(C0), cudaFree(C1), cudaFree(C2);
     cudaFree((void *)w.packed), cudaFree((void *)w.absmax_q), cudaFree((void *)w.nested_absmax), cudaFree((void *)w.nested_code);
     free(ha), free(hp), free(hq), free(hn), free(ms), free(h0), free(h1), free(h2);
