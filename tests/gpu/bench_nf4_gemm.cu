@@ -16,8 +16,8 @@
 //            copies its half of the activation tile by TMA as soon as it has read that half of a stage;
 //   dequant+cublas  the dequantization kernel, then cuBLASLt, one after the other;
 //   nf4-rs   the transposed product C^T = W X^T with the weight as wgmma's register operand: each
-//            consumer thread makes its own A fragments from the packed codes (TMA) while the previous
-//            k-tile's products run; no dequantized tile anywhere (128 features x RS_TN 256 tokens);
+//            consumer thread makes its own A fragments from the packed codes (TMA) while the other
+//            warpgroup's products run; no dequantized tile anywhere (128 features x RS_TN 256 tokens);
 //   bf16-rs  the same kernel reading the bf16 weight by TMA and its fragments by ldmatrix: the
 //            register-operand mainloop without the dequantization.
 // nf4 against tma says what the dequantization costs inside the GEMM; tma against cublas what our own
@@ -297,10 +297,10 @@ __global__ void __launch_bounds__(NF4 ? 512 : 384, 1) gemm_kernel(const __grid_c
 // The transposed problem C^T[feature][token] = W X^T: wgmma takes A (the weight, 64 feature rows x 16 k)
 // from registers, B (the activations, RS_TN tokens x 64 k, K-major) from shared memory by TMA. A consumer
 // thread makes its own A fragments (rows g and g + 8 of its warp's 16, columns 2 t4 .. and 2 t4 + 8 ..:
-// one packed byte each, two elements) from the tile's packed codes (TMA) while the previous k-tile's
-// products run: no dequantized tile is written anywhere, and the dequantization overlaps the tensor cores.
-// One producer thread (TMA), two consumer warpgroups of 64 feature rows; setmaxnreg gives them the
-// registers (128 accumulators at RS_TN 256, two k-tiles' A fragments).
+// one packed byte each, two elements) from the tile's packed codes (TMA), waits for its own products, and
+// makes the next while the other warpgroup's run: no dequantized tile is written anywhere. One producer
+// thread (TMA), two consumer warpgroups of 64 feature rows; setmaxnreg gives them the registers (128
+// accumulators at RS_TN 256, A fragments).
 #define RS_FM 128
 #ifndef RS_TN
 #define RS_TN 256
