@@ -306,6 +306,9 @@ __global__ void __launch_bounds__(NF4 ? 512 : 384, 1) gemm_kernel(const __grid_c
 #define RS_TN 256
 #endif
 #define RS_STAGES 5
+#ifndef RS_SMEM_STORE
+#define RS_SMEM_STORE 1      // C^T's tile transposed through shared memory, 16-byte stores (0: 2-byte stores)
+#endif
 #define RS_ACT_BYTES (RS_TN * BK * 2)
 #define RS_CODE_BYTES (RS_FM * BK / 2)
 __device__ __forceinline__ void wgmma_rs256(float *d, const uint32_t *a, uint64_t db, int sd) {
@@ -430,11 +433,26 @@ __global__ void __launch_bounds__(384, 1) gemm_rs_kernel(const __grid_constant__
         if (kt + 1 < nk) step(kt + 1, a1, a0);
     }
     asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#if RS_SMEM_STORE
+    // C^T's tile transposed through shared memory (the stages are free once both warpgroups are done):
+    // [RS_TN tokens][64 features + 8] a warpgroup, then whole 128-byte rows of C with 16-byte stores
+    asm volatile("bar.sync 1, 256;\n" ::: "memory");
+    bf16 *Ts = (bf16 *)smem + (size_t)c * RS_TN * 72;
+#pragma unroll
+    for (int i = 0; i < RS_TN / 2; i++)  // d[i]: feature row lr0 + 8 ((i / 2) % 2), token (i / 4) 8 + 2 t4 + i % 2
+        Ts[((i / 4) * 8 + 2 * t4 + (i % 2)) * 72 + warp * 16 + g + 8 * ((i / 2) % 2)] = __float2bfloat16_rn(d[i]);
+    asm volatile("bar.sync %0, 128;\n" ::"r"(2 + c) : "memory");
+    for (int q = t; q < RS_TN * 8; q += 128) {
+        int tok = q >> 3, part = q & 7;
+        *(uint4 *)(C + (size_t)(m0 + tok) * N + f0 + c * 64 + part * 8) = *(const uint4 *)(Ts + tok * 72 + part * 8);
+    }
+#else
 #pragma unroll
     for (int i = 0; i < RS_TN / 2; i++) {  // d[i]: feature row lr0 + 8 ((i / 2) % 2), token (i / 4) 8 + 2 t4 + i % 2
         int f = f0 + lr0 + 8 * ((i / 2) % 2), tok = m0 + (i / 4) * 8 + 2 * t4 + (i % 2);
         C[(size_t)tok * N + f] = __float2bfloat16_rn(d[i]);
     }
+#endif
 }
 
 // The reference dequantization (as cuda/nf4.cu): an element a thread.
