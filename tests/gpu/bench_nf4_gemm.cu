@@ -38,6 +38,8 @@
 #include <string.h>
 
 #include "core/dtype.h"
+#include "cuda/mma.cuh"    // ldsm4
+#include "cuda/wgmma.cuh"  // smem_u32, smem_align1024, wg_desc, wgmma_m64n64_ss: the attention kernels' primitives
 #include "tests/gpu/probe_util.h"
 
 typedef __nv_bfloat16 bf16;
@@ -68,35 +70,32 @@ typedef struct {
     float offset;
 } nf4_w;
 
-__device__ __forceinline__ uint32_t su32(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
 __device__ __forceinline__ void mbar_init(uint64_t *b, int n) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(su32(b)), "r"(n));
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(b)), "r"(n));
 }
 __device__ __forceinline__ void mbar_expect_arrive(uint64_t *b, uint32_t bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(su32(b)), "r"(bytes) : "memory");
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(b)), "r"(bytes) : "memory");
 }
 __device__ __forceinline__ void mbar_arrive(uint64_t *b) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(su32(b)) : "memory");
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(b)) : "memory");
 }
 __device__ __forceinline__ void mbar_wait(uint64_t *b, int parity) {
     asm volatile(
         "{\n.reg .pred P1;\nWAIT_%=:\n"
         "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
-        "@P1 bra DONE_%=;\nbra WAIT_%=;\nDONE_%=:\n}\n" ::"r"(su32(b)),
+        "@P1 bra DONE_%=;\nbra WAIT_%=;\nDONE_%=:\n}\n" ::"r"(smem_u32(b)),
         "r"(parity)
         : "memory");
 }
 __device__ __forceinline__ void tma_load(void *dst, const CUtensorMap *map, uint64_t *bar, int c0, int c1) {
     asm volatile(
         "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];\n" ::"r"(
-            su32(dst)),
-        "l"(map), "r"(su32(bar)), "r"(c0), "r"(c1)
+            smem_u32(dst)),
+        "l"(map), "r"(smem_u32(bar)), "r"(c0), "r"(c1)
         : "memory");
 }
-// K-major tile of rows of 64 bf16 (128 bytes) in the 128-byte swizzle: start, LBO 16, SBO 1024.
-__device__ __forceinline__ uint64_t desc(const void *p) {
-    return (uint64_t)((su32(p) & 0x3FFFF) >> 4) | (uint64_t)(16 >> 4) << 16 | (uint64_t)(1024 >> 4) << 32 | 1ull << 62;
-}
+// K-major tile of rows of 64 bf16 (128 bytes) in the 128-byte swizzle (cuda/wgmma.cuh's descriptor).
+__device__ __forceinline__ uint64_t desc(const void *p) { return wg_desc(p, 16, 1024); }
 #define A8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
 __device__ __forceinline__ void wgmma128(float *d, uint64_t da, uint64_t db, int sd) {
     asm volatile(
@@ -108,17 +107,6 @@ __device__ __forceinline__ void wgmma128(float *d, uint64_t da, uint64_t db, int
         "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
         "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
         : A8(0), A8(8), A8(16), A8(24), A8(32), A8(40), A8(48), A8(56)
-        : "l"(da), "l"(db), "r"(sd));
-}
-
-__device__ __forceinline__ void wgmma64(float *d, uint64_t da, uint64_t db, int sd) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
-        "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
-        : A8(0), A8(8), A8(16), A8(24)
         : "l"(da), "l"(db), "r"(sd));
 }
 
@@ -152,7 +140,7 @@ __global__ void __launch_bounds__(NF4 ? 512 : 384, 1) gemm_kernel(const __grid_c
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     // (an offset from smem_raw, not a pointer rebuilt from an integer: the compiler keeps the shared address
     // space, so the table lookups and tile stores are LDS / STS, not generic loads with 64-bit addresses)
-    unsigned char *smem = smem_raw + ((1024 - (su32(smem_raw) & 1023)) & 1023);
+    unsigned char *smem = smem_align1024(smem_raw);
     bf16 *As = (bf16 *)smem, *Bs = (bf16 *)(smem + STAGES * A_BYTES);
     uint8_t *codes = smem + STAGES * (A_BYTES + B_BYTES);  // NF4: [STAGES][BN][BK / 2] packed codes
     uint64_t *full = (uint64_t *)(codes + CODES_BYTES), *empty = full + STAGES, *cfull = empty + STAGES;
@@ -270,7 +258,7 @@ __global__ void __launch_bounds__(NF4 ? 512 : 384, 1) gemm_kernel(const __grid_c
                 else if constexpr (BN == 128)
                     wgmma128(d[mt], desc(a) + 2 * k, desc(bb) + 2 * k, kt > 0 || k > 0);
                 else
-                    wgmma64(d[mt], desc(a) + 2 * k, desc(bb) + 2 * k, kt > 0 || k > 0);
+                    wgmma_m64n64_ss(d[mt], desc(a) + 2 * k, desc(bb) + 2 * k, kt > 0 || k > 0);
             }
         }
         asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
@@ -335,18 +323,13 @@ __device__ __forceinline__ uint32_t nf4_pair(const float *code, uint32_t x, int 
 
 // DQ 0: the same kernel with the weight read as bf16 (TMA, swizzled) and its fragments by ldmatrix: what the
 // register-operand mainloop does without the dequantization.
-__device__ __forceinline__ void ldsm4_p(uint32_t *r, const void *p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(su32(p)));
-}
 template <int DQ>
 __global__ void __launch_bounds__(384, 1) gemm_rs_kernel(const __grid_constant__ CUtensorMap mx,
                                                          const __grid_constant__ CUtensorMap mc, nf4_w w, bf16 *C, int M,
                                                          int N, int K) {
     constexpr int NS = DQ ? RS_STAGES : 4, WB = DQ ? RS_CODE_BYTES : RS_FM * BK * 2;  // stages, weight bytes a stage
     extern __shared__ __align__(1024) unsigned char smem_raw[];
-    unsigned char *smem = smem_raw + ((1024 - (su32(smem_raw) & 1023)) & 1023);
+    unsigned char *smem = smem_align1024(smem_raw);
     bf16 *Xs = (bf16 *)smem;                                         // [NS][RS_TN][64], swizzled
     uint8_t *Cs = smem + NS * RS_ACT_BYTES;                          // [NS][RS_FM][32] packed codes (DQ 0: bf16 [RS_FM][64])
     uint64_t *full = (uint64_t *)(Cs + NS * WB), *empty = full + NS;
@@ -410,7 +393,7 @@ __global__ void __launch_bounds__(384, 1) gemm_rs_kernel(const __grid_constant__
             const unsigned char *wt = Cs + s * WB;
             int row = c * 64 + warp * 16 + (lane & 15);
 #pragma unroll
-            for (int kk = 0; kk < 4; kk++) ldsm4_p(ak + 4 * kk, wt + row * 128 + (((2 * kk + (lane >> 4)) ^ (row & 7)) << 4));
+            for (int kk = 0; kk < 4; kk++) ldsm4(ak + 4 * kk, (const bf16 *)(wt + row * 128 + (((2 * kk + (lane >> 4)) ^ (row & 7)) << 4)));
         }
         s0 = n0, s1 = n1;
         asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
