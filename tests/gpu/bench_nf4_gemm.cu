@@ -19,10 +19,13 @@
 //            consumer thread makes its own A fragments from the packed codes (TMA) while the other
 //            warpgroup's products run; no dequantized tile anywhere (128 features x RS_TN 256 tokens);
 //   bf16-rs  the same kernel reading the bf16 weight by TMA and its fragments by ldmatrix: the
-//            register-operand mainloop without the dequantization.
+//            register-operand mainloop without the dequantization;
+//   nf4-rs2, bf16-rs2  the same two with the mainloop at k16 steps (CUTLASS's mixed-input schedule):
+//            a thread makes the next k-tile's step kk right after issuing this one's, up to four
+//            products in flight (RS2_WAIT, -DRS2_WAIT=N to change it). The same bits; no faster.
 // nf4 against tma says what the dequantization costs inside the GEMM; tma against cublas what our own
 // GEMM still lacks. Checks: tma and nf4-rs against cublas (rel L2; both give its bits), nf4 against tma and
-// bf16-rs against nf4-rs (the same bits: the same mainloop on the same bf16 values).
+// bf16-rs against nf4-rs (the same bits: the same mainloop on the same bf16 values), the rs2 pair against nf4-rs.
 //   build/tests/gpu/bench_nf4_gemm [reps]     (128 x 128 tiles; other shapes: build it by hand with
 //   -DBM=256 -DBN=64 / -DBM=256 -DBN=128 -DSTAGES=4 / -DBM=128 -DBN=256 -DSTAGES=4 (no nf4 variant there),
 //   the Makefile's nvcc line otherwise; docs/BENCHMARKS.md, twenty-first session, has what they measured)
@@ -36,6 +39,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include <type_traits>
 
 #include "core/dtype.h"
 #include "cuda/mma.cuh"    // ldsm4
@@ -438,6 +443,146 @@ __global__ void __launch_bounds__(384, 1) gemm_rs_kernel(const __grid_constant__
 #endif
 }
 
+// gemm_rs_kernel's mainloop at k16 steps (the schedule of CUTLASS's mixed-input RS mainloop): fragments
+// for two k-tiles, a thread makes the next k-tile's step kk right after issuing this k-tile's step kk, once
+// wait_group 4 has retired the previous k-tile's step kk (the last reader of those registers). A warpgroup
+// so keeps up to four products in flight while it dequantizes, instead of none. Two ptxas pitfalls, both
+// silent: a step under a runtime condition inside the loop made it serialize the products (C7514), and
+// with products still in flight at the loop's exit it scheduled the epilogue's conversions of the
+// accumulators above the final wait_group 0 (wrong bits in the later columns, CUDA 13.0): the last k-tile
+// is peeled and waits for its own products.
+#ifndef RS2_WAIT
+#define RS2_WAIT 4
+#endif
+
+template <int DQ>
+__global__ void __launch_bounds__(384, 1) gemm_rs2_kernel(const __grid_constant__ CUtensorMap mx,
+                                                          const __grid_constant__ CUtensorMap mc, nf4_w w, bf16 *C, int M,
+                                                          int N, int K) {
+    constexpr int NS = DQ ? RS_STAGES : 4, WB = DQ ? RS_CODE_BYTES : RS_FM * BK * 2;
+    extern __shared__ __align__(1024) unsigned char smem_raw[];
+    unsigned char *smem = smem_align1024(smem_raw);
+    bf16 *Xs = (bf16 *)smem;
+    uint8_t *Cs = smem + NS * RS_ACT_BYTES;
+    uint64_t *full = (uint64_t *)(Cs + NS * WB), *empty = full + NS;
+    float *code = (float *)(empty + RS_STAGES);
+    const int wg = threadIdx.x / 128, t = threadIdx.x % 128, nk = K / BK;
+    int tm, tn;
+    tile_of(blockIdx.x, M / RS_TN, N / RS_FM, &tm, &tn);
+    const int m0 = tm * RS_TN, f0 = tn * RS_FM;
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < NS; s++) mbar_init(&full[s], 1), mbar_init(&empty[s], 8);
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    if (threadIdx.x < 16) code[threadIdx.x] = c_code[threadIdx.x];
+    __syncthreads();
+    if (wg == 0) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+        if (t == 0)
+            for (int kt = 0; kt < nk; kt++) {
+                int s = kt % NS;
+                mbar_wait(&empty[s], ((kt / NS) & 1) ^ 1);
+                mbar_expect_arrive(&full[s], RS_ACT_BYTES + WB);
+                tma_load(Xs + s * RS_TN * BK, &mx, &full[s], kt * BK, m0);
+                tma_load(Cs + s * WB, &mc, &full[s], kt * (DQ ? BK / 2 : BK), f0);
+            }
+        return;
+    }
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+    const int c = wg - 1, warp = t / 32, lane = t % 32, g = lane >> 2, t4 = lane & 3;
+    const int lr0 = c * 64 + warp * 16 + g;
+    const size_t b0 = (size_t)(f0 + lr0) * (K / 64), b1 = (size_t)(f0 + lr0 + 8) * (K / 64);
+    float d[RS_TN / 2];
+    uint32_t a0[16], a1[16];  // k-tiles kt (even) and kt + 1: a k16 step's 4 registers each
+    // scales: s0, s1 the k-tile being made's; the raw bytes of the one after it
+    float s0 = nf4_scale(w, b0), s1 = nf4_scale(w, b1);
+    uint8_t q0 = 0, q1 = 0;
+    float m0a = 0.0f, m1a = 0.0f;
+    if (nk > 1) q0 = __ldg(w.absmax_q + b0 + 1), q1 = __ldg(w.absmax_q + b1 + 1), m0a = __ldg(w.nested_absmax + (b0 + 1) / 256),
+    m1a = __ldg(w.nested_absmax + (b1 + 1) / 256);
+    // k16 step kk of k-tile kt (in stage kt % NS) into a[4 kk .. 4 kk + 3]
+    auto make = [&](int kt, int kk, uint32_t *a) {
+        int s = kt % NS;
+        if constexpr (DQ) {
+            uint2 p0 = *(const uint2 *)(Cs + s * WB + lr0 * 32 + 8 * kk), p1 = *(const uint2 *)(Cs + s * WB + (lr0 + 8) * 32 + 8 * kk);
+            a[0] = nf4_pair(code, p0.x, t4, s0);  // (g,     2 t4 ..)
+            a[1] = nf4_pair(code, p1.x, t4, s1);  // (g + 8, 2 t4 ..)
+            a[2] = nf4_pair(code, p0.y, t4, s0);  // (g,     2 t4 + 8 ..)
+            a[3] = nf4_pair(code, p1.y, t4, s1);  // (g + 8, 2 t4 + 8 ..)
+        } else {
+            const unsigned char *wt = Cs + s * WB;
+            int row = c * 64 + warp * 16 + (lane & 15);
+            ldsm4(a, (const bf16 *)(wt + row * 128 + (((2 * kk + (lane >> 4)) ^ (row & 7)) << 4)));
+        }
+    };
+    auto next_scales = [&](int kt) {  // s0, s1 := k-tile kt's (raw bytes prefetched), fetch kt + 1's bytes
+        s0 = __fadd_rn(__fmul_rn(__ldg(w.nested_code + q0), m0a), w.offset);
+        s1 = __fadd_rn(__fmul_rn(__ldg(w.nested_code + q1), m1a), w.offset);
+        if (kt + 1 < nk)
+            q0 = __ldg(w.absmax_q + b0 + kt + 1), q1 = __ldg(w.absmax_q + b1 + kt + 1),
+            m0a = __ldg(w.nested_absmax + (b0 + kt + 1) / 256), m1a = __ldg(w.nested_absmax + (b1 + kt + 1) / 256);
+    };
+    mbar_wait(&full[0], 0);
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++) make(0, kk, a0 + 4 * kk);
+    auto pin = [&]() {  // the accumulators pinned: no copy of them while products run
+#pragma unroll
+        for (int i = 0; i < RS_TN / 2; i++) asm volatile("" : "+f"(d[i])::"memory");
+    };
+    // k-tile kt: its four products (fragments cur), and k-tile kt + 1's fragments made into nxt. LAST: the
+    // final k-tile, which waits for all its products itself: with one still in flight at the loop's exit,
+    // ptxas moved the epilogue's conversions of the accumulators above the final wait_group 0 (wrong bits)
+    auto step = [&](auto last_c, int kt, uint32_t (&cur)[16], uint32_t (&nxt)[16]) {
+        constexpr bool last = decltype(last_c)::value;
+        if constexpr (!last) {
+            next_scales(kt + 1);
+            mbar_wait(&full[(kt + 1) % NS], ((kt + 1) / NS) & 1);
+        }
+        const bf16 *xb = Xs + (kt % NS) * RS_TN * BK;
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) {
+            asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+            wgmma_rs256(d, cur + 4 * kk, desc(xb) + 2 * kk, kt > 0 || kk > 0);
+            asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#pragma unroll
+            for (int i = 0; i < 4; i++) asm volatile("" : "+r"(cur[4 * kk + i])::"memory");  // read by the running product
+            if constexpr (last) {
+                if (kk == 3) asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+            } else {
+                // k-tile kt - 1's step kk (the last reader of nxt's step kk) retired: RS2_WAIT groups came after it
+                asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(RS2_WAIT) : "memory");
+            }
+#pragma unroll
+            for (int i = 0; i < 4; i++) asm volatile("" : "+r"(nxt[4 * kk + i])::"memory");
+            if (kk == 3 && kt > 0 && lane == 0) mbar_arrive(&empty[(kt - 1) % NS]);  // k-tile kt - 1 all retired
+            if constexpr (!last) make(kt + 1, kk, nxt + 4 * kk);
+        }
+    };
+    using no = std::integral_constant<bool, false>;
+    using yes = std::integral_constant<bool, true>;
+    pin();
+    for (int kt = 0; kt + 2 < nk; kt += 2) {  // (K a multiple of 128: a step under a condition made ptxas serialize, C7514)
+        step(no(), kt, a0, a1);
+        pin();
+        step(no(), kt + 1, a1, a0);
+        pin();
+    }
+    step(no(), nk - 2, a0, a1);
+    pin();
+    step(yes(), nk - 1, a1, a0);
+    pin();
+    asm volatile("bar.sync 1, 256;\n" ::: "memory");
+    bf16 *Ts = (bf16 *)smem + (size_t)c * RS_TN * 72;
+#pragma unroll
+    for (int i = 0; i < RS_TN / 2; i++)
+        Ts[((i / 4) * 8 + 2 * t4 + (i % 2)) * 72 + warp * 16 + g + 8 * ((i / 2) % 2)] = __float2bfloat16_rn(d[i]);
+    asm volatile("bar.sync %0, 128;\n" ::"r"(2 + c) : "memory");
+    for (int q = t; q < RS_TN * 8; q += 128) {
+        int tok = q >> 3, part = q & 7;
+        *(uint4 *)(C + (size_t)(m0 + tok) * N + f0 + c * 64 + part * 8) = *(const uint4 *)(Ts + tok * 72 + part * 8);
+    }
+}
+
 // The reference dequantization (as cuda/nf4.cu): an element a thread.
 __global__ void dequant_kernel(nf4_w w, bf16 *out, size_t numel) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -529,8 +674,12 @@ static void shape(const char *name, int M, int N, int K, int reps, cublasLtHandl
     size_t smem_rs0 = 4 * (RS_ACT_BYTES + RS_FM * BK * 2) + 2 * 4 * 8 + 64 + 1024;
     CK(cudaFuncSetAttribute(gemm_rs_kernel<1>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_rs));
     CK(cudaFuncSetAttribute(gemm_rs_kernel<0>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_rs0));
-    bf16 *C4;
+    CK(cudaFuncSetAttribute(gemm_rs2_kernel<1>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_rs));
+    CK(cudaFuncSetAttribute(gemm_rs2_kernel<0>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_rs0));
+    bf16 *C4, *C5, *C6;
     CK(cudaMalloc(&C4, 2 * nc));
+    CK(cudaMalloc(&C5, 2 * nc));
+    CK(cudaMalloc(&C6, 2 * nc));
     CUtensorMap ma = tmap(dA, M, K, BM), ma2 = tmap(dA, M, K, BM / 2), mb = tmap(dB, N, K, BN), mc = tmap_codes(w.packed, N, K, BN), mx = tmap(dA, M, K, RS_TN),
                 mrc = tmap_codes(w.packed, N, K, RS_FM), mwb = tmap(dB, N, K, RS_FM);
     size_t smem = STAGES * (A_BYTES + B_BYTES) + CODES_BYTES + 8 * (2 * STAGES + 2 * CS) + 64 + 1024;
@@ -556,10 +705,10 @@ static void shape(const char *name, int M, int N, int K, int reps, cublasLtHandl
     cudaEvent_t e0, e1;
     CK(cudaEventCreate(&e0));
     CK(cudaEventCreate(&e1));
-    float *ms = (float *)malloc(sizeof(float) * (reps + 2)), med[6];
-    const char *way[6] = {"cublas", "tma", "nf4", "dequant+cublas", "nf4-rs", "bf16-rs"};
+    float *ms = (float *)malloc(sizeof(float) * (reps + 2)), med[8];
+    const char *way[8] = {"cublas", "tma", "nf4", "dequant+cublas", "nf4-rs", "bf16-rs", "nf4-rs2", "bf16-rs2"};
     int tiles = (M / BM) * (N / BN);
-    for (int v = 0; v < 6; v++) {
+    for (int v = 0; v < 8; v++) {
         for (int i = 0; i < reps + 2; i++) {
             CK(cudaEventRecord(e0));
             if (v == 0 || v == 3) {
@@ -569,6 +718,10 @@ static void shape(const char *name, int M, int N, int K, int reps, cublasLtHandl
                 gemm_rs_kernel<1><<<(M / RS_TN) * (N / RS_FM), 384, smem_rs>>>(mx, mrc, w, C3, M, N, K);
             } else if (v == 5) {
                 gemm_rs_kernel<0><<<(M / RS_TN) * (N / RS_FM), 384, smem_rs0>>>(mx, mwb, w, C4, M, N, K);
+            } else if (v == 6) {
+                gemm_rs2_kernel<1><<<(M / RS_TN) * (N / RS_FM), 384, smem_rs>>>(mx, mrc, w, C5, M, N, K);
+            } else if (v == 7) {
+                gemm_rs2_kernel<0><<<(M / RS_TN) * (N / RS_FM), 384, smem_rs0>>>(mx, mwb, w, C6, M, N, K);
             } else if (v == 1) {
                 gemm_kernel<0><<<tiles, 384, smem>>>(ma, mb, w, C1, M, N, K);
             } else {
@@ -589,8 +742,16 @@ static void shape(const char *name, int M, int N, int K, int reps, cublasLtHandl
     uint16_t *h3 = (uint16_t *)malloc(2 * nc), *h4 = (uint16_t *)malloc(2 * nc);
     CK(cudaMemcpy(h3, C3, 2 * nc, cudaMemcpyDeviceToHost));
     CK(cudaMemcpy(h4, C4, 2 * nc, cudaMemcpyDeviceToHost));
-    size_t same34 = 0;
+    size_t same34 = 0, same35 = 0, same36 = 0;
     for (size_t i = 0; i < nc; i++) same34 += h3[i] == h4[i];
+    {
+        uint16_t *h5 = (uint16_t *)malloc(2 * nc);
+        CK(cudaMemcpy(h5, C5, 2 * nc, cudaMemcpyDeviceToHost));
+        for (size_t i = 0; i < nc; i++) same35 += h3[i] == h5[i];
+        CK(cudaMemcpy(h5, C6, 2 * nc, cudaMemcpyDeviceToHost));
+        for (size_t i = 0; i < nc; i++) same36 += h3[i] == h5[i];
+        free(h5);
+    }
     double num = 0, den = 0, num3 = 0;
     size_t same12 = 0;
     for (size_t i = 0; i < nc; i++) {
@@ -600,15 +761,16 @@ static void shape(const char *name, int M, int N, int K, int reps, cublasLtHandl
     }
     double fl = 2.0 * M * N * K;
     printf("%-8s %5d x %5d x %5d:", name, M, N, K);
-    for (int v = 0; v < 6; v++)
+    for (int v = 0; v < 8; v++)
         if (v == 2 && BN > 128)
             printf("  nf4 n/a");
         else
             printf("  %s %.3f ms (%.0f TF/s)", way[v], med[v], fl / med[v] / 1e9);
     printf("  | tma vs cublas rel L2 %.2e", sqrt(num / (den > 0 ? den : 1)));
     if (BN <= 128) printf(", nf4 == tma %s (%zu of %zu)", same12 == nc ? "yes" : "NO", same12, nc);
-    printf(", nf4-rs vs cublas rel L2 %.2e, bf16-rs == nf4-rs %s\n", sqrt(num3 / (den > 0 ? den : 1)), same34 == nc ? "yes" : "NO");
-    cudaFree(C3), free(h3), cudaFree(C4), free(h4);
+    printf(", nf4-rs vs cublas rel L2 %.2e, bf16-rs == nf4-rs %s, nf4-rs2 %s, bf16-rs2 %s\n", sqrt(num3 / (den > 0 ? den : 1)),
+           same34 == nc ? "yes" : "NO", same35 == nc ? "yes" : "NO", same36 == nc ? "yes" : "NO");
+    cudaFree(C3), free(h3), cudaFree(C4), free(h4), cudaFree(C5), cudaFree(C6);
     cudaFree(dA), cudaFree(dB), cudaFree(C0), cudaFree(C1), cudaFree(C2);
     cudaFree((void *)w.packed), cudaFree((void *)w.absmax_q), cudaFree((void *)w.nested_absmax), cudaFree((void *)w.nested_code);
     free(ha), free(hp), free(hq), free(hn), free(ms), free(h0), free(h1), free(h2);
