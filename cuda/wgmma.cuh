@@ -57,7 +57,10 @@ __device__ __forceinline__ void wg_wait() {
 }
 
 // Pins accumulator registers in place around the asynchronous products (no copies of them the products
-// would not see: the compiler would then wait for the products where it copies).
+// would not see: the compiler would then wait for the products where it copies). Not enough at a loop's
+// exit: with products still in flight there, ptxas (CUDA 13.0) scheduled the epilogue's reads of the
+// accumulators above the final wg_wait<0> (wrong bits, no warning; tests/gpu/bench_nf4_gemm.cu's rs2
+// kernel). Let the last iteration wait for its own products inside the loop body, or peel it.
 template <int N>
 __device__ __forceinline__ void wg_pin(float *d) {
 #pragma unroll
