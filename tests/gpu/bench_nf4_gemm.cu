@@ -326,47 +326,86 @@ __device__ __forceinline__ uint32_t nf4_pair(const float *code, uint32_t x, int 
     return *(uint32_t *)&h;
 }
 
+// The register-operand kernels' stages and weight bytes a stage (DQ: packed codes; 0: the bf16 tile).
+__host__ __device__ constexpr int rs_stages(int dq) { return dq ? RS_STAGES : 4; }
+__host__ __device__ constexpr int rs_weight_bytes(int dq) { return dq ? RS_CODE_BYTES : RS_FM * BK * 2; }
+// A block's share of the shared memory and its tile.
+struct rs_tile {
+    bf16 *Xs;                 // [NS][RS_TN][64] activation tiles, swizzled
+    uint8_t *Cs;              // [NS][RS_FM][32] packed codes (DQ 0: bf16 [RS_FM][64], swizzled)
+    uint64_t *full, *empty;   // a stage loaded / released by the 8 consumer warps
+    float *code;              // the 16 NF4 values
+    int nk, m0, f0;           // k-tiles; the tile's first token and feature
+};
+// Carves the shared memory, starts the barriers and the code table, and runs the producer warpgroup (one
+// thread's TMA loads of both tiles, NS stages ahead). False for the producer warpgroup, which is then done;
+// the consumers return with their registers raised (setmaxnreg: 40 + 2 x 232 per thread, 384 threads).
+template <int DQ>
+__device__ __forceinline__ bool rs_setup(unsigned char *smem, const CUtensorMap &mx, const CUtensorMap &mc, int M, int N,
+                                         int K, rs_tile *r) {
+    constexpr int NS = rs_stages(DQ), WB = rs_weight_bytes(DQ);
+    r->Xs = (bf16 *)smem;
+    r->Cs = smem + NS * RS_ACT_BYTES;
+    r->full = (uint64_t *)(r->Cs + NS * WB), r->empty = r->full + NS;
+    r->code = (float *)(r->empty + RS_STAGES);
+    r->nk = K / BK;
+    int tm, tn;
+    tile_of(blockIdx.x, M / RS_TN, N / RS_FM, &tm, &tn);
+    r->m0 = tm * RS_TN, r->f0 = tn * RS_FM;
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < NS; s++) mbar_init(&r->full[s], 1), mbar_init(&r->empty[s], 8);
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    if (threadIdx.x < 16) r->code[threadIdx.x] = c_code[threadIdx.x];
+    __syncthreads();
+    if (threadIdx.x / 128 == 0) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+        if (threadIdx.x == 0)
+            for (int kt = 0; kt < r->nk; kt++) {
+                int s = kt % NS;
+                mbar_wait(&r->empty[s], ((kt / NS) & 1) ^ 1);
+                mbar_expect_arrive(&r->full[s], RS_ACT_BYTES + WB);
+                tma_load(r->Xs + s * RS_TN * BK, &mx, &r->full[s], kt * BK, r->m0);
+                tma_load(r->Cs + s * WB, &mc, &r->full[s], kt * (DQ ? BK / 2 : BK), r->f0);
+            }
+        return false;
+    }
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+    return true;
+}
+
 // DQ 0: the same kernel with the weight read as bf16 (TMA, swizzled) and its fragments by ldmatrix: what the
 // register-operand mainloop does without the dequantization.
-template <int DQ>
+// K16 1: the mainloop at k16 steps (the schedule of CUTLASS's mixed-input RS mainloop): fragments for two
+// k-tiles, a thread makes the next k-tile's step kk right after issuing this k-tile's step kk, once
+// wait_group RS2_WAIT (4) has retired the previous k-tile's step kk (the last reader of those registers), so
+// a warpgroup keeps up to four products in flight while it dequantizes, instead of none. Two ptxas
+// pitfalls, both silent: a step under a runtime condition inside the loop made it serialize the products
+// (C7514), and with products still in flight at the loop's exit it scheduled the epilogue's conversions of
+// the accumulators above the final wait_group 0 (wrong bits in the later columns, CUDA 13.0): the last
+// k-tile is peeled and waits for its own products. K a multiple of 128.
+#ifndef RS2_WAIT
+#define RS2_WAIT 4
+#endif
+template <int DQ, int K16>
 __global__ void __launch_bounds__(384, 1) gemm_rs_kernel(const __grid_constant__ CUtensorMap mx,
                                                          const __grid_constant__ CUtensorMap mc, nf4_w w, bf16 *C, int M,
                                                          int N, int K) {
-    constexpr int NS = DQ ? RS_STAGES : 4, WB = DQ ? RS_CODE_BYTES : RS_FM * BK * 2;  // stages, weight bytes a stage
+    constexpr int NS = rs_stages(DQ), WB = rs_weight_bytes(DQ);
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     unsigned char *smem = smem_align1024(smem_raw);
-    bf16 *Xs = (bf16 *)smem;                                         // [NS][RS_TN][64], swizzled
-    uint8_t *Cs = smem + NS * RS_ACT_BYTES;                          // [NS][RS_FM][32] packed codes (DQ 0: bf16 [RS_FM][64])
-    uint64_t *full = (uint64_t *)(Cs + NS * WB), *empty = full + NS;
-    float *code = (float *)(empty + RS_STAGES);
-    const int wg = threadIdx.x / 128, t = threadIdx.x % 128, nk = K / BK;
-    int tm, tn;
-    tile_of(blockIdx.x, M / RS_TN, N / RS_FM, &tm, &tn);
-    const int m0 = tm * RS_TN, f0 = tn * RS_FM;
-    if (threadIdx.x == 0) {
-        for (int s = 0; s < NS; s++) mbar_init(&full[s], 1), mbar_init(&empty[s], 8);
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    }
-    if (threadIdx.x < 16) code[threadIdx.x] = c_code[threadIdx.x];
-    __syncthreads();
-    if (wg == 0) {
-        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
-        if (t == 0)
-            for (int kt = 0; kt < nk; kt++) {
-                int s = kt % NS;
-                mbar_wait(&empty[s], ((kt / NS) & 1) ^ 1);
-                mbar_expect_arrive(&full[s], RS_ACT_BYTES + WB);
-                tma_load(Xs + s * RS_TN * BK, &mx, &full[s], kt * BK, m0);
-                tma_load(Cs + s * WB, &mc, &full[s], kt * (DQ ? BK / 2 : BK), f0);
-            }
-        return;
-    }
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+    rs_tile r;
+    if (!rs_setup<DQ>(smem, mx, mc, M, N, K, &r)) return;  // the producer warpgroup is done
+    bf16 *Xs = r.Xs;
+    uint8_t *Cs = r.Cs;
+    uint64_t *full = r.full, *empty = r.empty;
+    float *code = r.code;
+    const int t = threadIdx.x % 128, nk = r.nk, m0 = r.m0, f0 = r.f0, wg = threadIdx.x / 128;
     const int c = wg - 1, warp = t / 32, lane = t % 32, g = lane >> 2, t4 = lane & 3;
     const int lr0 = c * 64 + warp * 16 + g;  // this thread's feature rows in the tile: lr0, lr0 + 8
     const size_t b0 = (size_t)(f0 + lr0) * (K / 64), b1 = (size_t)(f0 + lr0 + 8) * (K / 64);
     float d[RS_TN / 2];
-    uint32_t a0[16], a1[16];  // consecutive k-tiles' A fragments, alternating (kept from a one-in-flight schedule)
+    uint32_t a0[16], a1[16];  // consecutive k-tiles' A fragments, alternating
     // the rows' scales a k-tile ahead, their raw bytes two ahead: no dependent global load on the way to
     // the products (one took the scale chain's two L2 round trips each k-tile)
     float s0 = nf4_scale(w, b0), s1 = nf4_scale(w, b1);
@@ -374,53 +413,127 @@ __global__ void __launch_bounds__(384, 1) gemm_rs_kernel(const __grid_constant__
     float m0a = 0.0f, m1a = 0.0f;
     if (nk > 1) q0 = __ldg(w.absmax_q + b0 + 1), q1 = __ldg(w.absmax_q + b1 + 1), m0a = __ldg(w.nested_absmax + (b0 + 1) / 256),
     m1a = __ldg(w.nested_absmax + (b1 + 1) / 256);
-    auto step = [&](int kt, uint32_t (&ak)[16], uint32_t (&prev)[16]) {
-        int s = kt % NS;
-        float n0 = __fadd_rn(__fmul_rn(__ldg(w.nested_code + q0), m0a), w.offset);  // k-tile kt + 1's
-        float n1 = __fadd_rn(__fmul_rn(__ldg(w.nested_code + q1), m1a), w.offset);
-        if (kt + 2 < nk)
-            q0 = __ldg(w.absmax_q + b0 + kt + 2), q1 = __ldg(w.absmax_q + b1 + kt + 2),
-            m0a = __ldg(w.nested_absmax + (b0 + kt + 2) / 256), m1a = __ldg(w.nested_absmax + (b1 + kt + 2) / 256);
-        mbar_wait(&full[s], (kt / NS) & 1);
-        if constexpr (DQ) {
-            const uint4 *r0 = (const uint4 *)(Cs + s * WB + lr0 * 32), *r1 = (const uint4 *)(Cs + s * WB + (lr0 + 8) * 32);
-            uint4 p00 = r0[0], p01 = r0[1], p10 = r1[0], p11 = r1[1];
-            const uint32_t w0[8] = {p00.x, p00.y, p00.z, p00.w, p01.x, p01.y, p01.z, p01.w};
-            const uint32_t w1[8] = {p10.x, p10.y, p10.z, p10.w, p11.x, p11.y, p11.z, p11.w};
+    if constexpr (!K16) {
+        auto step = [&](int kt, uint32_t (&ak)[16], uint32_t (&prev)[16]) {
+            int s = kt % NS;
+            float n0 = __fadd_rn(__fmul_rn(__ldg(w.nested_code + q0), m0a), w.offset);  // k-tile kt + 1's
+            float n1 = __fadd_rn(__fmul_rn(__ldg(w.nested_code + q1), m1a), w.offset);
+            if (kt + 2 < nk)
+                q0 = __ldg(w.absmax_q + b0 + kt + 2), q1 = __ldg(w.absmax_q + b1 + kt + 2),
+                m0a = __ldg(w.nested_absmax + (b0 + kt + 2) / 256), m1a = __ldg(w.nested_absmax + (b1 + kt + 2) / 256);
+            mbar_wait(&full[s], (kt / NS) & 1);
+            if constexpr (DQ) {
+                const uint4 *r0 = (const uint4 *)(Cs + s * WB + lr0 * 32), *r1 = (const uint4 *)(Cs + s * WB + (lr0 + 8) * 32);
+                uint4 p00 = r0[0], p01 = r0[1], p10 = r1[0], p11 = r1[1];
+                const uint32_t w0[8] = {p00.x, p00.y, p00.z, p00.w, p01.x, p01.y, p01.z, p01.w};
+                const uint32_t w1[8] = {p10.x, p10.y, p10.z, p10.w, p11.x, p11.y, p11.z, p11.w};
 #pragma unroll
-            for (int kk = 0; kk < 4; kk++) {  // k16 step kk: bytes kk 8 + t4 (word 2 kk) and kk 8 + 4 + t4 (word 2 kk + 1)
-                ak[4 * kk + 0] = nf4_pair(code, w0[2 * kk], t4, s0);      // (g,     2 t4 ..)
-                ak[4 * kk + 1] = nf4_pair(code, w1[2 * kk], t4, s1);      // (g + 8, 2 t4 ..)
-                ak[4 * kk + 2] = nf4_pair(code, w0[2 * kk + 1], t4, s0);  // (g,     2 t4 + 8 ..)
-                ak[4 * kk + 3] = nf4_pair(code, w1[2 * kk + 1], t4, s1);  // (g + 8, 2 t4 + 8 ..)
+                for (int kk = 0; kk < 4; kk++) {  // k16 step kk: bytes kk 8 + t4 (word 2 kk) and kk 8 + 4 + t4 (word 2 kk + 1)
+                    ak[4 * kk + 0] = nf4_pair(code, w0[2 * kk], t4, s0);      // (g,     2 t4 ..)
+                    ak[4 * kk + 1] = nf4_pair(code, w1[2 * kk], t4, s1);      // (g + 8, 2 t4 ..)
+                    ak[4 * kk + 2] = nf4_pair(code, w0[2 * kk + 1], t4, s0);  // (g,     2 t4 + 8 ..)
+                    ak[4 * kk + 3] = nf4_pair(code, w1[2 * kk + 1], t4, s1);  // (g + 8, 2 t4 + 8 ..)
+                }
+            } else {  // the bf16 tile [RS_FM][64], 128-byte swizzle: rows lr0 - g + (lane & 15), 16-byte chunk 2 kk + lane / 16
+                const unsigned char *wt = Cs + s * WB;
+                int row = c * 64 + warp * 16 + (lane & 15);
+#pragma unroll
+                for (int kk = 0; kk < 4; kk++) ldsm4(ak + 4 * kk, (const bf16 *)(wt + row * 128 + (((2 * kk + (lane >> 4)) ^ (row & 7)) << 4)));
             }
-        } else {  // the bf16 tile [RS_FM][64], 128-byte swizzle: rows lr0 - g + (lane & 15), 16-byte chunk 2 kk + lane / 16
-            const unsigned char *wt = Cs + s * WB;
-            int row = c * 64 + warp * 16 + (lane & 15);
+            s0 = n0, s1 = n1;
+            asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+            const bf16 *xb = Xs + s * RS_TN * BK;
 #pragma unroll
-            for (int kk = 0; kk < 4; kk++) ldsm4(ak + 4 * kk, (const bf16 *)(wt + row * 128 + (((2 * kk + (lane >> 4)) ^ (row & 7)) << 4)));
+            for (int kk = 0; kk < 4; kk++) wgmma_rs256(d, ak + 4 * kk, desc(xb) + 2 * kk, kt > 0 || kk > 0);
+            asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#pragma unroll
+            for (int i = 0; i < 16; i++) asm volatile("" : "+r"(ak[i])::"memory");  // read by the running products
+            // this k-tile's products done before the next fragments are made: waiting for kt - 1's only (one
+            // k-tile in flight) let ptxas serialize the products (C7513: registers of a running product's
+            // operand written), 509-594 against 434-508 TF/s; the other warpgroup's products fill the gap
+            asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#pragma unroll
+            for (int i = 0; i < 16; i++) asm volatile("" : "+r"(prev[i])::"memory");
+            if (lane == 0) mbar_arrive(&empty[kt % NS]);
+        };
+        for (int kt = 0; kt < nk; kt += 2) {
+            step(kt, a0, a1);
+            if (kt + 1 < nk) step(kt + 1, a1, a0);
         }
-        s0 = n0, s1 = n1;
-        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-        const bf16 *xb = Xs + s * RS_TN * BK;
-#pragma unroll
-        for (int kk = 0; kk < 4; kk++) wgmma_rs256(d, ak + 4 * kk, desc(xb) + 2 * kk, kt > 0 || kk > 0);
-        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-#pragma unroll
-        for (int i = 0; i < 16; i++) asm volatile("" : "+r"(ak[i])::"memory");  // read by the running products
-        // this k-tile's products done before the next fragments are made: waiting for kt - 1's only (one
-        // k-tile in flight) let ptxas serialize the products (C7513: registers of a running product's
-        // operand written), 509-594 against 434-508 TF/s; the other warpgroup's products fill the gap
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+    } else {
+        // k16 step kk of k-tile kt (in stage kt % NS) into a[4 kk .. 4 kk + 3]
+        auto make = [&](int kt, int kk, uint32_t *a) {
+            int s = kt % NS;
+            if constexpr (DQ) {
+                uint2 p0 = *(const uint2 *)(Cs + s * WB + lr0 * 32 + 8 * kk), p1 = *(const uint2 *)(Cs + s * WB + (lr0 + 8) * 32 + 8 * kk);
+                a[0] = nf4_pair(code, p0.x, t4, s0);  // (g,     2 t4 ..)
+                a[1] = nf4_pair(code, p1.x, t4, s1);  // (g + 8, 2 t4 ..)
+                a[2] = nf4_pair(code, p0.y, t4, s0);  // (g,     2 t4 + 8 ..)
+                a[3] = nf4_pair(code, p1.y, t4, s1);  // (g + 8, 2 t4 + 8 ..)
+            } else {
+                const unsigned char *wt = Cs + s * WB;
+                int row = c * 64 + warp * 16 + (lane & 15);
+                ldsm4(a, (const bf16 *)(wt + row * 128 + (((2 * kk + (lane >> 4)) ^ (row & 7)) << 4)));
+            }
+        };
+        auto next_scales = [&](int kt) {  // s0, s1 := k-tile kt's (raw bytes prefetched), fetch kt + 1's bytes
+            s0 = __fadd_rn(__fmul_rn(__ldg(w.nested_code + q0), m0a), w.offset);
+            s1 = __fadd_rn(__fmul_rn(__ldg(w.nested_code + q1), m1a), w.offset);
+            if (kt + 1 < nk)
+                q0 = __ldg(w.absmax_q + b0 + kt + 1), q1 = __ldg(w.absmax_q + b1 + kt + 1),
+                m0a = __ldg(w.nested_absmax + (b0 + kt + 1) / 256), m1a = __ldg(w.nested_absmax + (b1 + kt + 1) / 256);
+        };
+        mbar_wait(&full[0], 0);
 #pragma unroll
-        for (int i = 0; i < 16; i++) asm volatile("" : "+r"(prev[i])::"memory");
-        if (lane == 0) mbar_arrive(&empty[kt % NS]);
-    };
-    for (int kt = 0; kt < nk; kt += 2) {
-        step(kt, a0, a1);
-        if (kt + 1 < nk) step(kt + 1, a1, a0);
+        for (int kk = 0; kk < 4; kk++) make(0, kk, a0 + 4 * kk);
+        auto pin = [&]() {  // the accumulators pinned: no copy of them while products run
+#pragma unroll
+            for (int i = 0; i < RS_TN / 2; i++) asm volatile("" : "+f"(d[i])::"memory");
+        };
+        // k-tile kt: its four products (fragments cur), and k-tile kt + 1's fragments made into nxt. LAST: the
+        // final k-tile, which waits for all its products itself: with one still in flight at the loop's exit,
+        // ptxas moved the epilogue's conversions of the accumulators above the final wait_group 0 (wrong bits)
+        auto step = [&](auto last_c, int kt, uint32_t (&cur)[16], uint32_t (&nxt)[16]) {
+            constexpr bool last = decltype(last_c)::value;
+            if constexpr (!last) {
+                next_scales(kt + 1);
+                mbar_wait(&full[(kt + 1) % NS], ((kt + 1) / NS) & 1);
+            }
+            const bf16 *xb = Xs + (kt % NS) * RS_TN * BK;
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++) {
+                asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+                wgmma_rs256(d, cur + 4 * kk, desc(xb) + 2 * kk, kt > 0 || kk > 0);
+                asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#pragma unroll
+                for (int i = 0; i < 4; i++) asm volatile("" : "+r"(cur[4 * kk + i])::"memory");  // read by the running product
+                if constexpr (last) {
+                    if (kk == 3) asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+                } else {
+                    // k-tile kt - 1's step kk (the last reader of nxt's step kk) retired: RS2_WAIT groups came after it
+                    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(RS2_WAIT) : "memory");
+                }
+#pragma unroll
+                for (int i = 0; i < 4; i++) asm volatile("" : "+r"(nxt[4 * kk + i])::"memory");
+                if (kk == 3 && kt > 0 && lane == 0) mbar_arrive(&empty[(kt - 1) % NS]);  // k-tile kt - 1 all retired
+                if constexpr (!last) make(kt + 1, kk, nxt + 4 * kk);
+            }
+        };
+        using no = std::integral_constant<bool, false>;
+        using yes = std::integral_constant<bool, true>;
+        pin();
+        for (int kt = 0; kt + 2 < nk; kt += 2) {  // (K a multiple of 128: a step under a condition made ptxas serialize, C7514)
+            step(no(), kt, a0, a1);
+            pin();
+            step(no(), kt + 1, a1, a0);
+            pin();
+        }
+        step(no(), nk - 2, a0, a1);
+        pin();
+        step(yes(), nk - 1, a1, a0);
+        pin();
     }
-    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
 #if RS_SMEM_STORE
     // C^T's tile transposed through shared memory (the stages are free once both warpgroups are done):
     // [RS_TN tokens][64 features + 8] a warpgroup, then whole 128-byte rows of C with 16-byte stores
@@ -441,146 +554,6 @@ __global__ void __launch_bounds__(384, 1) gemm_rs_kernel(const __grid_constant__
         C[(size_t)tok * N + f] = __float2bfloat16_rn(d[i]);
     }
 #endif
-}
-
-// gemm_rs_kernel's mainloop at k16 steps (the schedule of CUTLASS's mixed-input RS mainloop): fragments
-// for two k-tiles, a thread makes the next k-tile's step kk right after issuing this k-tile's step kk, once
-// wait_group 4 has retired the previous k-tile's step kk (the last reader of those registers). A warpgroup
-// so keeps up to four products in flight while it dequantizes, instead of none. Two ptxas pitfalls, both
-// silent: a step under a runtime condition inside the loop made it serialize the products (C7514), and
-// with products still in flight at the loop's exit it scheduled the epilogue's conversions of the
-// accumulators above the final wait_group 0 (wrong bits in the later columns, CUDA 13.0): the last k-tile
-// is peeled and waits for its own products.
-#ifndef RS2_WAIT
-#define RS2_WAIT 4
-#endif
-
-template <int DQ>
-__global__ void __launch_bounds__(384, 1) gemm_rs2_kernel(const __grid_constant__ CUtensorMap mx,
-                                                          const __grid_constant__ CUtensorMap mc, nf4_w w, bf16 *C, int M,
-                                                          int N, int K) {
-    constexpr int NS = DQ ? RS_STAGES : 4, WB = DQ ? RS_CODE_BYTES : RS_FM * BK * 2;
-    extern __shared__ __align__(1024) unsigned char smem_raw[];
-    unsigned char *smem = smem_align1024(smem_raw);
-    bf16 *Xs = (bf16 *)smem;
-    uint8_t *Cs = smem + NS * RS_ACT_BYTES;
-    uint64_t *full = (uint64_t *)(Cs + NS * WB), *empty = full + NS;
-    float *code = (float *)(empty + RS_STAGES);
-    const int wg = threadIdx.x / 128, t = threadIdx.x % 128, nk = K / BK;
-    int tm, tn;
-    tile_of(blockIdx.x, M / RS_TN, N / RS_FM, &tm, &tn);
-    const int m0 = tm * RS_TN, f0 = tn * RS_FM;
-    if (threadIdx.x == 0) {
-        for (int s = 0; s < NS; s++) mbar_init(&full[s], 1), mbar_init(&empty[s], 8);
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    }
-    if (threadIdx.x < 16) code[threadIdx.x] = c_code[threadIdx.x];
-    __syncthreads();
-    if (wg == 0) {
-        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
-        if (t == 0)
-            for (int kt = 0; kt < nk; kt++) {
-                int s = kt % NS;
-                mbar_wait(&empty[s], ((kt / NS) & 1) ^ 1);
-                mbar_expect_arrive(&full[s], RS_ACT_BYTES + WB);
-                tma_load(Xs + s * RS_TN * BK, &mx, &full[s], kt * BK, m0);
-                tma_load(Cs + s * WB, &mc, &full[s], kt * (DQ ? BK / 2 : BK), f0);
-            }
-        return;
-    }
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
-    const int c = wg - 1, warp = t / 32, lane = t % 32, g = lane >> 2, t4 = lane & 3;
-    const int lr0 = c * 64 + warp * 16 + g;
-    const size_t b0 = (size_t)(f0 + lr0) * (K / 64), b1 = (size_t)(f0 + lr0 + 8) * (K / 64);
-    float d[RS_TN / 2];
-    uint32_t a0[16], a1[16];  // k-tiles kt (even) and kt + 1: a k16 step's 4 registers each
-    // scales: s0, s1 the k-tile being made's; the raw bytes of the one after it
-    float s0 = nf4_scale(w, b0), s1 = nf4_scale(w, b1);
-    uint8_t q0 = 0, q1 = 0;
-    float m0a = 0.0f, m1a = 0.0f;
-    if (nk > 1) q0 = __ldg(w.absmax_q + b0 + 1), q1 = __ldg(w.absmax_q + b1 + 1), m0a = __ldg(w.nested_absmax + (b0 + 1) / 256),
-    m1a = __ldg(w.nested_absmax + (b1 + 1) / 256);
-    // k16 step kk of k-tile kt (in stage kt % NS) into a[4 kk .. 4 kk + 3]
-    auto make = [&](int kt, int kk, uint32_t *a) {
-        int s = kt % NS;
-        if constexpr (DQ) {
-            uint2 p0 = *(const uint2 *)(Cs + s * WB + lr0 * 32 + 8 * kk), p1 = *(const uint2 *)(Cs + s * WB + (lr0 + 8) * 32 + 8 * kk);
-            a[0] = nf4_pair(code, p0.x, t4, s0);  // (g,     2 t4 ..)
-            a[1] = nf4_pair(code, p1.x, t4, s1);  // (g + 8, 2 t4 ..)
-            a[2] = nf4_pair(code, p0.y, t4, s0);  // (g,     2 t4 + 8 ..)
-            a[3] = nf4_pair(code, p1.y, t4, s1);  // (g + 8, 2 t4 + 8 ..)
-        } else {
-            const unsigned char *wt = Cs + s * WB;
-            int row = c * 64 + warp * 16 + (lane & 15);
-            ldsm4(a, (const bf16 *)(wt + row * 128 + (((2 * kk + (lane >> 4)) ^ (row & 7)) << 4)));
-        }
-    };
-    auto next_scales = [&](int kt) {  // s0, s1 := k-tile kt's (raw bytes prefetched), fetch kt + 1's bytes
-        s0 = __fadd_rn(__fmul_rn(__ldg(w.nested_code + q0), m0a), w.offset);
-        s1 = __fadd_rn(__fmul_rn(__ldg(w.nested_code + q1), m1a), w.offset);
-        if (kt + 1 < nk)
-            q0 = __ldg(w.absmax_q + b0 + kt + 1), q1 = __ldg(w.absmax_q + b1 + kt + 1),
-            m0a = __ldg(w.nested_absmax + (b0 + kt + 1) / 256), m1a = __ldg(w.nested_absmax + (b1 + kt + 1) / 256);
-    };
-    mbar_wait(&full[0], 0);
-#pragma unroll
-    for (int kk = 0; kk < 4; kk++) make(0, kk, a0 + 4 * kk);
-    auto pin = [&]() {  // the accumulators pinned: no copy of them while products run
-#pragma unroll
-        for (int i = 0; i < RS_TN / 2; i++) asm volatile("" : "+f"(d[i])::"memory");
-    };
-    // k-tile kt: its four products (fragments cur), and k-tile kt + 1's fragments made into nxt. LAST: the
-    // final k-tile, which waits for all its products itself: with one still in flight at the loop's exit,
-    // ptxas moved the epilogue's conversions of the accumulators above the final wait_group 0 (wrong bits)
-    auto step = [&](auto last_c, int kt, uint32_t (&cur)[16], uint32_t (&nxt)[16]) {
-        constexpr bool last = decltype(last_c)::value;
-        if constexpr (!last) {
-            next_scales(kt + 1);
-            mbar_wait(&full[(kt + 1) % NS], ((kt + 1) / NS) & 1);
-        }
-        const bf16 *xb = Xs + (kt % NS) * RS_TN * BK;
-#pragma unroll
-        for (int kk = 0; kk < 4; kk++) {
-            asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-            wgmma_rs256(d, cur + 4 * kk, desc(xb) + 2 * kk, kt > 0 || kk > 0);
-            asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-#pragma unroll
-            for (int i = 0; i < 4; i++) asm volatile("" : "+r"(cur[4 * kk + i])::"memory");  // read by the running product
-            if constexpr (last) {
-                if (kk == 3) asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-            } else {
-                // k-tile kt - 1's step kk (the last reader of nxt's step kk) retired: RS2_WAIT groups came after it
-                asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(RS2_WAIT) : "memory");
-            }
-#pragma unroll
-            for (int i = 0; i < 4; i++) asm volatile("" : "+r"(nxt[4 * kk + i])::"memory");
-            if (kk == 3 && kt > 0 && lane == 0) mbar_arrive(&empty[(kt - 1) % NS]);  // k-tile kt - 1 all retired
-            if constexpr (!last) make(kt + 1, kk, nxt + 4 * kk);
-        }
-    };
-    using no = std::integral_constant<bool, false>;
-    using yes = std::integral_constant<bool, true>;
-    pin();
-    for (int kt = 0; kt + 2 < nk; kt += 2) {  // (K a multiple of 128: a step under a condition made ptxas serialize, C7514)
-        step(no(), kt, a0, a1);
-        pin();
-        step(no(), kt + 1, a1, a0);
-        pin();
-    }
-    step(no(), nk - 2, a0, a1);
-    pin();
-    step(yes(), nk - 1, a1, a0);
-    pin();
-    asm volatile("bar.sync 1, 256;\n" ::: "memory");
-    bf16 *Ts = (bf16 *)smem + (size_t)c * RS_TN * 72;
-#pragma unroll
-    for (int i = 0; i < RS_TN / 2; i++)
-        Ts[((i / 4) * 8 + 2 * t4 + (i % 2)) * 72 + warp * 16 + g + 8 * ((i / 2) % 2)] = __float2bfloat16_rn(d[i]);
-    asm volatile("bar.sync %0, 128;\n" ::"r"(2 + c) : "memory");
-    for (int q = t; q < RS_TN * 8; q += 128) {
-        int tok = q >> 3, part = q & 7;
-        *(uint4 *)(C + (size_t)(m0 + tok) * N + f0 + c * 64 + part * 8) = *(const uint4 *)(Ts + tok * 72 + part * 8);
-    }
 }
 
 // The reference dequantization (as cuda/nf4.cu): an element a thread.
@@ -672,10 +645,10 @@ static void shape(const char *name, int M, int N, int K, int reps, cublasLtHandl
     CK(cudaMalloc(&C3, 2 * nc));
     size_t smem_rs = RS_STAGES * (RS_ACT_BYTES + RS_CODE_BYTES) + 2 * RS_STAGES * 8 + 64 + 1024;
     size_t smem_rs0 = 4 * (RS_ACT_BYTES + RS_FM * BK * 2) + 2 * 4 * 8 + 64 + 1024;
-    CK(cudaFuncSetAttribute(gemm_rs_kernel<1>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_rs));
-    CK(cudaFuncSetAttribute(gemm_rs_kernel<0>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_rs0));
-    CK(cudaFuncSetAttribute(gemm_rs2_kernel<1>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_rs));
-    CK(cudaFuncSetAttribute(gemm_rs2_kernel<0>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_rs0));
+    CK(cudaFuncSetAttribute(gemm_rs_kernel<1, 0>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_rs));
+    CK(cudaFuncSetAttribute(gemm_rs_kernel<0, 0>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_rs0));
+    CK(cudaFuncSetAttribute(gemm_rs_kernel<1, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_rs));
+    CK(cudaFuncSetAttribute(gemm_rs_kernel<0, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_rs0));
     bf16 *C4, *C5, *C6;
     CK(cudaMalloc(&C4, 2 * nc));
     CK(cudaMalloc(&C5, 2 * nc));
@@ -715,13 +688,13 @@ static void shape(const char *name, int M, int N, int K, int reps, cublasLtHandl
                 if (v == 3) dequant_kernel<<<(unsigned)((nw + 255) / 256), 256>>>(w, dB, nw);
                 CB(cublasLtMatmul(lt, op, &one, dB, lb, dA, la, &zero, C0, lc, C0, lc, &heur.algo, ws, ws_bytes, 0));
             } else if (v == 4) {
-                gemm_rs_kernel<1><<<(M / RS_TN) * (N / RS_FM), 384, smem_rs>>>(mx, mrc, w, C3, M, N, K);
+                gemm_rs_kernel<1, 0><<<(M / RS_TN) * (N / RS_FM), 384, smem_rs>>>(mx, mrc, w, C3, M, N, K);
             } else if (v == 5) {
-                gemm_rs_kernel<0><<<(M / RS_TN) * (N / RS_FM), 384, smem_rs0>>>(mx, mwb, w, C4, M, N, K);
+                gemm_rs_kernel<0, 0><<<(M / RS_TN) * (N / RS_FM), 384, smem_rs0>>>(mx, mwb, w, C4, M, N, K);
             } else if (v == 6) {
-                gemm_rs2_kernel<1><<<(M / RS_TN) * (N / RS_FM), 384, smem_rs>>>(mx, mrc, w, C5, M, N, K);
+                gemm_rs_kernel<1, 1><<<(M / RS_TN) * (N / RS_FM), 384, smem_rs>>>(mx, mrc, w, C5, M, N, K);
             } else if (v == 7) {
-                gemm_rs2_kernel<0><<<(M / RS_TN) * (N / RS_FM), 384, smem_rs0>>>(mx, mwb, w, C6, M, N, K);
+                gemm_rs_kernel<0, 1><<<(M / RS_TN) * (N / RS_FM), 384, smem_rs0>>>(mx, mwb, w, C6, M, N, K);
             } else if (v == 1) {
                 gemm_kernel<0><<<tiles, 384, smem>>>(ma, mb, w, C1, M, N, K);
             } else {
