@@ -843,7 +843,7 @@ __global__ void __launch_bounds__(128) flash_bwd_dq_wg_kernel(bf16 *gqkv, int64_
         wg_fence();
 #pragma unroll
         for (int kc = 0; kc < 4; kc++)
-            wgmma_m64n128_ss_tt(dq, wg_desc_mnmajor(Ts + st * 4096, 64, kc), wg_desc_mnmajor(Ks + st * T, 64, kc), 1);
+            wgmma_m64n128_ss<1, 1>(dq, wg_desc_mnmajor(Ts + st * 4096, 64, kc), wg_desc_mnmajor(Ks + st * T, 64, kc), 1);
         wg_commit();
         wg_pin<64>(dq);
         wg_wait<0>();

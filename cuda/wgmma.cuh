@@ -122,8 +122,10 @@ __device__ __forceinline__ void wgmma_m64n128_rs_t(float *d, const uint32_t *a, 
     __trap();
 #endif
 }
-// d[64] (+)= A[64][16] B[16][128], both MN-major in shared memory (transposed reads).
-__device__ __forceinline__ void wgmma_m64n128_ss_tt(float *d, uint64_t da, uint64_t db, int scale_d) {
+// d[64] (+)= A[64][16] B[16][128], both in shared memory; TA, TB: MN-major, read transposed (1), or
+// K-major (0).
+template <int TA, int TB>
+__device__ __forceinline__ void wgmma_m64n128_ss(float *d, uint64_t da, uint64_t db, int scale_d) {
 #if WG_OK
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
@@ -132,9 +134,9 @@ __device__ __forceinline__ void wgmma_m64n128_ss_tt(float *d, uint64_t da, uint6
         "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
         "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
         "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-        "}, %64, %65, p, 1, 1, 1, 1;\n}\n"
+        "}, %64, %65, p, 1, 1, %67, %68;\n}\n"
         : WG_ACC8(0), WG_ACC8(8), WG_ACC8(16), WG_ACC8(24), WG_ACC8(32), WG_ACC8(40), WG_ACC8(48), WG_ACC8(56)
-        : "l"(da), "l"(db), "r"(scale_d));
+        : "l"(da), "l"(db), "r"(scale_d), "n"(TA), "n"(TB));
 #else
     __trap();
 #endif

@@ -65,8 +65,9 @@ static inline void emu_wgmma_ss(float *d, int N, uint64_t da, bool ta, uint64_t 
 static inline void wgmma_m64n64_ss(float *d, uint64_t da, uint64_t db, int scale_d) {
     emu_wgmma_ss(d, 64, da, false, db, false, scale_d);
 }
-static inline void wgmma_m64n128_ss_tt(float *d, uint64_t da, uint64_t db, int scale_d) {
-    emu_wgmma_ss(d, 128, da, true, db, true, scale_d);
+template <int TA, int TB>
+static inline void wgmma_m64n128_ss(float *d, uint64_t da, uint64_t db, int scale_d) {
+    emu_wgmma_ss(d, 128, da, TA, db, TB, scale_d);
 }
 
 static inline void wgmma_m64n128_rs_t(float *d, const uint32_t *a, uint64_t db, int scale_d) {
