@@ -74,6 +74,8 @@ static const char *k_env =
     "  MOSFT_ATTENTION=gemm       CUDA: batched-GEMM attention instead of the flash kernels\n"
     "  MOSFT_FLASH_WGMMA=0        CUDA: the flash kernels on mma.sync (as on an A100) instead of Hopper's\n"
     "                             warpgroup products at head size 128 on an H100\n"
+    "  MOSFT_PDL=0                CUDA: launch every kernel plainly, without Hopper's programmatic\n"
+    "                             dependent launch (same results; ~1 ms slower a 3B step)\n"
     "  MOSFT_TEST_KILL_AT=P:S     tests only: kill the process at checkpoint point P of step S\n";
 
 static int cmd_help(int argc, char **argv) {

@@ -43,6 +43,7 @@ typedef struct {
 } scatter_args;
 
 __global__ void scatter_kernel(scatter_args a, float *grad) {
+    pdl_wait();  // launched by launch_pdl (cuda/cuda_util.cuh)
     const lowrank_map &mp = a.mp[blockIdx.y];
     int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (blockIdx.z == 0) {
@@ -152,6 +153,7 @@ __device__ __forceinline__ void mask_store32(bf16 *dst, const uint32_t xk[16], u
 // OR their nibbles together and the first writes it (every lane takes part in the shuffles).
 __global__ void dropout_apply_kernel(bf16 *xd, const bf16 *__restrict__ x, int64_t ldx, int64_t T, int d_in,
                                      uint64_t key, uint32_t thr, float keep, uint32_t *bits) {
+    pdl_wait();  // launched by launch_pdl (cuda/cuda_util.cuh)
     int64_t j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x, e = 4 * j;
     uint32_t nib = 0;
     if (e < T * d_in) {
@@ -208,6 +210,7 @@ __global__ void __launch_bounds__(256, 2) lowrank_dropout_dx_kernel(void *gx, in
                                                                  int64_t ldgh, const bf16 *__restrict__ A, int n, int r,
                                                                  int64_t T, int d_in, dx_keys keys, uint32_t thr, float keep,
                                                                  int vec, int gvec) {
+    pdl_wait();  // launched by launch_pdl (cuda/cuda_util.cuh)
     extern __shared__ __align__(16) unsigned char dx_smem[];
     bf16 *Gs = (bf16 *)dx_smem, *As = Gs + 2 * DX_GS;  // [2][64][40], [2][32][136]
     unsigned char *Xs = (unsigned char *)(As + 2 * DX_AS);  // the gx tile: [64][128 * es + 16] bytes
@@ -393,6 +396,7 @@ __global__ void __launch_bounds__(128, 4) lowrank_dropout_da_kernel(float *out, 
                                                                  int64_t ldgh, const bf16 *__restrict__ x, int64_t ldx, int n,
                                                                  int r, int64_t T, int d_in, da_masks mk, uint32_t thr,
                                                                  float keep, int n_chunks, int splits, int vec) {
+    pdl_wait();  // launched by launch_pdl (cuda/cuda_util.cuh)
     extern __shared__ __align__(16) unsigned char da_smem[];
     const int NR = n * r, n_mt = NR / 16, gper = n_mt * 2;  // m-tiles; 16-byte pieces per gh row
     const int gld = NR + 8;                                  // gh tile row stride (bf16)
@@ -532,6 +536,7 @@ __global__ void __launch_bounds__(128, 4) lowrank_dropout_h_kernel(float *part, 
                                                                 int64_t T, int d_in, da_masks mk, uint32_t *bits0,
                                                                 uint32_t *bits1, uint32_t *bits2, uint32_t thr, float keep,
                                                                 int n_chunks, int splits, int vec) {
+    pdl_wait();  // launched by launch_pdl (cuda/cuda_util.cuh)
     extern __shared__ __align__(16) unsigned char dh_smem[];
     const int NR = n * r, n_np = NR / 16;  // pairs of n-tiles
     bf16 *Xs = (bf16 *)dh_smem;          // [2][64][DH_LD]
@@ -715,7 +720,7 @@ extern "C" void lowrank_scatter_group_cuda(cuda_ctx *ctx, const lowrank_map *mp,
         most = na > most ? na : most;
         most = nb > most ? nb : most;
     }
-    scatter_kernel<<<dim3(ceil_div_i(most, 256), (unsigned)n, 2), 256, 0, ctx->stream>>>(a, grad);
+    launch_pdl(scatter_kernel, dim3(ceil_div_i(most, 256), (unsigned)n, 2), dim3(256), 0, ctx->stream, a, grad);
     CUDA_LAUNCH_CHECK();
 }
 
@@ -730,7 +735,8 @@ extern "C" void dropout_apply_cuda(cuda_ctx *ctx, bf16 *xd, const bf16 *x, int64
     int64_t n = T * d_in;
     if (n == 0) return;
     MOSFT_ASSERT(d_in % 4 == 0 && ldx % 4 == 0);
-    dropout_apply_kernel<<<ceil_div_i(n / 4, 256), 256, 0, ctx->stream>>>(xd, x, ldx, T, d_in, key, thr, keep, bits);
+    launch_pdl(dropout_apply_kernel, dim3(ceil_div_i(n / 4, 256)), dim3(256), 0, ctx->stream, xd, x, ldx, T, d_in, key,
+               thr, keep, bits);
     CUDA_LAUNCH_CHECK();
 }
 
@@ -754,9 +760,8 @@ extern "C" void lowrank_dropout_h_cuda(cuda_ctx *ctx, bf16 *h, int64_t ldh, cons
     int splits = wave_splits(ctx, lowrank_dropout_h_kernel, dh_smem_bytes(3, DA_NR), smem, rows, n_chunks,
                              (size_t)(T * NR), part, part_floats);
     dim3 grid((unsigned)rows, (unsigned)splits);
-    lowrank_dropout_h_kernel<<<grid, 128, smem, ctx->stream>>>(splits > 1 ? part : NULL, h, ldh, x, ldx, A, n, r, T,
-                                                                         d_in, mk, b[0], b[1], b[2], thr, keep, n_chunks,
-                                                                         splits, vec);
+    launch_pdl(lowrank_dropout_h_kernel, grid, dim3(128), smem, ctx->stream, splits > 1 ? part : NULL, h, ldh, x, ldx,
+               A, n, r, T, d_in, mk, b[0], b[1], b[2], thr, keep, n_chunks, splits, vec);
     CUDA_LAUNCH_CHECK();
     if (splits > 1) splitk_sum_cuda(ctx, part, splits, T, NR, h, ldh, GEMM_BF16);
 }
@@ -784,8 +789,8 @@ extern "C" void lowrank_dropout_da_cuda(cuda_ctx *ctx, float *gA, const bf16 *gh
                              (size_t)(NR * d_in), part, part_floats);
     float *dst = splits > 1 ? part : gA;
     dim3 grid((unsigned)tiles, (unsigned)splits);
-    lowrank_dropout_da_kernel<<<grid, 128, smem, ctx->stream>>>(dst, NR * d_in, gh, ldgh, x, ldx, n, r, T, d_in,
-                                                                          mk, thr, keep, n_chunks, splits, vec);
+    launch_pdl(lowrank_dropout_da_kernel, grid, dim3(128), smem, ctx->stream, dst, NR * d_in, gh, ldgh, x, ldx, n, r, T,
+               d_in, mk, thr, keep, n_chunks, splits, vec);
     CUDA_LAUNCH_CHECK();
     if (splits > 1) splitk_sum_cuda(ctx, part, splits, NR, d_in, gA, d_in, GEMM_F32);
 }
@@ -813,7 +818,7 @@ extern "C" void lowrank_dropout_dx_cuda(cuda_ctx *ctx, void *gx, int gx_f32, int
         attr_set = 1;
     }
     dim3 grid((unsigned)ceil_div_i(d_in, DX_COLS), (unsigned)ceil_div_i(T, DX_ROWS));
-    lowrank_dropout_dx_kernel<<<grid, 256, smem, ctx->stream>>>(gx, gx_f32, ldgx, gh, ldgh, A, n, r, T, d_in, k, thr, keep,
-                                                                vec, gvec);
+    launch_pdl(lowrank_dropout_dx_kernel, grid, dim3(256), smem, ctx->stream, gx, gx_f32, ldgx, gh, ldgh, A, n, r, T,
+               d_in, k, thr, keep, vec, gvec);
     CUDA_LAUNCH_CHECK();
 }

@@ -25,6 +25,7 @@
 // RoPE in place on the NH = Hq + Hkv q and k heads of the token-major projection qkv[B*S][ld] (the v heads
 // after them are not touched): one thread per rotated pair.
 __global__ void rope_qk_kernel(bf16 *qkv, int64_t ld, const float2 *__restrict__ cs, int S, int NH, int D, int64_t total) {
+    pdl_wait();  // launched by launch_pdl (cuda/cuda_util.cuh)
     int half = D / 2;
     int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (e >= total) return;
@@ -63,6 +64,7 @@ __device__ __forceinline__ void rope8(uint4 &lo, uint4 &hi, const float4 *c4) {
 // 8 consecutive pairs (two 16-byte loads, two 16-byte stores) per thread when D % 16 == 0.
 __global__ void rope_qk8_kernel(bf16 *qkv, int64_t ld, const float2 *__restrict__ cs, int S, int NH, int D,
                                 int64_t total) {
+    pdl_wait();  // launched by launch_pdl (cuda/cuda_util.cuh)
     int half = D / 2, per = half / 8;
     int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (e >= total) return;
@@ -236,9 +238,11 @@ extern "C" void rope_qk_cuda(cuda_ctx *ctx, bf16 *qkv, int64_t ld, const float *
     int64_t total = (int64_t)B * S * NH * (D / 2);
     if (total == 0) return;
     if (D % 16 == 0 && ld % 8 == 0 && (uintptr_t)qkv % 16 == 0)
-        rope_qk8_kernel<<<ceil_div_i(total / 8, 256), 256, 0, ctx->stream>>>(qkv, ld, (const float2 *)cs, S, NH, D, total / 8);
+        launch_pdl(rope_qk8_kernel, dim3(ceil_div_i(total / 8, 256)), dim3(256), 0, ctx->stream, qkv, ld,
+                   (const float2 *)cs, S, NH, D, total / 8);
     else
-        rope_qk_kernel<<<ceil_div_i(total, 256), 256, 0, ctx->stream>>>(qkv, ld, (const float2 *)cs, S, NH, D, total);
+        launch_pdl(rope_qk_kernel, dim3(ceil_div_i(total, 256)), dim3(256), 0, ctx->stream, qkv, ld, (const float2 *)cs,
+                   S, NH, D, total);
     CUDA_LAUNCH_CHECK();
 }
 

@@ -206,6 +206,18 @@ static gemm_plan *plan_get(cuda_ctx *ctx, int ta, int tb, int64_t M, int64_t N, 
 static double g_tune_min_flop = 5e10;  // smaller products keep the heuristic's first choice
 extern "C" void gemm_tune_set_min_flop(double flop) { g_tune_min_flop = flop; }
 
+static int g_pdl = -1;  // -1: not decided yet
+int cuda_pdl_enabled(void) {
+    if (g_pdl < 0) {
+        const char *e = getenv("MOSFT_PDL");
+        int dev = 0, cc = 0;
+        CUDA_CHECK(cudaGetDevice(&dev));
+        CUDA_CHECK(cudaDeviceGetAttribute(&cc, cudaDevAttrComputeCapabilityMajor, dev));
+        g_pdl = (!e || atoi(e) != 0) && cc >= 9;
+    }
+    return g_pdl;
+}
+
 static int g_tune_level = -1;  // -1: from MOSFT_GEMM_TUNE (default 0)
 extern "C" void gemm_tune_set_level(int level) { g_tune_level = level; }
 static int tune_level(void) {
@@ -368,6 +380,7 @@ extern "C" void gemm_batched_cuda(cuda_ctx *ctx, int trans_a, int trans_b, int64
 // D[m][n] = sum over c of P[c][m][n] (c ascending), into bf16 or fp32 with row stride ldd.
 __global__ void splitk_reduce_kernel(const float *__restrict__ P, int splits, int64_t M, int64_t N, void *D, int64_t ldd,
                                      int f32) {
+    pdl_wait();  // launched by launch_pdl (cuda/cuda_util.cuh)
     int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (e >= M * N) return;
     float s = 0.0f;
@@ -383,7 +396,8 @@ extern "C" void splitk_sum_cuda(cuda_ctx *ctx, const float *P, int splits, int64
                                 gemm_dtype cd) {
     int64_t n = M * N;
     if (n == 0) return;
-    splitk_reduce_kernel<<<ceil_div_i(n, 256), 256, 0, ctx->stream>>>(P, splits, M, N, D, ldd, cd == GEMM_F32);
+    launch_pdl(splitk_reduce_kernel, dim3(ceil_div_i(n, 256)), dim3(256), 0, ctx->stream, P, splits, M, N, D, ldd,
+               cd == GEMM_F32);
     CUDA_LAUNCH_CHECK();
 }
 

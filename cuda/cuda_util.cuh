@@ -9,6 +9,7 @@
 #include <cuda_runtime.h>
 
 #include <type_traits>
+#include <utility>
 
 #include "core/common.h"
 #include "cuda/ops_cuda.h"
@@ -66,6 +67,40 @@ struct cuda_ctx {
 };
 
 static inline int ceil_div_i(int64_t a, int64_t b) { return (int)((a + b - 1) / b); }
+
+// ---- programmatic dependent launch (Hopper) --------------------------------------------------------
+// A kernel launched by launch_pdl may be scheduled before the kernel ahead of it on its stream has
+// finished: as soon as that kernel's blocks have all exited (or, for a kernel that signals it, such as
+// cuBLASLt's, earlier), not after its writes are flushed and the launch is processed. So every thread of
+// such a kernel calls pdl_wait() first, before it reads or writes global memory: it returns once the
+// kernel ahead has finished and its writes are visible (at once after a plain launch). Our kernels do not
+// signal early themselves: blocks that wait on a multiprocessor take it from the weight and side streams,
+// and that made a 3B step ~1 ms slower (docs/BENCHMARKS.md, twenty-third session). MOSFT_PDL=0 launches
+// plainly, with the same results. The kernel emulator checks that every thread of such a kernel waits.
+int cuda_pdl_enabled(void);  // context.cu: MOSFT_PDL (default 1) on a device of compute capability >= 9
+#ifndef MOSFT_CUDA_EMU_H
+__device__ __forceinline__ void pdl_wait(void) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+// kernel<<<grid, block, smem, stream>>>(args...), with the launch attribute that allows the overlap.
+template <class... P, class... A>
+static inline void launch_pdl(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                              A &&...args) {
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cfg.attrs = attr;
+    cfg.numAttrs = cuda_pdl_enabled() ? 1 : 0;
+    CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...));
+}
+#endif
 
 // N consecutive bf16 (N = 4: 8-byte aligned, N = 8: 16-byte aligned) to and from fp32, in one vector
 // access.

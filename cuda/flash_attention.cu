@@ -240,6 +240,7 @@ __global__ void __launch_bounds__(128, 3) flash_fwd_kernel(bf16 *out, int64_t ld
                                                         const bf16 *__restrict__ k, const bf16 *__restrict__ v, int64_t lx,
                                                         const int32_t *__restrict__ mask, int S, int Hq, int Hkv,
                                                         float scale) {
+    pdl_wait();  // launched by launch_pdl (cuda/cuda_util.cuh)
     constexpr int P = D + 8;
     extern __shared__ __align__(16) unsigned char fa_smem[];
     bf16 *Ks = (bf16 *)fa_smem, *Vs = Ks + 2 * FA_BN * P;  // [2][64][P] each
@@ -352,6 +353,7 @@ __global__ void __launch_bounds__(128, 3) flash_fwd_wg_kernel(bf16 *out, int64_t
                                                             const bf16 *__restrict__ k, const bf16 *__restrict__ v,
                                                             int64_t lx, const int32_t *__restrict__ mask, int S, int Hq,
                                                             int Hkv, float scale) {
+    pdl_wait();  // launched by launch_pdl (cuda/cuda_util.cuh)
     constexpr int D = 128, T = 64 * D;
     extern __shared__ __align__(16) unsigned char fa_smem[];  // aligned to 1024 below
     bf16 *Qs = (bf16 *)smem_align1024(fa_smem);  // 1024-byte aligned
@@ -483,6 +485,7 @@ template <int D>
 __global__ void __launch_bounds__(256) flash_bwd_delta_kernel(float *delta, const bf16 *__restrict__ dO, int64_t ldd,
                                                               const bf16 *__restrict__ out, int64_t ldo, int S, int Hq,
                                                               int64_t rows) {
+    pdl_wait();  // launched by launch_pdl (cuda/cuda_util.cuh)
     constexpr int V = D / 8;
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x, row = i / V;  // row = token * Hq + h
     int c = (int)(i % V) * 8;
@@ -519,6 +522,7 @@ __global__ void __launch_bounds__(NW * 32) flash_bwd_dkdv_kernel(bf16 *gqkv, int
                                                                  const float *__restrict__ lse, const float *__restrict__ delta,
                                                                  const int32_t *__restrict__ mask, const float2 *__restrict__ cs,
                                                                  int S, int Hq, int Hkv, float scale) {
+    pdl_wait();  // launched by launch_pdl (cuda/cuda_util.cuh)
     constexpr int P = D + 8, KB = 16 * NW;
     extern __shared__ __align__(16) unsigned char fa_smem[];
     bf16 *Ks = (bf16 *)fa_smem, *Vs = Ks + KB * P;                  // [KB][P]
@@ -664,6 +668,7 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv_wg_kernel(bf16 *gqkv, int6
                                                               const float *__restrict__ lse, const float *__restrict__ delta,
                                                               const int32_t *__restrict__ mask, const float2 *__restrict__ cs,
                                                               int S, int Hq, int Hkv, float scale) {
+    pdl_wait();  // launched by launch_pdl (cuda/cuda_util.cuh)
     constexpr int D = 128, T = 64 * D;  // T: elements of a [64][128] tile
     extern __shared__ __align__(16) unsigned char fa_smem[];  // aligned to 1024 below
     bf16 *Ks = (bf16 *)smem_align1024(fa_smem);  // 1024-byte aligned
@@ -811,6 +816,7 @@ __global__ void __launch_bounds__(128) flash_bwd_dq_wg_kernel(bf16 *gqkv, int64_
                                                             const bf16 *__restrict__ k, int64_t lx,
                                                             const float2 *__restrict__ cs, int S, int Hq, int Hkv,
                                                             float scale) {
+    pdl_wait();  // launched by launch_pdl (cuda/cuda_util.cuh)
     constexpr int D = 128, T = 64 * D;
     extern __shared__ __align__(16) unsigned char fa_smem[];  // aligned to 1024 below
     bf16 *Ks = (bf16 *)smem_align1024(fa_smem);  // K [2][64][128], 1024-byte aligned
@@ -865,6 +871,7 @@ __global__ void __launch_bounds__(NWQ * 32) flash_bwd_dq_kernel(bf16 *gqkv, int6
                                                            const bf16 *__restrict__ k, int64_t lx,
                                                            const float2 *__restrict__ cs, int S, int Hq, int Hkv,
                                                            float scale) {
+    pdl_wait();  // launched by launch_pdl (cuda/cuda_util.cuh)
     constexpr int P = D + 8, PT = 64 + 8, QB = 16 * MT * NWQ, QT = QB / 64;  // queries, query tiles a block
     extern __shared__ __align__(16) unsigned char fa_smem[];
     bf16 *Ks = (bf16 *)fa_smem, *Ts = Ks + 2 * 64 * P;  // K [2][64][P], dS^T [2][MT][64][PT]
@@ -967,10 +974,12 @@ static void fwd_launch(cuda_ctx *ctx, bf16 *out, int64_t ldo, float *lse, const 
     if (flash_attention_uses_wgmma(ctx, D)) {
         size_t smem_w = WG_SMEM_ALIGN + (size_t)4 * 64 * 128 * sizeof(bf16) + 2 * 64 * sizeof(int);  // align, Q, K, 2 V, mask
         smem_optin(flash_fwd_wg_kernel, smem_w, &done_w);
-        flash_fwd_wg_kernel<<<grid, 128, smem_w, ctx->stream>>>(out, ldo, lse, q, k, v, lx, mask, S, Hq, Hkv, scale);
+        launch_pdl(flash_fwd_wg_kernel, grid, dim3(128), smem_w, ctx->stream, out, ldo, lse, q, k, v, lx, mask, S, Hq,
+                   Hkv, scale);
     } else {
         smem_optin(flash_fwd_kernel<D>, smem, &done);
-        flash_fwd_kernel<D><<<grid, 128, smem, ctx->stream>>>(out, ldo, lse, q, k, v, lx, mask, S, Hq, Hkv, scale);
+        launch_pdl(flash_fwd_kernel<D>, grid, dim3(128), smem, ctx->stream, out, ldo, lse, q, k, v, lx, mask, S, Hq,
+                   Hkv, scale);
     }
     CUDA_LAUNCH_CHECK();
 }
@@ -1012,7 +1021,8 @@ static void bwd_launch(cuda_ctx *ctx, bf16 *gqkv, int64_t ldg, float *delta, con
     static int done_wq = 0;
     if (wg) smem_optin(flash_bwd_dkdv_wg_kernel, smem_w, &done_w), smem_optin(flash_bwd_dq_wg_kernel, smem_wq, &done_wq);
     int64_t rows = (int64_t)B * S * Hq;
-    flash_bwd_delta_kernel<D><<<ceil_div_i(rows * (D / 8), 256), 256, 0, ctx->stream>>>(delta, dO, ldd, out, ldo, S, Hq, rows);
+    launch_pdl(flash_bwd_delta_kernel<D>, dim3(ceil_div_i(rows * (D / 8), 256)), dim3(256), 0, ctx->stream, delta, dO,
+               ldd, out, ldo, S, Hq, rows);
     CUDA_LAUNCH_CHECK();
     bf16 *dsg = (bf16 *)scratch;
     for (int b0 = 0; b0 < B; b0 += bc) {
@@ -1023,20 +1033,20 @@ static void bwd_launch(cuda_ctx *ctx, bf16 *gqkv, int64_t ldg, float *delta, con
         const float *lc = lse + tq * Hq, *dlc = delta + tq * Hq;
         dim3 g1((unsigned)((S + KB - 1) / KB), (unsigned)(n * Hkv));
         if (wg)
-            flash_bwd_dkdv_wg_kernel<<<dim3((unsigned)((S + 63) / 64), (unsigned)(n * Hkv)), 128, smem_w, ctx->stream>>>(
-                gq, ldg, dsg, qc, kc, vc, lx, dc, ldd, lc, dlc, mask + tq, (const float2 *)cs, S, Hq, Hkv, scale);
+            launch_pdl(flash_bwd_dkdv_wg_kernel, dim3((unsigned)((S + 63) / 64), (unsigned)(n * Hkv)), dim3(128),
+                       smem_w, ctx->stream, gq, ldg, dsg, qc, kc, vc, lx, dc, ldd, lc, dlc, mask + tq,
+                       (const float2 *)cs, S, Hq, Hkv, scale);
         else
-            flash_bwd_dkdv_kernel<D, NW, QS, STG><<<g1, NW * 32, smem_k, ctx->stream>>>(gq, ldg, dsg, qc, kc, vc, lx, dc, ldd,
-                                                                                  lc, dlc, mask + tq, (const float2 *)cs, S,
-                                                                                  Hq, Hkv, scale);
+            launch_pdl(flash_bwd_dkdv_kernel<D, NW, QS, STG>, g1, dim3(NW * 32), smem_k, ctx->stream, gq, ldg, dsg, qc,
+                       kc, vc, lx, dc, ldd, lc, dlc, mask + tq, (const float2 *)cs, S, Hq, Hkv, scale);
         CUDA_LAUNCH_CHECK();
         dim3 g2((unsigned)((S + QB - 1) / QB), (unsigned)(n * Hq));
         if (wg)
-            flash_bwd_dq_wg_kernel<<<dim3((unsigned)((S + 63) / 64), (unsigned)(n * Hq)), 128, smem_wq, ctx->stream>>>(
-                gq, ldg, dsg, kc, lx, (const float2 *)cs, S, Hq, Hkv, scale);
+            launch_pdl(flash_bwd_dq_wg_kernel, dim3((unsigned)((S + 63) / 64), (unsigned)(n * Hq)), dim3(128), smem_wq,
+                       ctx->stream, gq, ldg, dsg, kc, lx, (const float2 *)cs, S, Hq, Hkv, scale);
         else
-            flash_bwd_dq_kernel<D, MT, NWQ><<<g2, NWQ * 32, smem_q, ctx->stream>>>(gq, ldg, dsg, kc, lx, (const float2 *)cs, S,
-                                                                              Hq, Hkv, scale);
+            launch_pdl(flash_bwd_dq_kernel<D, MT, NWQ>, g2, dim3(NWQ * 32), smem_q, ctx->stream, gq, ldg, dsg, kc, lx,
+                       (const float2 *)cs, S, Hq, Hkv, scale);
         CUDA_LAUNCH_CHECK();
     }
 }

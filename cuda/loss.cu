@@ -154,6 +154,7 @@ __global__ void __launch_bounds__(CE_THREADS) ce_kernel(const TL *logits, bf16 *
                                                          const int32_t *__restrict__ targets,
                                                          const int32_t *__restrict__ rows, int64_t r0, int64_t n,
                                                          int64_t n_rows, int V, float scale, float *row_loss) {
+    pdl_wait();  // launched by launch_pdl (cuda/cuda_util.cuh)
     for (int64_t i = blockIdx.x; i < n; i += gridDim.x) {
         ce_row<TL, VEC>(logits, dlogits, targets, rows, r0, i, n_rows, V, scale, row_loss);
         __syncthreads();  // the reduction's shared memory is the next row's
@@ -165,9 +166,11 @@ static void ce_launch(cuda_ctx *ctx, int64_t n, const TL *lg, bf16 *dl, const in
                       int64_t r0, int64_t n_rows, int V, float scale, float *row_loss) {
     unsigned grid = n > ctx->sm_count ? (unsigned)ctx->sm_count : (unsigned)n;
     if (V % (16 / (int)sizeof(TL)) == 0)  // 16-byte rows (the scratch is cudaMalloc'd)
-        ce_kernel<TL, true><<<grid, CE_THREADS, 0, ctx->stream>>>(lg, dl, targets, rows, r0, n, n_rows, V, scale, row_loss);
+        launch_pdl(ce_kernel<TL, true>, grid, dim3(CE_THREADS), 0, ctx->stream, lg, dl, targets, rows, r0, n, n_rows, V,
+                   scale, row_loss);
     else
-        ce_kernel<TL, false><<<grid, CE_THREADS, 0, ctx->stream>>>(lg, dl, targets, rows, r0, n, n_rows, V, scale, row_loss);
+        launch_pdl(ce_kernel<TL, false>, grid, dim3(CE_THREADS), 0, ctx->stream, lg, dl, targets, rows, r0, n, n_rows,
+                   V, scale, row_loss);
     CUDA_LAUNCH_CHECK();
 }
 
@@ -182,6 +185,7 @@ extern "C" int64_t lmhead_ce_chunk_rows(size_t budget, int C, int V) {
 // hc[i][0:C] = h[rows[i]][0:C] (bf16), one block per row.
 __global__ void gather_rows_kernel(const bf16 *__restrict__ h, const int32_t *__restrict__ rows, bf16 *__restrict__ hc,
                                    int C) {
+    pdl_wait();  // launched by launch_pdl (cuda/cuda_util.cuh)
     const bf16 *src = h + (int64_t)rows[blockIdx.x] * C;
     bf16 *dst = hc + (int64_t)blockIdx.x * C;
     if (C % 8 == 0)  // 16-byte vectors (cudaMalloc'd buffers, rows of C bf16)
@@ -193,6 +197,7 @@ __global__ void gather_rows_kernel(const bf16 *__restrict__ h, const int32_t *__
 // gh[rows[i]][0:C] = ghc[i][0:C] (fp32), one block per row.
 __global__ void scatter_rows_kernel(const float *__restrict__ ghc, const int32_t *__restrict__ rows, float *__restrict__ gh,
                                     int C) {
+    pdl_wait();  // launched by launch_pdl (cuda/cuda_util.cuh)
     const float *src = ghc + (int64_t)blockIdx.x * C;
     float *dst = gh + (int64_t)rows[blockIdx.x] * C;
     if (C % 4 == 0)
@@ -231,7 +236,7 @@ extern "C" void lmhead_ce_cuda(cuda_ctx *ctx, const bf16 *h, const bf16 *W, cons
         int64_t n = n_list - r0 < chunk_rows ? n_list - r0 : chunk_rows;
         const bf16 *hx = h + r0 * C;  // [n][C]: the chunk's rows of h
         if (rows) {
-            gather_rows_kernel<<<(unsigned)n, 128, 0, ctx->stream>>>(h, rows + r0, hc, C);
+            launch_pdl(gather_rows_kernel, dim3((unsigned)n), dim3(128), 0, ctx->stream, h, rows + r0, hc, C);
             CUDA_LAUNCH_CHECK();
             hx = hc;
         }
@@ -248,7 +253,7 @@ extern "C" void lmhead_ce_cuda(cuda_ctx *ctx, const bf16 *h, const bf16 *W, cons
         gemm_cuda(ctx, 0, 0, n, C, V, 1.0f, lg, V, W, C, 0.0f, NULL, rows ? ghc : gh + r0 * C, C, GEMM_F32);
         int64_t real = n_rows - r0 < n ? n_rows - r0 : n;  // the pads' dh (zero) stays out of gh
         if (rows && real > 0) {
-            scatter_rows_kernel<<<(unsigned)real, 128, 0, ctx->stream>>>(ghc, rows + r0, gh, C);
+            launch_pdl(scatter_rows_kernel, dim3((unsigned)real), dim3(128), 0, ctx->stream, ghc, rows + r0, gh, C);
             CUDA_LAUNCH_CHECK();
         }
     }

@@ -11,6 +11,7 @@
 
 __global__ void rmsnorm_forward_kernel(bf16 *out, int64_t ldo, float *rstd, const bf16 *__restrict__ inp,
                                        const float *__restrict__ w, int C, float eps) {
+    pdl_wait();  // launched by launch_pdl (cuda/cuda_util.cuh)
     int64_t t = blockIdx.x;
     const bf16 *x = inp + t * C;
     float ss = 0.0f;
@@ -71,6 +72,7 @@ template <typename TG>
 __global__ void rmsnorm_backward_kernel(bf16 *ghi, int64_t ldh, bf16 *glo, int acc, const TG *__restrict__ gout,
                                         const bf16 *__restrict__ inp, const float *__restrict__ w,
                                         const float *__restrict__ rstd, int C) {
+    pdl_wait();  // launched by launch_pdl (cuda/cuda_util.cuh)
     int64_t t = blockIdx.x;
     const bf16 *x = inp + t * C;
     const TG *g = gout + t * C;
@@ -104,6 +106,7 @@ template <int NV>
 __global__ void __launch_bounds__(128) rmsnorm_forward_reg_kernel(bf16 *out, int64_t ldo, float *rstd,
                                                                   const bf16 *__restrict__ inp, const float *__restrict__ w,
                                                                   int C, float eps) {
+    pdl_wait();  // launched by launch_pdl (cuda/cuda_util.cuh)
     int64_t t = blockIdx.x;
     const bf16 *x = inp + t * C;
     float f[NV][8];
@@ -156,6 +159,7 @@ __global__ void __launch_bounds__(128) rmsnorm_backward_reg_kernel(bf16 *ghi, in
                                                                    const bf16 *__restrict__ inp,
                                                                    const float *__restrict__ w,
                                                                    const float *__restrict__ rstd, int C) {
+    pdl_wait();  // launched by launch_pdl (cuda/cuda_util.cuh)
     int64_t t = blockIdx.x;
     const bf16 *x = inp + t * C;
     const TG *g = gout + t * C;
@@ -201,6 +205,7 @@ __device__ __forceinline__ float silu_f(float g) { return g / (1.0f + expf(-g));
 
 // 8 consecutive elements of one row per thread (I % 8 == 0).
 __global__ void swiglu_forward_kernel(bf16 *out, int64_t ldo, const bf16 *__restrict__ gu, int64_t ldgu, int64_t T, int I) {
+    pdl_wait();  // launched by launch_pdl (cuda/cuda_util.cuh)
     int64_t v = (int64_t)blockIdx.x * blockDim.x + threadIdx.x, per_row = I / 8;
     if (v >= T * per_row) return;
     int64_t t = v / per_row;
@@ -215,6 +220,7 @@ __global__ void swiglu_forward_kernel(bf16 *out, int64_t ldo, const bf16 *__rest
 
 // silu'(g) = s (1 + g (1 - s)), s = sigmoid(g); in place over gu.
 __global__ void swiglu_backward_kernel(bf16 *gu, int64_t ldgu, const bf16 *__restrict__ gout, int64_t T, int I) {
+    pdl_wait();  // launched by launch_pdl (cuda/cuda_util.cuh)
     int64_t v = (int64_t)blockIdx.x * blockDim.x + threadIdx.x, per_row = I / 8;
     if (v >= T * per_row) return;
     int64_t t = v / per_row;
@@ -236,6 +242,7 @@ __global__ void swiglu_backward_kernel(bf16 *gu, int64_t ldgu, const bf16 *__res
 // Any I (stories260K's 172 is not a multiple of 8): one element per thread.
 __global__ void swiglu_forward1_kernel(bf16 *out, int64_t ldo, const bf16 *__restrict__ gu, int64_t ldgu, int64_t T,
                                        int I) {
+    pdl_wait();  // launched by launch_pdl (cuda/cuda_util.cuh)
     int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (e >= T * I) return;
     int64_t t = e / I;
@@ -245,6 +252,7 @@ __global__ void swiglu_forward1_kernel(bf16 *out, int64_t ldo, const bf16 *__res
 }
 
 __global__ void swiglu_backward1_kernel(bf16 *gu, int64_t ldgu, const bf16 *__restrict__ gout, int64_t T, int I) {
+    pdl_wait();  // launched by launch_pdl (cuda/cuda_util.cuh)
     int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (e >= T * I) return;
     int64_t t = e / I;
@@ -284,11 +292,16 @@ extern "C" void rmsnorm_forward_cuda(cuda_ctx *ctx, bf16 *out, int64_t ldo, floa
     int th = row_threads(C);
     cudaStream_t st = ctx->stream;
     switch (row_vectors(C, th)) {
-#define RN_CASE(n) \
-    case n: rmsnorm_forward_reg_kernel<n><<<(unsigned)T, th, 0, st>>>(out, ldo, rstd, inp, weight, C, eps); break;
+#define RN_CASE(n)                                                                                                  \
+    case n:                                                                                                         \
+        launch_pdl(rmsnorm_forward_reg_kernel<n>, dim3((unsigned)T), dim3(th), 0, st, out, ldo, rstd, inp, weight, C, \
+                   eps);                                                                                             \
+        break;
         RN_CASE(1) RN_CASE(2) RN_CASE(3) RN_CASE(4) RN_CASE(5) RN_CASE(6) RN_CASE(7) RN_CASE(8)
 #undef RN_CASE
-    default: rmsnorm_forward_kernel<<<(unsigned)T, th, 0, st>>>(out, ldo, rstd, inp, weight, C, eps); break;
+    default:
+        launch_pdl(rmsnorm_forward_kernel, dim3((unsigned)T), dim3(th), 0, st, out, ldo, rstd, inp, weight, C, eps);
+        break;
     }
     CUDA_LAUNCH_CHECK();
 }
@@ -300,11 +313,15 @@ static void rmsnorm_backward_launch(cudaStream_t st, bf16 *ghi, int64_t ldh, bf1
     switch (row_vectors(C, th)) {
 #define RN_CASE(n)                                                                                                  \
     case n:                                                                                                         \
-        rmsnorm_backward_reg_kernel<n, TG><<<(unsigned)T, th, 0, st>>>(ghi, ldh, glo, acc, gout, inp, weight, rstd, C); \
+        launch_pdl(rmsnorm_backward_reg_kernel<n, TG>, dim3((unsigned)T), dim3(th), 0, st, ghi, ldh, glo, acc, gout, \
+                   inp, weight, rstd, C);                                                                            \
         break;
         RN_CASE(1) RN_CASE(2) RN_CASE(3) RN_CASE(4) RN_CASE(5) RN_CASE(6) RN_CASE(7) RN_CASE(8)
 #undef RN_CASE
-    default: rmsnorm_backward_kernel<TG><<<(unsigned)T, th, 0, st>>>(ghi, ldh, glo, acc, gout, inp, weight, rstd, C); break;
+    default:
+        launch_pdl(rmsnorm_backward_kernel<TG>, dim3((unsigned)T), dim3(th), 0, st, ghi, ldh, glo, acc, gout, inp, weight,
+                   rstd, C);
+        break;
     }
 }
 
@@ -323,10 +340,12 @@ extern "C" void rmsnorm_backward_cuda(cuda_ctx *ctx, bf16 *ghi, int64_t ldh, bf1
 extern "C" void swiglu_forward_cuda(cuda_ctx *ctx, bf16 *out, int64_t ldo, const bf16 *gu, int64_t ldgu, int64_t T, int I) {
     if (T == 0) return;
     if (I % 8 || ldo % 8 || ldgu % 8) {
-        swiglu_forward1_kernel<<<ceil_div_i(T * I, 256), 256, 0, ctx->stream>>>(out, ldo, gu, ldgu, T, I);
+        launch_pdl(swiglu_forward1_kernel, dim3(ceil_div_i(T * I, 256)), dim3(256), 0, ctx->stream, out, ldo, gu, ldgu,
+                   T, I);
     } else {
         int64_t n = T * (I / 8);
-        swiglu_forward_kernel<<<ceil_div_i(n, 256), 256, 0, ctx->stream>>>(out, ldo, gu, ldgu, T, I);
+        launch_pdl(swiglu_forward_kernel, dim3(ceil_div_i(n, 256)), dim3(256), 0, ctx->stream, out, ldo, gu, ldgu, T,
+                   I);
     }
     CUDA_LAUNCH_CHECK();
 }
@@ -334,10 +353,11 @@ extern "C" void swiglu_forward_cuda(cuda_ctx *ctx, bf16 *out, int64_t ldo, const
 extern "C" void swiglu_backward_cuda(cuda_ctx *ctx, bf16 *gu, int64_t ldgu, const bf16 *gout, int64_t T, int I) {
     if (T == 0) return;
     if (I % 8 || ldgu % 8) {
-        swiglu_backward1_kernel<<<ceil_div_i(T * I, 256), 256, 0, ctx->stream>>>(gu, ldgu, gout, T, I);
+        launch_pdl(swiglu_backward1_kernel, dim3(ceil_div_i(T * I, 256)), dim3(256), 0, ctx->stream, gu, ldgu, gout, T,
+                   I);
     } else {
         int64_t n = T * (I / 8);
-        swiglu_backward_kernel<<<ceil_div_i(n, 256), 256, 0, ctx->stream>>>(gu, ldgu, gout, T, I);
+        launch_pdl(swiglu_backward_kernel, dim3(ceil_div_i(n, 256)), dim3(256), 0, ctx->stream, gu, ldgu, gout, T, I);
     }
     CUDA_LAUNCH_CHECK();
 }

@@ -78,6 +78,7 @@ __global__ void __launch_bounds__(SW_NT, BWD ? 3 : 4) swiglu_lowrank_kernel(floa
                                                              bf16 *h, int64_t ldh, const bf16 *__restrict__ M, int R,
                                                              int r, int c_gate, int c_up, int64_t T, int I,
                                                              int n_chunks, int splits, swiglu_dx dx) {
+    pdl_wait();  // launched by launch_pdl (cuda/cuda_util.cuh)
     extern __shared__ __align__(16) unsigned char sw_smem[];
     constexpr int NX = BWD ? 3 : 2;  // tiles a stage: gate, up (, the output gradient)
     const int FLD = BWD ? r + 8 : SW_LD;            // row stride of the factor's chunk
@@ -282,6 +283,7 @@ __global__ void __launch_bounds__(SR_NT, 2) swiglu_rows_forward_kernel(float *pa
                                                                        int64_t ldgu, bf16 *out, int64_t ldo, bf16 *h,
                                                                        int64_t ldh, const bf16 *__restrict__ A, int R,
                                                                        int64_t T, int I, int S, int G) {
+    pdl_wait();  // launched by launch_pdl (cuda/cuda_util.cuh)
     extern __shared__ __align__(16) unsigned char sw_smem[];
     bf16 *Fs = (bf16 *)sw_smem;  // [R][SR_LD]: A's row n, the slice's columns
     bf16 *As = Fs + R * SR_LD;   // [2 bands][16][SR_LD]: a
@@ -374,6 +376,7 @@ __global__ void __launch_bounds__(SR_NT, 1) swiglu_bands_backward_kernel(float *
                                                                          float *dbp, float *gB, float s_db, int R, int r,
                                                                          int c_gate, int c_up, int64_t T, int I, int S,
                                                                          int G) {
+    pdl_wait();  // launched by launch_pdl (cuda/cuda_util.cuh)
     extern __shared__ __align__(16) unsigned char sw_smem[];
     bf16 *Fs = (bf16 *)sw_smem;               // [2r][SR_LD]: sB's gate block, then its up block, transposed
     bf16 *Xs = Fs + 2 * r * SR_LD;            // [SB_NS][gate, up, gout][16][SR_LD]
@@ -546,6 +549,7 @@ __global__ void __launch_bounds__(SR_NT, 1) swiglu_bands_backward_kernel(float *
 // added in order (as splitk_sum_cuda).
 __global__ void swiglu_bands_db_sum_kernel(const float *__restrict__ part, int G, int I, int r, float *gB, int R,
                                            int c_gate, int c_up) {
+    pdl_wait();  // launched by launch_pdl (cuda/cuda_util.cuh)
     int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x, n1 = (int64_t)I * r;
     if (e >= 2 * n1) return;
     int m = (int)(e / n1), cm = m ? c_up : c_gate;
@@ -583,8 +587,8 @@ static int swiglu_rows_forward(cuda_ctx *ctx, float *part, size_t part_floats, c
     int64_t nb = (T + 15) / 16, G = (int64_t)per_sm * ctx->sm_count / S;
     if (G < 1) G = 1;
     if (G > nb) G = nb;
-    swiglu_rows_forward_kernel<<<(unsigned)(S * G), SR_NT, smem, ctx->stream>>>(S > 1 ? part : NULL, gu, ldgu, out, ldo,
-                                                                               h, ldh, A, R, T, I, S, (int)G);
+    launch_pdl(swiglu_rows_forward_kernel, dim3((unsigned)(S * G)), dim3(SR_NT), smem, ctx->stream, S > 1 ? part : NULL,
+               gu, ldgu, out, ldo, h, ldh, A, R, T, I, S, (int)G);
     CUDA_LAUNCH_CHECK();
     if (S > 1) splitk_sum_cuda(ctx, part, S, T, R, h, ldh, GEMM_BF16);
     return 1;
@@ -608,9 +612,8 @@ static void swiglu_lowrank_launch(cuda_ctx *ctx, float *part, size_t part_floats
                              BWD ? sw_smem_bytes(1, 0, SW_R, 1) : sw_smem_bytes(0, SW_R, 0, 0), smem, rows, n_chunks,
                              (size_t)(T * R), part, part_floats, SW_NT);
     dim3 grid((unsigned)rows, (unsigned)splits);
-    swiglu_lowrank_kernel<BWD><<<grid, SW_NT, smem, ctx->stream>>>(splits > 1 ? part : NULL, gu, ldgu, gout, out, ldo, h,
-                                                                 ldh, M, R, r, c_gate, c_up, T, I, n_chunks, splits,
-                                                                 dx ? *dx : none);
+    launch_pdl(swiglu_lowrank_kernel<BWD>, grid, dim3(SW_NT), smem, ctx->stream, splits > 1 ? part : NULL, gu, ldgu,
+               gout, out, ldo, h, ldh, M, R, r, c_gate, c_up, T, I, n_chunks, splits, dx ? *dx : none);
     CUDA_LAUNCH_CHECK();
     if (splits > 1) splitk_sum_cuda(ctx, part, splits, T, R, h, ldh, GEMM_BF16);
 }
@@ -660,13 +663,13 @@ extern "C" int swiglu_lowrank_backward_db_cuda(cuda_ctx *ctx, bf16 *gu, int64_t 
     while (G > 1 && (!part || ghp + (size_t)G * dbf > part_floats)) G--;
     if (G < 1) G = 1;
     float *dbp = G > 1 ? part + ghp : NULL;
-    swiglu_bands_backward_kernel<<<(unsigned)(S * G), SR_NT, smem, ctx->stream>>>(
-        part, gu, ldgu, gout, gh, ldh, B, h, ldhh, dbp, gB, s, R, r, c_gate, c_up, T, I, S, (int)G);
+    launch_pdl(swiglu_bands_backward_kernel, dim3((unsigned)(S * G)), dim3(SR_NT), smem, ctx->stream, part, gu, ldgu,
+               gout, gh, ldh, B, h, ldhh, dbp, gB, s, R, r, c_gate, c_up, T, I, S, (int)G);
     CUDA_LAUNCH_CHECK();
     if (S > 1) splitk_sum_cuda(ctx, part, S, T, R, gh, ldh, GEMM_BF16);
     if (G > 1) {
-        swiglu_bands_db_sum_kernel<<<ceil_div_i((int64_t)dbf, 256), 256, 0, ctx->stream>>>(dbp, (int)G, I, r, gB, R, c_gate,
-                                                                                          c_up);
+        launch_pdl(swiglu_bands_db_sum_kernel, dim3(ceil_div_i((int64_t)dbf, 256)), dim3(256), 0, ctx->stream, dbp,
+                   (int)G, I, r, gB, R, c_gate, c_up);
         CUDA_LAUNCH_CHECK();
     }
     return 1;

@@ -273,6 +273,7 @@ void emu_cp_wait(int newest_left) {
 
 // ---- the grid ----------------------------------------------------------------------------------
 static cudaError_t last_error = cudaSuccess;
+std::atomic<long> emu_pdl_waits{0};
 static std::mutex attr_mutex;
 static std::map<const void *, int> max_dyn_smem;  // cudaFuncAttributeMaxDynamicSharedMemorySize
 

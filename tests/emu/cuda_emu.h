@@ -29,6 +29,7 @@
 #include <string.h>
 
 #include <algorithm>
+#include <atomic>
 #include <functional>
 #include <tuple>
 #include <utility>
@@ -73,6 +74,20 @@ template <class... P, class... A>
 void emu_launch(void (*kernel)(P...), const emu_cfg &cfg, A &&...args) {
     std::tuple<typename std::decay<P>::type...> params(std::forward<A>(args)...);  // converted as by a call
     emu_run_grid((const void *)kernel, cfg, [&] { std::apply(kernel, params); });
+}
+
+// Programmatic dependent launch (cuda/cuda_util.cuh): launches run in order here, so launch_pdl is a
+// plain launch that also checks that every thread of the grid called pdl_wait().
+extern std::atomic<long> emu_pdl_waits;
+static inline void pdl_wait(void) { emu_pdl_waits++; }
+template <class... P, class... A>
+void launch_pdl(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, A &&...args) {
+    long before = emu_pdl_waits;
+    emu_launch(kernel, emu_cfg(grid, block, smem, stream).named("launch_pdl"), std::forward<A>(args)...);
+    long threads = (long)grid.x * grid.y * grid.z * block.x * block.y * block.z;
+    if (emu_pdl_waits - before != threads && cudaPeekAtLastError() == cudaSuccess)
+        emu_die("a kernel launched by launch_pdl: %ld of its %ld threads called pdl_wait() (every thread must, "
+                "first)", emu_pdl_waits - before, threads);
 }
 
 template <class T>
