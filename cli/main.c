@@ -75,7 +75,7 @@ static const char *k_env =
     "  MOSFT_FLASH_WGMMA=0        CUDA: the flash kernels on mma.sync (as on an A100) instead of Hopper's\n"
     "                             warpgroup products at head size 128 on an H100\n"
     "  MOSFT_PDL=0                CUDA: launch every kernel plainly, without Hopper's programmatic\n"
-    "                             dependent launch (same results; ~1 ms slower a 3B step)\n"
+    "                             dependent launch (same results; ~0.8 ms slower a 3B step)\n"
     "  MOSFT_TEST_KILL_AT=P:S     tests only: kill the process at checkpoint point P of step S\n";
 
 static int cmd_help(int argc, char **argv) {
