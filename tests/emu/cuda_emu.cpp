@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <map>
+#include <set>
 #include <string>
 #include <mutex>
 #include <vector>
@@ -274,6 +275,14 @@ void emu_cp_wait(int newest_left) {
 // ---- the grid ----------------------------------------------------------------------------------
 static cudaError_t last_error = cudaSuccess;
 std::atomic<long> emu_pdl_waits{0};
+const char *emu_site_name(const char *file, int line) {
+    static std::mutex mu;
+    static std::set<std::string> names;
+    char buf[512];
+    snprintf(buf, sizeof buf, "%s:%d", file, line);
+    std::lock_guard<std::mutex> lk(mu);
+    return names.insert(buf).first->c_str();
+}
 static std::mutex attr_mutex;
 static std::map<const void *, int> max_dyn_smem;  // cudaFuncAttributeMaxDynamicSharedMemorySize
 

@@ -77,18 +77,22 @@ void emu_launch(void (*kernel)(P...), const emu_cfg &cfg, A &&...args) {
 }
 
 // Programmatic dependent launch (cuda/cuda_util.cuh): launches run in order here, so launch_pdl is a
-// plain launch that also checks that every thread of the grid called pdl_wait().
+// plain launch, named by its call site for the emulator's messages, that also checks that every thread
+// of the grid called pdl_wait().
 extern std::atomic<long> emu_pdl_waits;
 static inline void pdl_wait(void) { emu_pdl_waits++; }
+const char *emu_site_name(const char *file, int line);  // "file:line", kept for the program's life
 template <class... P, class... A>
-void launch_pdl(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, A &&...args) {
+void emu_launch_pdl(const char *file, int line, void (*kernel)(P...), dim3 grid, dim3 block, size_t smem,
+                    cudaStream_t stream, A &&...args) {
     long before = emu_pdl_waits;
-    emu_launch(kernel, emu_cfg(grid, block, smem, stream).named("launch_pdl"), std::forward<A>(args)...);
+    emu_launch(kernel, emu_cfg(grid, block, smem, stream).named(emu_site_name(file, line)), std::forward<A>(args)...);
     long threads = (long)grid.x * grid.y * grid.z * block.x * block.y * block.z;
     if (emu_pdl_waits - before != threads && cudaPeekAtLastError() == cudaSuccess)
-        emu_die("a kernel launched by launch_pdl: %ld of its %ld threads called pdl_wait() (every thread must, "
-                "first)", emu_pdl_waits - before, threads);
+        emu_die("%s:%d: a kernel launched by launch_pdl: %ld of its %ld threads called pdl_wait() (every thread "
+                "must, first)", file, line, emu_pdl_waits - before, threads);
 }
+#define launch_pdl(...) emu_launch_pdl(__FILE__, __LINE__, __VA_ARGS__)
 
 template <class T>
 static inline cudaError_t cudaFuncSetAttribute(T *kernel, enum cudaFuncAttribute a, int v) {
