@@ -84,7 +84,8 @@ __device__ __forceinline__ void pdl_wait(void) {
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 }
-// kernel<<<grid, block, smem, stream>>>(args...), with the launch attribute that allows the overlap.
+// kernel<<<grid, block, smem, stream>>>(args...), with the launch attribute that allows the overlap. As with
+// <<<>>>, a failed launch is left to the caller's CUDA_LAUNCH_CHECK(), which names the call site.
 template <class... P, class... A>
 static inline void launch_pdl(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
                               A &&...args) {
@@ -98,7 +99,7 @@ static inline void launch_pdl(void (*kernel)(P...), dim3 grid, dim3 block, size_
     cfg.stream = stream;
     cfg.attrs = attr;
     cfg.numAttrs = cuda_pdl_enabled() ? 1 : 0;
-    CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...));
+    (void)cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...);
 }
 #endif
 
