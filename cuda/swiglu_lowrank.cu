@@ -46,16 +46,18 @@
 // against 221 (tests/gpu/bench_stream: this walk 162 us, one short pass 135, bands of whole rows 148, on
 // random data; zero buffers run slower and mislead). The forward now streams rows where it fits
 // (swiglu_rows_forward_kernel, below).
-// sigmoid(g) as both walks compute it (one __expf, one approximate reciprocal), so that they give the
-// same bits: silu(g) = g sw_sigmoid(g).
-__device__ __forceinline__ float sw_sigmoid(float g) { return __fdividef(1.0f, 1.0f + __expf(-g)); }
+// sigmoid(g) as both walks compute it (one MUFU.EX2, one MUFU.RCP), so that they give the same bits:
+// silu(g) = g sw_sigmoid(g). The flush-to-zero forms: __expf and __fdividef wrap each MUFU in range
+// scaling for results below 2^-126, which a sigmoid (1 + e >= 1) only meets where it is itself below
+// 2^-126 (g < -87), and then only in how far below.
+__device__ __forceinline__ float sw_sigmoid(float g) { return rcp_ftz(1.0f + ex2_ftz(g * -LOG2E_F)); }
 // dL/dgate, dL/dup of 8 elements from gate, up and dL/da, as both backward walks compute them.
 __device__ __forceinline__ void sw_backward8(const float *g, const float *u, const float *go, float *dg, float *du) {
 #pragma unroll
     for (int k = 0; k < 8; k++) {  // as swiglu_backward_kernel
-        float sg = sw_sigmoid(g[k]);
-        dg[k] = go[k] * u[k] * (sg * (1.0f + g[k] * (1.0f - sg)));
-        du[k] = go[k] * (g[k] * sg);
+        float sg = sw_sigmoid(g[k]), silu = g[k] * sg;
+        dg[k] = (go[k] * u[k]) * fmaf(-silu, sg, silu + sg);  // silu' = s + silu (1 - s)
+        du[k] = go[k] * silu;
     }
 }
 

@@ -22,6 +22,10 @@ static inline float ex2_ftz(float x) {
     float y = exp2f(x);
     return y < 1.17549435e-38f ? 0.0f : y;
 }
+static inline float rcp_ftz(float x) {
+    float y = 1.0f / x;
+    return fabsf(y) < 1.17549435e-38f ? 0.0f * y : y;
+}
 
 // c[4] += A[16][16] B[16][8] over the warp (g = lane / 4, t = lane % 4):
 //   A: a0 (g, 2t..2t+1), a1 (g+8, 2t..), a2 (g, 2t+8..), a3 (g+8, 2t+8..); B: b0 (k 2t..2t+1, n g), b1 (k 2t+8.., n g);
