@@ -440,13 +440,16 @@ __global__ void __launch_bounds__(SR_NT, 1) swiglu_bands_backward_kernel(float *
     const int kmax = I - f0 < SR_W ? (I - f0 + 15) / 16 * 16 : SR_W;  // a short last slice
     load(0);
     load(1);
-    for (int64_t k = 0; k < n_my; k++) {
+    // band k's first row and stage, advanced by the loop (no 64-bit multiply or remainder a band)
+    int64_t t0 = (int64_t)gi * 16;
+    int cur = 0;
+    for (int64_t k = 0; k < n_my; k++, t0 += rows_g, cur = cur == SB_NS - 1 ? 0 : cur + 1) {
         cp_wait<1>();     // this thread's copies of band k have landed
         __syncthreads();  // everyone's have, and every warp is done with band k - 1 (whose stage is reloaded)
         load(k + 2);
-        int64_t t0 = (gi + k * G) * 16, t = t0 + warp;
-        bf16 *xs = Xs + (k % SB_NS) * 3 * 16 * SR_LD;
-        const bf16 *hs = Hs + (k % SB_NS) * 16 * SB_HLD;
+        int64_t t = t0 + warp;
+        bf16 *xs = Xs + cur * 3 * 16 * SR_LD;
+        const bf16 *hs = Hs + cur * 16 * SB_HLD;
 #pragma unroll
         for (int h2 = 0; h2 < 2; h2++) {  // row `warp`, columns 8 lane + 256 h2 ..: swiglu_lowrank_kernel's math
             int fl = 8 * lane + 256 * h2, f = f0 + fl;
@@ -467,7 +470,7 @@ __global__ void __launch_bounds__(SR_NT, 1) swiglu_bands_backward_kernel(float *
         // gh: output n-tile nt = warp % 8 (module m's columns 8 (nt - m r / 8) ..), warps w and w + 8 each over
         // half of the slice; the second half's sum goes through shared memory (Ex) to warp w after the dL/dB
         // products and a barrier
-        const int nt = warp & 7, kh = warp >> 3, m_gh = nt * 8 / r, cm_gh = m_gh ? c_up : c_gate;
+        const int nt = warp & 7, kh = warp >> 3, m_gh = nt * 8 >= r, cm_gh = m_gh ? c_up : c_gate;  // nt < 2r/8
         const bool gh_on = nt < 2 * r / 8 && cm_gh >= 0;
         float acc[4][4] = {};  // four chains, added at the end
         if (gh_on) {
