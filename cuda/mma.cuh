@@ -61,7 +61,7 @@ __device__ __forceinline__ void ldsm4t(uint32_t *r, const bf16 *p) {
                  : "r"(a));
 }
 
-// 16 bytes global -> shared; !ok fills zeros (nothing is read, g must merely be a valid address).
+// 16 bytes global -> shared; !ok fills zeros (src-size 0: nothing is read from g, whatever it points at).
 __device__ __forceinline__ void cp_async16(void *sm, const void *g, bool ok) {
     unsigned s = (unsigned)__cvta_generic_to_shared(sm);
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(g), "r"(ok ? 16 : 0));

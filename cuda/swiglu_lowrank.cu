@@ -415,16 +415,14 @@ __global__ void __launch_bounds__(SR_NT, 1) swiglu_bands_backward_kernel(float *
         if (k < n_my) {
             bool ok0 = okf && tl < T, ok1 = okf && tl + 8 < T;
             bf16 *xs = xs0 + stage * 3 * 16 * SR_LD;
-            cp_async16(xs, ok0 ? pg : gu, ok0);
-            cp_async16(xs + 8 * SR_LD, ok1 ? pg + 8 * ldgu : gu, ok1);
-            cp_async16(xs + 16 * SR_LD, ok0 ? pg + I : gu, ok0);
-            cp_async16(xs + 24 * SR_LD, ok1 ? pg + 8 * ldgu + I : gu, ok1);
-            cp_async16(xs + 32 * SR_LD, ok0 ? po : gu, ok0);
-            cp_async16(xs + 40 * SR_LD, ok1 ? po + 8 * I : gu, ok1);
-            if (hthr) {  // zeros past T and for a missing module
-                bool okh = th < T && hcm >= 0;
-                cp_async16(hs0 + stage * 16 * SB_HLD, okh ? ph : hh, okh);
-            }
+            // a copy that is off (past T, past I) reads nothing and fills zeros: its address need not be valid
+            cp_async16(xs, pg, ok0);
+            cp_async16(xs + 8 * SR_LD, pg + 8 * ldgu, ok1);
+            cp_async16(xs + 16 * SR_LD, pg + I, ok0);
+            cp_async16(xs + 24 * SR_LD, pg + 8 * ldgu + I, ok1);
+            cp_async16(xs + 32 * SR_LD, po, ok0);
+            cp_async16(xs + 40 * SR_LD, po + 8 * I, ok1);
+            if (hthr) cp_async16(hs0 + stage * 16 * SB_HLD, ph, th < T && hcm >= 0);  // zeros past T, for a missing module
             tl += rows_g, th += rows_g, pg += rows_g * ldgu, po += rows_g * I, ph += rows_g * ldhh;
             stage = stage == SB_NS - 1 ? 0 : stage + 1;
         }
