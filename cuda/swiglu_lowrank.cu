@@ -362,7 +362,12 @@ __global__ void __launch_bounds__(SR_NT, 2) swiglu_rows_forward_kernel(float *pa
 // leaves once at the end, as fp32 partials [module][gi][I][r] summed in order when G > 1. In the step
 // (CUPTI, a 3B layer) 338 us against the tiles' 305, while the side stream no longer reads gu: steps 3B
 // -0.1 to -0.7 ms, 7B -1.3 to -3.5. The kernel is bound by latency, not DRAM (~36 % of the issue slots a
-// band at the step's ~1.4 GHz; ncu at the boost clock had the first version at 292 us, the step 362-382).
+// band at the step's ~1.4 GHz; ncu at the boost clock had the first version at 292 us, the step 362-382),
+// and in the step its time follows its instruction count (~750 a warp a band: the elementwise pass ~260,
+// the copies ~160, gh and dL/dB ~200): the ftz sigmoid and the loop without a remainder or division took
+// it from 344 to ~315 us a 3B layer (docs/BENCHMARKS.md, twenty-fourth session). Bulk copies of a warp's
+// rows on an mbarrier a stage instead of cp.async (fewer copy instructions) were slower: 10.7 against 9.3
+// ms a 3B step.
 #define SB_NS 3  // stages
 #define SB_R 32  // at most r
 #define SB_HLD (2 * SB_R + 8)
