@@ -1,7 +1,7 @@
 // mma.cuh: the tensor-core primitives the hand-written kernels share (flash attention, the adapter's
 // masked low-rank input gradient): mma.sync m16n8k16 (bf16 in, fp32 accumulate), ldmatrix, bf16 pairs,
 // cp.async copies into shared memory (sm_80+), and the one-instruction exp2 of the attention and loss
-// kernels (ex2_ftz).
+// kernels (ex2_ftz) and reciprocal of the SwiGLU kernels' sigmoid (rcp_ftz).
 //
 // Fragment layouts of mma.m16n8k16 (g = lane / 4, t = lane % 4):
 //   A 16x16 row-major: a0 (g, 2t..2t+1), a1 (g+8, 2t..), a2 (g, 2t+8..), a3 (g+8, 2t+8..)

@@ -2,7 +2,8 @@
 // cuda/mma.cuh includes this file instead of its inline PTX when built with MOSFT_CUDA_EMU. Each
 // collective exchanges the lanes' operands through the warp and computes what PTX specifies for the
 // lane: mma.sync.m16n8k16 row.col bf16 -> fp32 with the fragment layouts written at the top of mma.cuh,
-// ldmatrix.x4 (plain and .trans), cp.async deferred to its wait_group, and ex2.approx.ftz (exp2f, flushed).
+// ldmatrix.x4 (plain and .trans), cp.async deferred to its wait_group, ex2.approx.ftz (exp2f, flushed) and
+// rcp.approx.ftz (1 / x, flushed).
 #ifndef MOSFT_MMA_EMU_H
 #define MOSFT_MMA_EMU_H
 
@@ -22,9 +23,11 @@ static inline float ex2_ftz(float x) {
     float y = exp2f(x);
     return y < 1.17549435e-38f ? 0.0f : y;
 }
+// rcp.approx.ftz: 1/x, denormal inputs and results flushed to zero (an input flushed gives +-inf).
 static inline float rcp_ftz(float x) {
+    if (fabsf(x) < 1.17549435e-38f) x = copysignf(0.0f, x);
     float y = 1.0f / x;
-    return fabsf(y) < 1.17549435e-38f ? 0.0f * y : y;
+    return fabsf(y) < 1.17549435e-38f ? copysignf(0.0f, y) : y;
 }
 
 // c[4] += A[16][16] B[16][8] over the warp (g = lane / 4, t = lane % 4):
